@@ -1,0 +1,164 @@
+"""PyTorch peer benchmark for the embedding op (DESIGN 4.1 and 5).
+
+Run on a GPU machine with torch: `python python_ref/embedding_torch_peer.py
+[--out FILE] [--iters N]`. Prints one JSON line per (pass, variant, dtype, H,
+V, D, T) and appends them to FILE if given.
+
+Formulations, the fastest fair ones for each pass:
+- fwd: a single `F.embedding` gather on the table viewed as [H*V, D] with
+  per-head offset ids `ids[:, None] + h*V`, which yields [T, H, D] in one
+  launch (a per-head loop needs H launches plus a stack copy). The offset add
+  is timed because the op takes plain ids.
+- bwd "index_add": `index_add_` of dy [T*H, D] f32 into a dense f32 [H*V, D]
+  gradient (float atomics, so not deterministic; the zero fill is not timed,
+  which favours torch).
+- bwd "autograd": `torch.autograd.grad` through `F.embedding(sparse=False)`,
+  torch's sort-based dense backward; its gradient is in the table's dtype and
+  it allocates and zeroes the dense gradient every call.
+Ids are int32 (4 bytes, as the op's u32), uniform in [0, V), no padding.
+
+Bytes are the op's contract (DESIGN 5), not what torch moves: fwd reads
+T*H*D elements and T ids and writes T*H*D elements; bwd reads dy (T*H*D*4)
+and ids and writes U*H*D*4 for the U unique ids. floor_ms is those bytes over
+the copy bandwidth (bytes read + written by a 1 GiB device-to-device copy).
+Where the bytes an iteration touches fit in twice the L2, the benchmark
+rotates over several sets of ids and dy (and of tables, where a table fits
+too) so each iteration starts cold.
+"""
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import shlex
+import statistics
+import sys
+
+TRAINING = dict(V=10**6, T=256 * 200)
+SERVING = dict(V=10**5, T=256)
+HEADS = (1, 4, 8)
+WIDTHS = (16, 32, 64, 128)
+DTYPES = ("f32", "bf16")
+MAX_SETS = 16
+
+
+def main():
+    import torch
+    import torch.nn.functional as F
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="append the JSON lines to this file")
+    parser.add_argument("--iters", type=int, default=50, help="timed iterations (>= 20)")
+    args = parser.parse_args()
+    if args.iters < 20:
+        parser.error("--iters must be at least 20")
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(device)
+    l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
+    torch_dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
+    common = dict(
+        op="embedding",
+        backend="torch",
+        device=torch.cuda.get_device_name(device),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=shlex.join(["python", *sys.argv]),
+    )
+
+    def median_ms(step):
+        """Median of per-iteration CUDA-event times of step(i), after warmup."""
+        for i in range(5):
+            step(i)
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(args.iters)
+        ]
+        for i, (start, end) in enumerate(events):
+            start.record()
+            step(i)
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
+
+    source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    copy_gbps = 2 * source.numel() / median_ms(lambda i: target.copy_(source)) / 1e6
+    del source, target
+
+    out = open(args.out, "a") if args.out else None
+
+    def emit(pass_, variant, dtype, heads, rows, width, tokens, ms, nbytes):
+        record = dict(common, **{"pass": pass_, "variant": variant, "dtype": dtype})
+        record.update(H=heads, V=rows, D=width, T=tokens, median_ms=ms)
+        record.update(gbps=nbytes / ms / 1e6, floor_ms=nbytes / copy_gbps / 1e6)
+        line = json.dumps(record)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    sweep = itertools.product((TRAINING, SERVING), DTYPES, HEADS, WIDTHS)
+    for size, dtype, heads, width in sweep:
+        rows, tokens = size["V"], size["T"]
+        element = torch.finfo(torch_dtypes[dtype]).bits // 8
+        gathered = tokens * heads * width
+        table_bytes = heads * rows * width * element
+        touched = gathered * (element + 4) + tokens * 4
+        sets = min(MAX_SETS, max(1, math.ceil(2 * l2_bytes / touched)))
+        # A table that fits in L2 would stay there: rotate copies too.
+        copies = sets if table_bytes < 2 * l2_bytes else 1
+        offsets = torch.arange(heads, device=device, dtype=torch.int32) * rows
+        tables = [
+            torch.randn(heads * rows, width, dtype=torch_dtypes[dtype], device=device)
+            for _ in range(copies)
+        ]
+        ids = [
+            torch.randint(0, rows, (tokens,), dtype=torch.int32, device=device)
+            for _ in range(sets)
+        ]
+        dys = [torch.randn(tokens * heads, width, device=device) for _ in range(sets)]
+        shape = (dtype, heads, rows, width, tokens)
+
+        def forward(i):
+            j = i % sets
+            return F.embedding(ids[j][:, None] + offsets, tables[j % copies])
+
+        fwd_bytes = 2 * gathered * element + tokens * 4
+        emit("fwd", "gather", *shape, median_ms(forward), fwd_bytes)
+
+        unique = torch.unique(ids[0]).numel()
+        bwd_bytes = gathered * 4 + tokens * 4 + unique * heads * width * 4
+        grads = [torch.zeros(heads * rows, width, device=device) for _ in range(copies)]
+
+        def index_add(i):
+            j = i % sets
+            flat_ids = (ids[j][:, None] + offsets).view(-1)
+            grads[j % copies].index_add_(0, flat_ids, dys[j])
+
+        emit("bwd", "index_add", *shape, median_ms(index_add), bwd_bytes)
+        del grads
+
+        leaves = [table.requires_grad_() for table in tables]
+        outputs = [
+            F.embedding((ids[j][:, None] + offsets).view(-1), leaves[j % copies])
+            for j in range(sets)
+        ]
+        # autograd needs dy in the output's dtype.
+        dys_out = [dy.to(torch_dtypes[dtype]) for dy in dys]
+
+        def autograd(i):
+            j = i % sets
+            leaf = leaves[j % copies]
+            torch.autograd.grad(outputs[j], leaf, dys_out[j], retain_graph=True)
+
+        emit("bwd", "autograd", *shape, median_ms(autograd), bwd_bytes)
+        del tables, leaves, outputs, ids, dys, dys_out
+        torch.cuda.empty_cache()
+    if out:
+        out.close()
+
+
+if __name__ == "__main__":
+    main()

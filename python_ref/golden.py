@@ -1,0 +1,147 @@
+"""Golden-file I/O shared by every reference: a minimal safetensors writer/reader.
+
+safetensors is an 8-byte little-endian header length, a JSON header mapping each
+tensor name to {dtype, shape, data_offsets}, then the raw little-endian bytes.
+It is written by hand here because NumPy has no bfloat16: a bf16 tensor is held
+as its uint16 bit pattern and tagged "BF16" through `Bf16Bits`.
+
+Conventions for every golden file (the Rust tests rely on them):
+- one file per case, `tests/golden/<op>/<case>.safetensors`;
+- scalars and options live in the `__metadata__` map as strings
+  (`"none"` for an absent optional);
+- float inputs are stored in the op's element type; expected float outputs are
+  stored in the type the op returns (input type for forward activations, F32
+  for everything else); ids and plans are U32.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "Bf16Bits",
+    "to_bf16_bits",
+    "from_bf16_bits",
+    "round_to",
+    "stored",
+    "write",
+    "read",
+]
+
+
+class Bf16Bits:
+    """A uint16 array holding bfloat16 bit patterns."""
+
+    def __init__(self, bits):
+        self.bits = np.ascontiguousarray(bits, dtype=np.uint16)
+
+
+def to_bf16_bits(x):
+    """Round float values to bfloat16 (nearest even) and return their bits."""
+    f = np.ascontiguousarray(x, dtype=np.float32)
+    u = f.view(np.uint32).astype(np.uint64)
+    rounding = 0x7FFF + ((u >> 16) & 1)
+    bits = ((u + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(f)
+    bits[nan] = 0x7FC0
+    return bits
+
+
+def from_bf16_bits(bits):
+    """bfloat16 bit patterns to float32 (exact)."""
+    u = np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16
+    return u.view(np.float32)
+
+
+def round_to(x, dtype):
+    """Round to the element type `dtype` ("f32", "bf16", "f16") and return float64."""
+    if dtype == "f32":
+        return np.asarray(x, dtype=np.float32).astype(np.float64)
+    if dtype == "f16":
+        return np.asarray(x, dtype=np.float16).astype(np.float64)
+    if dtype == "bf16":
+        return from_bf16_bits(to_bf16_bits(x)).astype(np.float64)
+    raise ValueError(f"unknown dtype {dtype!r}")
+
+
+def stored(x, dtype):
+    """The array to write for values `x` stored in element type `dtype`."""
+    if dtype == "f32":
+        return np.asarray(x, dtype=np.float32)
+    if dtype == "f16":
+        return np.asarray(x, dtype=np.float16)
+    if dtype == "bf16":
+        return Bf16Bits(to_bf16_bits(x))
+    raise ValueError(f"unknown dtype {dtype!r}")
+
+
+_NUMPY_TAGS = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.uint32): "U32",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.uint8): "U8",
+}
+
+
+def _tag_and_bytes(value):
+    if isinstance(value, Bf16Bits):
+        return "BF16", list(value.bits.shape), value.bits.astype("<u2").tobytes()
+    arr = np.ascontiguousarray(value)
+    tag = _NUMPY_TAGS.get(arr.dtype)
+    if tag is None:
+        raise TypeError(f"unsupported dtype {arr.dtype}")
+    return tag, list(arr.shape), arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+
+
+def write(path, tensors, metadata=None):
+    """Write `tensors` (name -> ndarray or Bf16Bits) and string `metadata`."""
+    header = {}
+    blobs = []
+    offset = 0
+    for name in sorted(tensors):
+        tag, shape, blob = _tag_and_bytes(tensors[name])
+        header[name] = {
+            "dtype": tag,
+            "shape": shape,
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for blob in blobs:
+            f.write(blob)
+
+
+_TAG_NUMPY = {tag: dt for dt, tag in _NUMPY_TAGS.items()}
+
+
+def read(path):
+    """Read a file written by `write`: (name -> ndarray, metadata). BF16 comes
+    back as float32 values."""
+    data = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    metadata = header.pop("__metadata__", {})
+    body = data[8 + n :]
+    out = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        raw = body[start:end]
+        if info["dtype"] == "BF16":
+            arr = from_bf16_bits(np.frombuffer(raw, dtype="<u2"))
+        else:
+            arr = np.frombuffer(raw, dtype=_TAG_NUMPY[info["dtype"]].newbyteorder("<"))
+        out[name] = arr.reshape(info["shape"]).copy()
+    return out, metadata

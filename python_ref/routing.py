@@ -1,0 +1,324 @@
+"""Float64 reference of top-k routing (`routing`, DESIGN.md 4.2).
+
+`forward` computes scores, the top-k selection, routing weights, the dispatch
+plan and the statistics (load-balance loss, z-loss, gate mass); `backward`
+gives the exact gradient of
+
+    L = sum(dweights * weights) + lb_coef * lb_loss + z_coef * z_loss
+
+with respect to the logits, holding the selection (indices) and the load
+fractions f fixed, as the contract says.
+
+Choices where DESIGN.md leaves room (the Rust side follows the same ones):
+- The selection key is computed in float32 arithmetic,
+  `float32(z) + float32(selection_bias)`, then -0 is canonicalised to +0: the
+  Rust backends add in f32, so the selection (integers) is bit-identical
+  rather than subject to float64-vs-float32 rounding.
+- NonFinite reports the lowest offending position in row-major order among
+  active columns of valid tokens: a NaN/+inf at (row, column); for a row whose
+  active logits are all -inf, (row, first active column).
+- An absent optional equals its neutral value: all experts active, all tokens
+  valid, zero bias. Mask entries must be 0 or 1; anything else and a
+  non-finite selection bias are ValueError (InvalidArgument on the Rust side).
+- Scores of invalid tokens are 0 (the row takes no part in anything).
+- In lb_loss, P_e normalises p over the active experts of the token; a token
+  whose active scores sum to 0 (sigmoid underflow) contributes 0 to every P_e.
+- With renormalize, a token whose selected scores sum to 0 gets weights 0 and
+  no gradient through the weight term.
+- With no valid token (T' = 0) both losses are 0 and the gradient is 0.
+"""
+
+import numpy as np
+
+__all__ = ["NonFinite", "U32_MAX", "forward", "backward"]
+
+U32_MAX = np.uint32(0xFFFFFFFF)
+
+SCORES = ("softmax", "sigmoid")
+
+
+class NonFinite(ValueError):
+    """NaN or +inf in an active logit of a valid token, or a valid token whose
+    active logits are all -inf. Mirrors `Error::NonFinite { row, column }`."""
+
+    def __init__(self, row, column, what):
+        super().__init__(f"logits[{row}, {column}] is {what}")
+        self.row = row
+        self.column = column
+
+
+def _mask(mask, n, name):
+    """Bool mask from an optional 0/1 vector of length n (None = all ones)."""
+    if mask is None:
+        return np.ones(n, dtype=bool)
+    m = np.asarray(mask)
+    if m.shape != (n,):
+        raise ValueError(f"{name}: expected shape ({n},), got {m.shape}")
+    if not np.all((m == 0) | (m == 1)):
+        raise ValueError(f"{name}: expected entries 0 or 1, got {np.unique(m)}")
+    return m == 1
+
+
+def _check(logits, k, score, expert_mask, token_mask, selection_bias):
+    """Validate arguments; return (Z, k, active, valid, bias32)."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"logits: expected 2 dims [T, E], got shape {z.shape}")
+    t, e = z.shape
+    if e == 0:
+        raise ValueError("logits: expected E >= 1 experts, got 0")
+    if score not in SCORES:
+        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+    active = _mask(expert_mask, e, "expert_mask")
+    valid = _mask(token_mask, t, "token_mask")
+    e_active = int(active.sum())
+    if isinstance(k, str):
+        if k != "all":
+            raise ValueError(f"k: expected an int or 'all', got {k!r}")
+        k = e_active
+    elif isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k: expected an int or 'all', got {k!r}")
+    k = int(k)
+    if not 1 <= k <= e_active:
+        raise ValueError(f"k: expected 1..={e_active} (active experts), got {k}")
+    if selection_bias is None:
+        bias = np.zeros(e, dtype=np.float32)
+    else:
+        bias = np.asarray(selection_bias, dtype=np.float32)
+        if bias.shape != (e,):
+            raise ValueError(f"selection_bias: expected shape ({e},), got {bias.shape}")
+        if not np.all(np.isfinite(bias)):
+            raise ValueError("selection_bias: expected finite values")
+    _check_finite(z, active, valid)
+    return z, k, active, valid, bias
+
+
+def _check_finite(z, active, valid):
+    """Raise NonFinite at the lowest offending position in row-major order."""
+    cols = np.flatnonzero(active)
+    for row in np.flatnonzero(valid):
+        zr = z[row, cols]
+        bad = np.isnan(zr) | (zr == np.inf)
+        if bad.any():
+            j = int(np.argmax(bad))
+            what = "NaN" if np.isnan(zr[j]) else "+inf"
+            raise NonFinite(int(row), int(cols[j]), what)
+        if np.all(zr == -np.inf):
+            raise NonFinite(int(row), int(cols[0]), "-inf in a row whose active logits are all -inf")
+
+
+def _sigmoid(x):
+    """Overflow-free logistic function (sigmoid(-inf) = 0)."""
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+def _scores(z, active, valid, score):
+    """p [T, E]: softmax over active experts or sigmoid of each; 0 elsewhere."""
+    p = np.zeros_like(z)
+    zv = z[np.ix_(valid, active)]
+    if zv.size:
+        if score == "softmax":
+            ex = np.exp(zv - zv.max(axis=1, keepdims=True))
+            pv = ex / ex.sum(axis=1, keepdims=True)
+        else:
+            pv = _sigmoid(zv)
+        p[np.ix_(valid, active)] = pv
+    return p
+
+
+def _select(z, k, active, valid, bias):
+    """indices [T, k] uint32: the k largest keys among active experts."""
+    t, _ = z.shape
+    cols = np.flatnonzero(active)
+    # float32 arithmetic on purpose, see the module docstring; `+ 0` maps -0 to +0.
+    key = (z[:, cols].astype(np.float32) + bias[cols]) + np.float32(0)
+    # Stable sort on the negated key: descending key, ties to the lower index.
+    # (-inf keys become +inf and sort last among equals, as they should.)
+    order = np.argsort(-key, axis=1, kind="stable")[:, :k]
+    idx = np.full((t, k), U32_MAX, dtype=np.uint32)
+    idx[valid] = cols[order[valid]].astype(np.uint32)
+    return idx
+
+
+def _plan(idx, valid, e):
+    """Dispatch plan: counts, offsets, token_of_row, row_of_slot."""
+    t, k = idx.shape
+    tokens = np.flatnonzero(valid)
+    experts = idx[valid].astype(np.int64)  # [T', k]
+    counts = np.bincount(experts.ravel(), minlength=e).astype(np.int64)
+    offsets = np.zeros(e + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(counts)
+    token_of_row = np.empty(int(offsets[-1]), dtype=np.int64)
+    row_of_slot = np.full((t, k), U32_MAX, dtype=np.uint32)
+    fill = offsets[:-1].copy()
+    # Visiting tokens in ascending order places them ascending within an expert.
+    for tt, row in zip(tokens, experts):
+        for j, ex in enumerate(row):
+            token_of_row[fill[ex]] = tt
+            row_of_slot[tt, j] = fill[ex]
+            fill[ex] += 1
+    return (
+        counts.astype(np.uint32),
+        offsets.astype(np.uint32),
+        token_of_row.astype(np.uint32),
+        row_of_slot,
+    )
+
+
+def _safe_div(num, den):
+    """num / den (broadcast), with 0 where den == 0."""
+    out = np.zeros(np.broadcast_shapes(np.shape(num), np.shape(den)))
+    np.divide(num, den, out=out, where=np.asarray(den) != 0)
+    return out
+
+
+def _lse(z, active, valid):
+    """log-sum-exp over active experts per valid token: [T']."""
+    zv = z[np.ix_(valid, active)]
+    m = zv.max(axis=1, keepdims=True)
+    return (m + np.log(np.exp(zv - m).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def _forward(z, k, score, renormalize, active, valid, bias):
+    """Forward on validated arguments; also returns intermediates for backward."""
+    t, e = z.shape
+    e_active = int(active.sum())
+    n_valid = int(valid.sum())
+    p = _scores(z, active, valid, score)
+    idx = _select(z, k, active, valid, bias)
+    vi = np.flatnonzero(valid)
+    sel_p = np.zeros((t, k))
+    sel_p[vi] = np.take_along_axis(p[vi], idx[vi].astype(np.int64), axis=1)
+    sel_sum = sel_p.sum(axis=1, keepdims=True)
+    weights = _safe_div(sel_p, sel_sum) if renormalize else sel_p
+    counts, offsets, token_of_row, row_of_slot = _plan(idx, valid, e)
+
+    gate_mass = np.zeros(e)
+    np.add.at(gate_mass, idx[vi].astype(np.int64).ravel(), weights[vi].ravel())
+
+    if n_valid:
+        f = counts / (n_valid * k)
+        p_sum = p.sum(axis=1, keepdims=True)  # inactive entries are 0
+        q = _safe_div(p, p_sum)
+        P = q[vi].mean(axis=0)
+        lb_loss = e_active * float((f * P).sum())
+        z_loss = float(np.mean(_lse(z, active, valid) ** 2))
+    else:
+        f = np.zeros(e)
+        lb_loss = 0.0
+        z_loss = 0.0
+
+    out = {
+        "scores": p,
+        "indices": idx,
+        "weights": weights,
+        "counts": counts,
+        "offsets": offsets,
+        "token_of_row": token_of_row,
+        "row_of_slot": row_of_slot,
+        "lb_loss": lb_loss,
+        "z_loss": z_loss,
+        "gate_mass": gate_mass,
+        "k": k,
+    }
+    return out, {"f": f, "sel_p": sel_p, "sel_sum": sel_sum}
+
+
+def forward(
+    logits,
+    k,
+    score="softmax",
+    renormalize=False,
+    expert_mask=None,
+    token_mask=None,
+    selection_bias=None,
+):
+    """Top-k routing forward in float64 (DESIGN.md 4.2).
+
+    logits [T, E] (already rounded to the element type by the caller); k an int
+    in 1..=E' or "all" (= E', the number of active experts); score "softmax" or
+    "sigmoid"; expert_mask [E] and token_mask [T] with 1 = active / valid;
+    selection_bias [E] (float32), added to the selection key only.
+
+    Returns a dict: scores [T, E], indices [T, k] uint32, weights [T, k],
+    counts [E], offsets [E+1], token_of_row [R], row_of_slot [T, k] (uint32),
+    lb_loss, z_loss (floats), gate_mass [E], and k (the resolved int).
+    Invalid tokens get indices / row_of_slot U32_MAX and zero scores and
+    weights. Raises ValueError on bad arguments, NonFinite on bad logits.
+    """
+    z, k, active, valid, bias = _check(logits, k, score, expert_mask, token_mask, selection_bias)
+    out, _ = _forward(z, k, score, renormalize, active, valid, bias)
+    return out
+
+
+def backward(
+    logits,
+    dweights,
+    lb_coef,
+    z_coef,
+    k,
+    score="softmax",
+    renormalize=False,
+    expert_mask=None,
+    token_mask=None,
+    selection_bias=None,
+):
+    """dZ [T, E] (float64): gradient of
+    sum(dweights * weights) + lb_coef * lb_loss + z_coef * z_loss
+    w.r.t. logits, with the selection and f fixed. Options as in `forward`.
+    Inactive experts and invalid tokens get exact zeros.
+    """
+    z, k, active, valid, bias = _check(logits, k, score, expert_mask, token_mask, selection_bias)
+    t, e = z.shape
+    dw = np.asarray(dweights, dtype=np.float64)
+    if dw.shape != (t, k):
+        raise ValueError(f"dweights: expected shape ({t}, {k}), got {dw.shape}")
+    out, saved = _forward(z, k, score, renormalize, active, valid, bias)
+    dz = np.zeros((t, e))
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        return dz
+    p = out["scores"]
+    vi = np.flatnonzero(valid)
+    idx = out["indices"][vi].astype(np.int64)  # [T', k]
+    pv = p[vi]  # [T', E], inactive columns 0
+    dwv = dw[vi]
+
+    # dL/dp, built term by term.
+    gp = np.zeros_like(pv)
+    if renormalize:
+        # w_j = p_j / S: dL/dp_j = (dw_j - <dw, w>) / S, nothing when S = 0.
+        wv = out["weights"][vi]
+        inner = (dwv * wv).sum(axis=1, keepdims=True)
+        g_sel = _safe_div(dwv - inner, saved["sel_sum"][vi])
+    else:
+        g_sel = dwv
+    np.put_along_axis(gp, idx, g_sel, axis=1)
+
+    # lb term: L = c_e * sum_t q[t, e] with c_e = lb_coef * E' * f_e / T' and
+    # q = p / sum_active(p), so dL/dp_e = (c_e - <c, q>) / sum_active(p).
+    e_active = int(active.sum())
+    c = lb_coef * e_active * saved["f"] / n_valid * active
+    p_sum = pv.sum(axis=1, keepdims=True)
+    q = _safe_div(pv, p_sum)
+    gp += _safe_div(c[None, :] - (q * c[None, :]).sum(axis=1, keepdims=True), p_sum)
+
+    if score == "softmax":
+        dzv = pv * (gp - (pv * gp).sum(axis=1, keepdims=True))
+    else:
+        dzv = gp * pv * (1.0 - pv)
+
+    # z-loss: d lse^2 / dz = 2 lse * softmax(z) over active experts.
+    za = z[np.ix_(valid, active)]
+    lse = _lse(z, active, valid)[:, None]
+    soft = np.exp(za - lse)
+    dzv[:, active] += z_coef * 2.0 * lse * soft / n_valid
+
+    dzv[:, ~active] = 0.0
+    dz[vi] = dzv
+    return dz

@@ -1,0 +1,191 @@
+//! The lookup on the host, on borrowed slices (rayon across tokens / rows).
+
+use super::{check_len, row_error, TableShape};
+use crate::dtype::FloatElement;
+use crate::error::{Error, Result};
+use crate::grouping::cpu::group_by_key;
+use rayon::prelude::*;
+
+/// The lowest position whose id is neither the padding nor below `num_rows`.
+fn first_bad_id(ids: &[u32], padding: Option<u32>, num_rows: usize) -> Option<usize> {
+    ids.iter()
+        .position(|&id| Some(id) != padding && id as usize >= num_rows)
+}
+
+fn out_of_range(ids: &[u32], position: usize, num_rows: usize) -> Error {
+    Error::IndexOutOfRange {
+        argument: "ids",
+        position: position as u64,
+        index: u64::from(ids[position]),
+        bound: num_rows as u64,
+    }
+}
+
+/// `out[t, h, :] = table[h, ids[t], :]`, zeros for the padding id.
+/// `table` is `[H, V, D]`, `out` is `[T, H, D]`.
+pub fn forward<T: FloatElement>(
+    table: &[T],
+    ids: &[u32],
+    padding: Option<u32>,
+    shape: TableShape,
+    out: &mut [T],
+) -> Result<()> {
+    let TableShape { heads, num_rows, width } = shape;
+    check_len("table", table.len(), shape.table_len())?;
+    check_len("out", out.len(), ids.len() * heads * width)?;
+    if let Some(position) = first_bad_id(ids, padding, num_rows) {
+        return Err(out_of_range(ids, position, num_rows));
+    }
+    out.par_chunks_mut(heads * width)
+        .zip(ids.par_iter())
+        .for_each(|(token_rows, &id)| {
+            for (h, row) in token_rows.chunks_mut(width).enumerate() {
+                if Some(id) == padding {
+                    row.fill(T::default());
+                } else {
+                    let start = (h * num_rows + id as usize) * width;
+                    row.copy_from_slice(&table[start..start + width]);
+                }
+            }
+        });
+    Ok(())
+}
+
+/// The sparse gradient of the table: (sorted unique ids without the padding
+/// `[U]`, values `[H, U, D]`), each row summed over its tokens in ascending
+/// position, in f32. `dy` is `[T, H, D]`.
+pub fn backward(dy: &[f32], ids: &[u32], padding: Option<u32>, shape: TableShape) -> Result<(Vec<u32>, Vec<f32>)> {
+    let TableShape { heads, num_rows, width } = shape;
+    check_len("dy", dy.len(), ids.len() * heads * width)?;
+    if let Some(position) = first_bad_id(ids, padding, num_rows) {
+        return Err(out_of_range(ids, position, num_rows));
+    }
+    // The padding maps to the sentinel key num_rows, which forms no group.
+    let sentinel = num_rows as u32;
+    let keys: Vec<u32> = ids
+        .iter()
+        .map(|&id| if Some(id) == padding { sentinel } else { id })
+        .collect();
+    let groups = group_by_key(&keys, num_rows as u64 + 1, Some(sentinel));
+    let unique = groups.keys.len();
+    let mut values = vec![0f32; heads * unique * width];
+    values.par_chunks_mut(width).enumerate().for_each(|(hu, row)| {
+        let (h, u) = (hu / unique, hu % unique);
+        let tokens = &groups.order[groups.starts[u] as usize..groups.starts[u + 1] as usize];
+        for &t in tokens {
+            let start = (t as usize * heads + h) * width;
+            for (acc, &g) in row.iter_mut().zip(&dy[start..start + width]) {
+                *acc += g;
+            }
+        }
+    });
+    Ok((groups.keys, values))
+}
+
+/// Rows must be strictly ascending and below `num_rows`.
+fn check_rows(rows: &[u32], num_rows: usize) -> Result<()> {
+    match rows
+        .iter()
+        .enumerate()
+        .position(|(u, &row)| row as usize >= num_rows || (u > 0 && row <= rows[u - 1]))
+    {
+        Some(position) => Err(row_error(position, rows[position], num_rows)),
+        None => Ok(()),
+    }
+}
+
+fn check_sparse(rows: &[u32], values: &[f32], shape: TableShape) -> Result<()> {
+    check_len("values", values.len(), shape.heads * rows.len() * shape.width)?;
+    check_rows(rows, shape.num_rows)
+}
+
+/// Calls `update(h, u, table row, values[h, u, :])` for every head and sparse row,
+/// rows in parallel (they are distinct, so their table slices are disjoint).
+fn for_each_row<T: Send>(
+    table: &mut [T],
+    rows: &[u32],
+    values: &[f32],
+    shape: TableShape,
+    update: impl Fn(usize, usize, &mut [T], &[f32]) + Sync,
+) {
+    let TableShape { num_rows, width, .. } = shape;
+    let unique = rows.len();
+    table
+        .par_chunks_mut(num_rows * width)
+        .enumerate()
+        .for_each(|(h, head_table)| {
+            let mut rest = head_table;
+            let mut consumed = 0;
+            for (u, &row) in rows.iter().enumerate() {
+                let skip = (row as usize - consumed) * width;
+                let (_, tail) = rest.split_at_mut(skip);
+                let (target, tail) = tail.split_at_mut(width);
+                let g = &values[(h * unique + u) * width..][..width];
+                update(h, u, target, g);
+                rest = tail;
+                consumed = row as usize + 1;
+            }
+        });
+}
+
+/// `dense[h, rows[u], :] = values[h, u, :]`, zeros elsewhere; `dense` is
+/// `[H, V, D]`.
+pub fn densify(rows: &[u32], values: &[f32], shape: TableShape, dense: &mut [f32]) -> Result<()> {
+    check_len("dense", dense.len(), shape.table_len())?;
+    check_sparse(rows, values, shape)?;
+    dense.fill(0.0);
+    for_each_row(dense, rows, values, shape, |_, _, target, g| target.copy_from_slice(g));
+    Ok(())
+}
+
+/// `table[h, rows[u], :] -= lr * values[h, u, :]`, rounded to nearest even.
+pub fn sgd<T: FloatElement>(table: &mut [T], rows: &[u32], values: &[f32], shape: TableShape, lr: f32) -> Result<()> {
+    check_len("table", table.len(), shape.table_len())?;
+    check_sparse(rows, values, shape)?;
+    for_each_row(table, rows, values, shape, |_, _, target, g| {
+        for (w, &g) in target.iter_mut().zip(g) {
+            *w = T::from_f32(w.to_f32() - lr * g);
+        }
+    });
+    Ok(())
+}
+
+/// Row-wise Adagrad: `state[h, n] += mean_d g^2`, then
+/// `table[h, n, :] -= lr * g / (sqrt(state[h, n]) + eps)`.
+pub fn adagrad<T: FloatElement>(
+    table: &mut [T],
+    state: &mut [f32],
+    rows: &[u32],
+    values: &[f32],
+    shape: TableShape,
+    lr: f32,
+    eps: f32,
+) -> Result<()> {
+    check_len("table", table.len(), shape.table_len())?;
+    check_len("state", state.len(), shape.heads * shape.num_rows)?;
+    check_sparse(rows, values, shape)?;
+    let TableShape { num_rows, width, .. } = shape;
+    let unique = rows.len();
+    // First each (head, row)'s accumulated state and step size, heads in
+    // parallel; then the table rows.
+    let mut steps = vec![0f32; shape.heads * unique];
+    steps
+        .par_chunks_mut(unique.max(1))
+        .zip(state.par_chunks_mut(num_rows))
+        .enumerate()
+        .for_each(|(h, (head_steps, head_state))| {
+            for (u, (step, &row)) in head_steps.iter_mut().zip(rows).enumerate() {
+                let g = &values[(h * unique + u) * width..][..width];
+                let cell = &mut head_state[row as usize];
+                *cell += g.iter().map(|x| x * x).sum::<f32>() / width as f32;
+                *step = lr / (cell.sqrt() + eps);
+            }
+        });
+    for_each_row(table, rows, values, shape, |h, u, target, g| {
+        let step = steps[h * unique + u];
+        for (w, &g) in target.iter_mut().zip(g) {
+            *w = T::from_f32(w.to_f32() - step * g);
+        }
+    });
+    Ok(())
+}

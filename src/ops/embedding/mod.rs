@@ -1,0 +1,425 @@
+//! Per-head multi-embedding lookup (DESIGN 4.1).
+//!
+//! `Y[t, h, :] = W[h, ids[t], :]` for tables `W: [H, V, D]` (H decoupled
+//! tables, or the per-head projections of one), a zero row for the padding
+//! id. The backward returns the gradient sparse — the sorted unique ids and
+//! their rows — with helpers to densify it and to apply SGD or row-wise
+//! Adagrad to the table in place.
+//!
+//! ```
+//! use moerec::{embedding, Device, Tensor};
+//!
+//! let device = Device::auto()?;
+//! let table = Tensor::from_vec(vec![0.5f32; 2 * 10 * 4], &[2, 10, 4], &device)?;
+//! let ids = Tensor::from_vec(vec![3u32, 0, 3, 9], &[4], &device)?;
+//! let (rows, saved) = embedding::forward(&table, &ids, Some(0))?;
+//! assert_eq!(rows.shape(), &[4, 2, 4]);
+//!
+//! let dy = Tensor::from_vec(vec![1.0f32; 4 * 2 * 4], &[4, 2, 4], &device)?;
+//! let grad = embedding::backward(&dy, &saved)?;
+//! assert_eq!(grad.rows().to_vec()?, vec![3, 9]); // the padding id 0 is left out
+//! assert_eq!(grad.values().shape(), &[2, 2, 4]);
+//! assert_eq!(grad.values().to_vec()?[0], 2.0); // id 3 appears twice
+//!
+//! let mut table = table;
+//! embedding::sgd(&mut table, &grad, 0.1)?;
+//! # Ok::<(), moerec::Error>(())
+//! ```
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::cuda::{read_status, CudaDevice};
+use crate::device::Device;
+use crate::dtype::FloatElement;
+use crate::error::{Error, Result};
+use crate::tensor::{alloc_uninit, Tensor};
+use cudarc::driver::{CudaSlice, CudaStream};
+use std::sync::Arc;
+
+/// The sizes of a table `[H, V, D]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableShape {
+    pub heads: usize,
+    pub num_rows: usize,
+    pub width: usize,
+}
+
+impl TableShape {
+    /// Elements in the table.
+    pub fn table_len(&self) -> usize {
+        self.heads * self.num_rows * self.width
+    }
+
+    fn of(table: &[usize]) -> Result<TableShape> {
+        match *table {
+            [heads, num_rows, width] if heads > 0 && num_rows > 0 && width > 0 => {
+                if num_rows > u32::MAX as usize {
+                    return Err(Error::invalid(
+                        "table",
+                        format!("{num_rows} rows: ids are u32, V must be < 2^32"),
+                    ));
+                }
+                Ok(TableShape { heads, num_rows, width })
+            }
+            _ => Err(Error::shape("table", "[H, V, D] with every size >= 1", table)),
+        }
+    }
+}
+
+/// A buffer length check for the backend layer.
+pub(crate) fn check_len(argument: &'static str, actual: usize, expected: usize) -> Result<()> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            argument,
+            expected: format!("{expected} elements"),
+            actual: format!("{actual} elements"),
+        })
+    }
+}
+
+/// The error for a sparse row at `position` that is out of range or not
+/// above the previous one; the same on both backends.
+pub(crate) fn row_error(position: usize, row: u32, num_rows: usize) -> Error {
+    if row as usize >= num_rows {
+        Error::IndexOutOfRange {
+            argument: "grad.rows",
+            position: position as u64,
+            index: u64::from(row),
+            bound: num_rows as u64,
+        }
+    } else {
+        Error::invalid(
+            "grad.rows",
+            format!("rows must be strictly ascending; row {row} at position {position} is not"),
+        )
+    }
+}
+
+/// What [`backward`] needs from the forward beyond `dy`: the ids (a copy,
+/// 4 bytes per token) and the sizes.
+#[derive(Debug)]
+pub struct Saved {
+    ids: Tensor<u32>,
+    padding: Option<u32>,
+    shape: TableShape,
+}
+
+/// The gradient of a table, sparse: `rows [U]` are the sorted unique ids
+/// (never the padding) and `values [H, U, D]` f32 their summed gradients.
+#[derive(Debug)]
+pub struct SparseGrad {
+    rows: Tensor<u32>,
+    values: Tensor<f32>,
+    shape: TableShape,
+}
+
+impl SparseGrad {
+    /// A sparse gradient for a table of `shape`; `rows` must be strictly
+    /// ascending and below V (checked when it is applied).
+    pub fn new(rows: Tensor<u32>, values: Tensor<f32>, shape: TableShape) -> Result<SparseGrad> {
+        TableShape::of(&[shape.heads, shape.num_rows, shape.width])?;
+        if rows.shape().len() != 1 {
+            return Err(Error::shape("rows", "[U]", rows.shape()));
+        }
+        values.expect_shape("values", &[shape.heads, rows.len(), shape.width])?;
+        values.expect_device("values", &rows.device())?;
+        Ok(SparseGrad { rows, values, shape })
+    }
+
+    pub fn rows(&self) -> &Tensor<u32> {
+        &self.rows
+    }
+
+    pub fn values(&self) -> &Tensor<f32> {
+        &self.values
+    }
+
+    pub fn shape(&self) -> TableShape {
+        self.shape
+    }
+
+    /// The dense gradient `[H, V, D]` f32.
+    pub fn densify(&self) -> Result<Tensor<f32>> {
+        let device = self.rows.device();
+        let mut dense = Tensor::<f32>::zeros(&[self.shape.heads, self.shape.num_rows, self.shape.width], &device)?;
+        match &device {
+            Device::Cpu => cpu::densify(
+                cpu_slice(&self.rows)?,
+                cpu_slice(&self.values)?,
+                self.shape,
+                cpu_slice_mut(&mut dense)?,
+            )?,
+            Device::Cuda(cuda_device) => {
+                let out = cuda_slice_mut(&mut dense)?;
+                self.apply_on_cuda::<f32>(
+                    cuda_device,
+                    cuda::Update::Densify {
+                        dense: &mut out.as_view_mut(),
+                    },
+                )?
+            }
+        }
+        Ok(dense)
+    }
+
+    fn apply_on_cuda<T: FloatElement>(&self, device: &Arc<CudaDevice>, update: cuda::Update<'_, '_, T>) -> Result<()> {
+        let stream = device.stream();
+        let mut status = device.new_status(stream)?;
+        let rows = cuda_slice(&self.rows)?;
+        cuda::apply_sparse(
+            device,
+            stream,
+            &rows.as_view(),
+            &cuda_slice(&self.values)?.as_view(),
+            self.shape,
+            update,
+            &mut status.as_view_mut(),
+        )?;
+        match read_status(stream, &status)? {
+            None => Ok(()),
+            Some(position) => Err(row_error(
+                position as usize,
+                read_one(stream, rows, position)?,
+                self.shape.num_rows,
+            )),
+        }
+    }
+
+    fn expect_table<T: FloatElement>(&self, table: &Tensor<T>) -> Result<()> {
+        let s = self.shape;
+        table.expect_shape("table", &[s.heads, s.num_rows, s.width])?;
+        table.expect_device("table", &self.rows.device())
+    }
+}
+
+fn cpu_slice<T: crate::Element>(tensor: &Tensor<T>) -> Result<&[T]> {
+    tensor
+        .as_slice()
+        .ok_or_else(|| Error::invalid("tensor", "expected a CPU tensor"))
+}
+fn cpu_slice_mut<T: crate::Element>(tensor: &mut Tensor<T>) -> Result<&mut [T]> {
+    tensor
+        .as_mut_slice()
+        .ok_or_else(|| Error::invalid("tensor", "expected a CPU tensor"))
+}
+fn cuda_slice<T: crate::Element>(tensor: &Tensor<T>) -> Result<&CudaSlice<T>> {
+    tensor
+        .as_cuda_slice()
+        .ok_or_else(|| Error::invalid("tensor", "expected a CUDA tensor"))
+}
+fn cuda_slice_mut<T: crate::Element>(tensor: &mut Tensor<T>) -> Result<&mut CudaSlice<T>> {
+    tensor
+        .as_cuda_slice_mut()
+        .ok_or_else(|| Error::invalid("tensor", "expected a CUDA tensor"))
+}
+
+/// One element of a device buffer (error paths only: it synchronises).
+fn read_one(stream: &Arc<CudaStream>, data: &CudaSlice<u32>, position: u64) -> Result<u32> {
+    let one = data.slice(position as usize..position as usize + 1);
+    let host = stream
+        .clone_dtoh(&one)
+        .map_err(crate::cuda::driver_error("cuMemcpyDtoH"))?;
+    Ok(host[0])
+}
+
+fn id_error(stream: &Arc<CudaStream>, ids: &CudaSlice<u32>, position: u64, num_rows: usize) -> Result<Error> {
+    Ok(Error::IndexOutOfRange {
+        argument: "ids",
+        position,
+        index: u64::from(read_one(stream, ids, position)?),
+        bound: num_rows as u64,
+    })
+}
+
+/// Looks up `ids` (any shape, T elements) in `table: [H, V, D]`: returns
+/// `[T, H, D]` (`ids.shape() ++ [H, D]`) in the table's type, and what the
+/// backward needs. A `padding` id (which may be >= V) yields zero rows; any
+/// other id >= V is [`Error::IndexOutOfRange`] with the lowest position.
+pub fn forward<T: FloatElement>(
+    table: &Tensor<T>,
+    ids: &Tensor<u32>,
+    padding: Option<u32>,
+) -> Result<(Tensor<T>, Saved)> {
+    let shape = TableShape::of(table.shape())?;
+    let device = table.device();
+    ids.expect_device("ids", &device)?;
+    check_token_count(ids.len())?;
+    let mut out_shape = ids.shape().to_vec();
+    out_shape.extend([shape.heads, shape.width]);
+    let out = match &device {
+        Device::Cpu => {
+            let mut out = vec![T::default(); ids.len() * shape.heads * shape.width];
+            cpu::forward(cpu_slice(table)?, cpu_slice(ids)?, padding, shape, &mut out)?;
+            Tensor::from_vec(out, &out_shape, &device)?
+        }
+        Device::Cuda(cuda_device) => {
+            let stream = cuda_device.stream();
+            let mut out = alloc_uninit::<T>(cuda_device, ids.len() * shape.heads * shape.width)?;
+            let mut status = cuda_device.new_status(stream)?;
+            let id_slice = cuda_slice(ids)?;
+            cuda::forward(
+                cuda_device,
+                stream,
+                &cuda_slice(table)?.as_view(),
+                &id_slice.as_view(),
+                padding,
+                shape,
+                &mut out.as_view_mut(),
+                &mut status.as_view_mut(),
+            )?;
+            if let Some(position) = read_status(stream, &status)? {
+                return Err(id_error(stream, id_slice, position, shape.num_rows)?);
+            }
+            Tensor::from_cuda_slice(out, &out_shape, cuda_device)?
+        }
+    };
+    let saved = Saved {
+        ids: ids.try_clone()?,
+        padding,
+        shape,
+    };
+    Ok((out, saved))
+}
+
+fn check_token_count(tokens: usize) -> Result<()> {
+    if tokens >= u32::MAX as usize {
+        return Err(Error::invalid(
+            "ids",
+            format!("{tokens} tokens: positions are u32, T must be < 2^32 - 1"),
+        ));
+    }
+    Ok(())
+}
+
+/// The sparse table gradient from `dy: [T, H, D]` f32: each unique id's rows
+/// summed over its tokens in ascending position (deterministic), the padding
+/// left out.
+pub fn backward(dy: &Tensor<f32>, saved: &Saved) -> Result<SparseGrad> {
+    let shape = saved.shape;
+    let device = saved.ids.device();
+    dy.expect_device("dy", &device)?;
+    let tokens = saved.ids.len();
+    if dy.len() != tokens * shape.heads * shape.width || dy.shape().last() != Some(&shape.width) {
+        return Err(Error::shape(
+            "dy",
+            format!("[{tokens}, {}, {}]", shape.heads, shape.width),
+            dy.shape(),
+        ));
+    }
+    let (rows, values) = match &device {
+        Device::Cpu => {
+            let (rows, values) = cpu::backward(cpu_slice(dy)?, cpu_slice(&saved.ids)?, saved.padding, shape)?;
+            let unique = rows.len();
+            (
+                Tensor::from_vec(rows, &[unique], &device)?,
+                Tensor::from_vec(values, &[shape.heads, unique, shape.width], &device)?,
+            )
+        }
+        Device::Cuda(cuda_device) => {
+            let stream = cuda_device.stream();
+            let ids = cuda_slice(&saved.ids)?;
+            let mut status = cuda_device.new_status(stream)?;
+            let groups = cuda::backward_group(
+                cuda_device,
+                stream,
+                &ids.as_view(),
+                saved.padding,
+                shape,
+                &mut status.as_view_mut(),
+            )?;
+            // The one synchronisation: the id check and the number of rows,
+            // which sizes the output.
+            if let Some(position) = read_status(stream, &status)? {
+                return Err(id_error(stream, ids, position, shape.num_rows)?);
+            }
+            let unique = read_one(stream, &groups.count, 0)? as usize;
+            let mut rows = alloc_uninit::<u32>(cuda_device, unique)?;
+            if unique > 0 {
+                stream
+                    .memcpy_dtod(&groups.keys.slice(..unique), &mut rows)
+                    .map_err(crate::cuda::driver_error("cuMemcpyDtoDAsync"))?;
+            }
+            let mut values = alloc_uninit::<f32>(cuda_device, shape.heads * unique * shape.width)?;
+            cuda::backward_values(
+                cuda_device,
+                stream,
+                &cuda_slice(dy)?.as_view(),
+                &groups,
+                unique,
+                shape,
+                &mut values.as_view_mut(),
+            )?;
+            (
+                Tensor::from_cuda_slice(rows, &[unique], cuda_device)?,
+                Tensor::from_cuda_slice(values, &[shape.heads, unique, shape.width], cuda_device)?,
+            )
+        }
+    };
+    Ok(SparseGrad { rows, values, shape })
+}
+
+/// SGD on the gradient's rows, in place: `W[h, n, :] -= lr * g[h, n, :]`
+/// (bf16/f16 round to nearest even). Other rows are untouched.
+pub fn sgd<T: FloatElement>(table: &mut Tensor<T>, grad: &SparseGrad, lr: f32) -> Result<()> {
+    grad.expect_table(table)?;
+    match table.device() {
+        Device::Cpu => cpu::sgd(
+            cpu_slice_mut(table)?,
+            cpu_slice(&grad.rows)?,
+            cpu_slice(&grad.values)?,
+            grad.shape,
+            lr,
+        ),
+        Device::Cuda(cuda_device) => {
+            let slice = cuda_slice_mut(table)?;
+            grad.apply_on_cuda(
+                &cuda_device,
+                cuda::Update::Sgd {
+                    table: &mut slice.as_view_mut(),
+                    lr,
+                },
+            )
+        }
+    }
+}
+
+/// Row-wise Adagrad on the gradient's rows, in place, with `state: [H, V]`
+/// f32: `A[h, n] += mean_d g^2`, then `W[h, n, :] -= lr * g / (sqrt(A[h, n]) + eps)`.
+pub fn adagrad<T: FloatElement>(
+    table: &mut Tensor<T>,
+    state: &mut Tensor<f32>,
+    grad: &SparseGrad,
+    lr: f32,
+    eps: f32,
+) -> Result<()> {
+    grad.expect_table(table)?;
+    state.expect_shape("state", &[grad.shape.heads, grad.shape.num_rows])?;
+    state.expect_device("state", &table.device())?;
+    match table.device() {
+        Device::Cpu => cpu::adagrad(
+            cpu_slice_mut(table)?,
+            cpu_slice_mut(state)?,
+            cpu_slice(&grad.rows)?,
+            cpu_slice(&grad.values)?,
+            grad.shape,
+            lr,
+            eps,
+        ),
+        Device::Cuda(cuda_device) => {
+            let table_slice = cuda_slice_mut(table)?;
+            let state_slice = cuda_slice_mut(state)?;
+            grad.apply_on_cuda(
+                &cuda_device,
+                cuda::Update::Adagrad {
+                    table: &mut table_slice.as_view_mut(),
+                    state: &mut state_slice.as_view_mut(),
+                    lr,
+                    eps,
+                },
+            )
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! `Tensor<T>`: a row-major, contiguous array on one device.
+
+use crate::cuda::{driver_error, CudaDevice};
+use crate::device::Device;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use cudarc::driver::CudaSlice;
+use std::sync::Arc;
+
+/// A row-major, contiguous array of `T` on the CPU or a CUDA device.
+pub struct Tensor<T: Element> {
+    shape: Vec<usize>,
+    storage: Storage<T>,
+}
+
+enum Storage<T: Element> {
+    Cpu(Vec<T>),
+    Cuda {
+        data: CudaSlice<T>,
+        device: Arc<CudaDevice>,
+    },
+}
+
+/// The number of elements of `shape`, or an error on overflow.
+pub(crate) fn element_count(argument: &'static str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::invalid(argument, format!("shape {shape:?} has more elements than usize holds")))
+}
+
+impl<T: Element> Tensor<T> {
+    /// A tensor holding `data` with `shape` on `device` (a copy to the GPU for
+    /// CUDA devices).
+    pub fn from_vec(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Self> {
+        let count = element_count("shape", shape)?;
+        if data.len() != count {
+            return Err(Error::ShapeMismatch {
+                argument: "data",
+                expected: format!("{count} elements for shape {shape:?}"),
+                actual: format!("{} elements", data.len()),
+            });
+        }
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(data),
+            Device::Cuda(cuda) => Storage::Cuda {
+                data: cuda
+                    .stream()
+                    .clone_htod(&data)
+                    .map_err(driver_error("cuMemcpyHtoDAsync"))?,
+                device: cuda.clone(),
+            },
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage,
+        })
+    }
+
+    /// Like [`Tensor::from_vec`], copying from a slice.
+    pub fn from_slice(data: &[T], shape: &[usize], device: &Device) -> Result<Self> {
+        Self::from_vec(data.to_vec(), shape, device)
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize], device: &Device) -> Result<Self> {
+        let count = element_count("shape", shape)?;
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(vec![T::default(); count]),
+            Device::Cuda(cuda) => Storage::Cuda {
+                data: cuda
+                    .stream()
+                    .alloc_zeros::<T>(count)
+                    .map_err(driver_error("cuMemAllocAsync"))?,
+                device: cuda.clone(),
+            },
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage,
+        })
+    }
+
+    /// Wraps a cudarc buffer already on `device` (no copy).
+    pub fn from_cuda_slice(data: CudaSlice<T>, shape: &[usize], device: &Arc<CudaDevice>) -> Result<Self> {
+        let count = element_count("shape", shape)?;
+        if data.len() != count {
+            return Err(Error::ShapeMismatch {
+                argument: "data",
+                expected: format!("{count} elements for shape {shape:?}"),
+                actual: format!("{} elements", data.len()),
+            });
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cuda {
+                data,
+                device: device.clone(),
+            },
+        })
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        match &self.storage {
+            Storage::Cpu(data) => data.len(),
+            Storage::Cuda { data, .. } => data.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        T::DTYPE
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda { device, .. } => Device::Cuda(device.clone()),
+        }
+    }
+
+    /// The elements on the host (waits for the device).
+    pub fn to_vec(&self) -> Result<Vec<T>> {
+        match &self.storage {
+            Storage::Cpu(data) => Ok(data.clone()),
+            Storage::Cuda { data, device } => device.stream().clone_dtoh(data).map_err(driver_error("cuMemcpyDtoH")),
+        }
+    }
+
+    /// A copy on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Tensor<T>> {
+        match (&self.storage, device) {
+            (Storage::Cpu(data), _) => Tensor::from_slice(data, &self.shape, device),
+            (Storage::Cuda { data, .. }, Device::Cuda(target)) => {
+                let mut copy = alloc_uninit::<T>(target, data.len())?;
+                target
+                    .stream()
+                    .memcpy_dtod(data, &mut copy)
+                    .map_err(driver_error("cuMemcpyDtoDAsync"))?;
+                Tensor::from_cuda_slice(copy, &self.shape, target)
+            }
+            (Storage::Cuda { .. }, Device::Cpu) => Tensor::from_vec(self.to_vec()?, &self.shape, device),
+        }
+    }
+
+    /// A deep copy on the same device.
+    pub fn try_clone(&self) -> Result<Tensor<T>> {
+        self.to_device(&self.device())
+    }
+
+    /// The host elements, when the tensor lives on the CPU.
+    pub fn as_slice(&self) -> Option<&[T]> {
+        match &self.storage {
+            Storage::Cpu(data) => Some(data),
+            Storage::Cuda { .. } => None,
+        }
+    }
+
+    pub fn as_mut_slice(&mut self) -> Option<&mut [T]> {
+        match &mut self.storage {
+            Storage::Cpu(data) => Some(data),
+            Storage::Cuda { .. } => None,
+        }
+    }
+
+    /// The device buffer, when the tensor lives on a CUDA device.
+    pub fn as_cuda_slice(&self) -> Option<&CudaSlice<T>> {
+        match &self.storage {
+            Storage::Cuda { data, .. } => Some(data),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    pub fn as_cuda_slice_mut(&mut self) -> Option<&mut CudaSlice<T>> {
+        match &mut self.storage {
+            Storage::Cuda { data, .. } => Some(data),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    /// Checks that this tensor has exactly `expected` as its shape.
+    pub(crate) fn expect_shape(&self, argument: &'static str, expected: &[usize]) -> Result<()> {
+        if self.shape == expected {
+            Ok(())
+        } else {
+            Err(Error::shape(argument, format!("{expected:?}"), &self.shape))
+        }
+    }
+
+    /// Checks that this tensor lives on `device`.
+    pub(crate) fn expect_device(&self, argument: &'static str, device: &Device) -> Result<()> {
+        let own = self.device();
+        if &own == device {
+            Ok(())
+        } else {
+            Err(Error::DeviceMismatch {
+                argument,
+                expected: device.to_string(),
+                actual: own.to_string(),
+            })
+        }
+    }
+}
+
+impl<T: Element> std::fmt::Debug for Tensor<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor")
+            .field("dtype", &T::DTYPE)
+            .field("shape", &self.shape)
+            .field("device", &self.device())
+            .finish()
+    }
+}
+
+/// Uninitialised device memory for `len` elements.
+pub(crate) fn alloc_uninit<T: Element>(device: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: every caller overwrites all `len` elements (a copy or a kernel
+    // that writes each one) before the buffer is read.
+    unsafe { device.stream().alloc::<T>(len) }.map_err(driver_error("cuMemAllocAsync"))
+}
