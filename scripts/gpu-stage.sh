@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds every test, bench and example binary here (no GPU needed) and copies
+# them into .gpu/ (ignored through .git/info/exclude), for the device tool:
+#   run(command="bash scripts/gpu-run.sh", carry=[".gpu"])
+# The device has nvcc, the driver, PyTorch and CuPy but no Rust.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+eval "$(bash scripts/install-nvcc.sh)"
+export MOEREC_REQUIRE_NVCC=1
+grep -qx '.gpu/' .git/info/exclude 2>/dev/null || echo '.gpu/' >> .git/info/exclude
+rm -rf .gpu && mkdir -p .gpu/tests .gpu/benches .gpu/examples
+executables() {
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg.get("executable"):
+        print(msg["target"]["kind"][0], msg["target"]["name"], msg["executable"])'
+}
+cargo test --release --no-run --message-format=json 2>/dev/null | executables | while read -r kind name path; do
+  # Integration tests and the library's unit tests; not build scripts.
+  case "$kind" in test|lib) cp "$path" ".gpu/tests/$name-$kind" ;; esac
+done
+cargo bench --no-run --message-format=json 2>/dev/null | executables | while read -r kind name path; do
+  [ "$kind" = bench ] && cp "$path" ".gpu/benches/$name"
+done
+cargo build --release --examples --message-format=json 2>/dev/null | executables | while read -r kind name path; do
+  [ "$kind" = example ] && cp "$path" ".gpu/examples/$name"
+done
+git rev-parse HEAD > .gpu/commit
+du -sh .gpu
+ls .gpu/*
