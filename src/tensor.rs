@@ -8,6 +8,10 @@ use cudarc::driver::CudaSlice;
 use std::sync::Arc;
 
 /// A row-major, contiguous array of `T` on the CPU or a CUDA device.
+///
+/// CUDA tensors are written in order on their device's stream
+/// ([`CudaDevice::stream`]); a caller that uses the buffer on another stream
+/// must make that stream wait for this one first.
 pub struct Tensor<T: Element> {
     shape: Vec<usize>,
     storage: Storage<T>,
@@ -44,10 +48,7 @@ impl<T: Element> Tensor<T> {
         let storage = match device {
             Device::Cpu => Storage::Cpu(data),
             Device::Cuda(cuda) => Storage::Cuda {
-                data: cuda
-                    .stream()
-                    .clone_htod(&data)
-                    .map_err(driver_error("cuMemcpyHtoDAsync"))?,
+                data: upload(cuda, &data)?,
                 device: cuda.clone(),
             },
         };
@@ -68,10 +69,7 @@ impl<T: Element> Tensor<T> {
         let storage = match device {
             Device::Cpu => Storage::Cpu(vec![T::default(); count]),
             Device::Cuda(cuda) => Storage::Cuda {
-                data: cuda
-                    .stream()
-                    .alloc_zeros::<T>(count)
-                    .map_err(driver_error("cuMemAllocAsync"))?,
+                data: alloc_zeros(cuda, count)?,
                 device: cuda.clone(),
             },
         };
@@ -141,10 +139,12 @@ impl<T: Element> Tensor<T> {
             (Storage::Cpu(data), _) => Tensor::from_slice(data, &self.shape, device),
             (Storage::Cuda { data, .. }, Device::Cuda(target)) => {
                 let mut copy = alloc_uninit::<T>(target, data.len())?;
-                target
-                    .stream()
-                    .memcpy_dtod(data, &mut copy)
-                    .map_err(driver_error("cuMemcpyDtoDAsync"))?;
+                if !data.is_empty() {
+                    target
+                        .stream()
+                        .memcpy_dtod(data, &mut copy)
+                        .map_err(driver_error("cuMemcpyDtoDAsync"))?;
+                }
                 Tensor::from_cuda_slice(copy, &self.shape, target)
             }
             (Storage::Cuda { .. }, Device::Cpu) => Tensor::from_vec(self.to_vec()?, &self.shape, device),
@@ -220,9 +220,43 @@ impl<T: Element> std::fmt::Debug for Tensor<T> {
     }
 }
 
-/// Uninitialised device memory for `len` elements.
+/// Uninitialised device memory for `len` elements. Never asks the driver for
+/// zero bytes, which some drivers refuse: an empty buffer is backed by one
+/// element it does not expose.
 pub(crate) fn alloc_uninit<T: Element>(device: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    let stream = device.stream();
     // SAFETY: every caller overwrites all `len` elements (a copy or a kernel
     // that writes each one) before the buffer is read.
-    unsafe { device.stream().alloc::<T>(len) }.map_err(driver_error("cuMemAllocAsync"))
+    let slice = unsafe { stream.alloc::<T>(len.max(1)) }.map_err(driver_error("cuMemAllocAsync"))?;
+    if len > 0 {
+        return Ok(slice);
+    }
+    let pointer = slice.leak();
+    // SAFETY: `pointer` is a live allocation with room for one T, so for
+    // zero; the new slice owns it and frees it on drop.
+    Ok(unsafe { stream.upgrade_device_ptr(pointer, 0) })
+}
+
+/// Zeroed device memory for `len` elements.
+pub(crate) fn alloc_zeros<T: Element>(device: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    let mut slice = alloc_uninit::<T>(device, len)?;
+    if len > 0 {
+        device
+            .stream()
+            .memset_zeros(&mut slice)
+            .map_err(driver_error("cuMemsetD8Async"))?;
+    }
+    Ok(slice)
+}
+
+/// A device copy of host data.
+pub(crate) fn upload<T: Element>(device: &CudaDevice, data: &[T]) -> Result<CudaSlice<T>> {
+    let mut slice = alloc_uninit::<T>(device, data.len())?;
+    if !data.is_empty() {
+        device
+            .stream()
+            .memcpy_htod(data, &mut slice)
+            .map_err(driver_error("cuMemcpyHtoDAsync"))?;
+    }
+    Ok(slice)
 }

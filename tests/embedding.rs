@@ -458,3 +458,12 @@ fn device_names_are_parsed_and_bad_ones_refused() {
         );
     }
 }
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Device>();
+    send_sync::<Tensor<bf16>>();
+    send_sync::<embedding::Saved>();
+    send_sync::<SparseGrad>();
+}

@@ -98,6 +98,12 @@ impl CudaDevice {
         let compute_capability = context
             .compute_capability()
             .map_err(driver_error("cuDeviceGetAttribute"))?;
+        // SAFETY: every buffer moerec allocates through this context is
+        // allocated, used and freed in order on the one stream below, so
+        // stream order already synchronises it; per-buffer events would only
+        // add driver calls to every launch. A caller that hands these buffers
+        // to another stream synchronises itself (see `Tensor`).
+        unsafe { context.disable_event_tracking() };
         let stream = context.new_stream().map_err(driver_error("cuStreamCreate"))?;
         let modules = embedded::MODULES
             .iter()

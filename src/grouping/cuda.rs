@@ -104,9 +104,11 @@ fn stable_sort_by_key(
     let mut order_next = alloc_uninit::<u32>(device, n as usize)?;
     let mut hist = alloc_uninit::<u32>(device, (BINS * tiles) as usize)?;
 
-    stream
-        .memcpy_dtod(keys, &mut sorted)
-        .map_err(crate::cuda::driver_error("cuMemcpyDtoDAsync"))?;
+    if n > 0 {
+        stream
+            .memcpy_dtod(keys, &mut sorted)
+            .map_err(crate::cuda::driver_error("cuMemcpyDtoDAsync"))?;
+    }
     let iota = device.function(MODULE, "grouping_iota")?;
     let mut launch = stream.launch_builder(&iota);
     launch.arg(&mut order).arg(&n);
