@@ -186,6 +186,28 @@ impl<T: Element> Tensor<T> {
         }
     }
 
+    /// The host elements, or an error naming the tensor's device.
+    pub(crate) fn host(&self) -> Result<&[T]> {
+        let device = self.device();
+        self.as_slice().ok_or_else(|| not_on("cpu", &device))
+    }
+
+    pub(crate) fn host_mut(&mut self) -> Result<&mut [T]> {
+        let device = self.device();
+        self.as_mut_slice().ok_or_else(|| not_on("cpu", &device))
+    }
+
+    /// The device buffer, or an error naming the tensor's device.
+    pub(crate) fn device_slice(&self) -> Result<&CudaSlice<T>> {
+        let device = self.device();
+        self.as_cuda_slice().ok_or_else(|| not_on("cuda", &device))
+    }
+
+    pub(crate) fn device_slice_mut(&mut self) -> Result<&mut CudaSlice<T>> {
+        let device = self.device();
+        self.as_cuda_slice_mut().ok_or_else(|| not_on("cuda", &device))
+    }
+
     /// Checks that this tensor has exactly `expected` as its shape.
     pub(crate) fn expect_shape(&self, argument: &'static str, expected: &[usize]) -> Result<()> {
         if self.shape == expected {
@@ -217,6 +239,16 @@ impl<T: Element> std::fmt::Debug for Tensor<T> {
             .field("shape", &self.shape)
             .field("device", &self.device())
             .finish()
+    }
+}
+
+/// The ops check devices before they take buffers, so this is only reached
+/// on an internal mistake; it is still an error, not a panic.
+fn not_on(expected: &str, actual: &Device) -> Error {
+    Error::DeviceMismatch {
+        argument: "tensor",
+        expected: expected.to_string(),
+        actual: actual.to_string(),
     }
 }
 

@@ -212,3 +212,10 @@ pub(crate) type LaunchResult = std::result::Result<Option<(CudaEvent, CudaEvent)
 pub(crate) fn launched(kernel: &'static str, result: LaunchResult) -> Result<()> {
     result.map(|_| ()).map_err(driver_error(kernel))
 }
+
+/// One element of a device buffer (a synchronisation: error paths only).
+pub(crate) fn read_element(stream: &Arc<CudaStream>, data: &CudaSlice<u32>, position: u64) -> Result<u32> {
+    let one = data.slice(position as usize..position as usize + 1);
+    let host = stream.clone_dtoh(&one).map_err(driver_error("cuMemcpyDtoH"))?;
+    Ok(host[0])
+}

@@ -3,3 +3,18 @@
 //! `kernels/<op>.cu`.
 
 pub mod embedding;
+
+use crate::error::{Error, Result};
+
+/// A buffer length check for the backend layer.
+pub(crate) fn check_len(argument: &'static str, actual: usize, expected: usize) -> Result<()> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            argument,
+            expected: format!("{expected} elements"),
+            actual: format!("{actual} elements"),
+        })
+    }
+}

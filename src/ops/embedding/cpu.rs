@@ -1,9 +1,10 @@
 //! The lookup on the host, on borrowed slices (rayon across tokens / rows).
 
-use super::{check_len, row_error, TableShape};
+use super::{row_error, TableShape};
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
 use crate::grouping::cpu::group_by_key;
+use crate::ops::check_len;
 use rayon::prelude::*;
 
 /// The lowest position whose id is neither the padding nor below `num_rows`.

@@ -2,12 +2,13 @@
 //! (kernels/embedding.cu). Data errors (bad ids, bad sparse rows) go to the
 //! device-side status word and stay there: nothing here synchronises.
 
-use super::{check_len, TableShape};
+use super::TableShape;
 use crate::cuda::{grid_stride_config, launched, tiled_config, CudaDevice};
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
 use crate::grouping::cuda::group_by_key;
 pub use crate::grouping::cuda::DeviceGroups as GroupedIds;
+use crate::ops::check_len;
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, PushKernelArg};
 use std::sync::Arc;
 

@@ -29,7 +29,7 @@
 pub mod cpu;
 pub mod cuda;
 
-use crate::cuda::{read_status, CudaDevice};
+use crate::cuda::{read_element, read_status, CudaDevice};
 use crate::device::Device;
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
@@ -64,19 +64,6 @@ impl TableShape {
             }
             _ => Err(Error::shape("table", "[H, V, D] with every size >= 1", table)),
         }
-    }
-}
-
-/// A buffer length check for the backend layer.
-pub(crate) fn check_len(argument: &'static str, actual: usize, expected: usize) -> Result<()> {
-    if actual == expected {
-        Ok(())
-    } else {
-        Err(Error::ShapeMismatch {
-            argument,
-            expected: format!("{expected} elements"),
-            actual: format!("{actual} elements"),
-        })
     }
 }
 
@@ -146,14 +133,9 @@ impl SparseGrad {
         let device = self.rows.device();
         let mut dense = Tensor::<f32>::zeros(&[self.shape.heads, self.shape.num_rows, self.shape.width], &device)?;
         match &device {
-            Device::Cpu => cpu::densify(
-                cpu_slice(&self.rows)?,
-                cpu_slice(&self.values)?,
-                self.shape,
-                cpu_slice_mut(&mut dense)?,
-            )?,
+            Device::Cpu => cpu::densify(self.rows.host()?, self.values.host()?, self.shape, dense.host_mut()?)?,
             Device::Cuda(cuda_device) => {
-                let out = cuda_slice_mut(&mut dense)?;
+                let out = dense.device_slice_mut()?;
                 self.apply_on_cuda::<f32>(
                     cuda_device,
                     cuda::Update::Densify {
@@ -168,12 +150,12 @@ impl SparseGrad {
     fn apply_on_cuda<T: FloatElement>(&self, device: &Arc<CudaDevice>, update: cuda::Update<'_, '_, T>) -> Result<()> {
         let stream = device.stream();
         let mut status = device.new_status(stream)?;
-        let rows = cuda_slice(&self.rows)?;
+        let rows = self.rows.device_slice()?;
         cuda::apply_sparse(
             device,
             stream,
             &rows.as_view(),
-            &cuda_slice(&self.values)?.as_view(),
+            &self.values.device_slice()?.as_view(),
             self.shape,
             update,
             &mut status.as_view_mut(),
@@ -182,7 +164,7 @@ impl SparseGrad {
             None => Ok(()),
             Some(position) => Err(row_error(
                 position as usize,
-                read_one(stream, rows, position)?,
+                read_element(stream, rows, position)?,
                 self.shape.num_rows,
             )),
         }
@@ -195,41 +177,11 @@ impl SparseGrad {
     }
 }
 
-fn cpu_slice<T: crate::Element>(tensor: &Tensor<T>) -> Result<&[T]> {
-    tensor
-        .as_slice()
-        .ok_or_else(|| Error::invalid("tensor", "expected a CPU tensor"))
-}
-fn cpu_slice_mut<T: crate::Element>(tensor: &mut Tensor<T>) -> Result<&mut [T]> {
-    tensor
-        .as_mut_slice()
-        .ok_or_else(|| Error::invalid("tensor", "expected a CPU tensor"))
-}
-fn cuda_slice<T: crate::Element>(tensor: &Tensor<T>) -> Result<&CudaSlice<T>> {
-    tensor
-        .as_cuda_slice()
-        .ok_or_else(|| Error::invalid("tensor", "expected a CUDA tensor"))
-}
-fn cuda_slice_mut<T: crate::Element>(tensor: &mut Tensor<T>) -> Result<&mut CudaSlice<T>> {
-    tensor
-        .as_cuda_slice_mut()
-        .ok_or_else(|| Error::invalid("tensor", "expected a CUDA tensor"))
-}
-
-/// One element of a device buffer (error paths only: it synchronises).
-fn read_one(stream: &Arc<CudaStream>, data: &CudaSlice<u32>, position: u64) -> Result<u32> {
-    let one = data.slice(position as usize..position as usize + 1);
-    let host = stream
-        .clone_dtoh(&one)
-        .map_err(crate::cuda::driver_error("cuMemcpyDtoH"))?;
-    Ok(host[0])
-}
-
 fn id_error(stream: &Arc<CudaStream>, ids: &CudaSlice<u32>, position: u64, num_rows: usize) -> Result<Error> {
     Ok(Error::IndexOutOfRange {
         argument: "ids",
         position,
-        index: u64::from(read_one(stream, ids, position)?),
+        index: u64::from(read_element(stream, ids, position)?),
         bound: num_rows as u64,
     })
 }
@@ -252,18 +204,18 @@ pub fn forward<T: FloatElement>(
     let out = match &device {
         Device::Cpu => {
             let mut out = vec![T::default(); ids.len() * shape.heads * shape.width];
-            cpu::forward(cpu_slice(table)?, cpu_slice(ids)?, padding, shape, &mut out)?;
+            cpu::forward(table.host()?, ids.host()?, padding, shape, &mut out)?;
             Tensor::from_vec(out, &out_shape, &device)?
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
             let mut out = alloc_uninit::<T>(cuda_device, ids.len() * shape.heads * shape.width)?;
             let mut status = cuda_device.new_status(stream)?;
-            let id_slice = cuda_slice(ids)?;
+            let id_slice = ids.device_slice()?;
             cuda::forward(
                 cuda_device,
                 stream,
-                &cuda_slice(table)?.as_view(),
+                &table.device_slice()?.as_view(),
                 &id_slice.as_view(),
                 padding,
                 shape,
@@ -311,7 +263,7 @@ pub fn backward(dy: &Tensor<f32>, saved: &Saved) -> Result<SparseGrad> {
     }
     let (rows, values) = match &device {
         Device::Cpu => {
-            let (rows, values) = cpu::backward(cpu_slice(dy)?, cpu_slice(&saved.ids)?, saved.padding, shape)?;
+            let (rows, values) = cpu::backward(dy.host()?, saved.ids.host()?, saved.padding, shape)?;
             let unique = rows.len();
             (
                 Tensor::from_vec(rows, &[unique], &device)?,
@@ -320,7 +272,7 @@ pub fn backward(dy: &Tensor<f32>, saved: &Saved) -> Result<SparseGrad> {
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
-            let ids = cuda_slice(&saved.ids)?;
+            let ids = saved.ids.device_slice()?;
             let mut status = cuda_device.new_status(stream)?;
             let groups = cuda::backward_group(
                 cuda_device,
@@ -335,7 +287,7 @@ pub fn backward(dy: &Tensor<f32>, saved: &Saved) -> Result<SparseGrad> {
             if let Some(position) = read_status(stream, &status)? {
                 return Err(id_error(stream, ids, position, shape.num_rows)?);
             }
-            let unique = read_one(stream, &groups.count, 0)? as usize;
+            let unique = read_element(stream, &groups.count, 0)? as usize;
             let mut rows = alloc_uninit::<u32>(cuda_device, unique)?;
             if unique > 0 {
                 stream
@@ -346,7 +298,7 @@ pub fn backward(dy: &Tensor<f32>, saved: &Saved) -> Result<SparseGrad> {
             cuda::backward_values(
                 cuda_device,
                 stream,
-                &cuda_slice(dy)?.as_view(),
+                &dy.device_slice()?.as_view(),
                 &groups,
                 unique,
                 shape,
@@ -367,14 +319,14 @@ pub fn sgd<T: FloatElement>(table: &mut Tensor<T>, grad: &SparseGrad, lr: f32) -
     grad.expect_table(table)?;
     match table.device() {
         Device::Cpu => cpu::sgd(
-            cpu_slice_mut(table)?,
-            cpu_slice(&grad.rows)?,
-            cpu_slice(&grad.values)?,
+            table.host_mut()?,
+            grad.rows.host()?,
+            grad.values.host()?,
             grad.shape,
             lr,
         ),
         Device::Cuda(cuda_device) => {
-            let slice = cuda_slice_mut(table)?;
+            let slice = table.device_slice_mut()?;
             grad.apply_on_cuda(
                 &cuda_device,
                 cuda::Update::Sgd {
@@ -400,17 +352,17 @@ pub fn adagrad<T: FloatElement>(
     state.expect_device("state", &table.device())?;
     match table.device() {
         Device::Cpu => cpu::adagrad(
-            cpu_slice_mut(table)?,
-            cpu_slice_mut(state)?,
-            cpu_slice(&grad.rows)?,
-            cpu_slice(&grad.values)?,
+            table.host_mut()?,
+            state.host_mut()?,
+            grad.rows.host()?,
+            grad.values.host()?,
             grad.shape,
             lr,
             eps,
         ),
         Device::Cuda(cuda_device) => {
-            let table_slice = cuda_slice_mut(table)?;
-            let state_slice = cuda_slice_mut(state)?;
+            let table_slice = table.device_slice_mut()?;
+            let state_slice = state.device_slice_mut()?;
             grad.apply_on_cuda(
                 &cuda_device,
                 cuda::Update::Adagrad {
