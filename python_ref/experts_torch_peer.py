@@ -1,0 +1,406 @@
+"""PyTorch peer for `experts` (DESIGN.md 4.3 and 5) on the GPU.
+
+    python python_ref/experts_torch_peer.py [--shapes recsys llm] [--out bench/results/experts.jsonl]
+
+Times one expert layer, bf16, forward and backward, in three formulations:
+- `loop`: the usual MoE code. The plan is a stable argsort of the top-k
+  expert ids of random logits (made outside the timed region: the op takes the
+  plan as given); timed: the gather x[token_of_row], one matmul per expert on
+  its slice (torch.split with host-side split sizes, also precomputed — real
+  code syncs for them every step, so this favours torch), torch.cat, bias,
+  activation.
+- `grouped_mm`: the gather, then one `torch._grouped_mm(x_rows, W, offs=ends)`
+  (a private op, torch >= 2.8; skipped where absent or where it raises). Its
+  requirements as of torch 2.8/2.9: bf16 operands, CUDA sm_90 (sm_80 support
+  came later), `offs` int32 [E] of cumulative row ends, and K = Din and
+  N = Dout' a multiple of 8 elements (16-byte aligned strides). A W it rejects
+  is retried once converted (untimed) to column-major layout per expert. Bias is added by a per-row gather.
+- `dense`: one torch.matmul [R, Din] @ [Din, Dout'] of the same FLOPs on
+  pre-gathered rows, plus the activation: the ceiling of any grouped form.
+Backward is `torch.autograd.grad` of y w.r.t. x (or x_rows), W (and bias) from
+a random dy, graph retained, everything bf16 (the op returns f32 gradients;
+torch's bf16 ones move fewer bytes). The gather's backward is index_add
+(float atomics, not deterministic); the moerec op sums slots in order.
+
+FLOPs: fwd 2 R Din Dout', bwd 4 R Din Dout' (dx and dW), R = T k, Dout' =
+2 Dout for swiglu. floor_ms (DESIGN 5) is the larger of FLOPs over the
+measured bf16 matmul rate (an 8192^3 torch.matmul) and the op's contract
+bytes over the copy bandwidth (bytes read + written by a 1 GiB
+device-to-device copy): fwd reads x, W, bias, token_of_row and writes h
+(Saved) and y; bwd reads dy (f32), h, x, W, the plan and writes dx, dW, db
+(f32). Before timing, every variant's y is checked on sampled rows against
+an f32 product (DESIGN tolerance, rtol 1e-2) and the grouped_mm gradients
+against the loop's. Working sets under 128 MiB are timed across rotating
+copies of x and W so the 50 MB L2 does not flatter them.
+
+Shape sets: recsys (T = 51200 = 256 x 200; Din, Dout in {64, 128, 256, 512};
+E in {4, 8, 16, 64}; k in {1, 2, E}) and llm (T = 16384; Din = Dout in
+{2048, 4096}; E in {8, 16, 64}; k = 2). --din/--dout/--E/--k/--T replace a
+set's lists. One JSON line per record on stdout; `--out FILE` also appends
+them there. Shapes that run out of memory are reported on stderr and skipped.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import subprocess
+import sys
+
+SHAPE_SETS = {
+    "recsys": dict(T=[51200], Din=[64, 128, 256, 512], Dout=[64, 128, 256, 512],
+                   E=[4, 8, 16, 64], k=["1", "2", "all"], square=False),
+    "llm": dict(T=[16384], Din=[2048, 4096], Dout=[2048, 4096], E=[8, 16, 64], k=["2"],
+                square=True),
+}
+ACTIVATIONS = ("none", "relu", "gelu", "silu", "swiglu")
+VARIANTS = ("loop", "grouped_mm", "dense")
+ROTATE_BYTES = 128 << 20
+MAX_BUFFERS = 16
+SAMPLE_ROWS = 256
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def time_ms(torch, fn, warmup, iters):
+    """Median time of fn() in ms, CUDA events around each call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        stop = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def copy_gbps(torch, warmup, iters):
+    """Device-to-device copy bandwidth, counting bytes read plus written."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(torch, lambda: dst.copy_(src), warmup, iters)
+    del src, dst
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(torch, warmup, iters):
+    """bf16 dense matmul rate (f32 accumulation) of an 8192^3 product."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(torch, lambda: torch.matmul(a, b), warmup, iters)
+    del a, b
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def activate(torch, h, activation):
+    F = torch.nn.functional
+    if activation == "none":
+        return h
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "gelu":
+        return F.gelu(h, approximate="none")  # exact, as the contract
+    if activation == "silu":
+        return F.silu(h)
+    gate, up = h.chunk(2, dim=-1)  # halves, not interleaved
+    return F.silu(gate) * up
+
+
+class Plan:
+    """A dispatch plan from the top-k of random logits (DESIGN 4.2 layout)."""
+
+    def __init__(self, torch, T, E, k, gen):
+        logits = torch.randn(T, E, device="cuda", generator=gen)
+        flat = torch.topk(logits, k, dim=-1).indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # grouped by expert, tokens ascending
+        self.token_of_row = order // k
+        counts = torch.bincount(flat, minlength=E)
+        self.ends = torch.cumsum(counts, 0).to(torch.int32)  # grouped_mm's offs
+        self.expert_of_row = torch.repeat_interleave(torch.arange(E, device="cuda"), counts)
+        self.split_sizes = counts.tolist()
+        self.R = T * k
+
+
+def make_layer(torch, variant, plan, activation):
+    """fn(x, W, b) -> (y, h) for a variant; x is [T, Din] (or x_rows for dense)."""
+    if variant == "loop":
+        def layer(x, W, b):
+            x_rows = x.index_select(0, plan.token_of_row)
+            parts = x_rows.split(plan.split_sizes)
+            h = torch.cat([p @ W[e] for e, p in enumerate(parts)])
+            if b is not None:
+                h = h + b.index_select(0, plan.expert_of_row)
+            return activate(torch, h, activation), h
+    elif variant == "grouped_mm":
+        def layer(x, W, b):
+            x_rows = x.index_select(0, plan.token_of_row)
+            h = torch._grouped_mm(x_rows, W, offs=plan.ends)
+            if b is not None:
+                h = h + b.index_select(0, plan.expert_of_row)
+            return activate(torch, h, activation), h
+    else:
+        def layer(x_rows, W, b):
+            h = x_rows @ W[0] if b is None else torch.addmm(b[0], x_rows, W[0])
+            return activate(torch, h, activation), h
+    return layer
+
+
+def check_close(torch, name, got, ref):
+    """DESIGN 3 tolerance: |a - r| <= rtol (|r| + max|r|), rtol = 1e-2 (bf16)."""
+    got, ref = got.float(), ref.float()
+    err = (got - ref).abs()
+    bound = 1e-2 * (ref.abs() + ref.abs().max())
+    if not bool((err <= bound).all()):
+        worst = float((err - bound).max())
+        raise AssertionError(f"{name}: exceeds tolerance by {worst:.3g} (max |ref| {float(ref.abs().max()):.3g})")
+
+
+def reference_rows(torch, rows, x, W, b, plan, activation, dense):
+    """f32 y of the sampled rows, expert by expert."""
+    if dense:
+        h = x[rows].float() @ W[0].float()
+        if b is not None:
+            h = h + b[0].float()
+        return activate(torch, h, activation)
+    experts = plan.expert_of_row[rows]
+    out = None
+    for e in torch.unique(experts).tolist():
+        sel = (experts == e).nonzero().squeeze(1)
+        h = x[plan.token_of_row[rows[sel]]].float() @ W[e].float()
+        if b is not None:
+            h = h + b[e].float()
+        y = activate(torch, h, activation)
+        if out is None:
+            out = y.new_empty(len(rows), y.shape[1])
+        out[sel] = y
+    return out
+
+
+def bench_shape(torch, shape, args, rates):
+    """Yield the records of one shape (every variant, fwd and bwd)."""
+    T, E, k, Din, Dout, activation = (shape[n] for n in ("T", "E", "k", "Din", "Dout", "activation"))
+    width = 2 * Dout if activation == "swiglu" else Dout
+    R = T * k
+    bf16 = torch.bfloat16
+    flops = {"fwd": 2.0 * R * Din * width, "bwd": 4.0 * R * Din * width}
+    bias_elems = E * width if args.bias else 0
+    contract_bytes = {
+        "fwd": 2 * (T * Din + E * Din * width + bias_elems) + 4 * R + 2 * R * (width + Dout),
+        "bwd": 4 * R * Dout + 2 * (R * width + T * Din + E * Din * width) + 4 * (2 * R + E + 1)
+        + 4 * (T * Din + E * Din * width + bias_elems),
+    }
+    gen = torch.Generator(device="cuda").manual_seed(T * 1_000_003 + E * 1009 + k * 31 + Din + Dout)
+    plan = Plan(torch, T, E, k, gen)
+    working = 2 * (T * Din + E * Din * width + R * (Din + width + Dout))
+    n_buf = max(1, min(MAX_BUFFERS, math.ceil(ROTATE_BYTES / working)))
+
+    def weights(variant):
+        """W as the variant holds it: one [E, Din, Dout'] tensor for grouped_mm;
+        a list of E separate [Din, Dout'] tensors for the loop (as nn.Linear
+        experts are: indexing one tensor would make autograd write E full-size
+        gradients); a list of one for dense."""
+        experts = 1 if variant == "dense" else E
+        W = torch.randn(experts, Din, width, device="cuda", generator=gen).mul_(Din**-0.5).to(bf16)
+        if variant != "grouped_mm":
+            W = [w.clone() for w in W.unbind(0)]
+        b = torch.randn(experts, width, device="cuda", generator=gen).mul_(0.5).to(bf16) if args.bias else None
+        return W, b
+
+    dy = torch.randn(R, Dout, device="cuda", generator=gen).to(bf16)
+    rows = torch.randperm(R, device="cuda", generator=gen)[: min(R, SAMPLE_ROWS)]
+    for variant in args.variants:
+        if variant == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+            log(f"skip grouped_mm: torch {torch.__version__} has no torch._grouped_mm")
+            continue
+        dense = variant == "dense"
+        layer_fn = make_layer(torch, variant, plan, activation)
+        bufs, graphs = [], []
+        try:
+            for _ in range(n_buf):
+                W, b = weights(variant)
+                x = torch.randn(R if dense else T, Din, device="cuda", generator=gen).to(bf16)
+                bufs.append((x, W, b))
+            try:
+                with torch.no_grad():
+                    y0, _ = layer_fn(*bufs[0])
+            except RuntimeError as err:
+                if variant != "grouped_mm":
+                    raise
+                # Same logical W, column-major per expert; converted once, untimed.
+                log(f"grouped_mm rejected row-major W ({err}); trying column-major")
+                bufs = [(x, W.transpose(1, 2).contiguous().transpose(1, 2), b) for x, W, b in bufs]
+                with torch.no_grad():
+                    y0, _ = layer_fn(*bufs[0])
+            ref = reference_rows(torch, rows, *bufs[0], plan, activation, dense)
+            check_close(torch, f"{variant} y", y0[rows], ref)
+            del y0, ref
+
+            turn = [0]
+
+            def next_buf():
+                turn[0] = (turn[0] + 1) % len(bufs)
+                return turn[0]
+
+            def fwd():
+                with torch.no_grad():
+                    layer_fn(*bufs[next_buf()])
+
+            for x, W, b in bufs:
+                leaves = [x, *(W if isinstance(W, list) else [W]), b]
+                inputs = [t.requires_grad_(True) for t in leaves if t is not None]
+                graphs.append((layer_fn(x, W, b)[0], inputs))
+
+            def bwd():
+                y, inputs = graphs[next_buf()]
+                torch.autograd.grad(y, inputs, dy, retain_graph=True)
+
+            passes = [("fwd", fwd), ("bwd", bwd)]
+            try:
+                bwd()
+            except RuntimeError as err:
+                if variant != "grouped_mm" or isinstance(err, torch.cuda.OutOfMemoryError):
+                    raise
+                log(f"skip grouped_mm bwd: {err}")
+                passes.pop()
+            for pass_, fn in passes:
+                ms = time_ms(torch, fn, args.warmup, args.iters)
+                floor_ms = max(flops[pass_] / (rates["tflops"] * 1e12),
+                               contract_bytes[pass_] / (rates["gbps"] * 1e9)) * 1e3
+                yield {
+                    "op": "experts",
+                    "pass": pass_,
+                    "variant": variant,
+                    "backend": "torch",
+                    "dtype": "bf16",
+                    "T": T,
+                    "E": E,
+                    "k": k,
+                    "Din": Din,
+                    "Dout": Dout,
+                    "activation": activation,
+                    "bias": args.bias,
+                    "shapes": shape["set"],
+                    "median_ms": round(ms, 5),
+                    "tflops": round(flops[pass_] / (ms * 1e-3) / 1e12, 2),
+                    "floor_ms": round(floor_ms, 5),
+                    "matmul_tflops": round(rates["tflops"], 1),
+                    "copy_gbps": round(rates["gbps"], 1),
+                }
+        except torch.cuda.OutOfMemoryError as err:
+            log(f"skip {variant} T={T} E={E} k={k} Din={Din} Dout={Dout}: out of memory ({err})")
+        except RuntimeError as err:
+            if variant != "grouped_mm":
+                raise
+            log(f"skip grouped_mm T={T} E={E} k={k} Din={Din} Dout={Dout}: {err}")
+        finally:
+            bufs.clear()
+            graphs.clear()
+            torch.cuda.empty_cache()
+
+
+def compare_grouped_with_loop(torch, args):
+    """Gradients of grouped_mm against the loop on one small shape, before timing."""
+    if "grouped_mm" not in args.variants or not hasattr(torch, "_grouped_mm"):
+        return
+    T, E, k, Din, Dout = 512, 8, 2, 64, 64
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    plan = Plan(torch, T, E, k, gen)
+    for activation in args.activation:
+        width = 2 * Dout if activation == "swiglu" else Dout
+        x = torch.randn(T, Din, device="cuda", generator=gen).to(torch.bfloat16)
+        W = (torch.randn(E, Din, width, device="cuda", generator=gen) / Din**0.5).to(torch.bfloat16)
+        dy = torch.randn(T * k, Dout, device="cuda", generator=gen).to(torch.bfloat16)
+        grads = {}
+        for variant in ("loop", "grouped_mm"):
+            xi, Wi = x.clone().requires_grad_(True), W.clone().requires_grad_(True)
+            try:
+                y, _ = make_layer(torch, variant, plan, activation)(xi, Wi, None)
+                grads[variant] = (y.detach(), *torch.autograd.grad(y, [xi, Wi], dy))
+            except RuntimeError as err:
+                log(f"grouped_mm check skipped ({activation}): {err}")
+                return
+        for name, a, b in zip(("y", "dx", "dW"), grads["grouped_mm"], grads["loop"]):
+            check_close(torch, f"grouped_mm {name} vs loop ({activation})", a, b)
+
+
+def shapes(args):
+    for set_name in args.shapes:
+        spec = dict(SHAPE_SETS[set_name])
+        for key, override in (("T", args.T), ("Din", args.din), ("Dout", args.dout), ("E", args.E), ("k", args.k)):
+            if override:
+                spec[key] = override
+        for activation in args.activation:
+            for T in spec["T"]:
+                for E in spec["E"]:
+                    ks = sorted({E if kk == "all" else int(kk) for kk in spec["k"]})
+                    for k in [kk for kk in ks if 1 <= kk <= E]:
+                        for Din in spec["Din"]:
+                            for Dout in spec["Dout"]:
+                                if spec["square"] and Din != Dout:
+                                    continue
+                                yield dict(set=set_name, T=T, E=E, k=k, Din=Din, Dout=Dout,
+                                           activation=activation)
+
+
+def main():
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPE_SETS), choices=sorted(SHAPE_SETS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--activation", nargs="+", default=["swiglu"], choices=ACTIVATIONS)
+    ap.add_argument("--bias", action="store_true", help="experts with a bias [E, Dout']")
+    ap.add_argument("--T", type=int, nargs="+")
+    ap.add_argument("--din", type=int, nargs="+")
+    ap.add_argument("--dout", type=int, nargs="+")
+    ap.add_argument("--E", type=int, nargs="+")
+    ap.add_argument("--k", nargs="+", help="ints or 'all' (= E)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", help="append the JSON lines to this file")
+    args = ap.parse_args()
+    if args.iters < 10:
+        ap.error("--iters: expected >= 10 (the median needs them)")
+    if not torch.cuda.is_available():
+        sys.exit("experts_torch_peer: no CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False  # bf16 products accumulate in f32 anyway
+
+    device = torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    command = " ".join(["python"] + sys.argv)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip() or "unknown"
+    compare_grouped_with_loop(torch, args)
+    rates = {
+        "gbps": copy_gbps(torch, args.warmup, args.iters),
+        "tflops": matmul_tflops(torch, args.warmup, args.iters),
+    }
+    log(f"{device}: copy {rates['gbps']:.0f} GB/s, bf16 matmul {rates['tflops']:.0f} TFLOP/s")
+    out = open(args.out, "a") if args.out else None
+    try:
+        for shape in shapes(args):
+            for rec in bench_shape(torch, shape, args, rates):
+                rec.update(device=device, commit=commit, date=date, command=command)
+                line = json.dumps(rec)
+                print(line, flush=True)
+                if out:
+                    out.write(line + "\n")
+                    out.flush()
+    finally:
+        if out:
+            out.close()
+
+
+if __name__ == "__main__":
+    main()
