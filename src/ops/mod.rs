@@ -3,6 +3,7 @@
 //! `kernels/<op>.cu`.
 
 pub mod embedding;
+pub mod scoring;
 
 use crate::error::{Error, Result};
 

@@ -1,0 +1,286 @@
+"""PyTorch peer for `scoring` on the GPU: the yardstick of bench/results.
+
+    python python_ref/scoring_torch_peer.py [--out bench/results/scoring.jsonl]
+        [--B 256 1024 4096] [--H 1 2 4 8] [--D 16 32 64] [--V 10000 100000 1000000]
+        [--dtype bf16 f32] [--variant ...] [--iters 20]
+
+What it times, per (dtype, B, H, D, V), with per-head tables, gate logits G,
+an f32 item bias, scale 1 and uniform targets, no exclusions:
+- `logits_ce` (fwd, bwd, fwd_bwd): Logits mixing. The gate is folded into
+  the user states, `S = ((g * U) as [B, H*D]) @ items^T + bias`, one matmul
+  materialising S [B, V], upcast to f32, then `F.cross_entropy(reduction=
+  "none")`. fwd runs under no_grad; fwd_bwd is forward plus
+  `torch.autograd.grad` to U, G, the table and the bias; bwd replays
+  `autograd.grad` on a retained graph (the moerec backward also recomputes
+  the scores, so compare it with fwd_bwd too).
+- `probabilities_ce` (fwd, bwd, fwd_bwd): Probabilities mixing, the
+  mixture-of-softmaxes in log space: per-head logits [H, B, V] by one batched
+  matmul, f32 `log_softmax` over V, gather the targets, then
+  `-logsumexp_h(log_softmax(G) + log q)`.
+- `matmul` (fwd): the bare `[B, H*D] @ [H*D, V]` in the input dtype, the
+  ceiling the issue names (bf16 is the one that matters; f32 is run too).
+- `scores_topk` (fwd): the `logits_ce` scores followed by `torch.topk(n=100)`
+  (comparable to the fused top-k, which never materialises S); `topk` (fwd):
+  `torch.topk` alone on precomputed f32 scores.
+
+Layout: torch gets the table as `items [V, H*D]` (all heads of an item in one
+row), the layout its single matmul wants; the op's `[H, V, D]` would cost the
+peer a permute copy per call, so this favours torch. Gradients of bf16
+leaves come out bf16 (the op returns f32), which also favours torch. TF32
+and reduced-precision bf16 reductions are switched off (DESIGN 3: f32
+arithmetic unless the caller opts in).
+
+Shapes whose materialised f32 tensor (B*V for the logits variants, B*H*V for
+the probabilities one) exceeds `--max-materialised` bytes (8e9) are skipped
+with a note on stderr. FLOPs are the op's: 2*B*V*H*D per score pass, so fwd
+counts 2, bwd 4 (dU and dX) and fwd_bwd 6 times B*V*H*D. Timing: CUDA events
+around each call, `--warmup` calls first, the median of `--iters` (>= 10).
+`peak_extra_bytes` is torch.cuda.max_memory_allocated during one more call
+minus what was allocated before it. Where inputs plus the materialised
+scores fit in twice the L2, calls rotate over several input sets.
+
+Before timing, each shape is validated on its first input set: the folded
+matmul against a per-head einsum on a few rows, and for H = 1 the two
+mixings' losses against each other. One JSON line per record on stdout;
+`--out FILE` also appends them there.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+
+DTYPES = ("bf16", "f32")
+VARIANTS = ("logits_ce", "probabilities_ce", "matmul", "scores_topk", "topk")
+TOPK_N = 100
+MAX_SETS = 8
+
+
+def logits_scores(torch, U, G, items, bias):
+    """S [B, V] f32 = (g * U) @ items^T + bias, one matmul."""
+    B, H, D = U.shape
+    g = torch.softmax(G.float(), dim=-1).to(U.dtype)
+    user = (g[:, :, None] * U).reshape(B, H * D)
+    return torch.matmul(user, items.t()).float() + bias
+
+
+def logits_ce(torch, F, U, G, items, bias, targets):
+    return F.cross_entropy(logits_scores(torch, U, G, items, bias), targets, reduction="none")
+
+
+def probabilities_ce(torch, U, G, items, bias, targets):
+    """-log sum_h g_h softmax_v(s[b, h, .])[y_b], in log space."""
+    B, H, D = U.shape
+    V = items.shape[0]
+    per_head = items.view(V, H, D).permute(1, 2, 0)  # [H, D, V], a view
+    s = torch.matmul(U.transpose(0, 1), per_head).float() + bias  # [H, B, V]
+    log_q = torch.log_softmax(s, dim=-1)
+    log_q_y = log_q.gather(2, targets.view(1, B, 1).expand(H, B, 1))[:, :, 0]  # [H, B]
+    return -torch.logsumexp(torch.log_softmax(G.float(), dim=-1) + log_q_y.t(), dim=1)
+
+
+def main():
+    import torch
+    import torch.nn.functional as F
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--B", type=int, nargs="+", default=[256, 1024, 4096])
+    ap.add_argument("--H", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--D", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--V", type=int, nargs="+", default=[10**4, 10**5, 10**6])
+    ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    ap.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--max-materialised", type=float, default=8e9,
+                    help="skip shapes whose materialised f32 scores exceed this many bytes")
+    ap.add_argument("--out", help="append the JSON lines to this file")
+    args = ap.parse_args()
+    if args.iters < 10:
+        ap.error("--iters: expected >= 10 (the median needs them)")
+    if not torch.cuda.is_available():
+        sys.exit("scoring_torch_peer: no CUDA device")
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    device = torch.device("cuda")
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    torch_dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip() or "unknown"
+    common = dict(
+        op="scoring",
+        backend="torch",
+        device=torch.cuda.get_device_name(device),
+        commit=commit,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=shlex.join(["python", *sys.argv]),
+    )
+    out = open(args.out, "a") if args.out else None
+
+    def median_ms(step):
+        """Median of per-call CUDA-event times of step(i), after warmup."""
+        for i in range(args.warmup):
+            step(i)
+        times = []
+        for i in range(args.iters):
+            start = torch.cuda.Event(enable_timing=True)
+            stop = torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(i)
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        return statistics.median(times)
+
+    def peak_extra(step):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(0)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    def emit(pass_, variant, dtype, shape, step, flops):
+        ms = median_ms(step)
+        record = dict(common, **{"pass": pass_, "variant": variant, "dtype": dtype})
+        record.update(shape)
+        record.update(
+            median_ms=round(ms, 5),
+            tflops=None if flops is None else round(flops / (ms * 1e-3) / 1e12, 3),
+            peak_extra_bytes=int(peak_extra(step)),
+        )
+        if variant in ("scores_topk", "topk"):
+            record["n"] = TOPK_N
+        line = json.dumps(record)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    def validate(dt, U, G, items, bias, targets):
+        rows = min(U.shape[0], 8)
+        B, H, D = U.shape
+        V = items.shape[0]
+        u, gl, x, y = U[:rows].float(), G[:rows].float(), items.float(), targets[:rows]
+        s = torch.einsum("bhd,vhd->bhv", u, x.view(V, H, D)) + bias  # [rows, H, V]
+        expect = torch.einsum("bh,bhv->bv", torch.softmax(gl, -1), s)
+        got = logits_scores(torch, U[:rows], G[:rows], items, bias)
+        tol = 1e-4 if dt == "f32" else 3e-2
+        scale = expect.abs().max().item()
+        assert (got - expect).abs().max().item() <= tol * (1 + scale), "logits scores"
+        if H == 1:
+            a = logits_ce(torch, F, U[:rows], G[:rows], items, bias, y)
+            b = probabilities_ce(torch, U[:rows], G[:rows], items, bias, y)
+            assert torch.allclose(a, b, rtol=tol, atol=tol), "H = 1: the two mixings differ"
+
+    for dtype in args.dtype:
+        dt = torch_dtypes[dtype]
+        elt = torch.finfo(dt).bits // 8
+        for B in args.B:
+            for H in args.H:
+                for D in args.D:
+                    for V in args.V:
+                        shape = dict(B=B, H=H, D=D, V=V)
+                        logits_bytes = 4 * B * V
+                        input_bytes = (B * H * D + B * H + V * H * D) * elt + 4 * V + 4 * B
+                        working = input_bytes + logits_bytes
+                        sets = 1 if working >= 2 * l2_bytes else min(
+                            MAX_SETS, math.ceil(2 * l2_bytes / working)
+                        )
+                        gen = torch.Generator(device=device).manual_seed(B * 7919 + H * 131 + D * 17 + V)
+                        inputs = []
+                        for _ in range(sets):
+                            U = torch.randn(B, H, D, device=device, generator=gen).to(dt)
+                            G = torch.randn(B, H, device=device, generator=gen).to(dt)
+                            items = (torch.randn(V, H * D, device=device, generator=gen) / math.sqrt(D)).to(dt)
+                            bias = torch.randn(V, device=device, generator=gen)
+                            targets = torch.randint(0, V, (B,), device=device, generator=gen)
+                            inputs.append((U, G, items, bias, targets))
+                        if logits_bytes <= args.max_materialised:
+                            validate(dtype, *inputs[0])
+                        score_flops = 2 * B * V * H * D
+                        for variant in args.variant:
+                            materialised = 4 * B * V * (H if variant == "probabilities_ce" else 1)
+                            if materialised > args.max_materialised:
+                                print(f"skip {variant} {dtype} {shape}: {materialised:.3g} bytes "
+                                      f"materialised", file=sys.stderr, flush=True)
+                                continue
+                            run_variant(torch, F, variant, dtype, shape, inputs, score_flops, emit)
+                        del inputs
+                        torch.cuda.empty_cache()
+    if out:
+        out.close()
+
+
+def run_variant(torch, F, variant, dtype, shape, inputs, score_flops, emit):
+    """Time one variant on one shape (all of its passes)."""
+    sets = len(inputs)
+
+    if variant == "matmul":
+        users = [U.reshape(U.shape[0], -1) for U, *_ in inputs]
+
+        def step(i):
+            torch.matmul(users[i % sets], inputs[i % sets][2].t())
+
+        emit("fwd", variant, dtype, shape, step, score_flops)
+        return
+
+    if variant == "topk":
+        with torch.no_grad():
+            scores = [logits_scores(torch, *inp[:4]) for inp in inputs]
+
+        def step(i):
+            torch.topk(scores[i % sets], TOPK_N, dim=1)
+
+        emit("fwd", variant, dtype, shape, step, None)
+        del scores
+        return
+
+    if variant == "scores_topk":
+
+        def step(i):
+            with torch.no_grad():
+                torch.topk(logits_scores(torch, *inputs[i % sets][:4]), TOPK_N, dim=1)
+
+        emit("fwd", variant, dtype, shape, step, score_flops)
+        return
+
+    def loss_of(U, G, items, bias, targets):
+        if variant == "logits_ce":
+            return logits_ce(torch, F, U, G, items, bias, targets)
+        return probabilities_ce(torch, U, G, items, bias, targets)
+
+    def fwd(i):
+        with torch.no_grad():
+            loss_of(*inputs[i % sets])
+
+    emit("fwd", variant, dtype, shape, fwd, score_flops)
+
+    leaves = [tuple(t.detach().requires_grad_(True) for t in inp[:4]) for inp in inputs]
+    dloss = torch.randn(shape["B"], device=inputs[0][0].device)
+
+    def fwd_bwd(i):
+        leaf = leaves[i % sets]
+        loss = loss_of(*leaf, inputs[i % sets][4])
+        torch.autograd.grad(loss, leaf, dloss)
+
+    emit("fwd_bwd", variant, dtype, shape, fwd_bwd, 3 * score_flops)
+
+    graphs = [loss_of(*leaf, inp[4]) for leaf, inp in zip(leaves, inputs)]
+
+    def bwd(i):
+        torch.autograd.grad(graphs[i % sets], leaves[i % sets], dloss, retain_graph=True)
+
+    emit("bwd", variant, dtype, shape, bwd, 2 * score_flops)
+    del graphs, leaves
+
+
+if __name__ == "__main__":
+    main()

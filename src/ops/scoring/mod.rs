@@ -1,0 +1,406 @@
+//! Fused gated multi-head scoring (DESIGN 4.4): FAME's next-item prediction.
+//!
+//! Per-head logits `s[b, h, v] = scale * <U[b, h], X[h or shared, v]> + item_bias[v]`
+//! are fused by the gate `g = softmax_h G` either as logits
+//! (`S = sum_h g_h s_h`, `P = softmax_v S`) or as probabilities
+//! (`P = sum_h g_h softmax_v s_h`, a mixture of softmaxes). Every softmax runs
+//! over the items that are not excluded.
+//!
+//! - [`scores`] materialises `[B, V]` for small catalogs: the mixed logits S
+//!   (Logits mixing, -inf at excluded items) or the probabilities P
+//!   (Probabilities mixing, 0 there) — the quantity [`topk`] ranks by.
+//! - [`topk`] returns the n best items per row without materialising `[B, V]`.
+//! - [`cross_entropy`] keeps only per-row log-sum-exps; its backward
+//!   recomputes the scores item by item. Nothing of size `B * V` is allocated
+//!   ([`workspace_bytes`] bounds the memory beyond inputs and outputs).
+//!
+//! ```
+//! use moerec::scoring::{self, Mixing, Scoring};
+//! use moerec::{Device, Tensor};
+//!
+//! let device = Device::cpu();
+//! // Two sequences, two heads of width 3, a catalog of five items per head.
+//! let user = Tensor::from_vec(vec![0.1f32; 2 * 2 * 3], &[2, 2, 3], &device)?;
+//! let gates = Tensor::from_vec(vec![0.0f32, 1.0, 0.5, 0.5], &[2, 2], &device)?;
+//! let items = Tensor::from_vec((0..30).map(|i| i as f32 / 30.0).collect(), &[2, 5, 3], &device)?;
+//! let inputs = Scoring::new(&user, &gates, &items).with_mixing(Mixing::Probabilities);
+//!
+//! let targets = Tensor::from_vec(vec![4u32, 0], &[2], &device)?;
+//! let (loss, saved) = scoring::cross_entropy(&inputs, &targets, None)?;
+//! assert!(loss.to_vec()?.iter().all(|l| *l > 0.0));
+//! let dloss = Tensor::from_vec(vec![1.0f32; 2], &[2], &device)?;
+//! let grads = scoring::cross_entropy_backward(&inputs, &dloss, &saved)?;
+//! assert_eq!(grads.items.shape(), &[2, 5, 3]);
+//!
+//! let best = scoring::topk(&inputs, 2, None)?;
+//! assert_eq!(best.ids.shape(), &[2, 2]);
+//! # Ok::<(), moerec::Error>(())
+//! ```
+
+pub mod cpu;
+
+use crate::device::Device;
+use crate::dtype::FloatElement;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// How the heads' scores are fused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mixing {
+    /// Mix the logits, then one softmax: `P = softmax_v sum_h g_h s_h`.
+    #[default]
+    Logits,
+    /// Mix the per-head softmaxes: `P = sum_h g_h softmax_v s_h`.
+    Probabilities,
+}
+
+/// The sizes of a scoring problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScoringShape {
+    /// B, rows (sequences).
+    pub batch: usize,
+    /// H
+    pub heads: usize,
+    /// D, the per-head width.
+    pub width: usize,
+    /// V, the catalog size.
+    pub num_items: usize,
+    /// Whether one `[V, D]` table serves every head.
+    pub shared: bool,
+}
+
+/// The operands every scoring op takes; the forward and the backward are
+/// given the same ones.
+#[derive(Clone, Copy)]
+pub struct Scoring<'a, T: FloatElement> {
+    /// `U: [B, H, D]`
+    pub user: &'a Tensor<T>,
+    /// `G: [B, H]`, gate logits.
+    pub gate_logits: &'a Tensor<T>,
+    /// `X: [H, V, D]` per head, or `[V, D]` shared by all heads.
+    pub items: &'a Tensor<T>,
+    /// 1 / temperature.
+    pub scale: f32,
+    /// `[V]` f32, e.g. `-log popularity`.
+    pub item_bias: Option<&'a Tensor<f32>>,
+    pub mixing: Mixing,
+    /// Item ids left out of every softmax and top-n (duplicates allowed).
+    pub excluded: Option<&'a Tensor<u32>>,
+}
+
+impl<'a, T: FloatElement> Scoring<'a, T> {
+    /// Logits mixing, scale 1, no bias, nothing excluded.
+    pub fn new(user: &'a Tensor<T>, gate_logits: &'a Tensor<T>, items: &'a Tensor<T>) -> Self {
+        Scoring {
+            user,
+            gate_logits,
+            items,
+            scale: 1.0,
+            item_bias: None,
+            mixing: Mixing::Logits,
+            excluded: None,
+        }
+    }
+
+    pub fn with_scale(mut self, scale: f32) -> Self {
+        self.scale = scale;
+        self
+    }
+
+    pub fn with_item_bias(mut self, item_bias: &'a Tensor<f32>) -> Self {
+        self.item_bias = Some(item_bias);
+        self
+    }
+
+    pub fn with_mixing(mut self, mixing: Mixing) -> Self {
+        self.mixing = mixing;
+        self
+    }
+
+    pub fn with_excluded(mut self, excluded: &'a Tensor<u32>) -> Self {
+        self.excluded = Some(excluded);
+        self
+    }
+
+    /// Checks shapes and devices; returns the sizes and the device.
+    fn check(&self) -> Result<(ScoringShape, Device)> {
+        let (batch, heads, width) = match *self.user.shape() {
+            [b, h, d] if h > 0 && d > 0 => (b, h, d),
+            _ => return Err(Error::shape("user", "[B, H, D] with H, D >= 1", self.user.shape())),
+        };
+        self.gate_logits.expect_shape("gate_logits", &[batch, heads])?;
+        let (num_items, shared) = match *self.items.shape() {
+            [v, d] if d == width && v > 0 => (v, true),
+            [h, v, d] if h == heads && d == width && v > 0 => (v, false),
+            _ => {
+                return Err(Error::shape(
+                    "items",
+                    format!("[{heads}, V, {width}] or [V, {width}] with V >= 1"),
+                    self.items.shape(),
+                ))
+            }
+        };
+        let device = self.user.device();
+        self.gate_logits.expect_device("gate_logits", &device)?;
+        self.items.expect_device("items", &device)?;
+        if let Some(bias) = self.item_bias {
+            bias.expect_shape("item_bias", &[num_items])?;
+            bias.expect_device("item_bias", &device)?;
+        }
+        if let Some(excluded) = self.excluded {
+            if excluded.shape().len() != 1 {
+                return Err(Error::shape("excluded", "[n]", excluded.shape()));
+            }
+            excluded.expect_device("excluded", &device)?;
+        }
+        let shape = ScoringShape {
+            batch,
+            heads,
+            width,
+            num_items,
+            shared,
+        };
+        Ok((shape, device))
+    }
+
+    fn host(&self, shape: ScoringShape) -> Result<cpu::Operands<'a, T>> {
+        Ok(cpu::Operands {
+            user: self.user.host()?,
+            gate_logits: self.gate_logits.host()?,
+            items: self.items.host()?,
+            item_bias: self.item_bias.map(|b| b.host()).transpose()?,
+            excluded: self.excluded.map(|e| e.host()).transpose()?.unwrap_or(&[]),
+            scale: self.scale,
+            mixing: self.mixing,
+            shape,
+        })
+    }
+}
+
+/// Gradients of the scoring operands, f32, in their layouts.
+#[derive(Debug)]
+pub struct Gradients {
+    /// `[B, H, D]`
+    pub user: Tensor<f32>,
+    /// `[B, H]`
+    pub gate_logits: Tensor<f32>,
+    /// The layout of the items (`[H, V, D]` or `[V, D]`).
+    pub items: Tensor<f32>,
+    /// `[V]`, returned also without an item bias (the gradient at zero).
+    pub item_bias: Tensor<f32>,
+}
+
+/// What [`cross_entropy_backward`] needs beyond the operands: the targets,
+/// the ignored id and the per-row log-sum-exps (`[B]` for Logits mixing,
+/// `[B, H]` for Probabilities) — O(B * H), never O(B * V).
+#[derive(Debug)]
+pub struct Saved {
+    targets: Tensor<u32>,
+    ignore: Option<u32>,
+    lse: Tensor<f32>,
+    mixing: Mixing,
+    shape: ScoringShape,
+}
+
+impl Saved {
+    /// The per-row log-sum-exps.
+    pub fn lse(&self) -> &Tensor<f32> {
+        &self.lse
+    }
+}
+
+/// The n best items of every row: ids `[B, n]` and their scores `[B, n]`,
+/// best first.
+#[derive(Debug)]
+pub struct TopK {
+    pub ids: Tensor<u32>,
+    pub values: Tensor<f32>,
+}
+
+/// Per-row history lists in CSR form, skipped by [`topk`]: row b's items are
+/// `ids[offsets[b]..offsets[b + 1]]`.
+#[derive(Clone, Copy)]
+pub struct History<'a> {
+    /// `[B + 1]`, starting at 0, non-decreasing, ending at `ids.len()`.
+    pub offsets: &'a Tensor<u32>,
+    /// Item ids, each below V.
+    pub ids: &'a Tensor<u32>,
+}
+
+fn not_on_cuda(op: &str) -> Error {
+    Error::InvalidArgument {
+        argument: "device",
+        message: format!("scoring::{op} has no CUDA kernels yet; pass CPU tensors"),
+    }
+}
+
+fn zeros_like_gradients(shape: ScoringShape, device: &Device) -> Result<Gradients> {
+    let items_shape: Vec<usize> = if shape.shared {
+        vec![shape.num_items, shape.width]
+    } else {
+        vec![shape.heads, shape.num_items, shape.width]
+    };
+    Ok(Gradients {
+        user: Tensor::zeros(&[shape.batch, shape.heads, shape.width], device)?,
+        gate_logits: Tensor::zeros(&[shape.batch, shape.heads], device)?,
+        items: Tensor::zeros(&items_shape, device)?,
+        item_bias: Tensor::zeros(&[shape.num_items], device)?,
+    })
+}
+
+fn gradients_mut(grads: &mut Gradients) -> Result<cpu::GradientsMut<'_>> {
+    Ok(cpu::GradientsMut {
+        user: grads.user.host_mut()?,
+        gate_logits: grads.gate_logits.host_mut()?,
+        items: grads.items.host_mut()?,
+        item_bias: grads.item_bias.host_mut()?,
+    })
+}
+
+/// The materialised scores `[B, V]` f32: the mixed logits S for Logits
+/// mixing (-inf at excluded items), the probabilities P for Probabilities
+/// mixing (0 at excluded items). For small catalogs and evaluation.
+pub fn scores<T: FloatElement>(inputs: &Scoring<'_, T>) -> Result<Tensor<f32>> {
+    let (shape, device) = inputs.check()?;
+    let mut out = Tensor::zeros(&[shape.batch, shape.num_items], &device)?;
+    match device {
+        Device::Cpu => cpu::scores(inputs.host(shape)?, out.host_mut()?)?,
+        Device::Cuda(_) => return Err(not_on_cuda("scores")),
+    }
+    Ok(out)
+}
+
+/// Gradients of `sum over (b, v) of dscores[b, v] * scores[b, v]` (excluded
+/// items contribute nothing). `dscores` is `[B, V]` f32.
+pub fn scores_backward<T: FloatElement>(inputs: &Scoring<'_, T>, dscores: &Tensor<f32>) -> Result<Gradients> {
+    let (shape, device) = inputs.check()?;
+    dscores.expect_shape("dscores", &[shape.batch, shape.num_items])?;
+    dscores.expect_device("dscores", &device)?;
+    let mut grads = zeros_like_gradients(shape, &device)?;
+    match device {
+        Device::Cpu => cpu::scores_backward(inputs.host(shape)?, dscores.host()?, gradients_mut(&mut grads)?)?,
+        Device::Cuda(_) => return Err(not_on_cuda("scores_backward")),
+    }
+    Ok(grads)
+}
+
+/// The n best items of every row by S (Logits mixing) or P (Probabilities),
+/// best first, ties to the lower id, NaN below every number, skipping the
+/// excluded items and the row's history. A row with fewer than n eligible
+/// items is [`Error::InvalidArgument`].
+pub fn topk<T: FloatElement>(inputs: &Scoring<'_, T>, n: usize, history: Option<History<'_>>) -> Result<TopK> {
+    let (shape, device) = inputs.check()?;
+    if let Some(history) = history {
+        history.offsets.expect_shape("history.offsets", &[shape.batch + 1])?;
+        if history.ids.shape().len() != 1 {
+            return Err(Error::shape("history.ids", "[n]", history.ids.shape()));
+        }
+        history.offsets.expect_device("history.offsets", &device)?;
+        history.ids.expect_device("history.ids", &device)?;
+    }
+    let mut ids = Tensor::zeros(&[shape.batch, n], &device)?;
+    let mut values = Tensor::zeros(&[shape.batch, n], &device)?;
+    match device {
+        Device::Cpu => {
+            let history = history
+                .map(|h| -> Result<cpu::HistoryRef<'_>> {
+                    Ok(cpu::HistoryRef {
+                        offsets: h.offsets.host()?,
+                        ids: h.ids.host()?,
+                    })
+                })
+                .transpose()?;
+            cpu::topk(inputs.host(shape)?, n, history, ids.host_mut()?, values.host_mut()?)?
+        }
+        Device::Cuda(_) => return Err(not_on_cuda("topk")),
+    }
+    Ok(TopK { ids, values })
+}
+
+/// `loss[b] = -log P[b, targets[b]]` f32 `[B]`, 0 for rows whose target is
+/// `ignore` (checked before the range check; it may be >= V). A target >= V
+/// is [`Error::IndexOutOfRange`], an excluded target
+/// [`Error::InvalidArgument`]. Keeps only the per-row log-sum-exps.
+pub fn cross_entropy<T: FloatElement>(
+    inputs: &Scoring<'_, T>,
+    targets: &Tensor<u32>,
+    ignore: Option<u32>,
+) -> Result<(Tensor<f32>, Saved)> {
+    let (shape, device) = inputs.check()?;
+    targets.expect_shape("targets", &[shape.batch])?;
+    targets.expect_device("targets", &device)?;
+    let per_row = cpu::lse_per_row(inputs.mixing, shape.heads);
+    let lse_shape: Vec<usize> = match inputs.mixing {
+        Mixing::Logits => vec![shape.batch],
+        Mixing::Probabilities => vec![shape.batch, shape.heads],
+    };
+    debug_assert_eq!(lse_shape.iter().product::<usize>(), shape.batch * per_row);
+    let mut loss = Tensor::zeros(&[shape.batch], &device)?;
+    let mut lse = Tensor::zeros(&lse_shape, &device)?;
+    match device {
+        Device::Cpu => cpu::cross_entropy(
+            inputs.host(shape)?,
+            targets.host()?,
+            ignore,
+            loss.host_mut()?,
+            lse.host_mut()?,
+        )?,
+        Device::Cuda(_) => return Err(not_on_cuda("cross_entropy")),
+    }
+    let saved = Saved {
+        targets: targets.try_clone()?,
+        ignore,
+        lse,
+        mixing: inputs.mixing,
+        shape,
+    };
+    Ok((loss, saved))
+}
+
+/// Gradients of `sum_b dloss[b] * loss[b]` (`dloss: [B]` f32), recomputing
+/// the scores; ignored rows and excluded items contribute exact zeros. The
+/// operands must be those the forward was given.
+pub fn cross_entropy_backward<T: FloatElement>(
+    inputs: &Scoring<'_, T>,
+    dloss: &Tensor<f32>,
+    saved: &Saved,
+) -> Result<Gradients> {
+    let (shape, device) = inputs.check()?;
+    if shape != saved.shape || inputs.mixing != saved.mixing {
+        return Err(Error::InvalidArgument {
+            argument: "inputs",
+            message: format!(
+                "the backward needs the forward's operands: saved {:?} with {:?} mixing, got {shape:?} with {:?}",
+                saved.shape, saved.mixing, inputs.mixing
+            ),
+        });
+    }
+    dloss.expect_shape("dloss", &[shape.batch])?;
+    dloss.expect_device("dloss", &device)?;
+    let mut grads = zeros_like_gradients(shape, &device)?;
+    match device {
+        Device::Cpu => cpu::cross_entropy_backward(
+            inputs.host(shape)?,
+            saved.targets.host()?,
+            saved.ignore,
+            dloss.host()?,
+            saved.lse.host()?,
+            gradients_mut(&mut grads)?,
+        )?,
+        Device::Cuda(_) => return Err(not_on_cuda("cross_entropy_backward")),
+    }
+    Ok(grads)
+}
+
+/// Bytes the cross-entropy (forward or backward) allocates beyond its inputs
+/// and outputs on the CPU: per-row constants (`O(B * H)`) and, per worker
+/// thread, a few `[H]` vectors and one `[H, D]` item tile.
+pub fn workspace_bytes(shape: ScoringShape) -> usize {
+    let threads = rayon::current_num_threads();
+    let per_row = 4 * (3 * shape.heads + 4) + 3 * std::mem::size_of::<Vec<f32>>();
+    let per_thread = 4 * (4 * shape.heads + shape.heads * shape.width);
+    // The converted user states and gates ([B, H, D] + 2 [B, H]) and the
+    // eligibility flags ([V] bytes).
+    let prepared = 4 * shape.batch * shape.heads * (shape.width + 2) + shape.num_items;
+    shape.batch * per_row + threads * per_thread + prepared
+}
