@@ -12,16 +12,14 @@ Each file holds the inputs `table` [H, V, D] (case dtype), `ids` [T] U32,
 out-of-range ids are tested in Rust.
 """
 
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 import embedding
 import golden
 
-OUT_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden" / "embedding"
+OUT_DIR = golden.out_dir("embedding")
 LR = "0.1"
 EPS = "1e-08"
 U32_MAX = 2**32 - 1
@@ -94,7 +92,7 @@ def _ids(case, rng):
 
 def case_tensors(case):
     """(tensors, metadata) of one golden file."""
-    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+    rng = golden.case_rng(case.name)
     shape = (case.heads, case.rows, case.width)
     table = golden.round_to(rng.standard_normal(shape), case.dtype)
     ids = _ids(case, rng)
@@ -125,7 +123,7 @@ def case_tensors(case):
     }
     metadata = {
         "dtype": case.dtype,
-        "padding": "none" if case.padding is None else str(case.padding),
+        "padding": golden.optional(case.padding),
         "lr": LR,
         "eps": EPS,
     }
@@ -133,10 +131,7 @@ def case_tensors(case):
 
 
 def main():
-    for case in CASES:
-        golden.write(OUT_DIR / f"{case.name}.safetensors", *case_tensors(case))
-    total = sum(p.stat().st_size for p in OUT_DIR.glob("*.safetensors"))
-    print(f"wrote {len(CASES)} cases to {OUT_DIR} ({total} bytes)")
+    golden.write_cases(OUT_DIR, CASES, case_tensors)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,9 @@ rotates over several sets of ids and dy (and of tables, where a table fits
 too) so each iteration starts cold.
 """
 
-import argparse
-import datetime
 import itertools
-import json
-import math
-import shlex
-import statistics
-import sys
+
+import peer
 
 TRAINING = dict(V=10**6, T=256 * 200)
 SERVING = dict(V=10**5, T=256)
@@ -41,63 +36,34 @@ HEADS = (1, 4, 8)
 WIDTHS = (16, 32, 64, 128)
 DTYPES = ("f32", "bf16")
 MAX_SETS = 16
+WARMUP = 5
 
 
 def main():
     import torch
     import torch.nn.functional as F
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="append the JSON lines to this file")
-    parser.add_argument("--iters", type=int, default=50, help="timed iterations (>= 20)")
-    args = parser.parse_args()
-    if args.iters < 20:
-        parser.error("--iters must be at least 20")
+    parser = peer.argument_parser(__doc__)
+    args = peer.parse_args(parser, "embedding", iters=50, min_iters=20)
 
     device = torch.device("cuda")
     torch.manual_seed(0)
-    props = torch.cuda.get_device_properties(device)
-    l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
+    l2_bytes = peer.l2_bytes()
     torch_dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
-    common = dict(
-        op="embedding",
-        backend="torch",
-        device=torch.cuda.get_device_name(device),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=shlex.join(["python", *sys.argv]),
-    )
+    common = dict(op="embedding", backend="torch", **peer.run_info(commit=False))
 
     def median_ms(step):
-        """Median of per-iteration CUDA-event times of step(i), after warmup."""
-        for i in range(5):
-            step(i)
-        events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            for _ in range(args.iters)
-        ]
-        for i, (start, end) in enumerate(events):
-            start.record()
-            step(i)
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(start.elapsed_time(end) for start, end in events)
+        """Median of per-iteration times of step(i), run back to back after warmup."""
+        return peer.median_ms(step, WARMUP, args.iters, back_to_back=True)
 
-    source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    copy_gbps = 2 * source.numel() / median_ms(lambda i: target.copy_(source)) / 1e6
-    del source, target
-
-    out = open(args.out, "a") if args.out else None
+    copy_gbps = peer.copy_gbps(WARMUP, args.iters, back_to_back=True)
+    out = peer.JsonLines(args.out)
 
     def emit(pass_, variant, dtype, heads, rows, width, tokens, ms, nbytes):
         record = dict(common, **{"pass": pass_, "variant": variant, "dtype": dtype})
         record.update(H=heads, V=rows, D=width, T=tokens, median_ms=ms)
         record.update(gbps=nbytes / ms / 1e6, floor_ms=nbytes / copy_gbps / 1e6)
-        line = json.dumps(record)
-        print(line, flush=True)
-        if out:
-            out.write(line + "\n")
-            out.flush()
+        out.emit(record)
 
     sweep = itertools.product((TRAINING, SERVING), DTYPES, HEADS, WIDTHS)
     for size, dtype, heads, width in sweep:
@@ -106,7 +72,7 @@ def main():
         gathered = tokens * heads * width
         table_bytes = heads * rows * width * element
         touched = gathered * (element + 4) + tokens * 4
-        sets = min(MAX_SETS, max(1, math.ceil(2 * l2_bytes / touched)))
+        sets = peer.rotations(touched, 2 * l2_bytes, MAX_SETS)
         # A table that fits in L2 would stay there: rotate copies too.
         copies = sets if table_bytes < 2 * l2_bytes else 1
         offsets = torch.arange(heads, device=device, dtype=torch.int32) * rows
@@ -156,8 +122,7 @@ def main():
         emit("bwd", "autograd", *shape, median_ms(autograd), bwd_bytes)
         del tables, leaves, outputs, ids, dys, dys_out
         torch.cuda.empty_cache()
-    if out:
-        out.close()
+    out.close()
 
 
 if __name__ == "__main__":

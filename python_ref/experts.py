@@ -39,6 +39,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from routing import _sigmoid  # the overflow-free logistic function, shared
+
 __all__ = [
     "U32_MAX",
     "ACTIVATIONS",
@@ -192,16 +194,6 @@ def _expert_of_row(counts):
 
 
 # ---------------------------------------------------------------- activations
-
-
-def _sigmoid(x):
-    """Overflow-free logistic function."""
-    out = np.empty_like(x)
-    pos = x >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
-    ex = np.exp(x[~pos])
-    out[~pos] = ex / (1.0 + ex)
-    return out
 
 
 def _phi_cdf(x):

@@ -29,9 +29,7 @@ and the sign of an h that float32 and float64 round differently never matter.
 Metadata: `dtype`, `activation`, `variant`, `k` (resolved), `E`, `Din`, `Dout`.
 """
 
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -39,7 +37,7 @@ import experts
 import golden
 import routing
 
-OUT_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden" / "experts"
+OUT_DIR = golden.out_dir("experts")
 MAX_TOTAL_BYTES = 3 * 1024 * 1024
 RELU_DEAD_ZONE = 1e-4
 
@@ -148,7 +146,7 @@ def _route(case, rng):
 
 def build(case):
     """(tensors, metadata) of one case."""
-    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+    rng = golden.case_rng(case.name)
     plan = _route(case, rng)
     k = plan["k"]
     T, E, Din, Dout = case.T, case.E, case.Din, case.Dout
@@ -179,7 +177,6 @@ def build(case):
     out, util = experts.combine(y_stored, w64, ros, plan, res, rho64)
     dy_c, dweights, dres, drho = experts.combine_backward(dout, y_stored, w64, ros, res, rho64)
 
-    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
     st = lambda a: golden.stored(a, case.dtype)  # noqa: E731
     x_name, dx_name = ("x_rows", "dx_rows") if case.variant == "rows" else ("x", "dx")
     tensors = {
@@ -195,22 +192,22 @@ def build(case):
         "h": st(h_saved),
         "y": st(y_stored),
         "out": st(out),
-        "util": f32(util),
-        "dh": f32(dh),
-        dx_name: f32(dx),
-        "dW": f32(dW),
-        "dy_combine": f32(dy_c),
-        "dweights": f32(dweights),
+        "util": golden.f32(util),
+        "dh": golden.f32(dh),
+        dx_name: golden.f32(dx),
+        "dW": golden.f32(dW),
+        "dy_combine": golden.f32(dy_c),
+        "dweights": golden.f32(dweights),
     }
     if bias is not None:
         tensors["bias"] = st(bias)
-        tensors["db"] = f32(db)
+        tensors["db"] = golden.f32(db)
     if res is not None:
         tensors["res"] = st(res)
-        tensors["dres"] = f32(dres)
+        tensors["dres"] = golden.f32(dres)
     if rho is not None:
         tensors["rho"] = rho
-        tensors["drho"] = f32(drho)
+        tensors["drho"] = golden.f32(drho)
     metadata = {
         "dtype": case.dtype,
         "activation": case.activation,
@@ -224,15 +221,7 @@ def build(case):
 
 
 def main():
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    total = 0
-    for case in CASES:
-        path = OUT_DIR / f"{case.name}.safetensors"
-        golden.write(path, *build(case))
-        total += path.stat().st_size
-    if total >= MAX_TOTAL_BYTES:
-        raise SystemExit(f"golden/experts is {total} bytes, expected < {MAX_TOTAL_BYTES}")
-    print(f"wrote {len(CASES)} cases, {total} bytes, to {OUT_DIR}")
+    golden.write_cases(OUT_DIR, CASES, build, MAX_TOTAL_BYTES)
 
 
 if __name__ == "__main__":

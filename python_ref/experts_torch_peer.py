@@ -40,13 +40,8 @@ set's lists. One JSON line per record on stdout; `--out FILE` also appends
 them there. Shapes that run out of memory are reported on stderr and skipped.
 """
 
-import argparse
-import datetime
-import json
-import math
-import statistics
-import subprocess
-import sys
+import peer
+from peer import log
 
 SHAPE_SETS = {
     "recsys": dict(T=[51200], Din=[64, 128, 256, 512], Dout=[64, 128, 256, 512],
@@ -61,35 +56,9 @@ MAX_BUFFERS = 16
 SAMPLE_ROWS = 256
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def time_ms(torch, fn, warmup, iters):
-    """Median time of fn() in ms, CUDA events around each call."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        stop = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
-def copy_gbps(torch, warmup, iters):
-    """Device-to-device copy bandwidth, counting bytes read plus written."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_ms(torch, lambda: dst.copy_(src), warmup, iters)
-    del src, dst
-    return 2 * n / (ms * 1e-3) / 1e9
+def time_ms(fn, warmup, iters):
+    """Median time of fn(i) in ms, CUDA events around each call, warmup awaited."""
+    return peer.median_ms(fn, warmup, iters, sync_warmup=True)
 
 
 def matmul_tflops(torch, warmup, iters):
@@ -97,7 +66,7 @@ def matmul_tflops(torch, warmup, iters):
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = time_ms(torch, lambda: torch.matmul(a, b), warmup, iters)
+    ms = time_ms(lambda i: torch.matmul(a, b), warmup, iters)
     del a, b
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
@@ -202,7 +171,7 @@ def bench_shape(torch, shape, args, rates):
     gen = torch.Generator(device="cuda").manual_seed(T * 1_000_003 + E * 1009 + k * 31 + Din + Dout)
     plan = Plan(torch, T, E, k, gen)
     working = 2 * (T * Din + E * Din * width + R * (Din + width + Dout))
-    n_buf = max(1, min(MAX_BUFFERS, math.ceil(ROTATE_BYTES / working)))
+    n_buf = peer.rotations(working, ROTATE_BYTES, MAX_BUFFERS)
 
     def weights(variant):
         """W as the variant holds it: one [E, Din, Dout'] tensor for grouped_mm;
@@ -251,7 +220,7 @@ def bench_shape(torch, shape, args, rates):
                 turn[0] = (turn[0] + 1) % len(bufs)
                 return turn[0]
 
-            def fwd():
+            def fwd(_):
                 with torch.no_grad():
                     layer_fn(*bufs[next_buf()])
 
@@ -260,20 +229,20 @@ def bench_shape(torch, shape, args, rates):
                 inputs = [t.requires_grad_(True) for t in leaves if t is not None]
                 graphs.append((layer_fn(x, W, b)[0], inputs))
 
-            def bwd():
+            def bwd(_):
                 y, inputs = graphs[next_buf()]
                 torch.autograd.grad(y, inputs, dy, retain_graph=True)
 
             passes = [("fwd", fwd), ("bwd", bwd)]
             try:
-                bwd()
+                bwd(0)
             except RuntimeError as err:
                 if variant != "grouped_mm" or isinstance(err, torch.cuda.OutOfMemoryError):
                     raise
                 log(f"skip grouped_mm bwd: {err}")
                 passes.pop()
             for pass_, fn in passes:
-                ms = time_ms(torch, fn, args.warmup, args.iters)
+                ms = time_ms(fn, args.warmup, args.iters)
                 floor_ms = max(flops[pass_] / (rates["tflops"] * 1e12),
                                contract_bytes[pass_] / (rates["gbps"] * 1e9)) * 1e3
                 yield {
@@ -342,8 +311,7 @@ def shapes(args):
         for activation in args.activation:
             for T in spec["T"]:
                 for E in spec["E"]:
-                    ks = sorted({E if kk == "all" else int(kk) for kk in spec["k"]})
-                    for k in [kk for kk in ks if 1 <= kk <= E]:
+                    for k in peer.top_ks(spec["k"], E):
                         for Din in spec["Din"]:
                             for Dout in spec["Dout"]:
                                 if spec["square"] and Din != Dout:
@@ -355,7 +323,7 @@ def shapes(args):
 def main():
     import torch
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = peer.argument_parser(__doc__)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPE_SETS), choices=sorted(SHAPE_SETS))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--activation", nargs="+", default=["swiglu"], choices=ACTIVATIONS)
@@ -365,41 +333,21 @@ def main():
     ap.add_argument("--dout", type=int, nargs="+")
     ap.add_argument("--E", type=int, nargs="+")
     ap.add_argument("--k", nargs="+", help="ints or 'all' (= E)")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--out", help="append the JSON lines to this file")
-    args = ap.parse_args()
-    if args.iters < 10:
-        ap.error("--iters: expected >= 10 (the median needs them)")
-    if not torch.cuda.is_available():
-        sys.exit("experts_torch_peer: no CUDA device")
+    args = peer.parse_args(ap, "experts", warmup=5, iters=20, min_iters=10)
     torch.backends.cuda.matmul.allow_tf32 = False  # bf16 products accumulate in f32 anyway
 
-    device = torch.cuda.get_device_name()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    command = " ".join(["python"] + sys.argv)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip() or "unknown"
+    info = peer.run_info()
     compare_grouped_with_loop(torch, args)
     rates = {
-        "gbps": copy_gbps(torch, args.warmup, args.iters),
+        "gbps": peer.copy_gbps(args.warmup, args.iters, sync_warmup=True),
         "tflops": matmul_tflops(torch, args.warmup, args.iters),
     }
-    log(f"{device}: copy {rates['gbps']:.0f} GB/s, bf16 matmul {rates['tflops']:.0f} TFLOP/s")
-    out = open(args.out, "a") if args.out else None
-    try:
+    log(f"{info['device']}: copy {rates['gbps']:.0f} GB/s, bf16 matmul {rates['tflops']:.0f} TFLOP/s")
+    with peer.JsonLines(args.out) as out:
         for shape in shapes(args):
             for rec in bench_shape(torch, shape, args, rates):
-                rec.update(device=device, commit=commit, date=date, command=command)
-                line = json.dumps(rec)
-                print(line, flush=True)
-                if out:
-                    out.write(line + "\n")
-                    out.flush()
-    finally:
-        if out:
-            out.close()
+                rec.update(info)
+                out.emit(rec)
 
 
 if __name__ == "__main__":

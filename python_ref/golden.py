@@ -5,6 +5,11 @@ tensor name to {dtype, shape, data_offsets}, then the raw little-endian bytes.
 It is written by hand here because NumPy has no bfloat16: a bf16 tensor is held
 as its uint16 bit pattern and tagged "BF16" through `Bf16Bits`.
 
+Besides the format, the scaffolding every `<op>_golden.py` generator and its
+`test_<op>.py` share: the output folder, the per-case seed, metadata strings,
+writing all cases under a size budget, and comparing a file with what the
+generator makes now.
+
 Conventions for every golden file (the Rust tests rely on them):
 - one file per case, `tests/golden/<op>/<case>.safetensors`;
 - scalars and options live in the `__metadata__` map as strings
@@ -16,6 +21,7 @@ Conventions for every golden file (the Rust tests rely on them):
 
 import json
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +32,24 @@ __all__ = [
     "from_bf16_bits",
     "round_to",
     "stored",
+    "encode",
     "write",
     "read",
+    "GOLDEN_DIR",
+    "out_dir",
+    "case_rng",
+    "f32",
+    "flag",
+    "optional",
+    "case_path",
+    "write_cases",
+    "total_bytes",
+    "values",
+    "assert_file_matches",
+    "assert_up_to_date",
 ]
+
+GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 
 
 class Bf16Bits:
@@ -97,8 +118,9 @@ def _tag_and_bytes(value):
     return tag, list(arr.shape), arr.astype(arr.dtype.newbyteorder("<")).tobytes()
 
 
-def write(path, tensors, metadata=None):
-    """Write `tensors` (name -> ndarray or Bf16Bits) and string `metadata`."""
+def encode(tensors, metadata=None):
+    """The bytes of a file holding `tensors` (name -> ndarray or Bf16Bits) and
+    string `metadata`."""
     header = {}
     blobs = []
     offset = 0
@@ -115,13 +137,14 @@ def write(path, tensors, metadata=None):
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
+    return b"".join([struct.pack("<Q", len(text)), text, *blobs])
+
+
+def write(path, tensors, metadata=None):
+    """Write `tensors` (name -> ndarray or Bf16Bits) and string `metadata`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for blob in blobs:
-            f.write(blob)
+    path.write_bytes(encode(tensors, metadata))
 
 
 _TAG_NUMPY = {tag: dt for dt, tag in _NUMPY_TAGS.items()}
@@ -145,3 +168,87 @@ def read(path):
             arr = np.frombuffer(raw, dtype=_TAG_NUMPY[info["dtype"]].newbyteorder("<"))
         out[name] = arr.reshape(info["shape"]).copy()
     return out, metadata
+
+
+# ---------------------------------------------------------------- generators and tests
+
+
+def out_dir(op):
+    """`tests/golden/<op>`, where `<op>_golden.py` writes its cases."""
+    return GOLDEN_DIR / op
+
+
+def case_rng(name):
+    """The generator of one case, seeded from its name alone, so adding a case
+    never changes the others' bytes."""
+    return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def f32(x):
+    """`x` as a float32 array (how expected float outputs are stored)."""
+    return np.asarray(x, dtype=np.float32)
+
+
+def flag(value):
+    """A boolean option as a metadata string."""
+    return "true" if value else "false"
+
+
+def optional(value):
+    """An optional scalar as a metadata string: "none" when absent."""
+    return "none" if value is None else str(value)
+
+
+def case_path(directory, case):
+    """`directory/<case.name>.safetensors`: the golden file of one case."""
+    return Path(directory) / f"{case.name}.safetensors"
+
+
+def write_cases(directory, cases, build, max_total_bytes=None):
+    """Write `build(case)` -> (tensors, metadata) of every case to
+    `directory/<case.name>.safetensors`, then report the total size; exit
+    with an error when it reaches `max_total_bytes`."""
+    directory = Path(directory)
+    total = 0
+    for case in cases:
+        path = case_path(directory, case)
+        write(path, *build(case))
+        total += path.stat().st_size
+    if max_total_bytes is not None and total >= max_total_bytes:
+        raise SystemExit(
+            f"golden/{directory.name} is {total} bytes, expected < {max_total_bytes}"
+        )
+    print(f"wrote {len(cases)} cases, {total} bytes, to {directory}")
+
+
+def total_bytes(directory):
+    """The size of every golden file in `directory`."""
+    return sum(path.stat().st_size for path in Path(directory).glob("*.safetensors"))
+
+
+def values(x):
+    """What `read` gives back for a tensor passed to `write`: BF16 bits as
+    float32 values, anything else as an array."""
+    return from_bf16_bits(x.bits) if isinstance(x, Bf16Bits) else np.asarray(x)
+
+
+def assert_file_matches(path, tensors, metadata):
+    """Assert the file at `path` holds exactly `tensors` and `metadata` (what a
+    generator's build returns): same metadata, names, dtypes and values."""
+    stored_tensors, stored_metadata = read(path)
+    assert stored_metadata == metadata
+    assert sorted(stored_tensors) == sorted(tensors)
+    for name, value in tensors.items():
+        v = values(value)
+        assert stored_tensors[name].dtype == v.dtype, name
+        np.testing.assert_array_equal(stored_tensors[name], v, err_msg=name)
+
+
+def assert_up_to_date(generator, case, missing):
+    """Assert the committed file of `case` equals what the generator module
+    (`<op>_golden`, with OUT_DIR and build) makes now. Where the file was never
+    generated, `missing(message)` is called: pytest.skip or pytest.fail."""
+    path = case_path(generator.OUT_DIR, case)
+    if not path.exists():
+        missing(f"{path} not generated; run python_ref/{generator.__name__}.py")
+    assert_file_matches(path, *generator.build(case))

@@ -11,16 +11,14 @@ dtype-rounded logits): `indices`, `weights`, `scores`, `counts`, `offsets`,
 `renormalize`, `lb_coef`, `z_coef` (dyadic, so exact in f32).
 """
 
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 import golden
 import routing
 
-OUT_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden" / "routing"
+OUT_DIR = golden.out_dir("routing")
 MAX_TOTAL_BYTES = 2 * 1024 * 1024
 
 
@@ -147,7 +145,7 @@ def _bias(case, rng, z):
 
 def build(case):
     """(tensors, metadata) of one case."""
-    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+    rng = golden.case_rng(case.name)
     z = _logits(case, rng)
     bias = _bias(case, rng, z)
     emask = _expert_mask(case, rng)
@@ -171,21 +169,20 @@ def build(case):
     dweights = rng.normal(0.0, 1.0, size=(case.T, k)).astype(np.float32)
     dz = routing.backward(zr, dweights, case.lb_coef, case.z_coef, **opts)
 
-    f32 = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
     tensors = {
         "logits": golden.stored(z, case.dtype),
         "dweights": dweights,
         "indices": out["indices"],
-        "weights": f32(out["weights"]),
-        "scores": f32(out["scores"]),
+        "weights": golden.f32(out["weights"]),
+        "scores": golden.f32(out["scores"]),
         "counts": out["counts"],
         "offsets": out["offsets"],
         "token_of_row": out["token_of_row"],
         "row_of_slot": out["row_of_slot"],
-        "gate_mass": f32(out["gate_mass"]),
-        "lb_loss": f32([out["lb_loss"]]),
-        "z_loss": f32([out["z_loss"]]),
-        "dlogits": f32(dz),
+        "gate_mass": golden.f32(out["gate_mass"]),
+        "lb_loss": golden.f32([out["lb_loss"]]),
+        "z_loss": golden.f32([out["z_loss"]]),
+        "dlogits": golden.f32(dz),
     }
     if case.expert_mask:
         tensors["expert_mask"] = emask
@@ -196,9 +193,9 @@ def build(case):
     metadata = {
         "dtype": case.dtype,
         "k": str(k),
-        "k_all": "true" if case.k == "all" else "false",
+        "k_all": golden.flag(case.k == "all"),
         "score": case.score,
-        "renormalize": "true" if case.renormalize else "false",
+        "renormalize": golden.flag(case.renormalize),
         "lb_coef": repr(float(case.lb_coef)),
         "z_coef": repr(float(case.z_coef)),
     }
@@ -206,16 +203,7 @@ def build(case):
 
 
 def main():
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    total = 0
-    for case in CASES:
-        tensors, metadata = build(case)
-        path = OUT_DIR / f"{case.name}.safetensors"
-        golden.write(path, tensors, metadata)
-        total += path.stat().st_size
-    if total >= MAX_TOTAL_BYTES:
-        raise SystemExit(f"golden/routing is {total} bytes, expected < {MAX_TOTAL_BYTES}")
-    print(f"wrote {len(CASES)} cases, {total} bytes, to {OUT_DIR}")
+    golden.write_cases(OUT_DIR, CASES, build, MAX_TOTAL_BYTES)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,7 @@ timed across rotating copies so the 50 MB L2 does not flatter them. One JSON
 line per record on stdout; `--out FILE` also appends them there.
 """
 
-import argparse
-import datetime
-import json
-import math
-import statistics
-import subprocess
-import sys
+import peer
 
 DTYPES = {"f32": 4, "bf16": 2}
 ROTATE_BYTES = 128 << 20
@@ -63,32 +57,6 @@ def validate(torch, z32, k, weights, plan):
     assert torch.allclose(weights, p.gather(1, idx))
 
 
-def time_ms(torch, fn, warmup, iters):
-    """Median wall time of fn() in ms, CUDA events around each call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        stop = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
-def copy_gbps(torch, warmup, iters):
-    """Device-to-device copy bandwidth, counting bytes read plus written."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_ms(torch, lambda: dst.copy_(src), warmup, iters)
-    del src, dst
-    return 2 * n / (ms * 1e-3) / 1e9
-
-
 def bench_case(torch, dtype, T, E, k, args, bw):
     """Yield the fwd and bwd records of one shape."""
     elt = DTYPES[dtype]
@@ -96,7 +64,7 @@ def bench_case(torch, dtype, T, E, k, args, bw):
     plan_bytes = 4 * (E + (E + 1) + 2 * T * k)
     fwd_bytes = T * E * elt + 8 * T * k + plan_bytes
     bwd_bytes = T * E * elt + 8 * T * k + 4 * T * E
-    n_buf = max(1, min(2048, math.ceil(ROTATE_BYTES / max(fwd_bytes + 4 * T * E, 1))))
+    n_buf = peer.rotations(fwd_bytes + 4 * T * E, ROTATE_BYTES, 2048)
 
     gen = torch.Generator(device="cuda").manual_seed(T * 1009 + E * 31 + k)
     bufs = [torch.randn(T, E, device="cuda", dtype=tdtype, generator=gen) for _ in range(n_buf)]
@@ -107,7 +75,7 @@ def bench_case(torch, dtype, T, E, k, args, bw):
         turn[0] = (turn[0] + 1) % n_buf
         return turn[0]
 
-    def fwd():
+    def fwd(_):
         with torch.no_grad():
             route(torch, bufs[next_buf()].float(), k, args.losses)
 
@@ -124,12 +92,12 @@ def bench_case(torch, dtype, T, E, k, args, bw):
         total = (w * dweights).sum() + (aux if aux is not None else 0.0)
         graphs.append((total, z32))
 
-    def bwd():
+    def bwd(_):
         total, z32 = graphs[next_buf()]
         torch.autograd.grad(total, z32, retain_graph=True)
 
     for pass_, fn, nbytes in (("fwd", fwd, fwd_bytes), ("bwd", bwd, bwd_bytes)):
-        ms = time_ms(torch, fn, args.warmup, args.iters)
+        ms = peer.median_ms(fn, args.warmup, args.iters)
         yield {
             "op": "routing",
             "pass": pass_,
@@ -151,45 +119,24 @@ def bench_case(torch, dtype, T, E, k, args, bw):
 def main():
     import torch
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = peer.argument_parser(__doc__)
     ap.add_argument("--T", type=int, nargs="+", default=[4096, 65536, 262144])
     ap.add_argument("--E", type=int, nargs="+", default=[4, 8, 16, 64, 160, 256])
     ap.add_argument("--k", nargs="+", default=["1", "2", "8", "all"], help="ints or 'all' (= E)")
     ap.add_argument("--dtype", nargs="+", default=["bf16", "f32"], choices=sorted(DTYPES))
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=25)
     ap.add_argument("--no-losses", dest="losses", action="store_false")
-    ap.add_argument("--out", help="append the JSON lines to this file")
-    args = ap.parse_args()
-    if args.iters < 20:
-        ap.error("--iters: expected >= 20 (the median needs them)")
-    if not torch.cuda.is_available():
-        sys.exit("routing_torch_peer: no CUDA device")
+    args = peer.parse_args(ap, "routing", warmup=5, iters=25, min_iters=20)
 
-    device = torch.cuda.get_device_name()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    command = " ".join(["python"] + sys.argv)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip() or "unknown"
-    bw = copy_gbps(torch, args.warmup, args.iters)
-    out = open(args.out, "a") if args.out else None
-    try:
+    info = peer.run_info()
+    bw = peer.copy_gbps(args.warmup, args.iters)
+    with peer.JsonLines(args.out) as out:
         for dtype in args.dtype:
             for T in args.T:
                 for E in args.E:
-                    ks = sorted({E if k == "all" else int(k) for k in args.k})
-                    for k in [kk for kk in ks if 1 <= kk <= E]:
+                    for k in peer.top_ks(args.k, E):
                         for rec in bench_case(torch, dtype, T, E, k, args, bw):
-                            rec.update(device=device, commit=commit, date=date, command=command)
-                            line = json.dumps(rec)
-                            print(line, flush=True)
-                            if out:
-                                out.write(line + "\n")
-                                out.flush()
-    finally:
-        if out:
-            out.close()
+                            rec.update(info)
+                            out.emit(rec)
 
 
 if __name__ == "__main__":

@@ -29,16 +29,14 @@ in any arithmetic and pin the tie-break to the lower id; all other gaps are
 checked as above.
 """
 
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 import golden
 import scoring
 
-OUT_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden" / "scoring"
+OUT_DIR = golden.out_dir("scoring")
 MAX_TOTAL_BYTES = 2 * 1024 * 1024
 U32_MAX = 2**32 - 1
 MIN_RELATIVE_GAP = 1e-5
@@ -204,7 +202,7 @@ def _check_separated(case, values, eligible_rows, keys):
 
 def build(case):
     """(tensors, metadata) of one case."""
-    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+    rng = golden.case_rng(case.name)
     u, g, x, bias = _inputs(case, rng)
     u, g, x = (golden.round_to(a, case.dtype) for a in (u, g, x))
     bias = None if bias is None else golden.round_to(bias, "f32")
@@ -235,7 +233,6 @@ def build(case):
         rows.append(eligible)
     _check_separated(case, s, rows, _tie_keys(case, u, x, bias))
 
-    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
     tensors = {
         "U": golden.stored(u, case.dtype),
         "G": golden.stored(g, case.dtype),
@@ -243,17 +240,17 @@ def build(case):
         "targets": targets,
         "dloss": dloss,
         "dS": d_scores,
-        "S": f32(s),
-        "loss": f32(loss),
-        "lse": f32(lse),
+        "S": golden.f32(s),
+        "loss": golden.f32(loss),
+        "lse": golden.f32(lse),
         "topk_ids": ids,
-        "topk_values": f32(values),
+        "topk_values": golden.f32(values),
     }
     for prefix, grads in (("ce_", ce), ("scores_", sc)):
         for name, grad in zip(("dU", "dG", "dX", "ditem_bias"), grads):
-            tensors[prefix + name] = f32(grad)
+            tensors[prefix + name] = golden.f32(grad)
     if bias is not None:
-        tensors["item_bias"] = f32(bias)
+        tensors["item_bias"] = golden.f32(bias)
     if excluded is not None:
         tensors["excluded"] = excluded
     if history is not None:
@@ -262,25 +259,16 @@ def build(case):
     metadata = {
         "dtype": case.dtype,
         "mixing": case.mixing,
-        "shared": "true" if case.shared else "false",
+        "shared": golden.flag(case.shared),
         "scale": repr(float(case.scale)),
-        "ignore": "none" if case.ignore is None else str(case.ignore),
+        "ignore": golden.optional(case.ignore),
         "n": str(case.n),
     }
     return tensors, metadata
 
 
 def main():
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    total = 0
-    for case in CASES:
-        tensors, metadata = build(case)
-        path = OUT_DIR / f"{case.name}.safetensors"
-        golden.write(path, tensors, metadata)
-        total += path.stat().st_size
-    if total >= MAX_TOTAL_BYTES:
-        raise SystemExit(f"golden/scoring is {total} bytes, expected < {MAX_TOTAL_BYTES}")
-    print(f"wrote {len(CASES)} cases, {total} bytes, to {OUT_DIR}")
+    golden.write_cases(OUT_DIR, CASES, build, MAX_TOTAL_BYTES)
 
 
 if __name__ == "__main__":

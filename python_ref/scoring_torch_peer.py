@@ -45,14 +45,9 @@ mixings' losses against each other. One JSON line per record on stdout;
 `--out FILE` also appends them there.
 """
 
-import argparse
-import datetime
-import json
 import math
-import shlex
-import statistics
-import subprocess
-import sys
+
+import peer
 
 DTYPES = ("bf16", "f32")
 VARIANTS = ("logits_ce", "probabilities_ce", "matmul", "scores_topk", "topk")
@@ -87,57 +82,25 @@ def main():
     import torch
     import torch.nn.functional as F
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = peer.argument_parser(__doc__)
     ap.add_argument("--B", type=int, nargs="+", default=[256, 1024, 4096])
     ap.add_argument("--H", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--D", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--V", type=int, nargs="+", default=[10**4, 10**5, 10**6])
     ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
     ap.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--max-materialised", type=float, default=8e9,
                     help="skip shapes whose materialised f32 scores exceed this many bytes")
-    ap.add_argument("--out", help="append the JSON lines to this file")
-    args = ap.parse_args()
-    if args.iters < 10:
-        ap.error("--iters: expected >= 10 (the median needs them)")
-    if not torch.cuda.is_available():
-        sys.exit("scoring_torch_peer: no CUDA device")
+    args = peer.parse_args(ap, "scoring", warmup=3, iters=20, min_iters=10)
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     device = torch.device("cuda")
-    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    l2_bytes = peer.l2_bytes()
     torch_dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip() or "unknown"
-    common = dict(
-        op="scoring",
-        backend="torch",
-        device=torch.cuda.get_device_name(device),
-        commit=commit,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=shlex.join(["python", *sys.argv]),
-    )
-    out = open(args.out, "a") if args.out else None
-
-    def median_ms(step):
-        """Median of per-call CUDA-event times of step(i), after warmup."""
-        for i in range(args.warmup):
-            step(i)
-        times = []
-        for i in range(args.iters):
-            start = torch.cuda.Event(enable_timing=True)
-            stop = torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(i)
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        return statistics.median(times)
+    common = dict(op="scoring", backend="torch", **peer.run_info())
+    out = peer.JsonLines(args.out)
 
     def peak_extra(step):
         torch.cuda.synchronize()
@@ -148,7 +111,7 @@ def main():
         return torch.cuda.max_memory_allocated() - base
 
     def emit(pass_, variant, dtype, shape, step, flops):
-        ms = median_ms(step)
+        ms = peer.median_ms(step, args.warmup, args.iters)
         record = dict(common, **{"pass": pass_, "variant": variant, "dtype": dtype})
         record.update(shape)
         record.update(
@@ -158,11 +121,7 @@ def main():
         )
         if variant in ("scores_topk", "topk"):
             record["n"] = TOPK_N
-        line = json.dumps(record)
-        print(line, flush=True)
-        if out:
-            out.write(line + "\n")
-            out.flush()
+        out.emit(record)
 
     def validate(dt, U, G, items, bias, targets):
         rows = min(U.shape[0], 8)
@@ -191,9 +150,7 @@ def main():
                         logits_bytes = 4 * B * V
                         input_bytes = (B * H * D + B * H + V * H * D) * elt + 4 * V + 4 * B
                         working = input_bytes + logits_bytes
-                        sets = 1 if working >= 2 * l2_bytes else min(
-                            MAX_SETS, math.ceil(2 * l2_bytes / working)
-                        )
+                        sets = peer.rotations(working, 2 * l2_bytes, MAX_SETS)
                         gen = torch.Generator(device=device).manual_seed(B * 7919 + H * 131 + D * 17 + V)
                         inputs = []
                         for _ in range(sets):
@@ -209,14 +166,13 @@ def main():
                         for variant in args.variant:
                             materialised = 4 * B * V * (H if variant == "probabilities_ce" else 1)
                             if materialised > args.max_materialised:
-                                print(f"skip {variant} {dtype} {shape}: {materialised:.3g} bytes "
-                                      f"materialised", file=sys.stderr, flush=True)
+                                peer.log(f"skip {variant} {dtype} {shape}: {materialised:.3g} bytes "
+                                         f"materialised")
                                 continue
                             run_variant(torch, F, variant, dtype, shape, inputs, score_flops, emit)
                         del inputs
                         torch.cuda.empty_cache()
-    if out:
-        out.close()
+    out.close()
 
 
 def run_variant(torch, F, variant, dtype, shape, inputs, score_flops, emit):

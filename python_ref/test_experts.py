@@ -12,6 +12,7 @@ import experts_golden
 import golden
 import routing
 from experts import U32_MAX
+from gradcheck import central_differences as _fd
 
 ACTS = experts.ACTIVATIONS
 
@@ -142,20 +143,6 @@ def test_plan_from_routing_accepted():
 
 
 # ---------------------------------------------------------------- backward
-
-
-def _fd(f, a, eps=1e-6):
-    """Central differences of scalar f() w.r.t. every entry of a (in place)."""
-    g = np.zeros_like(a)
-    for i in np.ndindex(*a.shape):
-        keep = a[i]
-        a[i] = keep + eps
-        up = f()
-        a[i] = keep - eps
-        down = f()
-        a[i] = keep
-        g[i] = (up - down) / (2 * eps)
-    return g
 
 
 @pytest.mark.parametrize("act,variant,bias", list(itertools.product(ACTS, experts.VARIANTS, [False, True])))
@@ -430,24 +417,10 @@ def test_bad_combine_arguments(change, match):
 # ---------------------------------------------------------------- golden files
 
 
-def _values(x):
-    return golden.from_bf16_bits(x.bits) if isinstance(x, golden.Bf16Bits) else np.asarray(x)
-
-
 @pytest.mark.parametrize("case", experts_golden.CASES, ids=lambda c: c.name)
 def test_golden_file_up_to_date(case):
     """The committed file equals what the generator makes now."""
-    path = experts_golden.OUT_DIR / f"{case.name}.safetensors"
-    if not path.exists():
-        pytest.skip(f"{path} not generated; run python_ref/experts_golden.py")
-    tensors, metadata = golden.read(path)
-    expect, expect_meta = experts_golden.build(case)
-    assert metadata == expect_meta
-    assert sorted(tensors) == sorted(expect)
-    for name, value in expect.items():
-        v = _values(value)
-        assert tensors[name].dtype == v.dtype, name
-        np.testing.assert_array_equal(tensors[name], v, err_msg=name)
+    golden.assert_up_to_date(experts_golden, case, missing=pytest.skip)
 
 
 @pytest.mark.parametrize("case", experts_golden.CASES, ids=lambda c: c.name)
@@ -455,7 +428,7 @@ def test_golden_file_is_consistent(case):
     """Independent checks on the stored tensors: plan shape, the h/y/out
     relations, dtype rounding and the kind of plan the case promises."""
     tensors, metadata = experts_golden.build(case)
-    t = {name: _values(v) for name, v in tensors.items()}
+    t = {name: golden.values(v) for name, v in tensors.items()}
     E, k, Din, Dout = (int(metadata[key]) for key in ("E", "k", "Din", "Dout"))
     counts, ros = t["counts"].astype(int), t["row_of_slot"]
     R = int(counts.sum())

@@ -374,24 +374,10 @@ def test_bad_shapes():
 # ---------------------------------------------------------------- golden files
 
 
-def _values(x):
-    return golden.from_bf16_bits(x.bits) if isinstance(x, golden.Bf16Bits) else np.asarray(x)
-
-
 @pytest.mark.parametrize("case", routing_golden.CASES, ids=lambda c: c.name)
 def test_golden_file_up_to_date(case):
     """The committed file equals what the generator makes now."""
-    path = routing_golden.OUT_DIR / f"{case.name}.safetensors"
-    if not path.exists():
-        pytest.skip(f"{path} not generated; run python_ref/routing_golden.py")
-    tensors, metadata = golden.read(path)
-    expect, expect_meta = routing_golden.build(case)
-    assert metadata == expect_meta
-    assert sorted(tensors) == sorted(expect)
-    for name, value in expect.items():
-        v = _values(value)
-        assert tensors[name].dtype == v.dtype, name
-        np.testing.assert_array_equal(tensors[name], v, err_msg=name)
+    golden.assert_up_to_date(routing_golden, case, missing=pytest.skip)
 
 
 def test_golden_cases_cover_the_options():
@@ -402,5 +388,4 @@ def test_golden_cases_cover_the_options():
     assert any(c.k == "all" for c in cases) and any(c.E == 1 for c in cases)
     assert {0, 1} <= {c.T for c in cases}
     assert any(c.expert_mask and c.token_mask and c.bias != "none" for c in cases)
-    sizes = [path.stat().st_size for path in routing_golden.OUT_DIR.glob("*.safetensors")]
-    assert sum(sizes) < routing_golden.MAX_TOTAL_BYTES
+    assert golden.total_bytes(routing_golden.OUT_DIR) < routing_golden.MAX_TOTAL_BYTES

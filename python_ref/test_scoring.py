@@ -10,6 +10,7 @@ import pytest
 import golden
 import scoring
 import scoring_golden
+from gradcheck import central_differences
 
 MIXINGS = scoring.MIXINGS
 
@@ -456,21 +457,13 @@ def test_bad_shapes():
 # ---------------------------------------------------------------- gradients
 
 
-def _central_differences(f, arrays, step=1e-6):
-    """d f / d a for every array in `arrays` (modified in place and restored)."""
-    grads = []
-    for arr in arrays:
-        grad = np.zeros_like(arr)
-        for index in np.ndindex(arr.shape):
-            keep = arr[index]
-            arr[index] = keep + step
-            plus = f()
-            arr[index] = keep - step
-            minus = f()
-            arr[index] = keep
-            grad[index] = (plus - minus) / (2 * step)
-        grads.append(grad)
-    return grads
+def _assert_gradients(loss, args, bias, grads):
+    """(dU, dG, dX, ditem_bias) against central differences of loss()."""
+    arrays = (args["U"], args["G"], args["X"], bias)
+    fd = [central_differences(loss, arr) for arr in arrays]
+    for name, got, expect in zip(("dU", "dG", "dX", "ditem_bias"), grads, fd):
+        np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-8, err_msg=name)
+        assert np.abs(got).max() > 1e-3, name
 
 
 GRAD_GRID = list(itertools.product(MIXINGS, [False, True], [False, True]))
@@ -493,11 +486,7 @@ def test_scores_backward_matches_finite_differences(mixing, shared, options):
     def loss():
         return float((ds * scoring.scores(**args, **opts, item_bias=bias))[:, eligible].sum())
 
-    du, dg, dx, db = scoring.scores_backward(ds, **args, **opts, item_bias=bias)
-    fd = _central_differences(loss, [args["U"], args["G"], args["X"], bias])
-    for name, got, expect in zip(("dU", "dG", "dX", "ditem_bias"), (du, dg, dx, db), fd):
-        np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-8, err_msg=name)
-        assert np.abs(got).max() > 1e-3, name
+    _assert_gradients(loss, args, bias, scoring.scores_backward(ds, **args, **opts, item_bias=bias))
 
 
 @pytest.mark.parametrize("mixing,shared,options", GRAD_GRID)
@@ -517,10 +506,7 @@ def test_cross_entropy_backward_matches_finite_differences(mixing, shared, optio
         return float(dloss @ scoring.cross_entropy(targets, **args, **opts, item_bias=bias)[0])
 
     du, dg, dx, db = scoring.cross_entropy_backward(dloss, targets, **args, **opts, item_bias=bias)
-    fd = _central_differences(loss, [args["U"], args["G"], args["X"], bias])
-    for name, got, expect in zip(("dU", "dG", "dX", "ditem_bias"), (du, dg, dx, db), fd):
-        np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-8, err_msg=name)
-        assert np.abs(got).max() > 1e-3, name
+    _assert_gradients(loss, args, bias, (du, dg, dx, db))
     if options:
         assert np.all(du[2] == 0) and np.all(dg[2] == 0)
         assert np.all(db[[0, 3]] == 0)
@@ -530,31 +516,17 @@ def test_cross_entropy_backward_matches_finite_differences(mixing, shared, optio
 # ---------------------------------------------------------------- golden files
 
 
-def _values(x):
-    return golden.from_bf16_bits(x.bits) if isinstance(x, golden.Bf16Bits) else np.asarray(x)
-
-
 @pytest.mark.parametrize("case", scoring_golden.CASES, ids=lambda c: c.name)
 def test_golden_file_up_to_date(case):
     """The committed file equals what the generator makes now."""
-    path = scoring_golden.OUT_DIR / f"{case.name}.safetensors"
-    if not path.exists():
-        pytest.fail(f"{path} not generated; run python_ref/scoring_golden.py")
-    tensors, metadata = golden.read(path)
-    expect, expect_meta = scoring_golden.build(case)
-    assert metadata == expect_meta
-    assert sorted(tensors) == sorted(expect)
-    for name, value in expect.items():
-        v = _values(value)
-        assert tensors[name].dtype == v.dtype, name
-        np.testing.assert_array_equal(tensors[name], v, err_msg=name)
+    golden.assert_up_to_date(scoring_golden, case, missing=pytest.fail)
 
 
 @pytest.mark.parametrize("case", scoring_golden.CASES, ids=lambda c: c.name)
 def test_golden_file_matches_reference_from_stored_inputs(case):
     """Re-derive the expected outputs from the stored inputs alone, as the Rust
     tests will, so the file is self-consistent."""
-    t, meta = golden.read(scoring_golden.OUT_DIR / f"{case.name}.safetensors")
+    t, meta = golden.read(golden.case_path(scoring_golden.OUT_DIR, case))
     f64 = lambda name: t[name].astype(np.float64)  # noqa: E731
     ignore = None if meta["ignore"] == "none" else int(meta["ignore"])
     opts = dict(
@@ -565,7 +537,7 @@ def test_golden_file_matches_reference_from_stored_inputs(case):
     )
     args = dict(U=f64("U"), G=f64("G"), X=f64("X"))
     assert (args["X"].ndim == 2) == (meta["shared"] == "true")
-    f32 = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
+    f32 = golden.f32
     np.testing.assert_array_equal(t["S"], f32(scoring.scores(**args, **opts)))
     loss, lse = scoring.cross_entropy(t["targets"], **args, **opts, ignore=ignore)
     np.testing.assert_array_equal(t["loss"], f32(loss))
@@ -605,5 +577,4 @@ def test_golden_cases_cover_the_options():
     assert any(c.ignore is not None and c.ignore >= c.V for c in cases)
     assert any(c.ignore is not None and c.ignore < c.V for c in cases)
     assert {c.inputs for c in cases} >= {"normal", "ties", "large"}
-    sizes = [path.stat().st_size for path in scoring_golden.OUT_DIR.glob("*.safetensors")]
-    assert sum(sizes) < scoring_golden.MAX_TOTAL_BYTES
+    assert golden.total_bytes(scoring_golden.OUT_DIR) < scoring_golden.MAX_TOTAL_BYTES

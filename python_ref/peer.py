@@ -1,0 +1,179 @@
+"""What every PyTorch peer benchmark (`<op>_torch_peer.py`) shares: the common
+command-line flags, CUDA-event timing, the copy-bandwidth yardstick of the
+floors (DESIGN 5), the run's identity fields and the JSON-lines output.
+
+torch is imported inside the functions that need it, so this module (and the
+peers) import without torch, as pytest collection in python_ref/ does.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+
+__all__ = [
+    "log",
+    "argument_parser",
+    "parse_args",
+    "run_info",
+    "median_ms",
+    "copy_gbps",
+    "l2_bytes",
+    "rotations",
+    "top_ks",
+    "JsonLines",
+]
+
+
+def log(msg):
+    """A note on stderr (skipped shapes, measured rates)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def argument_parser(doc):
+    """The parser of a peer, described by the first line of its docstring."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0])
+
+
+def parse_args(ap, op, *, iters, min_iters, warmup=None):
+    """Add the flags every peer has, parse, check them and that CUDA is there.
+
+    `--warmup` (untimed calls, default `warmup`; left out where None), `--iters`
+    (timed calls, default `iters`, at least `min_iters` for the median) and
+    `--out` (a file the JSON lines are also appended to).
+    """
+    import torch
+
+    if warmup is not None:
+        ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--iters", type=int, default=iters, help=f"timed iterations (>= {min_iters})")
+    ap.add_argument("--out", help="append the JSON lines to this file")
+    args = ap.parse_args()
+    if args.iters < min_iters:
+        ap.error(f"--iters: expected >= {min_iters} (the median needs them)")
+    if not torch.cuda.is_available():
+        sys.exit(f"{op}_torch_peer: no CUDA device")
+    return args
+
+
+def _commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def run_info(*, commit=True):
+    """The fields that say where and how a record was made: device, commit
+    (the short HEAD, or "unknown"; left out with commit=False), date (UTC) and
+    command (the command line, shell-quoted)."""
+    import torch
+
+    info = dict(device=torch.cuda.get_device_name(torch.device("cuda")))
+    if commit:
+        info["commit"] = _commit()
+    info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    info["command"] = shlex.join(["python", *sys.argv])
+    return info
+
+
+def median_ms(step, warmup, iters, *, back_to_back=False, sync_warmup=False):
+    """Median CUDA-event time in ms of `step(i)`, i in range(iters), after the
+    untimed calls `step(i)`, i in range(warmup).
+
+    By default each call has its own pair of events and is waited for before
+    the next. back_to_back records every call and its events first and
+    synchronises once, so the calls run back to back on the device.
+    sync_warmup waits for the warmup calls before the first timed one.
+    """
+    import torch
+
+    for i in range(warmup):
+        step(i)
+    if sync_warmup:
+        torch.cuda.synchronize()
+    if back_to_back:
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(iters)
+        ]
+        for i, (start, stop) in enumerate(events):
+            start.record()
+            step(i)
+            stop.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(stop) for start, stop in events)
+    times = []
+    for i in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        stop = torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(i)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def copy_gbps(warmup, iters, **timing):
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus
+    written, of a 1 GiB copy timed by `median_ms(..., **timing)`."""
+    import torch
+
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda i: dst.copy_(src), warmup, iters, **timing)
+    del src, dst
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def l2_bytes():
+    """The device's L2 size (50 MiB where torch does not say)."""
+    import torch
+
+    return getattr(torch.cuda.get_device_properties(torch.device("cuda")), "L2_cache_size", 50 << 20)
+
+
+def rotations(working_bytes, budget_bytes, most):
+    """How many copies of a working set to rotate over so that the calls
+    together touch `budget_bytes` (and each starts cold): 1 to `most`."""
+    return max(1, min(most, math.ceil(budget_bytes / max(working_bytes, 1))))
+
+
+def top_ks(ks, experts):
+    """The distinct k of `--k` values (ints, or "all" for every expert) that
+    fit `experts` experts, ascending."""
+    resolved = sorted({experts if k == "all" else int(k) for k in ks})
+    return [k for k in resolved if 1 <= k <= experts]
+
+
+class JsonLines:
+    """Where records go: each is printed as one JSON line on stdout and, when
+    `path` is given, appended to that file. Use as a context manager."""
+
+    def __init__(self, path):
+        self.file = open(path, "a") if path else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+            self.file = None
+
+    def emit(self, record):
+        line = json.dumps(record)
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
