@@ -3,6 +3,7 @@
 //! `kernels/<op>.cu`.
 
 pub mod embedding;
+pub mod routing;
 pub mod scoring;
 
 use crate::error::{Error, Result};
@@ -18,4 +19,9 @@ pub(crate) fn check_len(argument: &'static str, actual: usize, expected: usize) 
             actual: format!("{actual} elements"),
         })
     }
+}
+
+/// A size as a 32-bit kernel argument.
+pub(crate) fn u32_arg(argument: &'static str, value: usize) -> Result<u32> {
+    u32::try_from(value).map_err(|_| Error::invalid(argument, format!("{value} does not fit in 32 bits")))
 }

@@ -8,7 +8,7 @@ use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
 use crate::grouping::cuda::group_by_key;
 pub use crate::grouping::cuda::DeviceGroups as GroupedIds;
-use crate::ops::check_len;
+use crate::ops::{check_len, u32_arg};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, PushKernelArg};
 use std::sync::Arc;
 
@@ -20,10 +20,6 @@ const FORWARD_UNITS_PER_BLOCK: u64 = 2048;
 /// there is no padding.
 fn padding_arg(padding: Option<u32>) -> u64 {
     padding.map_or(u64::MAX, u64::from)
-}
-
-fn u32_arg(argument: &'static str, value: usize) -> Result<u32> {
-    u32::try_from(value).map_err(|_| Error::invalid(argument, format!("{value} does not fit in 32 bits")))
 }
 
 /// The widest copy unit (bytes) that divides the row and both base pointers.

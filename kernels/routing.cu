@@ -1,0 +1,515 @@
+// Top-k routing (DESIGN 4.2) over logits Z [T, E]: scores, selection, weights,
+// the dispatch plan, the statistics, and the backward.
+//
+// Layout: a group of G lanes (G = min(32, next power of two >= E): a warp, or
+// part of one for small E) owns one token row at a time, and lane l owns the
+// experts c = l, l + G, ... The row is staged in shared memory, so each logit
+// is read from global memory once; src/ops/routing/cuda.rs sizes the blocks so
+// that their groups' rows fit.
+//
+// routing_forward_<dtype>   one pass over Z: the non-finite check, max and sum
+//     of exponentials (softmax) or sum of sigmoids, the k largest selection
+//     keys (k rounds of a group arg-max when k is small, else each expert's
+//     rank), the weights, and the row's share of the statistics. Each group
+//     keeps per-expert sums in shared memory and each block writes them as one
+//     partial row [2E + 1]; routing_reduce_partials sums the partial rows in a
+//     fixed order and routing_finalize turns the sums into losses. No float
+//     atomics: every statistic is bitwise reproducible.
+//     Floor: T*E*size bytes read, T*k*8 written, plus the plan.
+// routing_plan_counts, routing_plan_rows   counts, offsets, token_of_row and
+//     row_of_slot from the groups that the grouping primitive (grouping.cu)
+//     makes of the (token, slot) positions keyed by expert.
+// routing_backward_<dtype>  one pass over Z in the same layout: dZ [T, E] f32.
+//     Floor: T*E*size bytes read, T*E*4 written.
+//
+// Selection keys are float32(z) + bias with -0 read as +0, mapped to unsigned
+// integers of the same order; (key, ~expert) packed in 64 bits orders experts
+// by key, ties to the lower index, exactly as the CPU backend does.
+#include "common.cuh"
+
+namespace {
+constexpr uint32_t kNone = 0xffffffffu;  // u32::MAX: no expert, no row, no slot
+constexpr uint32_t kSigmoid = 1u;
+constexpr uint32_t kRenormalize = 2u;
+constexpr uint32_t kRankSelection = 4u;
+// 4-byte words per expert in each group's shared memory (FORWARD_ROW_WORDS and
+// BACKWARD_ROW_WORDS in src/ops/routing/cuda.rs).
+constexpr uint32_t kForwardWords = 5;   // logit, key, slot, share, gate
+constexpr uint32_t kBackwardWords = 2;  // logit, dL/dp
+constexpr int kFinalizeThreads = 256;
+
+extern __shared__ float shared_words[];
+
+__device__ __forceinline__ float positive_infinity() { return __int_as_float(0x7f800000); }
+
+// The G lanes that own one row; G is a power of two <= 32 and blocks hold
+// whole warps, so a group never straddles two warps.
+struct Group {
+  uint32_t size;
+  uint32_t lane;
+  uint32_t mask;
+
+  __device__ void sync() const { __syncwarp(mask); }
+  __device__ bool any(bool predicate) const { return __any_sync(mask, predicate); }
+  // Butterfly reductions: every lane combines the same pairs, so every lane
+  // ends with the same bits.
+  __device__ float sum(float value) const {
+    for (uint32_t offset = size / 2; offset > 0; offset >>= 1) value += __shfl_xor_sync(mask, value, offset, size);
+    return value;
+  }
+  __device__ float max(float value) const {
+    for (uint32_t offset = size / 2; offset > 0; offset >>= 1) {
+      value = fmaxf(value, __shfl_xor_sync(mask, value, offset, size));
+    }
+    return value;
+  }
+  __device__ unsigned long long max(unsigned long long value) const {
+    for (uint32_t offset = size / 2; offset > 0; offset >>= 1) {
+      const unsigned long long other = __shfl_xor_sync(mask, value, offset, size);
+      value = other > value ? other : value;
+    }
+    return value;
+  }
+};
+
+__device__ __forceinline__ Group make_group(uint32_t size) {
+  const uint32_t lane_in_warp = threadIdx.x & 31;
+  const uint32_t first = lane_in_warp & ~(size - 1);
+  const uint32_t mask = size == 32 ? 0xffffffffu : ((1u << size) - 1) << first;
+  return Group{size, lane_in_warp - first, mask};
+}
+
+__device__ __forceinline__ bool is_active(const uint32_t* expert_mask, uint32_t expert) {
+  return expert_mask == nullptr || expert_mask[expert] != 0;
+}
+
+// Overflow-free logistic function (sigmoid(-inf) = 0).
+__device__ __forceinline__ float sigmoid_of(float z) {
+  if (z >= 0.0f) return 1.0f / (1.0f + expf(-z));
+  const float e = expf(z);
+  return e / (1.0f + e);
+}
+
+// float32(z) + bias as an unsigned integer of the same order; -0 reads as +0.
+__device__ __forceinline__ uint32_t selection_key(float z, float bias) {
+  uint32_t bits = __float_as_uint(z + bias);
+  if ((bits << 1) == 0) bits = 0;
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// Larger candidate = selected first: larger key, then lower expert. 0 (key 0,
+// kept for inactive experts) is below every candidate and never selected.
+__device__ __forceinline__ unsigned long long candidate(uint32_t key, uint32_t expert) {
+  return key == 0 ? 0ull : (static_cast<unsigned long long>(key) << 32) | static_cast<uint32_t>(~expert);
+}
+
+struct RowStats {
+  float max;        // of the active logits
+  float sum_exp;    // sum of exp(z - max) over the active logits
+  float score_sum;  // sum of the scores: 1 for softmax, the sigmoids' sum
+
+  __device__ float softmax(float z) const { return expf(z - max) / sum_exp; }
+  __device__ float score(float z, bool sigmoid) const { return sigmoid ? sigmoid_of(z) : softmax(z); }
+  // q = p / sum of p, the row's share of expert z's load (0 when the sum is 0).
+  __device__ float share(float z, bool sigmoid) const {
+    return score_sum > 0.0f ? score(z, sigmoid) / score_sum : 0.0f;
+  }
+  __device__ float lse() const { return max + logf(sum_exp); }
+};
+
+// Stages a row in z_row (this lane's experts), reports the lowest NaN/+inf
+// active logit, or the first active column of a row whose active logits are
+// all -inf, at flat position row_position + column, and returns the row's
+// statistics (garbage, but harmless, for a reported row).
+template <typename T>
+__device__ RowStats load_row(const T* row, const uint32_t* expert_mask, uint32_t experts, uint32_t first_active,
+                             bool sigmoid, unsigned long long row_position, const Group& group, float* z_row,
+                             unsigned long long* status) {
+  float row_max = -positive_infinity();
+  bool non_finite = false;
+  for (uint32_t c = group.lane; c < experts; c += group.size) {
+    const float z = moerec::to_f32(row[c]);
+    z_row[c] = z;
+    if (!is_active(expert_mask, c)) continue;
+    if (isnan(z) || z == positive_infinity()) {
+      // The lane's first bad column is its lowest; the status keeps the lowest of all.
+      if (!non_finite) moerec::report_position(status, row_position + c);
+      non_finite = true;
+    }
+    row_max = fmaxf(row_max, z);
+  }
+  row_max = group.max(row_max);
+  non_finite = group.any(non_finite);
+  if (!non_finite && row_max == -positive_infinity() && group.lane == 0) {
+    moerec::report_position(status, row_position + first_active);
+  }
+  float sum_exp = 0.0f;
+  float score_sum = 0.0f;
+  for (uint32_t c = group.lane; c < experts; c += group.size) {
+    if (!is_active(expert_mask, c)) continue;
+    sum_exp += expf(z_row[c] - row_max);
+    if (sigmoid) score_sum += sigmoid_of(z_row[c]);
+  }
+  return RowStats{row_max, group.sum(sum_exp), sigmoid ? group.sum(score_sum) : 1.0f};
+}
+
+// slots[c] = c's rank among the active keys when it is below k. Reads every
+// lane's keys: the caller has staged them and synchronised the group.
+__device__ void select_by_rank(const uint32_t* keys, uint32_t* slots, uint32_t experts, uint32_t k,
+                               const Group& group) {
+  for (uint32_t c = group.lane; c < experts; c += group.size) {
+    const unsigned long long mine = candidate(keys[c], c);
+    if (mine == 0) continue;
+    uint32_t rank = 0;
+    for (uint32_t j = 0; j < experts; ++j) rank += candidate(keys[j], j) > mine ? 1u : 0u;
+    if (rank < k) slots[c] = rank;
+  }
+}
+
+// Round j finds the largest candidate below round j - 1's and gives its
+// owner slot j. Reads only this lane's keys.
+__device__ void select_by_rounds(const uint32_t* keys, uint32_t* slots, uint32_t experts, uint32_t k,
+                                 const Group& group) {
+  unsigned long long previous = ~0ull;
+  for (uint32_t j = 0; j < k; ++j) {
+    unsigned long long best = 0;
+    for (uint32_t c = group.lane; c < experts; c += group.size) {
+      const unsigned long long mine = candidate(keys[c], c);
+      if (mine < previous && mine > best) best = mine;
+    }
+    best = group.max(best);
+    if (best == 0) return;  // fewer candidates than k: only on input the op API refuses
+    previous = best;
+    const uint32_t winner = ~static_cast<uint32_t>(best);
+    if (winner % group.size == group.lane) slots[winner] = j;
+  }
+}
+
+struct RowOutputs {
+  uint32_t* indices;      // the row's k indices
+  float* weights;         // the row's k weights
+  uint32_t* expert_keys;  // the row's k grouping keys
+};
+
+// Writes each selected expert into its slot and adds its weight to the group's
+// gate mass. Each lane handles its own experts.
+__device__ void write_selection(const float* z_row, const uint32_t* slots, const RowStats& stats, bool sigmoid,
+                                bool renormalize, uint32_t experts, const Group& group, const RowOutputs& out,
+                                float* gate) {
+  float selected_sum = 0.0f;
+  if (renormalize) {
+    for (uint32_t c = group.lane; c < experts; c += group.size) {
+      if (slots[c] != kNone) selected_sum += stats.score(z_row[c], sigmoid);
+    }
+    selected_sum = group.sum(selected_sum);
+  }
+  for (uint32_t c = group.lane; c < experts; c += group.size) {
+    const uint32_t slot = slots[c];
+    if (slot == kNone) continue;
+    const float p = stats.score(z_row[c], sigmoid);
+    const float weight = !renormalize ? p : (selected_sum > 0.0f ? p / selected_sum : 0.0f);
+    out.indices[slot] = c;
+    out.weights[slot] = weight;
+    out.expert_keys[slot] = c;
+    gate[c] += weight;
+  }
+}
+
+// Group g of block b routes rows b * groups * rows_per_group + g + i * groups
+// for i < rows_per_group, so how the statistics are summed depends on the
+// shapes only. Partial row b: [share sums (E), gate sums (E), z-loss sum].
+template <typename T>
+__device__ void route_forward(const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask,
+                              const float* selection_bias, unsigned long long tokens, uint32_t experts, uint32_t k,
+                              uint32_t first_active, uint32_t flags, uint32_t group_size, uint32_t rows_per_group,
+                              uint32_t* indices, float* weights, uint32_t* expert_keys, float* partials,
+                              unsigned long long* status) {
+  const Group group = make_group(group_size);
+  const uint32_t groups = blockDim.x / group_size;
+  const uint32_t g = threadIdx.x / group_size;
+  const uint32_t group_words = kForwardWords * experts;
+  float* z_row = shared_words + g * group_words;
+  uint32_t* keys = reinterpret_cast<uint32_t*>(z_row + experts);
+  uint32_t* slots = keys + experts;
+  float* share = z_row + 3 * experts;
+  float* gate = z_row + 4 * experts;
+  float* group_z = shared_words + groups * group_words;
+  const bool sigmoid = (flags & kSigmoid) != 0;
+  const bool renormalize = (flags & kRenormalize) != 0;
+
+  for (uint32_t c = group.lane; c < experts; c += group_size) {
+    share[c] = 0.0f;
+    gate[c] = 0.0f;
+  }
+  float z_sum = 0.0f;
+  const unsigned long long first_row = static_cast<unsigned long long>(blockIdx.x) * groups * rows_per_group + g;
+  for (uint32_t i = 0; i < rows_per_group; ++i) {
+    const unsigned long long t = first_row + static_cast<unsigned long long>(i) * groups;
+    if (t >= tokens) break;
+    group.sync();  // the previous row's readers of keys[] are done
+    const RowOutputs out{indices + t * k, weights + t * k, expert_keys + t * k};
+    const uint32_t token_flag = token_mask == nullptr ? 1u : token_mask[t];
+    if (token_flag > 1u && group.lane == 0) moerec::report_position(status + 1, t);
+    if (token_flag != 1u) {
+      for (uint32_t j = group.lane; j < k; j += group_size) {
+        out.indices[j] = kNone;
+        out.weights[j] = 0.0f;
+        out.expert_keys[j] = experts;  // the grouping sentinel: no row
+      }
+      continue;
+    }
+    const RowStats stats = load_row(logits + t * experts, expert_mask, experts, first_active, sigmoid,
+                                    t * experts, group, z_row, status);
+    const float lse = stats.lse();
+    z_sum += lse * lse;
+    for (uint32_t c = group.lane; c < experts; c += group_size) {
+      slots[c] = kNone;
+      keys[c] = 0u;
+      if (!is_active(expert_mask, c)) continue;
+      keys[c] = selection_key(z_row[c], selection_bias == nullptr ? 0.0f : selection_bias[c]);
+      share[c] += stats.share(z_row[c], sigmoid);
+    }
+    if (flags & kRankSelection) {
+      group.sync();  // every lane's keys are staged
+      select_by_rank(keys, slots, experts, k, group);
+    } else {
+      select_by_rounds(keys, slots, experts, k, group);
+    }
+    write_selection(z_row, slots, stats, sigmoid, renormalize, experts, group, out, gate);
+  }
+
+  __syncthreads();
+  if (group.lane == 0) group_z[g] = z_sum;
+  __syncthreads();
+  const uint32_t columns = 2 * experts + 1;
+  float* partial = partials + static_cast<unsigned long long>(blockIdx.x) * columns;
+  for (uint32_t e = threadIdx.x; e < experts; e += blockDim.x) {
+    float share_sum = 0.0f;
+    float gate_sum = 0.0f;
+    for (uint32_t h = 0; h < groups; ++h) {
+      share_sum += shared_words[h * group_words + 3 * experts + e];
+      gate_sum += shared_words[h * group_words + 4 * experts + e];
+    }
+    partial[e] = share_sum;
+    partial[experts + e] = gate_sum;
+  }
+  if (threadIdx.x == 0) {
+    float z_total = 0.0f;
+    for (uint32_t h = 0; h < groups; ++h) z_total += group_z[h];
+    partial[2 * experts] = z_total;
+  }
+}
+
+// grad[e] += dL/dp_e of sum_j dweights[j] * weights[j] (the row's selected
+// experts; renormalised weights w_j = p_j / S give (dw_j - <dw, w>) / S).
+__device__ void add_weight_gradient(const float* z_row, float* grad, const uint32_t* row_indices,
+                                    const float* row_dweights, uint32_t k, uint32_t experts, const RowStats& stats,
+                                    bool sigmoid, bool renormalize, const Group& group) {
+  float selected_sum = 0.0f;
+  float weighted = 0.0f;
+  if (renormalize) {
+    for (uint32_t j = group.lane; j < k; j += group.size) {
+      const uint32_t e = row_indices[j];
+      if (e < experts) selected_sum += stats.score(z_row[e], sigmoid);
+    }
+    selected_sum = group.sum(selected_sum);
+    for (uint32_t j = group.lane; j < k; j += group.size) {
+      const uint32_t e = row_indices[j];
+      if (e < experts && selected_sum > 0.0f) {
+        weighted += row_dweights[j] * (stats.score(z_row[e], sigmoid) / selected_sum);
+      }
+    }
+    weighted = group.sum(weighted);
+  }
+  for (uint32_t j = group.lane; j < k; j += group.size) {
+    const uint32_t e = row_indices[j];
+    if (e >= experts) continue;
+    const float dw = row_dweights[j];
+    grad[e] += !renormalize ? dw : (selected_sum > 0.0f ? (dw - weighted) / selected_sum : 0.0f);
+  }
+}
+
+// dZ of sum(dweights * weights) + lb_coef * lb_loss + z_coef * z_loss with the
+// selection and the load fractions held fixed. grad_scales [E + 1] holds
+// E' * f_e / T' per expert (0 when inactive) and 1 / T' last.
+template <typename T>
+__device__ void route_backward(const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask,
+                               const uint32_t* indices, const float* dweights, const float* grad_scales,
+                               float lb_coef, float z_coef, unsigned long long tokens, uint32_t experts, uint32_t k,
+                               uint32_t first_active, uint32_t flags, uint32_t group_size, float* dlogits,
+                               unsigned long long* status) {
+  const Group group = make_group(group_size);
+  const uint32_t groups = blockDim.x / group_size;
+  const uint32_t g = threadIdx.x / group_size;
+  float* z_row = shared_words + g * kBackwardWords * experts;
+  float* grad = z_row + experts;  // dL/dp
+  const bool sigmoid = (flags & kSigmoid) != 0;
+  const bool renormalize = (flags & kRenormalize) != 0;
+  const float inv_valid = grad_scales[experts];
+  const unsigned long long group_stride = static_cast<unsigned long long>(gridDim.x) * groups;
+  for (unsigned long long t = static_cast<unsigned long long>(blockIdx.x) * groups + g; t < tokens;
+       t += group_stride) {
+    group.sync();  // the previous row's readers of z_row[] and grad[] are done
+    float* out = dlogits + t * experts;
+    if (token_mask != nullptr && token_mask[t] != 1u) {
+      for (uint32_t c = group.lane; c < experts; c += group_size) out[c] = 0.0f;
+      continue;
+    }
+    const RowStats stats = load_row(logits + t * experts, expert_mask, experts, first_active, sigmoid,
+                                    t * experts, group, z_row, status);
+    // Load balance: with c_e = lb_coef * grad_scales[e] and q = p / score_sum,
+    // dL/dp_e = (c_e - <c, q>) / score_sum.
+    float scaled_scores = 0.0f;
+    for (uint32_t c = group.lane; c < experts; c += group_size) {
+      if (is_active(expert_mask, c)) scaled_scores += lb_coef * grad_scales[c] * stats.score(z_row[c], sigmoid);
+    }
+    scaled_scores = group.sum(scaled_scores);
+    for (uint32_t c = group.lane; c < experts; c += group_size) {
+      const bool live = is_active(expert_mask, c) && stats.score_sum > 0.0f;
+      grad[c] = live ? (lb_coef * grad_scales[c] - scaled_scores / stats.score_sum) / stats.score_sum : 0.0f;
+    }
+    group.sync();  // grad[] and z_row[] of every lane are staged
+    add_weight_gradient(z_row, grad, indices + t * k, dweights + t * k, k, experts, stats, sigmoid, renormalize,
+                        group);
+    group.sync();
+    float grad_dot = 0.0f;  // <p, dL/dp>, for the softmax Jacobian
+    if (!sigmoid) {
+      for (uint32_t c = group.lane; c < experts; c += group_size) {
+        if (is_active(expert_mask, c)) grad_dot += stats.softmax(z_row[c]) * grad[c];
+      }
+      grad_dot = group.sum(grad_dot);
+    }
+    // z-loss: d lse^2 / dz = 2 lse softmax(z), averaged over the valid tokens.
+    const float z_scale = z_coef * 2.0f * stats.lse() * inv_valid;
+    for (uint32_t c = group.lane; c < experts; c += group_size) {
+      if (!is_active(expert_mask, c)) {
+        out[c] = 0.0f;
+        continue;
+      }
+      const float p = stats.score(z_row[c], sigmoid);
+      const float through_scores = sigmoid ? grad[c] * p * (1.0f - p) : p * (grad[c] - grad_dot);
+      out[c] = through_scores + z_scale * stats.softmax(z_row[c]);
+    }
+  }
+}
+}  // namespace
+
+#define MOEREC_ROUTING(suffix, T)                                                                                  \
+  extern "C" __global__ void routing_forward_##suffix(                                                             \
+      const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask, const float* selection_bias,       \
+      unsigned long long tokens, uint32_t experts, uint32_t k, uint32_t first_active, uint32_t flags,              \
+      uint32_t group_size, uint32_t rows_per_group, uint32_t* indices, float* weights, uint32_t* expert_keys,     \
+      float* partials, unsigned long long* status) {                                                                \
+    route_forward<T>(logits, expert_mask, token_mask, selection_bias, tokens, experts, k, first_active, flags,      \
+                     group_size, rows_per_group, indices, weights, expert_keys, partials, status);                 \
+  }                                                                                                                 \
+  extern "C" __global__ void routing_backward_##suffix(                                                            \
+      const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask, const uint32_t* indices,           \
+      const float* dweights, const float* grad_scales, float lb_coef, float z_coef, unsigned long long tokens,     \
+      uint32_t experts, uint32_t k, uint32_t first_active, uint32_t flags, uint32_t group_size, float* dlogits,    \
+      unsigned long long* status) {                                                                                 \
+    route_backward<T>(logits, expert_mask, token_mask, indices, dweights, grad_scales, lb_coef, z_coef, tokens,    \
+                      experts, k, first_active, flags, group_size, dlogits, status);                               \
+  }
+MOEREC_FOR_EACH_FLOAT(MOEREC_ROUTING)
+
+// totals[c] = sum over the forward's blocks b of partials[b, c], b in a fixed
+// order: row y of the 32x32 block sums b = y, y + 32, ..., then row 0 adds
+// the 32 partial sums in order.
+extern "C" __global__ void routing_reduce_partials(const float* partials, uint32_t blocks, uint32_t columns,
+                                                   float* totals) {
+  __shared__ float sums[32][33];
+  const uint32_t column = blockIdx.x * 32 + threadIdx.x;
+  float sum = 0.0f;
+  if (column < columns) {
+    for (uint32_t b = threadIdx.y; b < blocks; b += 32) {
+      sum += partials[static_cast<unsigned long long>(b) * columns + column];
+    }
+  }
+  sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && column < columns) {
+    float total = 0.0f;
+    for (int y = 0; y < 32; ++y) total += sums[y][threadIdx.x];
+    totals[column] = total;
+  }
+}
+
+// One block. From the summed statistics totals [2E + 1] and the plan: the gate
+// mass, lb_loss = E' * sum_e f_e * P_e with f_e = counts_e / R and
+// P_e = share_e / T', z_loss = (sum of lse^2) / T', and grad_scales [E + 1]
+// for the backward (E' * f_e / T' per active expert, then 1 / T'). T' = R / k.
+extern "C" __global__ void routing_finalize(const float* totals, const uint32_t* counts, const uint32_t* offsets,
+                                            const uint32_t* expert_mask, uint32_t experts, uint32_t k,
+                                            uint32_t active_experts, float* gate_mass, float* lb_loss,
+                                            float* z_loss, float* grad_scales) {
+  __shared__ float warp_sums[kFinalizeThreads / 32];
+  const uint32_t rows = offsets[experts];
+  const float valid_tokens = static_cast<float>(rows / k);
+  float balance = 0.0f;
+  for (uint32_t e = threadIdx.x; e < experts; e += kFinalizeThreads) {
+    gate_mass[e] = totals[experts + e];
+    const float fraction = rows > 0 ? static_cast<float>(counts[e]) / static_cast<float>(rows) : 0.0f;
+    const float mean_share = valid_tokens > 0.0f ? totals[e] / valid_tokens : 0.0f;
+    balance += fraction * mean_share;
+    const bool live = is_active(expert_mask, e) && valid_tokens > 0.0f;
+    grad_scales[e] = live ? static_cast<float>(active_experts) * fraction / valid_tokens : 0.0f;
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) balance += __shfl_xor_sync(0xffffffffu, balance, offset);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = balance;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int w = 0; w < kFinalizeThreads / 32; ++w) total += warp_sums[w];
+    const bool any_valid = valid_tokens > 0.0f;
+    *lb_loss = any_valid ? static_cast<float>(active_experts) * total : 0.0f;
+    *z_loss = any_valid ? totals[2 * experts] / valid_tokens : 0.0f;
+    grad_scales[experts] = any_valid ? 1.0f / valid_tokens : 0.0f;
+  }
+}
+
+// counts [E] and offsets [E + 1] from the groups (keys ascending, starts into
+// the grouped order): offsets[e] is the start of the first group whose key is
+// >= e. rows_out receives R = offsets[E], the number of dispatched rows.
+extern "C" __global__ void routing_plan_counts(const uint32_t* group_keys, const uint32_t* group_starts,
+                                               const uint32_t* group_count, uint32_t experts, uint32_t* counts,
+                                               uint32_t* offsets, unsigned long long* rows_out) {
+  const uint32_t count = *group_count;
+  for (unsigned long long i = moerec::global_thread_index(); i <= experts; i += moerec::global_thread_count()) {
+    const uint32_t e = static_cast<uint32_t>(i);
+    uint32_t lo = 0;
+    uint32_t hi = count;
+    while (lo < hi) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      if (group_keys[mid] < e) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    offsets[e] = group_starts[lo];
+    if (e < experts) {
+      counts[e] = lo < count && group_keys[lo] == e ? group_starts[lo + 1] - group_starts[lo] : 0u;
+    } else {
+      *rows_out = group_starts[lo];
+    }
+  }
+}
+
+// order is the grouped permutation of the T*k (token, slot) positions: its
+// first R entries are the dispatched rows, the rest the invalid tokens' slots.
+extern "C" __global__ void routing_plan_rows(const uint32_t* order, uint32_t slots, uint32_t k,
+                                             const uint32_t* offsets, uint32_t experts, uint32_t* token_of_row,
+                                             uint32_t* row_of_slot) {
+  const uint32_t rows = offsets[experts];
+  for (unsigned long long r = moerec::global_thread_index(); r < slots; r += moerec::global_thread_count()) {
+    const uint32_t slot = order[r];
+    if (r < rows) {
+      token_of_row[r] = slot / k;
+      row_of_slot[slot] = static_cast<uint32_t>(r);
+    } else {
+      row_of_slot[slot] = kNone;
+    }
+  }
+}

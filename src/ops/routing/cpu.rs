@@ -1,0 +1,501 @@
+//! Routing on the host, on borrowed slices: rayon over chunks of token rows.
+//! Per-expert statistics are summed per chunk, then over the chunks in order,
+//! so the result does not depend on the thread count.
+
+use super::{
+    check_selection_bias, mask_value_error, non_finite, LossCoefficients, RoutingBuffers, RoutingConfig, Score, TopK,
+};
+use crate::dtype::FloatElement;
+use crate::error::{Error, Result};
+use crate::grouping::cpu::group_by_key;
+use crate::ops::check_len;
+use rayon::prelude::*;
+
+/// Token rows per chunk of the forward: the partition of every statistic's sum.
+const CHUNK_ROWS: usize = 256;
+
+/// The forward's outputs on the host.
+pub type HostRouting = RoutingBuffers<Vec<u32>, Vec<f32>>;
+
+/// float32(z) + bias as an unsigned integer of the same order; -0 reads as +0
+/// (as `selection_key` in kernels/routing.cu).
+fn selection_key(z: f32, bias: f32) -> u32 {
+    let bits = (z + bias).to_bits();
+    let bits = if bits << 1 == 0 { 0 } else { bits };
+    if bits & 0x8000_0000 != 0 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    }
+}
+
+/// Larger = selected first: larger key, then lower expert.
+fn candidate(key: u32, expert: usize) -> u64 {
+    (u64::from(key) << 32) | u64::from(!(expert as u32))
+}
+
+/// Overflow-free logistic function (sigmoid(-inf) = 0).
+fn sigmoid(z: f32) -> f32 {
+    if z >= 0.0 {
+        1.0 / (1.0 + (-z).exp())
+    } else {
+        let e = z.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// A row's statistics over its active logits.
+struct RowStats {
+    max: f32,
+    sum_exp: f32,
+    /// The sum of the scores: 1 for softmax, the sigmoids' sum.
+    score_sum: f32,
+    score: Score,
+}
+
+impl RowStats {
+    /// The active logits of a row, or the column to report as non-finite:
+    /// the lowest NaN/+inf one, else the first active one if all are -inf.
+    fn of<T: FloatElement>(row: &[T], active: &[usize], score: Score) -> std::result::Result<RowStats, usize> {
+        let mut max = f32::NEG_INFINITY;
+        for &c in active {
+            let z = row[c].to_f32();
+            if z.is_nan() || z == f32::INFINITY {
+                return Err(c);
+            }
+            max = max.max(z);
+        }
+        if max == f32::NEG_INFINITY {
+            return Err(active[0]);
+        }
+        let sum_exp = active.iter().map(|&c| (row[c].to_f32() - max).exp()).sum();
+        let score_sum = match score {
+            Score::Softmax => 1.0,
+            Score::Sigmoid => active.iter().map(|&c| sigmoid(row[c].to_f32())).sum(),
+        };
+        Ok(RowStats {
+            max,
+            sum_exp,
+            score_sum,
+            score,
+        })
+    }
+
+    fn softmax(&self, z: f32) -> f32 {
+        (z - self.max).exp() / self.sum_exp
+    }
+
+    fn score(&self, z: f32) -> f32 {
+        match self.score {
+            Score::Softmax => self.softmax(z),
+            Score::Sigmoid => sigmoid(z),
+        }
+    }
+
+    /// q = p / (sum of p), 0 when the sum is 0.
+    fn share(&self, z: f32) -> f32 {
+        if self.score_sum > 0.0 {
+            self.score(z) / self.score_sum
+        } else {
+            0.0
+        }
+    }
+
+    fn lse(&self) -> f32 {
+        self.max + self.sum_exp.ln()
+    }
+}
+
+/// The active experts, ascending.
+fn active_list(expert_mask: Option<&[u32]>, experts: usize) -> Vec<usize> {
+    (0..experts)
+        .filter(|&c| expert_mask.map_or(true, |mask| mask[c] == 1))
+        .collect()
+}
+
+/// Checks the backend operands against `config`: lengths, mask values and the
+/// active experts.
+fn check_operands<T>(
+    logits: &[T],
+    expert_mask: Option<&[u32]>,
+    token_mask: Option<&[u32]>,
+    config: &RoutingConfig,
+) -> Result<()> {
+    let checked = RoutingConfig::new(
+        config.tokens,
+        config.experts,
+        TopK::K(config.k),
+        config.score,
+        config.renormalize,
+        expert_mask,
+    )?;
+    if checked != *config {
+        return Err(Error::invalid(
+            "config",
+            format!("{config:?} does not match the expert mask, which gives {checked:?}"),
+        ));
+    }
+    check_len("logits", logits.len(), config.tokens * config.experts)?;
+    if let Some(mask) = token_mask {
+        check_len("token_mask", mask.len(), config.tokens)?;
+        if let Some(position) = mask.iter().position(|&m| m > 1) {
+            return Err(mask_value_error("token_mask", position, mask[position]));
+        }
+    }
+    Ok(())
+}
+
+/// Per-expert sums over one chunk of rows.
+struct ChunkSums {
+    /// Sum over the rows of q = p / (sum of p), per expert.
+    share: Vec<f32>,
+    /// Sum of the weights routed to each expert.
+    gate: Vec<f32>,
+    /// Sum of lse^2.
+    z: f32,
+    /// The chunk's first non-finite (row, column).
+    non_finite: Option<(usize, usize)>,
+}
+
+/// The operands of one forward, borrowed.
+struct Forward<'a, T> {
+    logits: &'a [T],
+    token_mask: Option<&'a [u32]>,
+    selection_bias: Option<&'a [f32]>,
+    active: &'a [usize],
+    config: &'a RoutingConfig,
+}
+
+impl<T: FloatElement> Forward<'_, T> {
+    /// Routes rows `first..` into the chunk's `indices` and `weights`.
+    fn chunk(&self, first: usize, indices: &mut [u32], weights: &mut [f32]) -> ChunkSums {
+        let RoutingConfig { experts, k, .. } = *self.config;
+        let mut sums = ChunkSums {
+            share: vec![0.0; experts],
+            gate: vec![0.0; experts],
+            z: 0.0,
+            non_finite: None,
+        };
+        let mut candidates = Vec::with_capacity(self.active.len());
+        for (i, (row_indices, row_weights)) in indices.chunks_mut(k).zip(weights.chunks_mut(k)).enumerate() {
+            let t = first + i;
+            if self.token_mask.is_some_and(|mask| mask[t] != 1) {
+                continue; // indices u32::MAX and weights 0 already
+            }
+            let row = &self.logits[t * experts..(t + 1) * experts];
+            let stats = match RowStats::of(row, self.active, self.config.score) {
+                Ok(stats) => stats,
+                Err(column) => {
+                    sums.non_finite = Some((t, column));
+                    return sums;
+                }
+            };
+            sums.z += stats.lse() * stats.lse();
+            for &c in self.active {
+                sums.share[c] += stats.share(row[c].to_f32());
+            }
+            candidates.clear();
+            candidates.extend(self.active.iter().map(|&c| {
+                let bias = self.selection_bias.map_or(0.0, |b| b[c]);
+                candidate(selection_key(row[c].to_f32(), bias), c)
+            }));
+            if k < candidates.len() {
+                candidates.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+                candidates.truncate(k);
+            }
+            candidates.sort_unstable_by(|a, b| b.cmp(a));
+            for (slot, &winner) in row_indices.iter_mut().zip(&candidates) {
+                *slot = !(winner as u32);
+            }
+            let score_of = |e: u32| stats.score(row[e as usize].to_f32());
+            let selected_sum: f32 = row_indices.iter().map(|&e| score_of(e)).sum();
+            for (weight, &e) in row_weights.iter_mut().zip(row_indices.iter()) {
+                let p = score_of(e);
+                *weight = match (self.config.renormalize, selected_sum > 0.0) {
+                    (false, _) => p,
+                    (true, true) => p / selected_sum,
+                    (true, false) => 0.0,
+                };
+                sums.gate[e as usize] += *weight;
+            }
+        }
+        sums
+    }
+}
+
+/// Routes `logits: [T, E]`: indices, weights, the plan (grouped by expert
+/// with the grouping primitive) and the statistics. Checks every operand
+/// against `config`; the lowest non-finite logit is [`Error::NonFinite`].
+pub fn forward<T: FloatElement>(
+    logits: &[T],
+    expert_mask: Option<&[u32]>,
+    token_mask: Option<&[u32]>,
+    selection_bias: Option<&[f32]>,
+    config: &RoutingConfig,
+) -> Result<HostRouting> {
+    check_operands(logits, expert_mask, token_mask, config)?;
+    check_selection_bias(selection_bias, config.experts)?;
+    let RoutingConfig { experts, k, .. } = *config;
+    let active = active_list(expert_mask, experts);
+    let routing = Forward {
+        logits,
+        token_mask,
+        selection_bias,
+        active: &active,
+        config,
+    };
+    let mut indices = vec![u32::MAX; config.slots()];
+    let mut weights = vec![0f32; config.slots()];
+    let chunks: Vec<ChunkSums> = indices
+        .par_chunks_mut(CHUNK_ROWS * k)
+        .zip(weights.par_chunks_mut(CHUNK_ROWS * k))
+        .enumerate()
+        .map(|(chunk, (indices, weights))| routing.chunk(chunk * CHUNK_ROWS, indices, weights))
+        .collect();
+    if let Some((row, column)) = chunks.iter().find_map(|chunk| chunk.non_finite) {
+        return Err(non_finite((row * experts + column) as u64, experts));
+    }
+    let mut share = vec![0f32; experts];
+    let mut gate_mass = vec![0f32; experts];
+    let mut z_sum = 0f32;
+    for chunk in &chunks {
+        share.iter_mut().zip(&chunk.share).for_each(|(total, s)| *total += s);
+        gate_mass.iter_mut().zip(&chunk.gate).for_each(|(total, g)| *total += g);
+        z_sum += chunk.z;
+    }
+
+    // Grouping keys: the expert of each (token, slot), E (no group) for the
+    // slots of invalid tokens; grouped stably, so ascending token per expert.
+    let keys: Vec<u32> = indices
+        .iter()
+        .map(|&e| if e == u32::MAX { experts as u32 } else { e })
+        .collect();
+    let groups = group_by_key(&keys, experts as u64 + 1, Some(experts as u32));
+    let rows = groups.starts.last().copied().unwrap_or(0) as usize;
+    let mut counts = vec![0u32; experts];
+    for (g, &key) in groups.keys.iter().enumerate() {
+        counts[key as usize] = groups.starts[g + 1] - groups.starts[g];
+    }
+    let offsets: Vec<u32> = std::iter::once(0)
+        .chain(counts.iter().scan(0u32, |running, &count| {
+            *running += count;
+            Some(*running)
+        }))
+        .collect();
+    let token_of_row: Vec<u32> = groups.order[..rows].iter().map(|&slot| slot / k as u32).collect();
+    let mut row_of_slot = vec![u32::MAX; config.slots()];
+    for (row, &slot) in groups.order[..rows].iter().enumerate() {
+        row_of_slot[slot as usize] = row as u32;
+    }
+
+    let losses = Losses::new(&share, z_sum, &counts, rows, expert_mask, config);
+    Ok(HostRouting {
+        indices,
+        weights,
+        counts,
+        offsets,
+        token_of_row,
+        row_of_slot,
+        gate_mass,
+        lb_loss: vec![losses.lb_loss],
+        z_loss: vec![losses.z_loss],
+        grad_scales: losses.grad_scales,
+    })
+}
+
+/// The losses and the backward's scales from the summed statistics (as
+/// `routing_finalize` in kernels/routing.cu).
+struct Losses {
+    lb_loss: f32,
+    z_loss: f32,
+    grad_scales: Vec<f32>,
+}
+
+impl Losses {
+    fn new(
+        share: &[f32],
+        z_sum: f32,
+        counts: &[u32],
+        rows: usize,
+        expert_mask: Option<&[u32]>,
+        config: &RoutingConfig,
+    ) -> Losses {
+        let experts = config.experts;
+        let active_experts = config.active_experts as f32;
+        let valid_tokens = (rows / config.k) as f32;
+        let mut grad_scales = vec![0f32; experts + 1];
+        if rows == 0 {
+            return Losses {
+                lb_loss: 0.0,
+                z_loss: 0.0,
+                grad_scales,
+            };
+        }
+        let mut balance = 0f32;
+        for e in 0..experts {
+            let fraction = counts[e] as f32 / rows as f32;
+            balance += fraction * (share[e] / valid_tokens);
+            if expert_mask.map_or(true, |mask| mask[e] == 1) {
+                grad_scales[e] = active_experts * fraction / valid_tokens;
+            }
+        }
+        grad_scales[experts] = 1.0 / valid_tokens;
+        Losses {
+            lb_loss: active_experts * balance,
+            z_loss: z_sum / valid_tokens,
+            grad_scales,
+        }
+    }
+}
+
+/// `dZ [T, E]`: the gradient of `sum(dweights * weights) + lb * lb_loss +
+/// z * z_loss` with the forward's `indices [T, k]` and `grad_scales [E + 1]`
+/// held fixed (rows in parallel; each row is independent).
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: FloatElement>(
+    logits: &[T],
+    expert_mask: Option<&[u32]>,
+    token_mask: Option<&[u32]>,
+    indices: &[u32],
+    dweights: &[f32],
+    grad_scales: &[f32],
+    coefficients: LossCoefficients,
+    config: &RoutingConfig,
+) -> Result<Vec<f32>> {
+    check_operands(logits, expert_mask, token_mask, config)?;
+    let RoutingConfig { experts, k, .. } = *config;
+    check_len("indices", indices.len(), config.slots())?;
+    check_len("dweights", dweights.len(), config.slots())?;
+    check_len("grad_scales", grad_scales.len(), experts + 1)?;
+    let active = active_list(expert_mask, experts);
+    let mut dlogits = vec![0f32; config.tokens * experts];
+    let first_bad = dlogits
+        .par_chunks_mut(experts)
+        .enumerate()
+        .map_init(
+            || RowScratch {
+                scores: vec![0.0; experts],
+                grad: vec![0.0; experts],
+            },
+            |scratch, (t, out)| {
+                if token_mask.is_some_and(|mask| mask[t] != 1) {
+                    return None; // zeros already
+                }
+                let row = &logits[t * experts..(t + 1) * experts];
+                let slots = t * k..(t + 1) * k;
+                let inputs = BackwardRow {
+                    row,
+                    active: &active,
+                    indices: &indices[slots.clone()],
+                    dweights: &dweights[slots],
+                    grad_scales,
+                    coefficients,
+                    renormalize: config.renormalize,
+                };
+                inputs.write(config.score, scratch, out).err().map(|column| (t, column))
+            },
+        )
+        .find_map_first(|bad| bad);
+    match first_bad {
+        Some((row, column)) => Err(non_finite((row * experts + column) as u64, experts)),
+        None => Ok(dlogits),
+    }
+}
+
+/// One valid row's backward operands.
+struct BackwardRow<'a, T> {
+    row: &'a [T],
+    active: &'a [usize],
+    indices: &'a [u32],
+    dweights: &'a [f32],
+    grad_scales: &'a [f32],
+    coefficients: LossCoefficients,
+    renormalize: bool,
+}
+
+impl<T: FloatElement> BackwardRow<'_, T> {
+    /// Writes the row's dZ into `out` (inactive entries stay 0), with
+    /// `scores` and `grad` (E each) as scratch for p and dL/dp;
+    /// Err(column) for a non-finite row.
+    fn write(&self, score: Score, scratch: &mut RowScratch, out: &mut [f32]) -> std::result::Result<(), usize> {
+        let stats = RowStats::of(self.row, self.active, score)?;
+        let experts = self.row.len();
+        let RowScratch { scores, grad } = scratch;
+        for &c in self.active {
+            scores[c] = stats.score(self.row[c].to_f32());
+        }
+        let LossCoefficients { lb, z: z_coef } = self.coefficients;
+        // Load balance: with c_e = lb * grad_scales[e] and q = p / score_sum,
+        // dL/dp_e = (c_e - <c, q>) / score_sum.
+        let scaled_scores: f32 = self.active.iter().map(|&c| lb * self.grad_scales[c] * scores[c]).sum();
+        grad.fill(0.0);
+        if stats.score_sum > 0.0 {
+            for &c in self.active {
+                grad[c] = (lb * self.grad_scales[c] - scaled_scores / stats.score_sum) / stats.score_sum;
+            }
+        }
+        // The weights: w_j = p_j, or p_j / S renormalised, whose gradient is
+        // (dw_j - <dw, w>) / S.
+        let selected = || {
+            self.indices
+                .iter()
+                .zip(self.dweights)
+                .filter(|(&e, _)| (e as usize) < experts)
+                .map(|(&e, &dw)| (e as usize, dw))
+        };
+        let selected_sum: f32 = if self.renormalize {
+            selected().map(|(e, _)| scores[e]).sum()
+        } else {
+            0.0
+        };
+        let weighted: f32 = if self.renormalize && selected_sum > 0.0 {
+            selected().map(|(e, dw)| dw * (scores[e] / selected_sum)).sum()
+        } else {
+            0.0
+        };
+        for (e, dw) in selected() {
+            grad[e] += match (self.renormalize, selected_sum > 0.0) {
+                (false, _) => dw,
+                (true, true) => (dw - weighted) / selected_sum,
+                (true, false) => 0.0,
+            };
+        }
+        let grad_dot: f32 = match score {
+            Score::Softmax => self.active.iter().map(|&c| scores[c] * grad[c]).sum(),
+            Score::Sigmoid => 0.0,
+        };
+        // z-loss: d lse^2 / dz = 2 lse softmax(z), averaged over valid tokens.
+        let z_scale = z_coef * 2.0 * stats.lse() * self.grad_scales[experts];
+        for &c in self.active {
+            let p = scores[c];
+            let (through_scores, softmax) = match score {
+                Score::Softmax => (p * (grad[c] - grad_dot), p),
+                Score::Sigmoid => (grad[c] * p * (1.0 - p), stats.softmax(self.row[c].to_f32())),
+            };
+            out[c] = through_scores + z_scale * softmax;
+        }
+        Ok(())
+    }
+}
+
+/// Per-thread scratch of the backward: a row's scores and dL/dp.
+struct RowScratch {
+    scores: Vec<f32>,
+    grad: Vec<f32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_keys_order_like_the_floats_and_merge_the_zeros() {
+        let values = [f32::NEG_INFINITY, -3.5, -1e-40, -0.0, 0.0, 1e-40, 2.0, f32::INFINITY];
+        let keys: Vec<u32> = values.iter().map(|&v| selection_key(v, 0.0)).collect();
+        assert!(keys.windows(2).all(|w| w[0] <= w[1]), "{keys:?}");
+        assert_eq!(selection_key(-0.0, 0.0), selection_key(0.0, 0.0));
+        assert!(keys[0] > 0, "-inf keeps a key above 0 (reserved for inactive experts)");
+        assert!(candidate(7, 1) > candidate(7, 2), "ties go to the lower expert");
+        assert!(candidate(8, 9) > candidate(7, 0));
+    }
+}

@@ -1,0 +1,553 @@
+//! Top-k routing (DESIGN 4.2): scores, the k best experts per token, their
+//! weights, the dispatch plan, the auxiliary losses, and the backward.
+//!
+//! Scores are a softmax over the active experts or the sigmoid of each. The
+//! selection takes the k largest keys `float32(z) + selection_bias` (-0 read
+//! as +0), ties to the lower expert, so indices and plan are the same integers
+//! on every backend. Invalid tokens (token mask 0) get indices and
+//! `row_of_slot` `u32::MAX`, weights 0, no rows, and stay out of every
+//! statistic.
+//!
+//! ```
+//! use moerec::routing::{self, RoutingOptions, TopK};
+//! use moerec::{Device, Tensor};
+//!
+//! let device = Device::auto()?;
+//! // Three tokens, three experts.
+//! let logits = Tensor::from_vec(
+//!     vec![1.0f32, 2.0, 3.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY],
+//!     &[3, 3],
+//!     &device,
+//! )?;
+//! let (routing, saved) = routing::forward(&logits, &RoutingOptions::new(TopK::K(2)))?;
+//! assert_eq!(routing.indices.to_vec()?, vec![2, 1, 0, 1, 1, 0]); // ties to the lower expert
+//! assert_eq!(routing.plan.counts.to_vec()?, vec![2, 3, 1]);
+//! assert_eq!(routing.plan.offsets.to_vec()?, vec![0, 2, 5, 6]);
+//! assert_eq!(routing.plan.token_of_row.to_vec()?, vec![1, 2, 0, 1, 2, 0]);
+//! assert_eq!(routing.plan.row_of_slot.to_vec()?, vec![5, 2, 0, 3, 4, 1]);
+//!
+//! let dweights = Tensor::from_vec(vec![1.0f32; 6], &[3, 2], &device)?;
+//! let dlogits = routing::backward(&logits, &dweights, 0.01, 0.001, &saved)?;
+//! assert_eq!(dlogits.shape(), &[3, 3]);
+//! # Ok::<(), moerec::Error>(())
+//! ```
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::cuda::{read_element, read_status};
+use crate::device::Device;
+use crate::dtype::{DType, Element, FloatElement};
+use crate::error::{Error, Result};
+use crate::tensor::{alloc_uninit, Tensor};
+use cudarc::driver::CudaSlice;
+
+/// How many experts each valid token is routed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopK {
+    /// k experts, `1 <= k <=` the number of active experts.
+    K(usize),
+    /// Every active expert (the dense router of FAME and XSMoE).
+    All,
+}
+
+/// The score function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Score {
+    /// Softmax over the active experts.
+    #[default]
+    Softmax,
+    /// The sigmoid of each logit.
+    Sigmoid,
+}
+
+/// The options of [`forward`]; the masks and the bias live on the logits'
+/// device.
+#[derive(Debug, Clone, Copy)]
+pub struct RoutingOptions<'a> {
+    pub k: TopK,
+    pub score: Score,
+    /// Divide the weights by the sum of the selected scores.
+    pub renormalize: bool,
+    /// `[E]` u32, 1 = active, 0 = inactive (takes no mass, never selected).
+    pub expert_mask: Option<&'a Tensor<u32>>,
+    /// `[T]` u32, 1 = valid, 0 = invalid (e.g. sequence padding).
+    pub token_mask: Option<&'a Tensor<u32>>,
+    /// `[E]` f32, finite, added to the selection key only.
+    pub selection_bias: Option<&'a Tensor<f32>>,
+}
+
+impl<'a> RoutingOptions<'a> {
+    /// Softmax, no renormalisation, every expert active, every token valid,
+    /// no bias.
+    pub fn new(k: TopK) -> Self {
+        RoutingOptions {
+            k,
+            score: Score::Softmax,
+            renormalize: false,
+            expert_mask: None,
+            token_mask: None,
+            selection_bias: None,
+        }
+    }
+
+    pub fn with_score(mut self, score: Score) -> Self {
+        self.score = score;
+        self
+    }
+
+    pub fn with_renormalize(mut self, renormalize: bool) -> Self {
+        self.renormalize = renormalize;
+        self
+    }
+
+    pub fn with_expert_mask(mut self, expert_mask: &'a Tensor<u32>) -> Self {
+        self.expert_mask = Some(expert_mask);
+        self
+    }
+
+    pub fn with_token_mask(mut self, token_mask: &'a Tensor<u32>) -> Self {
+        self.token_mask = Some(token_mask);
+        self
+    }
+
+    pub fn with_selection_bias(mut self, selection_bias: &'a Tensor<f32>) -> Self {
+        self.selection_bias = Some(selection_bias);
+        self
+    }
+}
+
+/// The weights of the two auxiliary losses in the objective the backward
+/// differentiates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossCoefficients {
+    /// Of the load-balance loss.
+    pub lb: f32,
+    /// Of the z-loss.
+    pub z: f32,
+}
+
+/// The sizes and resolved options of one routing call, for the backend
+/// layer. Build it with [`RoutingConfig::new`], which checks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutingConfig {
+    /// T, token rows.
+    pub tokens: usize,
+    /// E, experts.
+    pub experts: usize,
+    /// Experts per valid token (`TopK::All` resolved).
+    pub k: usize,
+    /// E', the experts the mask leaves active.
+    pub active_experts: usize,
+    /// The lowest active expert (the column an all -inf row reports).
+    pub first_active: usize,
+    pub score: Score,
+    pub renormalize: bool,
+}
+
+impl RoutingConfig {
+    /// Checks the sizes and the expert mask (length E, entries 0 or 1) and
+    /// resolves k against the active experts.
+    pub fn new(
+        tokens: usize,
+        experts: usize,
+        k: TopK,
+        score: Score,
+        renormalize: bool,
+        expert_mask: Option<&[u32]>,
+    ) -> Result<RoutingConfig> {
+        if experts == 0 || experts >= u32::MAX as usize {
+            return Err(Error::invalid(
+                "logits",
+                format!("expected 1 <= E < 2^32 - 1 experts, got {experts}"),
+            ));
+        }
+        let (active_experts, first_active) = active_experts(expert_mask, experts)?;
+        let k = match k {
+            TopK::All => active_experts,
+            TopK::K(k) => k,
+        };
+        if k == 0 || k > active_experts {
+            return Err(Error::invalid(
+                "k",
+                format!("expected 1..={active_experts} (the active experts), got {k}"),
+            ));
+        }
+        if !tokens.checked_mul(k).is_some_and(|slots| slots < u32::MAX as usize) {
+            return Err(Error::invalid(
+                "logits",
+                format!("T * k = {tokens} * {k} dispatched rows: must be < 2^32 - 1"),
+            ));
+        }
+        if tokens.checked_mul(experts).is_none() {
+            return Err(Error::invalid(
+                "logits",
+                format!("[{tokens}, {experts}] has more elements than usize holds"),
+            ));
+        }
+        Ok(RoutingConfig {
+            tokens,
+            experts,
+            k,
+            active_experts,
+            first_active,
+            score,
+            renormalize,
+        })
+    }
+
+    /// T * k, the (token, slot) positions.
+    pub fn slots(&self) -> usize {
+        self.tokens * self.k
+    }
+}
+
+/// (active experts, lowest active expert) of a mask of E entries 0 or 1.
+fn active_experts(expert_mask: Option<&[u32]>, experts: usize) -> Result<(usize, usize)> {
+    let Some(mask) = expert_mask else {
+        return Ok((experts, 0));
+    };
+    if mask.len() != experts {
+        return Err(Error::shape("expert_mask", format!("[{experts}]"), &[mask.len()]));
+    }
+    if let Some(position) = mask.iter().position(|&m| m > 1) {
+        return Err(mask_value_error("expert_mask", position, mask[position]));
+    }
+    let active = mask.iter().filter(|&&m| m == 1).count();
+    Ok((active, mask.iter().position(|&m| m == 1).unwrap_or(0)))
+}
+
+fn mask_value_error(argument: &'static str, position: usize, value: u32) -> Error {
+    Error::invalid(
+        argument,
+        format!("expected entries 0 or 1, got {value} at position {position}"),
+    )
+}
+
+/// A bias must have E finite entries.
+fn check_selection_bias(bias: Option<&[f32]>, experts: usize) -> Result<()> {
+    let Some(bias) = bias else { return Ok(()) };
+    if bias.len() != experts {
+        return Err(Error::shape("selection_bias", format!("[{experts}]"), &[bias.len()]));
+    }
+    match bias.iter().position(|b| !b.is_finite()) {
+        Some(position) => Err(Error::invalid(
+            "selection_bias",
+            format!("expected finite values, got {} at position {position}", bias[position]),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The error for the lowest non-finite logit at flat position `position`.
+fn non_finite(position: u64, experts: usize) -> Error {
+    Error::NonFinite {
+        argument: "logits",
+        row: position / experts as u64,
+        column: position % experts as u64,
+    }
+}
+
+/// The device buffer of an optional operand.
+fn optional_device_slice<T: Element>(tensor: Option<&Tensor<T>>) -> Result<Option<&CudaSlice<T>>> {
+    tensor.map(Tensor::device_slice).transpose()
+}
+
+/// Where each (token, slot) goes, grouped by expert (DESIGN 4.2).
+#[derive(Debug)]
+pub struct DispatchPlan {
+    /// `[E]`: rows per expert.
+    pub counts: Tensor<u32>,
+    /// `[E + 1]`: expert e's rows are `offsets[e]..offsets[e + 1]`.
+    pub offsets: Tensor<u32>,
+    /// `[R]`: the token of each row; rows grouped by expert, ascending token
+    /// within an expert.
+    pub token_of_row: Tensor<u32>,
+    /// `[T, k]`: the row of each (token, slot); `u32::MAX` for invalid tokens.
+    pub row_of_slot: Tensor<u32>,
+}
+
+/// The forward's outputs in a backend's buffers (`Vec` on the host,
+/// `CudaSlice` on a device); layouts as in [`Routing`].
+#[derive(Debug)]
+pub struct RoutingBuffers<U, F> {
+    pub indices: U,
+    pub weights: F,
+    pub counts: U,
+    pub offsets: U,
+    /// The R dispatched rows (on CUDA, room for T * k until the op API trims
+    /// it to R).
+    pub token_of_row: U,
+    pub row_of_slot: U,
+    pub gate_mass: F,
+    /// One element.
+    pub lb_loss: F,
+    /// One element.
+    pub z_loss: F,
+    /// `[E + 1]`: what the backward scales the loss gradients by.
+    pub grad_scales: F,
+}
+
+/// A backend buffer that becomes a tensor without a copy.
+trait IntoTensor<T: Element> {
+    fn into_tensor(self, shape: &[usize], device: &Device) -> Result<Tensor<T>>;
+}
+
+impl<T: Element> IntoTensor<T> for Vec<T> {
+    fn into_tensor(self, shape: &[usize], device: &Device) -> Result<Tensor<T>> {
+        Tensor::from_vec(self, shape, device)
+    }
+}
+
+impl<T: Element> IntoTensor<T> for CudaSlice<T> {
+    fn into_tensor(self, shape: &[usize], device: &Device) -> Result<Tensor<T>> {
+        let cuda_device = device.as_cuda().ok_or_else(|| Error::DeviceMismatch {
+            argument: "buffer",
+            expected: "cuda".into(),
+            actual: device.to_string(),
+        })?;
+        Tensor::from_cuda_slice(self, shape, cuda_device)
+    }
+}
+
+/// The op API's outputs and the backward's gradient scales from a backend's
+/// buffers; R = `rows`.
+fn into_tensors<U: IntoTensor<u32>, F: IntoTensor<f32>>(
+    buffers: RoutingBuffers<U, F>,
+    config: &RoutingConfig,
+    rows: usize,
+    device: &Device,
+) -> Result<(Routing, Tensor<f32>)> {
+    let RoutingConfig { tokens, experts, k, .. } = *config;
+    let plan = DispatchPlan {
+        counts: buffers.counts.into_tensor(&[experts], device)?,
+        offsets: buffers.offsets.into_tensor(&[experts + 1], device)?,
+        token_of_row: buffers.token_of_row.into_tensor(&[rows], device)?,
+        row_of_slot: buffers.row_of_slot.into_tensor(&[tokens, k], device)?,
+    };
+    let routing = Routing {
+        indices: buffers.indices.into_tensor(&[tokens, k], device)?,
+        weights: buffers.weights.into_tensor(&[tokens, k], device)?,
+        plan,
+        lb_loss: buffers.lb_loss.into_tensor(&[1], device)?,
+        z_loss: buffers.z_loss.into_tensor(&[1], device)?,
+        gate_mass: buffers.gate_mass.into_tensor(&[experts], device)?,
+    };
+    Ok((routing, buffers.grad_scales.into_tensor(&[experts + 1], device)?))
+}
+
+/// The outputs of [`forward`].
+#[derive(Debug)]
+pub struct Routing {
+    /// `[T, k]` u32: the selected experts, best key first.
+    pub indices: Tensor<u32>,
+    /// `[T, k]` f32: their scores, renormalised if asked.
+    pub weights: Tensor<f32>,
+    pub plan: DispatchPlan,
+    /// `[1]` f32: `E' * sum_e f_e * P_e`.
+    pub lb_loss: Tensor<f32>,
+    /// `[1]` f32: the mean over valid tokens of `lse(z)^2`.
+    pub z_loss: Tensor<f32>,
+    /// `[E]` f32: the sum of the weights routed to each expert.
+    pub gate_mass: Tensor<f32>,
+}
+
+/// What [`backward`] needs beyond the logits (passed again): the selection,
+/// copies of the masks, and the loss gradients' per-expert scales.
+#[derive(Debug)]
+pub struct Saved {
+    config: RoutingConfig,
+    dtype: DType,
+    indices: Tensor<u32>,
+    expert_mask: Option<Tensor<u32>>,
+    token_mask: Option<Tensor<u32>>,
+    /// `[E + 1]`: `E' * f_e / T'` per expert (0 when inactive), then `1 / T'`.
+    grad_scales: Tensor<f32>,
+}
+
+impl Saved {
+    /// The resolved sizes and options of the forward.
+    pub fn config(&self) -> &RoutingConfig {
+        &self.config
+    }
+}
+
+/// Routes `logits: [T, E]` (f32, bf16 or f16; arithmetic in f32).
+///
+/// Errors: [`Error::ShapeMismatch`] / [`Error::DeviceMismatch`] for operands
+/// that do not fit the logits; [`Error::InvalidArgument`] for k outside
+/// `1..=E'`, mask entries other than 0 and 1, or a non-finite bias (all
+/// checked before the logits); [`Error::NonFinite`] with the lowest
+/// (row, column) for a NaN or +inf active logit of a valid token, or a valid
+/// token whose active logits are all -inf (reported at its first active
+/// column). On CUDA the expert mask and the bias are read to the host first
+/// when given, and the op waits once for the data checks; each row is staged
+/// in shared memory, which bounds E there (about 11,000 experts on an H100;
+/// beyond the device's limit, [`Error::InvalidArgument`]).
+pub fn forward<T: FloatElement>(logits: &Tensor<T>, options: &RoutingOptions<'_>) -> Result<(Routing, Saved)> {
+    let (tokens, experts) = match *logits.shape() {
+        [tokens, experts] if experts > 0 => (tokens, experts),
+        _ => return Err(Error::shape("logits", "[T, E] with E >= 1", logits.shape())),
+    };
+    let device = logits.device();
+    if let Some(mask) = options.expert_mask {
+        mask.expect_device("expert_mask", &device)?;
+        mask.expect_shape("expert_mask", &[experts])?;
+    }
+    if let Some(mask) = options.token_mask {
+        mask.expect_device("token_mask", &device)?;
+        mask.expect_shape("token_mask", &[tokens])?;
+    }
+    if let Some(bias) = options.selection_bias {
+        bias.expect_device("selection_bias", &device)?;
+        bias.expect_shape("selection_bias", &[experts])?;
+    }
+    let expert_mask = options.expert_mask.map(Tensor::to_vec).transpose()?;
+    let config = RoutingConfig::new(
+        tokens,
+        experts,
+        options.k,
+        options.score,
+        options.renormalize,
+        expert_mask.as_deref(),
+    )?;
+    check_selection_bias(
+        options.selection_bias.map(Tensor::to_vec).transpose()?.as_deref(),
+        experts,
+    )?;
+
+    let (routing, grad_scales) = match &device {
+        Device::Cpu => {
+            let out = cpu::forward(
+                logits.host()?,
+                options.expert_mask.map(Tensor::host).transpose()?,
+                options.token_mask.map(Tensor::host).transpose()?,
+                options.selection_bias.map(Tensor::host).transpose()?,
+                &config,
+            )?;
+            let rows = out.token_of_row.len();
+            into_tensors(out, &config, rows, &device)?
+        }
+        Device::Cuda(cuda_device) => {
+            let stream = cuda_device.stream();
+            let mut report = cuda::new_report(cuda_device)?;
+            let token_mask = optional_device_slice(options.token_mask)?;
+            let mut out = cuda::forward(
+                cuda_device,
+                stream,
+                &logits.device_slice()?.as_view(),
+                optional_device_slice(options.expert_mask)?
+                    .map(|m| m.as_view())
+                    .as_ref(),
+                token_mask.map(|m| m.as_view()).as_ref(),
+                optional_device_slice(options.selection_bias)?
+                    .map(|b| b.as_view())
+                    .as_ref(),
+                &config,
+                &mut report.as_view_mut(),
+            )?;
+            // The one synchronisation: the data checks and the number of rows.
+            let report = cuda::read_report(stream, &report)?;
+            if let (Some(position), Some(mask)) = (report.bad_token_mask, token_mask) {
+                let value = read_element(stream, mask, position)?;
+                return Err(mask_value_error("token_mask", position as usize, value));
+            }
+            if let Some(position) = report.non_finite {
+                return Err(non_finite(position, experts));
+            }
+            let rows = report.rows as usize;
+            out.token_of_row = cuda::first_rows(cuda_device, out.token_of_row, rows)?;
+            into_tensors(out, &config, rows, &device)?
+        }
+    };
+    let saved = Saved {
+        config,
+        dtype: T::DTYPE,
+        indices: routing.indices.try_clone()?,
+        expert_mask: options.expert_mask.map(Tensor::try_clone).transpose()?,
+        token_mask: options.token_mask.map(Tensor::try_clone).transpose()?,
+        grad_scales,
+    };
+    Ok((routing, saved))
+}
+
+/// `dZ [T, E]` f32: the exact gradient of
+/// `sum(dweights * weights) + lb_coef * lb_loss + z_coef * z_loss` with
+/// respect to the logits, the selection and the load fractions `f` held
+/// fixed. `logits` are the forward's, passed again; `dweights` is `[T, k]`.
+/// Inactive experts and invalid tokens get exact zeros. The logits are
+/// checked again ([`Error::NonFinite`]); on CUDA the op waits once for that
+/// check.
+pub fn backward<T: FloatElement>(
+    logits: &Tensor<T>,
+    dweights: &Tensor<f32>,
+    lb_coef: f32,
+    z_coef: f32,
+    saved: &Saved,
+) -> Result<Tensor<f32>> {
+    let config = &saved.config;
+    if T::DTYPE != saved.dtype {
+        return Err(Error::DtypeMismatch {
+            argument: "logits",
+            expected: saved.dtype,
+            actual: T::DTYPE,
+        });
+    }
+    let device = saved.indices.device();
+    logits.expect_device("logits", &device)?;
+    logits.expect_shape("logits", &[config.tokens, config.experts])?;
+    dweights.expect_device("dweights", &device)?;
+    dweights.expect_shape("dweights", &[config.tokens, config.k])?;
+    for (argument, coefficient) in [("lb_coef", lb_coef), ("z_coef", z_coef)] {
+        if !coefficient.is_finite() {
+            return Err(Error::invalid(
+                argument,
+                format!("expected a finite value, got {coefficient}"),
+            ));
+        }
+    }
+    let shape = [config.tokens, config.experts];
+    let coefficients = LossCoefficients { lb: lb_coef, z: z_coef };
+    match &device {
+        Device::Cpu => {
+            let dlogits = cpu::backward(
+                logits.host()?,
+                saved.expert_mask.as_ref().map(Tensor::host).transpose()?,
+                saved.token_mask.as_ref().map(Tensor::host).transpose()?,
+                saved.indices.host()?,
+                dweights.host()?,
+                saved.grad_scales.host()?,
+                coefficients,
+                config,
+            )?;
+            Tensor::from_vec(dlogits, &shape, &device)
+        }
+        Device::Cuda(cuda_device) => {
+            let stream = cuda_device.stream();
+            let mut dlogits = alloc_uninit::<f32>(cuda_device, config.tokens * config.experts)?;
+            let mut status = cuda_device.new_status(stream)?;
+            cuda::backward(
+                cuda_device,
+                stream,
+                &logits.device_slice()?.as_view(),
+                optional_device_slice(saved.expert_mask.as_ref())?
+                    .map(|m| m.as_view())
+                    .as_ref(),
+                optional_device_slice(saved.token_mask.as_ref())?
+                    .map(|m| m.as_view())
+                    .as_ref(),
+                &saved.indices.device_slice()?.as_view(),
+                &dweights.device_slice()?.as_view(),
+                &saved.grad_scales.device_slice()?.as_view(),
+                coefficients,
+                config,
+                &mut dlogits.as_view_mut(),
+                &mut status.as_view_mut(),
+            )?;
+            if let Some(position) = read_status(stream, &status)? {
+                return Err(non_finite(position, config.experts));
+            }
+            Tensor::from_cuda_slice(dlogits, &shape, cuda_device)
+        }
+    }
+}
