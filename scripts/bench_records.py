@@ -4,7 +4,11 @@ JSON-lines records DESIGN section 5 asks for under bench/results/.
 
 Criterion groups are named `<op>_<pass>/<backend>/<dtype>` with ids such as
 `H4_V1000000_D64_T51200`; `copy/<backend>` is the copy bandwidth the memory
-floor is computed from (bytes read + written per second). A peer file holds
+floor is computed from (bytes read + written per second). A throughput in
+bytes gives `gbps` and a memory floor; one in elements counts FLOPs (the
+matrix ops, e.g. experts) and gives `tflops`, and a floor from the matrix
+rate the joined peer measured (`matmul_tflops`) when there is one. An id
+token without digits names the activation (`..._swiglu`). A peer file holds
 JSON lines from python_ref/*_torch_peer.py; for each record the fastest peer
 variant with the same op, pass, dtype and shape is joined in.
 
@@ -20,15 +24,18 @@ import sys
 from pathlib import Path
 
 SHAPE_TOKEN = re.compile(r"^([A-Za-z]+)(\d+|all)$")
+ACTIVATIONS = ("none", "relu", "gelu", "silu", "swiglu")
 
 
 def criterion_results(root):
-    """(group, id, median ns, throughput bytes or None) for every benchmark."""
+    """(group, id, median ns, throughput bytes or None, throughput FLOPs or
+    None) for every benchmark."""
     for meta_path in sorted(Path(root).glob("**/new/benchmark.json")):
         meta = json.loads(meta_path.read_text())
         estimates = json.loads((meta_path.parent / "estimates.json").read_text())
-        throughput = (meta.get("throughput") or {}).get("Bytes")
-        yield meta["group_id"], meta.get("function_id") or meta.get("value_str"), estimates["median"]["point_estimate"], throughput
+        throughput = meta.get("throughput") or {}
+        yield (meta["group_id"], meta.get("function_id") or meta.get("value_str"),
+               estimates["median"]["point_estimate"], throughput.get("Bytes"), throughput.get("Elements"))
 
 
 def parse_shape(text):
@@ -38,6 +45,8 @@ def parse_shape(text):
         if match:
             key, value = match.groups()
             shape[key] = value if value == "all" else int(value)
+        elif token in ACTIVATIONS:
+            shape["activation"] = token
     return shape
 
 
@@ -56,7 +65,7 @@ def main():
 
     results = list(criterion_results(args.criterion_dir))
     copy_gbps = {}
-    for group, _, median_ns, throughput in results:
+    for group, _, median_ns, throughput, _ in results:
         if group.startswith("copy/") and throughput:
             copy_gbps[group.split("/")[1]] = throughput / median_ns
     peers = []
@@ -64,7 +73,7 @@ def main():
         peers += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
     date = datetime.date.today().isoformat()
-    for group, bench_id, median_ns, throughput in results:
+    for group, bench_id, median_ns, throughput, flops in results:
         parts = group.split("/")
         if parts[0] == "copy" or len(parts) != 3:
             continue
@@ -77,6 +86,8 @@ def main():
             record["gbps"] = throughput / median_ns
             if backend in copy_gbps:
                 record["floor_ms"] = throughput / copy_gbps[backend] / 1e6
+        if flops:
+            record["tflops"] = flops / median_ns / 1e3
         matching = [
             p for p in peers
             if p.get("op") == op and p.get("pass") == pass_name and p.get("dtype") == dtype
@@ -86,6 +97,8 @@ def main():
             best = min(matching, key=lambda p: p["median_ms"])
             record["peer"] = f"{best.get('backend', 'torch')}:{best.get('variant', '')}".rstrip(":")
             record["peer_median_ms"] = best["median_ms"]
+            if flops and best.get("matmul_tflops"):
+                record["floor_ms"] = flops / (best["matmul_tflops"] * 1e12) * 1e3
         record.update(device=args.device, commit=args.commit, date=date, command=args.command)
         print(json.dumps(record))
     if not results:

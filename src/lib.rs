@@ -30,5 +30,5 @@ mod tensor;
 pub use device::Device;
 pub use dtype::{DType, Element, FloatElement};
 pub use error::{Error, Result};
-pub use ops::{embedding, routing, scoring};
+pub use ops::{embedding, experts, routing, scoring};
 pub use tensor::Tensor;

@@ -3,6 +3,7 @@
 //! `kernels/<op>.cu`.
 
 pub mod embedding;
+pub mod experts;
 pub mod routing;
 pub mod scoring;
 

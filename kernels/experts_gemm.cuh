@@ -1,0 +1,232 @@
+// The grouped GEMM engines of the expert matmul (kernels/experts.cu): the
+// tile scheduler lookup, an f32 SIMT tile for every dtype and pass, and a
+// bf16/f16 tensor-core tile (mma.sync m16n8k16, f32 accumulate, cp.async
+// double buffering) for the forward.
+//
+// Scheduling: the host never learns the group sizes. A kernel writes each
+// expert's number of row blocks (ceil(count / rows per block)), the grouping
+// scan turns them into `row_blocks` [E+1] offsets, and every GEMM block maps
+// its linear tile index to (expert, row block, column tile) by a binary search
+// of those offsets. The grid is sized by the upper bound
+// (ceil(R / rows per block) + E) x column tiles; surplus blocks exit.
+#pragma once
+#include "common.cuh"
+
+namespace moerec {
+namespace experts {
+
+// ------------------------------------------------------------ scheduling
+
+// Rows [begin, end) of expert `expert` that one row block covers.
+struct RowTile {
+  uint32_t expert;
+  uint32_t begin;
+  uint32_t end;
+};
+
+// The row block `block` (< row_blocks[experts]) of the grouped problem.
+__device__ __forceinline__ RowTile row_tile(const uint32_t* offsets, const uint32_t* row_blocks, uint32_t experts,
+                                            uint32_t block, uint32_t rows_per_block) {
+  // The last expert whose first row block is <= block: empty experts share
+  // their offset with the next one, so the search skips them.
+  uint32_t lo = 0, hi = experts;
+  while (hi - lo > 1) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (row_blocks[mid] <= block) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const unsigned long long begin =
+      offsets[lo] + static_cast<unsigned long long>(block - row_blocks[lo]) * rows_per_block;
+  const unsigned long long end = min(begin + rows_per_block, static_cast<unsigned long long>(offsets[lo + 1]));
+  return RowTile{lo, static_cast<uint32_t>(begin), static_cast<uint32_t>(end)};
+}
+
+// The number of (row block, column tile) tiles; every GEMM kernel loops over
+// them grid-stride, so the grid may be capped.
+__device__ __forceinline__ unsigned long long tile_count(const uint32_t* row_blocks, uint32_t experts,
+                                                         uint32_t col_tiles) {
+  return static_cast<unsigned long long>(row_blocks[experts]) * col_tiles;
+}
+
+// Forward output columns of one tile: `per_tile` output columns, which for
+// SwiGlu are (gate, up) pairs whose weight columns lie Dout apart, so one
+// thread holds both halves of a pair in its accumulators.
+struct ForwardCols {
+  uint32_t dout;
+  uint32_t per_tile;
+  bool swiglu;
+  // Tile-local column n (< 2 * half) of a tile whose first output column is
+  // c0: its output column, and its weight column.
+  __device__ __forceinline__ uint32_t output_col(uint32_t c0, uint32_t n, uint32_t half) const {
+    return c0 + (swiglu ? n % half : n);
+  }
+  __device__ __forceinline__ uint32_t weight_col(uint32_t c0, uint32_t n, uint32_t half) const {
+    return output_col(c0, n, half) + (swiglu && n >= half ? dout : 0u);
+  }
+  __device__ __forceinline__ uint32_t tiles() const { return (dout + per_tile - 1) / per_tile; }
+};
+
+// ------------------------------------------------------------ f32 SIMT tile
+
+// 64 x 64 outputs per block of 256 threads, 4 x 4 per thread, k in steps of
+// 16 through shared memory. Thread (tx, ty) = (tid % 16, tid / 16) owns rows
+// 4 ty .. 4 ty + 3 and columns 2 tx, 2 tx + 1, 32 + 2 tx, 33 + 2 tx: the second
+// pair is the first pair's SwiGlu partner.
+constexpr uint32_t kSimtThreads = 256;
+constexpr uint32_t kSimtM = 64;
+constexpr uint32_t kSimtN = 64;
+constexpr uint32_t kSimtK = 16;
+// Rows padded by 4 floats: the transposing stores conflict 2-way, not 16-way,
+// and rows stay 16-byte aligned for the float4 reads.
+constexpr uint32_t kSimtLd = 68;
+
+struct SimtShared {
+  float a[kSimtK][kSimtLd];  // a[k][m]
+  float b[kSimtK][kSimtLd];  // b[k][n]
+};
+
+__device__ __forceinline__ uint32_t simt_row(uint32_t i) { return 4 * (threadIdx.x / 16) + i; }
+__device__ __forceinline__ uint32_t simt_col(uint32_t j) {
+  return (j < 2 ? 0u : kSimtN / 2) + 2 * (threadIdx.x % 16) + (j & 1);
+}
+
+// acc += a^T b over one k step held in shared memory.
+__device__ __forceinline__ void simt_step(const SimtShared& s, float (&acc)[4][4]) {
+  const uint32_t tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (uint32_t k = 0; k < kSimtK; ++k) {
+    const float4 a = *reinterpret_cast<const float4*>(&s.a[k][4 * ty]);
+    const float2 b0 = *reinterpret_cast<const float2*>(&s.b[k][2 * tx]);
+    const float2 b1 = *reinterpret_cast<const float2*>(&s.b[k][kSimtN / 2 + 2 * tx]);
+    const float av[4] = {a.x, a.y, a.z, a.w};
+    const float bv[4] = {b0.x, b0.y, b1.x, b1.y};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+  }
+}
+
+// The k loop of one tile: `load(k0)` fills s.a and s.b for k0 .. k0 + 15
+// (zeros outside the problem), then every thread accumulates. Rows of k are
+// summed in ascending order, so the result depends on the shapes only.
+template <class Load>
+__device__ __forceinline__ void simt_mainloop(SimtShared& s, uint32_t k_begin, uint32_t k_end, float (&acc)[4][4],
+                                              Load load) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+  }
+  for (uint32_t k0 = k_begin; k0 < k_end; k0 += kSimtK) {
+    load(k0);
+    __syncthreads();
+    simt_step(s, acc);
+    __syncthreads();
+  }
+}
+
+// ------------------------------------------------------------ bf16/f16 tensor-core tile
+
+// 128 x 64 outputs per block of 4 warps; warp w owns rows 32 w .. 32 w + 31
+// and all 64 columns (2 m16 x 8 n8 mma tiles, 64 f32 accumulators). k in steps
+// of 32, two stages of cp.async. Needs Din and Dout multiples of 8 and 16-byte
+// aligned x and W, so every 16-byte copy lies wholly inside or outside the
+// problem (the host checks and otherwise takes the SIMT path).
+constexpr uint32_t kMmaThreads = 128;
+constexpr uint32_t kMmaM = 128;
+constexpr uint32_t kMmaN = 64;
+constexpr uint32_t kMmaK = 32;
+// Rows padded by 8 elements (80 and 144 bytes): ldmatrix's eight 16-byte row
+// reads fall in distinct banks.
+constexpr uint32_t kMmaLdA = kMmaK + 8;
+constexpr uint32_t kMmaLdB = kMmaN + 8;
+
+template <typename T>
+struct MmaShared {
+  T a[2][kMmaM][kMmaLdA];  // a[stage][m][k]
+  T b[2][kMmaK][kMmaLdB];  // b[stage][k][n]
+};
+
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+// 16 bytes global -> shared, or 16 zero bytes when !valid (src-size 0 reads
+// nothing; `global` is still a valid address).
+__device__ __forceinline__ void cp_async_16(void* shared, const void* global, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most one committed group is still in flight.
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+// Four 8x8 b16 matrices; lanes 8i .. 8i + 7 address the rows of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* shared) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(shared)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* shared) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(shared)));
+}
+
+// d += a b for one m16n8k16 tile, f32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One warp's 32 x 64 share of a stage: acc[mt][nt] is the m16n8 tile at rows
+// 32 w + 16 mt, columns 8 nt. Fragment layouts (PTX ISA, mma.m16n8k16):
+// ldmatrix.x4 with lane l addressing row l % 16, k (l / 16) * 8 gives A's
+// {a0, a1, a2, a3} = (rows g, g+8) x (k lo, k hi); ldmatrix.x4.trans with lane
+// l addressing k row l % 16, column (l / 16) * 8 gives B's {b0, b1} for two
+// adjacent n8 tiles.
+template <typename T>
+__device__ __forceinline__ void mma_stage(const MmaShared<T>& s, uint32_t stage, float (&acc)[2][8][4]) {
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (uint32_t ks = 0; ks < kMmaK; ks += 16) {
+    uint32_t a[2][4];
+#pragma unroll
+    for (uint32_t mt = 0; mt < 2; ++mt) {
+      ldmatrix_x4(a[mt], &s.a[stage][32 * warp + 16 * mt + lane % 16][ks + (lane / 16) * 8]);
+    }
+#pragma unroll
+    for (uint32_t np = 0; np < 4; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, &s.b[stage][ks + lane % 16][16 * np + (lane / 16) * 8]);
+#pragma unroll
+      for (uint32_t mt = 0; mt < 2; ++mt) {
+        mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+        mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+}  // namespace experts
+}  // namespace moerec
