@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, cuda_device, devices, golden_cases, rtol, widen, Golden, Rng};
+use common::{assert_close, cuda_device, devices, for_each_golden, rtol, widen, Golden, Rng};
 use half::{bf16, f16};
 use moerec::experts::{self, Activation, LayerSaved, Variant};
 use moerec::routing::{self, DispatchPlan, RoutingOptions, TopK};
@@ -151,17 +151,7 @@ fn check_golden<T: FloatElement>(golden: &Golden, device: &Device) {
 
 #[test]
 fn matches_the_numpy_golden_files() {
-    let cases = golden_cases("experts");
-    for device in devices() {
-        for golden in &cases {
-            match golden.meta("dtype") {
-                "f32" => check_golden::<f32>(golden, &device),
-                "bf16" => check_golden::<bf16>(golden, &device),
-                "f16" => check_golden::<f16>(golden, &device),
-                other => panic!("{}: unknown dtype {other}", golden.name),
-            }
-        }
-    }
+    for_each_golden!("experts", check_golden);
 }
 
 // ------------------------------------------------------------ float64 reference

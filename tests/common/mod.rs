@@ -207,3 +207,22 @@ impl Rng {
         (0..n).map(|_| T::from_f32(self.signed_unit())).collect()
     }
 }
+
+/// Runs `check::<T>(golden, device)` for every golden case of `op` on every
+/// device present, T the case's element type.
+macro_rules! for_each_golden {
+    ($op:expr, $check:ident) => {
+        let cases = $crate::common::golden_cases($op);
+        for device in $crate::common::devices() {
+            for golden in &cases {
+                match golden.meta("dtype") {
+                    "f32" => $check::<f32>(golden, &device),
+                    "bf16" => $check::<half::bf16>(golden, &device),
+                    "f16" => $check::<half::f16>(golden, &device),
+                    other => panic!("{}: unknown dtype {other}", golden.name),
+                }
+            }
+        }
+    };
+}
+pub(crate) use for_each_golden;
