@@ -1,6 +1,7 @@
 //! Shared test support: the devices to run on, golden files, a seeded
 //! generator and the DESIGN tolerance check.
-#![allow(dead_code)] // each test binary uses a different part of this module
+// Each test binary uses a different part of this module.
+#![allow(dead_code, unused_macros, unused_imports)]
 
 use half::{bf16, f16};
 use moerec::{Device, FloatElement};
