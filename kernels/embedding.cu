@@ -22,7 +22,7 @@ constexpr unsigned long long kUnitsPerBlock = kThreads * kUnitsPerThread;
 // Each block copies a contiguous chunk of output units. 64-bit division only
 // once per thread; the per-unit arithmetic stays 32-bit.
 template <typename Unit>
-__device__ void gather_rows(const Unit* table, const uint32_t* ids, uint32_t padding, unsigned long long num_tokens,
+__device__ void gather_rows(const Unit* table, const uint32_t* ids, unsigned long long padding, unsigned long long num_tokens,
                             uint32_t heads, uint32_t num_rows, uint32_t units_per_row, Unit* out,
                             unsigned long long* status) {
   const uint32_t units_per_token = heads * units_per_row;
@@ -55,7 +55,7 @@ __device__ void gather_rows(const Unit* table, const uint32_t* ids, uint32_t pad
 
 #define MOEREC_EMBEDDING_FORWARD(name, Unit)                                                             \
   extern "C" __global__ void embedding_forward_##name(                                                   \
-      const Unit* table, const uint32_t* ids, uint32_t padding, unsigned long long num_tokens,           \
+      const Unit* table, const uint32_t* ids, unsigned long long padding, unsigned long long num_tokens, \
       uint32_t heads, uint32_t num_rows, uint32_t units_per_row, Unit* out, unsigned long long* status) { \
     gather_rows<Unit>(table, ids, padding, num_tokens, heads, num_rows, units_per_row, out, status);     \
   }
@@ -66,7 +66,8 @@ MOEREC_EMBEDDING_FORWARD(u16, uint16_t)
 
 // Grouping key of each token: its id, or num_rows (the sentinel, sorted last and
 // in no group) for the padding id and for an out-of-range id, which is reported.
-extern "C" __global__ void embedding_backward_keys(const uint32_t* ids, uint32_t num_tokens, uint32_t padding,
+// `padding` is 64-bit so that "no padding" (u64::MAX) equals no u32 id.
+extern "C" __global__ void embedding_backward_keys(const uint32_t* ids, uint32_t num_tokens, unsigned long long padding,
                                                    uint32_t num_rows, uint32_t* keys, unsigned long long* status) {
   for (unsigned long long t = moerec::global_thread_index(); t < num_tokens; t += moerec::global_thread_count()) {
     const uint32_t id = ids[t];

@@ -298,6 +298,20 @@ fn an_out_of_range_id_names_the_lowest_position() {
             },
             "{device}"
         );
+        // Without a padding id, u32::MAX is an id like any other (the CUDA
+        // kernels once took it for the padding).
+        let max_id = tensor(vec![0u32, u32::MAX], &[2], &device);
+        let expected = Error::IndexOutOfRange {
+            argument: "ids",
+            position: 1,
+            index: u64::from(u32::MAX),
+            bound: 5,
+        };
+        assert_eq!(
+            embedding::forward(&table, &max_id, None).unwrap_err(),
+            expected,
+            "{device}"
+        );
     }
 }
 

@@ -1,0 +1,4 @@
+// kernels/grouping.cu built for the emulator (emu/README.md), unmodified.
+#include "../cuda_emu.h"
+#include "../../kernels/grouping.cu"
+#include "../harness/kernels.h"  // checks the harness's prototypes
