@@ -3,8 +3,7 @@
 
 mod common;
 
-use common::{golden_cases, rtol, widen, Golden};
-use half::{bf16, f16};
+use common::{cuda_device, devices, for_each_golden, rtol, widen, Golden, Rng};
 use moerec::scoring::{self, History, Mixing, Scoring};
 use moerec::{Device, Error, FloatElement, Tensor};
 
@@ -175,15 +174,7 @@ fn check_golden<T: FloatElement>(golden: &Golden, device: &Device) {
 
 #[test]
 fn matches_the_numpy_golden_files() {
-    let device = Device::cpu();
-    for golden in &golden_cases("scoring") {
-        match golden.meta("dtype") {
-            "f32" => check_golden::<f32>(golden, &device),
-            "bf16" => check_golden::<bf16>(golden, &device),
-            "f16" => check_golden::<f16>(golden, &device),
-            other => panic!("{}: unknown dtype {other}", golden.name),
-        }
-    }
+    for_each_golden!("scoring", check_golden);
 }
 
 /// B = 2, H = 2, D = 3, V = 5, per-head tables.
@@ -197,7 +188,12 @@ fn small(device: &Device) -> (Tensor<f32>, Tensor<f32>, Tensor<f32>) {
 
 #[test]
 fn target_errors_name_the_row() {
-    let device = Device::cpu();
+    for device in devices() {
+        target_errors_name_the_row_on(device);
+    }
+}
+
+fn target_errors_name_the_row_on(device: Device) {
     let (user, gates, items) = small(&device);
     let excluded = tensor(vec![3u32], &[1], &device);
     let inputs = Scoring::new(&user, &gates, &items).with_excluded(&excluded);
@@ -225,7 +221,12 @@ fn target_errors_name_the_row() {
 
 #[test]
 fn ignored_rows_have_zero_loss_and_zero_gradients() {
-    let device = Device::cpu();
+    for device in devices() {
+        ignored_rows_have_zero_loss_and_zero_gradients_on(device);
+    }
+}
+
+fn ignored_rows_have_zero_loss_and_zero_gradients_on(device: Device) {
     let (user, gates, items) = small(&device);
     for mixing in [Mixing::Logits, Mixing::Probabilities] {
         let inputs = Scoring::new(&user, &gates, &items).with_mixing(mixing);
@@ -240,7 +241,12 @@ fn ignored_rows_have_zero_loss_and_zero_gradients() {
 
 #[test]
 fn malformed_operands_are_shape_errors() {
-    let device = Device::cpu();
+    for device in devices() {
+        malformed_operands_are_shape_errors_on(device);
+    }
+}
+
+fn malformed_operands_are_shape_errors_on(device: Device) {
     let (user, gates, items) = small(&device);
     let wrong_gates = tensor(vec![0f32; 3], &[3], &device);
     assert!(matches!(
@@ -292,7 +298,12 @@ fn malformed_operands_are_shape_errors() {
 
 #[test]
 fn topk_refuses_rows_with_too_few_eligible_items() {
-    let device = Device::cpu();
+    for device in devices() {
+        topk_refuses_rows_with_too_few_eligible_items_on(device);
+    }
+}
+
+fn topk_refuses_rows_with_too_few_eligible_items_on(device: Device) {
     let (user, gates, items) = small(&device);
     let excluded = tensor(vec![0u32, 0, 1], &[3], &device);
     let inputs = Scoring::new(&user, &gates, &items).with_excluded(&excluded);
@@ -322,7 +333,12 @@ fn topk_refuses_rows_with_too_few_eligible_items() {
 
 #[test]
 fn malformed_histories_are_refused() {
-    let device = Device::cpu();
+    for device in devices() {
+        malformed_histories_are_refused_on(device);
+    }
+}
+
+fn malformed_histories_are_refused_on(device: Device) {
     let (user, gates, items) = small(&device);
     let inputs = Scoring::new(&user, &gates, &items);
     let ids = tensor(vec![2u32, 9], &[2], &device);
@@ -363,7 +379,12 @@ fn malformed_histories_are_refused() {
 
 #[test]
 fn an_empty_batch_gives_empty_outputs_and_zero_gradients() {
-    let device = Device::cpu();
+    for device in devices() {
+        an_empty_batch_gives_empty_outputs_and_zero_gradients_on(device);
+    }
+}
+
+fn an_empty_batch_gives_empty_outputs_and_zero_gradients_on(device: Device) {
     let user = tensor(Vec::<f32>::new(), &[0, 2, 3], &device);
     let gates = tensor(Vec::<f32>::new(), &[0, 2], &device);
     let items = tensor(vec![0.5f32; 4 * 3], &[4, 3], &device);
@@ -376,12 +397,389 @@ fn an_empty_batch_gives_empty_outputs_and_zero_gradients() {
     assert_eq!(scoring::topk(&inputs, 2, None).unwrap().ids.shape(), &[0, 2]);
 }
 
+/// The ignored target of the random problems (>= V, so it is only a sentinel).
+const IGNORE: u32 = u32::MAX - 1;
+const TOP_N: usize = 5;
+
+/// A random problem with an item bias, exclusions (duplicates included),
+/// ignored targets and a per-row history.
+struct RandomProblem {
+    batch: usize,
+    heads: usize,
+    width: usize,
+    num_items: usize,
+    shared: bool,
+    user: Vec<f32>,
+    gates: Vec<f32>,
+    items: Vec<f32>,
+    bias: Vec<f32>,
+    excluded: Vec<u32>,
+    targets: Vec<u32>,
+    dloss: Vec<f32>,
+    dscores: Vec<f32>,
+    offsets: Vec<u32>,
+    history: Vec<u32>,
+}
+
+/// Every output of every scoring op, on the host.
+struct Outputs {
+    scores: Vec<f32>,
+    scores_grads: [Vec<f32>; 4],
+    loss: Vec<f32>,
+    lse: Vec<f32>,
+    ce_grads: [Vec<f32>; 4],
+    topk_ids: Vec<u32>,
+    topk_values: Vec<f32>,
+}
+
+const GRADIENT_NAMES: [&str; 4] = ["dU", "dG", "dX", "ditem_bias"];
+
+fn host_gradients(grads: &scoring::Gradients) -> [Vec<f32>; 4] {
+    [
+        grads.user.to_vec().unwrap(),
+        grads.gate_logits.to_vec().unwrap(),
+        grads.items.to_vec().unwrap(),
+        grads.item_bias.to_vec().unwrap(),
+    ]
+}
+
+impl RandomProblem {
+    fn new(seed: u64, batch: usize, heads: usize, width: usize, num_items: usize, shared: bool) -> Self {
+        let mut rng = Rng::new(seed);
+        let table_heads = if shared { 1 } else { heads };
+        let v = num_items as u32;
+        let mut excluded = vec![0, v - 1, 0];
+        excluded.extend((0..3).map(|_| rng.below(v)));
+        let targets = (0..batch)
+            .map(|b| {
+                if b % 5 == 3 {
+                    return IGNORE;
+                }
+                loop {
+                    let t = rng.below(v);
+                    if !excluded.contains(&t) {
+                        return t;
+                    }
+                }
+            })
+            .collect();
+        let mut offsets = vec![0u32];
+        let mut history = Vec::new();
+        for _ in 0..batch {
+            history.extend((0..rng.below(4)).map(|_| rng.below(v)));
+            offsets.push(history.len() as u32);
+        }
+        RandomProblem {
+            batch,
+            heads,
+            width,
+            num_items,
+            shared,
+            user: rng.floats(batch * heads * width),
+            gates: (0..batch * heads).map(|_| 2.0 * rng.signed_unit()).collect(),
+            items: rng.floats(table_heads * num_items * width),
+            bias: (0..num_items).map(|_| 0.5 * rng.signed_unit()).collect(),
+            excluded,
+            targets,
+            dloss: (0..batch).map(|_| 1.0 + 0.5 * rng.signed_unit()).collect(),
+            dscores: rng.floats(batch * num_items),
+            offsets,
+            history,
+        }
+    }
+
+    fn run(&self, mixing: Mixing, device: &Device) -> Outputs {
+        let items_shape: Vec<usize> = if self.shared {
+            vec![self.num_items, self.width]
+        } else {
+            vec![self.heads, self.num_items, self.width]
+        };
+        let user = tensor(self.user.clone(), &[self.batch, self.heads, self.width], device);
+        let gates = tensor(self.gates.clone(), &[self.batch, self.heads], device);
+        let items = tensor(self.items.clone(), &items_shape, device);
+        let bias = tensor(self.bias.clone(), &[self.num_items], device);
+        let excluded = tensor(self.excluded.clone(), &[self.excluded.len()], device);
+        let inputs = Scoring::new(&user, &gates, &items)
+            .with_scale(0.8)
+            .with_item_bias(&bias)
+            .with_mixing(mixing)
+            .with_excluded(&excluded);
+        let scores = scoring::scores(&inputs).unwrap().to_vec().unwrap();
+        let dscores = tensor(self.dscores.clone(), &[self.batch, self.num_items], device);
+        let scores_grads = host_gradients(&scoring::scores_backward(&inputs, &dscores).unwrap());
+        let targets = tensor(self.targets.clone(), &[self.batch], device);
+        let (loss, saved) = scoring::cross_entropy(&inputs, &targets, Some(IGNORE)).unwrap();
+        let dloss = tensor(self.dloss.clone(), &[self.batch], device);
+        let ce_grads = host_gradients(&scoring::cross_entropy_backward(&inputs, &dloss, &saved).unwrap());
+        let offsets = tensor(self.offsets.clone(), &[self.batch + 1], device);
+        let history = tensor(self.history.clone(), &[self.history.len()], device);
+        let best = scoring::topk(
+            &inputs,
+            TOP_N,
+            Some(History {
+                offsets: &offsets,
+                ids: &history,
+            }),
+        )
+        .unwrap();
+        Outputs {
+            scores,
+            scores_grads,
+            loss: loss.to_vec().unwrap(),
+            lse: saved.lse().to_vec().unwrap(),
+            ce_grads,
+            topk_ids: best.ids.to_vec().unwrap(),
+            topk_values: best.values.to_vec().unwrap(),
+        }
+    }
+
+    /// Across backends the top-n ids may differ only where the scores lie
+    /// within tolerance: each CUDA pick's CPU score must match the CPU's
+    /// value at that position, and no pick may be excluded or in the history.
+    fn check_topk(&self, what: &str, cpu: &Outputs, cuda: &Outputs, rtol: f64) {
+        let widen32 = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+        assert_close(
+            &format!("{what}: topk values"),
+            &widen32(&cuda.topk_values),
+            &widen32(&cpu.topk_values),
+            rtol,
+        );
+        let scale = cpu
+            .scores
+            .iter()
+            .filter(|s| s.is_finite())
+            .fold(0f64, |m, &s| m.max(f64::from(s).abs()));
+        for b in 0..self.batch {
+            let picks = &cuda.topk_ids[b * TOP_N..(b + 1) * TOP_N];
+            let seen = &self.history[self.offsets[b] as usize..self.offsets[b + 1] as usize];
+            for (j, &id) in picks.iter().enumerate() {
+                assert!(
+                    !self.excluded.contains(&id) && !seen.contains(&id),
+                    "{what}: row {b} picks {id}, which is excluded or in its history"
+                );
+                assert!(!picks[..j].contains(&id), "{what}: row {b} picks {id} twice");
+                let score = f64::from(cpu.scores[b * self.num_items + id as usize]);
+                let expected = f64::from(cpu.topk_values[b * TOP_N + j]);
+                assert!(
+                    (score - expected).abs() <= rtol * (expected.abs() + scale),
+                    "{what}: row {b} position {j}: CUDA picks {id} (CPU score {score}), CPU has {expected}"
+                );
+            }
+        }
+    }
+}
+
+fn widen_f32(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// (B, H, D, V): B and V not multiples of 64, H = 1 and 8, D odd and 64, K
+/// slices of which the last is partial, many item chunks, single rows.
+const PARITY_SHAPES: [(usize, usize, usize, usize); 5] = [
+    (70, 1, 7, 130),
+    (5, 8, 64, 150),
+    (67, 8, 9, 65),
+    (130, 3, 50, 2000),
+    (1, 1, 1, 20),
+];
+
 #[test]
-fn cuda_operands_get_a_clear_error_until_the_kernels_land() {
-    let Some(cuda) = common::cuda_device() else { return };
-    let (user, gates, items) = small(&cuda);
-    assert!(matches!(
-        scoring::scores(&Scoring::new(&user, &gates, &items)),
-        Err(Error::InvalidArgument { argument: "device", .. })
-    ));
+fn cuda_matches_the_cpu_on_random_problems() {
+    let Some(cuda) = cuda_device() else { return };
+    let tol = rtol::<f32>(true);
+    for (case, &(batch, heads, width, num_items)) in PARITY_SHAPES.iter().enumerate() {
+        for shared in [false, true] {
+            for mixing in [Mixing::Logits, Mixing::Probabilities] {
+                let what = format!("B={batch} H={heads} D={width} V={num_items} shared={shared} {mixing:?}");
+                let problem = RandomProblem::new(case as u64 + 1, batch, heads, width, num_items, shared);
+                let cpu = problem.run(mixing, &Device::cpu());
+                let gpu = problem.run(mixing, &cuda);
+                let compare = |name: &str, a: &[f32], r: &[f32]| {
+                    assert_close(&format!("{what}: {name}"), &widen_f32(a), &widen_f32(r), tol)
+                };
+                compare("scores", &gpu.scores, &cpu.scores);
+                compare("loss", &gpu.loss, &cpu.loss);
+                compare("lse", &gpu.lse, &cpu.lse);
+                for (i, name) in GRADIENT_NAMES.iter().enumerate() {
+                    compare(&format!("scores {name}"), &gpu.scores_grads[i], &cpu.scores_grads[i]);
+                    compare(&format!("ce {name}"), &gpu.ce_grads[i], &cpu.ce_grads[i]);
+                }
+                // Ignored rows and excluded items are exact zeros on both.
+                for b in (0..batch).filter(|&b| problem.targets[b] == IGNORE) {
+                    assert_eq!(gpu.loss[b], 0.0, "{what}: loss of ignored row {b}");
+                    let du = &gpu.ce_grads[0][b * heads * width..(b + 1) * heads * width];
+                    assert!(du.iter().all(|&g| g == 0.0), "{what}: dU of ignored row {b}");
+                }
+                for &v in &problem.excluded {
+                    assert_eq!(gpu.ce_grads[3][v as usize], 0.0, "{what}: ditem_bias of excluded {v}");
+                }
+                problem.check_topk(&what, &cpu, &gpu, tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_results_are_bitwise_reproducible() {
+    let Some(cuda) = cuda_device() else { return };
+    for shared in [false, true] {
+        for mixing in [Mixing::Logits, Mixing::Probabilities] {
+            // V spans several item chunks, B two row tiles.
+            let problem = RandomProblem::new(7, 67, 8, 9, 700, shared);
+            let first = problem.run(mixing, &cuda);
+            let second = problem.run(mixing, &cuda);
+            let bits = |o: &Outputs| -> Vec<Vec<u32>> {
+                let mut all: Vec<Vec<u32>> = [&o.scores, &o.loss, &o.lse, &o.topk_values]
+                    .iter()
+                    .map(|v| v.iter().map(|x| x.to_bits()).collect())
+                    .collect();
+                for grads in [&o.scores_grads, &o.ce_grads] {
+                    all.extend(grads.iter().map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()));
+                }
+                all.push(o.topk_ids.clone());
+                all
+            };
+            assert!(
+                bits(&first) == bits(&second),
+                "shared={shared} {mixing:?}: two runs differ"
+            );
+        }
+    }
+}
+
+#[test]
+fn cuda_topk_is_the_exact_top_n_of_cuda_scores() {
+    let Some(cuda) = cuda_device() else { return };
+    for mixing in [Mixing::Logits, Mixing::Probabilities] {
+        let problem = RandomProblem::new(11, 9, 2, 5, 300, false);
+        let out = problem.run(mixing, &cuda);
+        for b in 0..problem.batch {
+            let seen = &problem.history[problem.offsets[b] as usize..problem.offsets[b + 1] as usize];
+            let mut row: Vec<(f32, u32)> = (0..problem.num_items as u32)
+                .filter(|v| !problem.excluded.contains(v) && !seen.contains(v))
+                .map(|v| (out.scores[b * problem.num_items + v as usize], v))
+                .collect();
+            row.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let expected: Vec<u32> = row[..TOP_N].iter().map(|&(_, v)| v).collect();
+            assert_eq!(
+                &out.topk_ids[b * TOP_N..(b + 1) * TOP_N],
+                expected.as_slice(),
+                "{mixing:?} row {b}"
+            );
+            for (j, &(value, _)) in row[..TOP_N].iter().enumerate() {
+                assert_eq!(out.topk_values[b * TOP_N + j].to_bits(), value.to_bits());
+            }
+        }
+    }
+}
+
+#[test]
+fn the_cuda_workspace_is_bounded() {
+    let shape = scoring::ScoringShape {
+        batch: 64,
+        heads: 2,
+        width: 8,
+        num_items: 200_000,
+        shared: false,
+    };
+    let Some(cuda) = cuda_device() else { return };
+    for mixing in [Mixing::Logits, Mixing::Probabilities] {
+        let bytes = scoring::workspace_bytes_on(&cuda, shape, mixing).unwrap();
+        assert!(
+            bytes * 10 < shape.batch * shape.num_items * 4,
+            "{mixing:?}: {bytes} bytes"
+        );
+    }
+}
+
+/// Every data error the CUDA kernels report through the status word comes
+/// back as exactly the CPU's error, lowest offending position or row first.
+#[test]
+fn cuda_data_errors_equal_the_cpu_errors() {
+    let Some(cuda) = cuda_device() else { return };
+    type Case = Box<dyn Fn(&Device) -> Error>;
+    let cases: Vec<(&str, Case)> = vec![
+        (
+            "excluded ids past V, lowest position",
+            Box::new(|d: &Device| {
+                let (user, gates, items) = small(d);
+                let excluded = tensor(vec![1u32, 7, 2, 5], &[4], d);
+                scoring::scores(&Scoring::new(&user, &gates, &items).with_excluded(&excluded)).unwrap_err()
+            }),
+        ),
+        (
+            "an excluded id wins over a bad target",
+            Box::new(|d: &Device| {
+                let (user, gates, items) = small(d);
+                let excluded = tensor(vec![9u32], &[1], d);
+                let targets = tensor(vec![8u32, 8], &[2], d);
+                let inputs = Scoring::new(&user, &gates, &items).with_excluded(&excluded);
+                scoring::cross_entropy(&inputs, &targets, None).unwrap_err()
+            }),
+        ),
+        (
+            "an excluded target in row 0 wins over a target past V in row 1",
+            Box::new(|d: &Device| {
+                let (user, gates, items) = small(d);
+                let excluded = tensor(vec![3u32], &[1], d);
+                let targets = tensor(vec![3u32, 6], &[2], d);
+                let inputs = Scoring::new(&user, &gates, &items)
+                    .with_excluded(&excluded)
+                    .with_mixing(Mixing::Probabilities);
+                scoring::cross_entropy(&inputs, &targets, None).unwrap_err()
+            }),
+        ),
+        (
+            "too few eligible items names the row and the count",
+            Box::new(|d: &Device| {
+                let (user, gates, items) = small(d);
+                let excluded = tensor(vec![0u32, 0, 1], &[3], d);
+                let offsets = tensor(vec![0u32, 1, 3], &[3], d);
+                let ids = tensor(vec![4u32, 2, 4], &[3], d);
+                let inputs = Scoring::new(&user, &gates, &items).with_excluded(&excluded);
+                let history = Some(History {
+                    offsets: &offsets,
+                    ids: &ids,
+                });
+                scoring::topk(&inputs, 3, history).unwrap_err()
+            }),
+        ),
+        (
+            "malformed history offsets",
+            Box::new(|d: &Device| {
+                let (user, gates, items) = small(d);
+                let offsets = tensor(vec![0u32, 3, 2], &[3], d);
+                let ids = tensor(vec![9u32, 2], &[2], d);
+                let history = Some(History {
+                    offsets: &offsets,
+                    ids: &ids,
+                });
+                scoring::topk(&Scoring::new(&user, &gates, &items), 1, history).unwrap_err()
+            }),
+        ),
+        (
+            "history ids past V, lowest position",
+            Box::new(|d: &Device| {
+                let (user, gates, items) = small(d);
+                let offsets = tensor(vec![0u32, 2, 3], &[3], d);
+                let ids = tensor(vec![1u32, 6, 5], &[3], d);
+                let history = Some(History {
+                    offsets: &offsets,
+                    ids: &ids,
+                });
+                scoring::topk(&Scoring::new(&user, &gates, &items), 1, history).unwrap_err()
+            }),
+        ),
+        (
+            "n = 0 after the excluded ids",
+            Box::new(|d: &Device| {
+                let (user, gates, items) = small(d);
+                let excluded = tensor(vec![5u32], &[1], d);
+                scoring::topk(&Scoring::new(&user, &gates, &items).with_excluded(&excluded), 0, None).unwrap_err()
+            }),
+        ),
+    ];
+    for (what, case) in &cases {
+        assert_eq!(case(&cuda), case(&Device::cpu()), "{what}");
+    }
 }

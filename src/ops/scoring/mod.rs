@@ -12,7 +12,13 @@
 //! - [`topk`] returns the n best items per row without materialising `[B, V]`.
 //! - [`cross_entropy`] keeps only per-row log-sum-exps; its backward
 //!   recomputes the scores item by item. Nothing of size `B * V` is allocated
-//!   ([`workspace_bytes`] bounds the memory beyond inputs and outputs).
+//!   ([`workspace_bytes`] and, per device, [`workspace_bytes_on`] bound the
+//!   memory beyond inputs and outputs).
+//!
+//! On a CUDA device every op queues its kernels on the device's stream and
+//! synchronises once, to read the status word of the data checks (excluded
+//! ids, targets, histories) and return the error the CPU gives for the same
+//! input. The backend layer ([`cuda`]) leaves that word on the device.
 //!
 //! ```
 //! use moerec::scoring::{self, Mixing, Scoring};
@@ -38,11 +44,16 @@
 //! ```
 
 pub mod cpu;
+pub mod cuda;
+mod status;
 
+use crate::cuda::CudaDevice;
 use crate::device::Device;
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use status::{check_status, excluded_sources, StatusSources};
+use std::sync::Arc;
 
 /// How the heads' scores are fused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -175,6 +186,25 @@ impl<'a, T: FloatElement> Scoring<'a, T> {
             shape,
         })
     }
+
+    fn device(&self, shape: ScoringShape) -> Result<cuda::Operands<'a, T>> {
+        Ok(cuda::Operands {
+            user: self.user.device_slice()?.as_view(),
+            gate_logits: self.gate_logits.device_slice()?.as_view(),
+            items: self.items.device_slice()?.as_view(),
+            item_bias: self
+                .item_bias
+                .map(|b| b.device_slice().map(|s| s.as_view()))
+                .transpose()?,
+            excluded: self
+                .excluded
+                .map(|e| e.device_slice().map(|s| s.as_view()))
+                .transpose()?,
+            scale: self.scale,
+            mixing: self.mixing,
+            shape,
+        })
+    }
 }
 
 /// Gradients of the scoring operands, f32, in their layouts.
@@ -227,13 +257,6 @@ pub struct History<'a> {
     pub ids: &'a Tensor<u32>,
 }
 
-fn not_on_cuda(op: &str) -> Error {
-    Error::InvalidArgument {
-        argument: "device",
-        message: format!("scoring::{op} has no CUDA kernels yet; pass CPU tensors"),
-    }
-}
-
 fn zeros_like_gradients(shape: ScoringShape, device: &Device) -> Result<Gradients> {
     let items_shape: Vec<usize> = if shape.shared {
         vec![shape.num_items, shape.width]
@@ -257,15 +280,35 @@ fn gradients_mut(grads: &mut Gradients) -> Result<cpu::GradientsMut<'_>> {
     })
 }
 
+fn device_gradients_mut(grads: &mut Gradients) -> Result<cuda::GradientsMut<'_>> {
+    Ok(cuda::GradientsMut {
+        user: grads.user.device_slice_mut()?.as_view_mut(),
+        gate_logits: grads.gate_logits.device_slice_mut()?.as_view_mut(),
+        items: grads.items.device_slice_mut()?.as_view_mut(),
+        item_bias: grads.item_bias.device_slice_mut()?.as_view_mut(),
+    })
+}
+
 /// The materialised scores `[B, V]` f32: the mixed logits S for Logits
 /// mixing (-inf at excluded items), the probabilities P for Probabilities
 /// mixing (0 at excluded items). For small catalogs and evaluation.
 pub fn scores<T: FloatElement>(inputs: &Scoring<'_, T>) -> Result<Tensor<f32>> {
     let (shape, device) = inputs.check()?;
     let mut out = Tensor::zeros(&[shape.batch, shape.num_items], &device)?;
-    match device {
+    match &device {
         Device::Cpu => cpu::scores(inputs.host(shape)?, out.host_mut()?)?,
-        Device::Cuda(_) => return Err(not_on_cuda("scores")),
+        Device::Cuda(cuda_device) => {
+            let stream = cuda_device.stream();
+            let mut status = cuda_device.new_status(stream)?;
+            cuda::scores(
+                cuda_device,
+                stream,
+                &inputs.device(shape)?,
+                &mut out.device_slice_mut()?.as_view_mut(),
+                &mut status.as_view_mut(),
+            )?;
+            check_status(stream, &status, shape.num_items, excluded_sources(inputs))?;
+        }
     }
     Ok(out)
 }
@@ -277,9 +320,21 @@ pub fn scores_backward<T: FloatElement>(inputs: &Scoring<'_, T>, dscores: &Tenso
     dscores.expect_shape("dscores", &[shape.batch, shape.num_items])?;
     dscores.expect_device("dscores", &device)?;
     let mut grads = zeros_like_gradients(shape, &device)?;
-    match device {
+    match &device {
         Device::Cpu => cpu::scores_backward(inputs.host(shape)?, dscores.host()?, gradients_mut(&mut grads)?)?,
-        Device::Cuda(_) => return Err(not_on_cuda("scores_backward")),
+        Device::Cuda(cuda_device) => {
+            let stream = cuda_device.stream();
+            let mut status = cuda_device.new_status(stream)?;
+            cuda::scores_backward(
+                cuda_device,
+                stream,
+                &inputs.device(shape)?,
+                &dscores.device_slice()?.as_view(),
+                &mut device_gradients_mut(&mut grads)?,
+                &mut status.as_view_mut(),
+            )?;
+            check_status(stream, &status, shape.num_items, excluded_sources(inputs))?;
+        }
     }
     Ok(grads)
 }
@@ -300,7 +355,7 @@ pub fn topk<T: FloatElement>(inputs: &Scoring<'_, T>, n: usize, history: Option<
     }
     let mut ids = Tensor::zeros(&[shape.batch, n], &device)?;
     let mut values = Tensor::zeros(&[shape.batch, n], &device)?;
-    match device {
+    match &device {
         Device::Cpu => {
             let history = history
                 .map(|h| -> Result<cpu::HistoryRef<'_>> {
@@ -312,7 +367,7 @@ pub fn topk<T: FloatElement>(inputs: &Scoring<'_, T>, n: usize, history: Option<
                 .transpose()?;
             cpu::topk(inputs.host(shape)?, n, history, ids.host_mut()?, values.host_mut()?)?
         }
-        Device::Cuda(_) => return Err(not_on_cuda("topk")),
+        Device::Cuda(cuda_device) => cuda_topk(cuda_device, inputs, shape, n, history, &mut ids, &mut values)?,
     }
     Ok(TopK { ids, values })
 }
@@ -337,7 +392,7 @@ pub fn cross_entropy<T: FloatElement>(
     debug_assert_eq!(lse_shape.iter().product::<usize>(), shape.batch * per_row);
     let mut loss = Tensor::zeros(&[shape.batch], &device)?;
     let mut lse = Tensor::zeros(&lse_shape, &device)?;
-    match device {
+    match &device {
         Device::Cpu => cpu::cross_entropy(
             inputs.host(shape)?,
             targets.host()?,
@@ -345,7 +400,25 @@ pub fn cross_entropy<T: FloatElement>(
             loss.host_mut()?,
             lse.host_mut()?,
         )?,
-        Device::Cuda(_) => return Err(not_on_cuda("cross_entropy")),
+        Device::Cuda(cuda_device) => {
+            let stream = cuda_device.stream();
+            let mut status = cuda_device.new_status(stream)?;
+            cuda::cross_entropy(
+                cuda_device,
+                stream,
+                &inputs.device(shape)?,
+                &targets.device_slice()?.as_view(),
+                ignore,
+                &mut loss.device_slice_mut()?.as_view_mut(),
+                &mut lse.device_slice_mut()?.as_view_mut(),
+                &mut status.as_view_mut(),
+            )?;
+            let sources = StatusSources {
+                targets: Some(targets),
+                ..excluded_sources(inputs)
+            };
+            check_status(stream, &status, shape.num_items, sources)?;
+        }
     }
     let saved = Saved {
         targets: targets.try_clone()?,
@@ -377,8 +450,9 @@ pub fn cross_entropy_backward<T: FloatElement>(
     }
     dloss.expect_shape("dloss", &[shape.batch])?;
     dloss.expect_device("dloss", &device)?;
+    saved.lse.expect_device("saved", &device)?;
     let mut grads = zeros_like_gradients(shape, &device)?;
-    match device {
+    match &device {
         Device::Cpu => cpu::cross_entropy_backward(
             inputs.host(shape)?,
             saved.targets.host()?,
@@ -387,7 +461,26 @@ pub fn cross_entropy_backward<T: FloatElement>(
             saved.lse.host()?,
             gradients_mut(&mut grads)?,
         )?,
-        Device::Cuda(_) => return Err(not_on_cuda("cross_entropy_backward")),
+        Device::Cuda(cuda_device) => {
+            let stream = cuda_device.stream();
+            let mut status = cuda_device.new_status(stream)?;
+            cuda::cross_entropy_backward(
+                cuda_device,
+                stream,
+                &inputs.device(shape)?,
+                &saved.targets.device_slice()?.as_view(),
+                saved.ignore,
+                &dloss.device_slice()?.as_view(),
+                &saved.lse.device_slice()?.as_view(),
+                &mut device_gradients_mut(&mut grads)?,
+                &mut status.as_view_mut(),
+            )?;
+            let sources = StatusSources {
+                targets: Some(&saved.targets),
+                ..excluded_sources(inputs)
+            };
+            check_status(stream, &status, shape.num_items, sources)?;
+        }
     }
     Ok(grads)
 }
@@ -403,4 +496,61 @@ pub fn workspace_bytes(shape: ScoringShape) -> usize {
     // eligibility flags ([V] bytes).
     let prepared = 4 * shape.batch * shape.heads * (shape.width + 2) + shape.num_items;
     shape.batch * per_row + threads * per_thread + prepared
+}
+
+/// Like [`workspace_bytes`] for the cross-entropy on `device`: on a CUDA
+/// device, the device memory the forward or the backward allocates beyond
+/// inputs and outputs (per-row constants and the user operand, O(B * H * D);
+/// item-chunk partials, whose count depends on the shapes only; one byte per
+/// item for the exclusion flags). `InvalidArgument` for shapes the CUDA
+/// kernels cannot take.
+pub fn workspace_bytes_on(device: &Device, shape: ScoringShape, mixing: Mixing) -> Result<usize> {
+    match device {
+        Device::Cpu => Ok(workspace_bytes(shape)),
+        Device::Cuda(_) => cuda::cross_entropy_workspace_bytes(shape, mixing),
+    }
+}
+
+fn cuda_topk<T: FloatElement>(
+    device: &Arc<CudaDevice>,
+    inputs: &Scoring<'_, T>,
+    shape: ScoringShape,
+    n: usize,
+    history: Option<History<'_>>,
+    ids: &mut Tensor<u32>,
+    values: &mut Tensor<f32>,
+) -> Result<()> {
+    let stream = device.stream();
+    let mut status = device.new_status(stream)?;
+    let operands = inputs.device(shape)?;
+    let sources = StatusSources {
+        history,
+        n,
+        ..excluded_sources(inputs)
+    };
+    if n == 0 {
+        // The CPU checks the excluded ids first.
+        cuda::check_excluded(device, stream, &operands, &mut status.as_view_mut())?;
+        check_status(stream, &status, shape.num_items, sources)?;
+        return Err(Error::invalid("n", "expected n >= 1, got 0"));
+    }
+    let device_history = history
+        .map(|h| -> Result<cuda::DeviceHistory<'_>> {
+            Ok(cuda::DeviceHistory {
+                offsets: h.offsets.device_slice()?.as_view(),
+                ids: h.ids.device_slice()?.as_view(),
+            })
+        })
+        .transpose()?;
+    cuda::topk(
+        device,
+        stream,
+        &operands,
+        n,
+        device_history.as_ref(),
+        &mut ids.device_slice_mut()?.as_view_mut(),
+        &mut values.device_slice_mut()?.as_view_mut(),
+        &mut status.as_view_mut(),
+    )?;
+    check_status(stream, &status, shape.num_items, sources)
 }

@@ -1,0 +1,557 @@
+// Fused gated multi-head scores (DESIGN 4.4): materialised scores, the
+// memory-free cross-entropy, and both backwards. topk lives in
+// scoring_topk.cu; the parameter block and the score tile in scoring.cuh.
+//
+// Floors (DESIGN 5), with M = 2 * B * V * H * D multiply-adds:
+//   scores          M FLOPs (+ M again for the lse pass of Probabilities
+//                   mixing), B*V*4 bytes written, X read once per row tile;
+//                   Probabilities: 2*B*V*H exponentials.
+//   cross_entropy   M FLOPs, B*V*heads_out exponentials; writes O(B*H).
+//   backwards       3M FLOPs (scores, dA, dX). The live variant recomputes
+//                   each score tile once per 64-wide K slice in both the dA
+//                   and the dX kernel: (2 * ceil(K/64) + 2) M, plus the lse
+//                   and <q, dS> passes for Probabilities scores.
+// Variant: f32 SIMT tiles of 64 rows x 64 items, 256 threads, 4 x 4 outputs
+// per thread, K staged in steps of 16 (score_tile). Tensor cores are a later
+// step; this one is the correctness baseline.
+//
+// Kernels, in the order the ops launch them (src/ops/scoring/cuda.rs):
+//   scoring_flag_excluded        excluded ids -> flags [V]; ids >= V reported
+//   scoring_gates_<T>            g = softmax_h G and log g, one thread per row
+//   scoring_mixed_user_<T>       the GEMM operand A (scoring.cuh)
+//   scoring_row_reduce_<T>       per (item chunk, row tile, head): partial
+//                                online lse of the scores, or sum_v q * dS
+//   scoring_row_merge            chunks merged in order -> row_lse / row_coef
+//   scoring_scores_<T>           S or P, -inf / 0 at excluded items
+//   scoring_ce_loss_<T>          per row: target checks and the loss
+//   scoring_backward_rows_<T>    per row: target checks, weight, responsibilities
+//   scoring_backward_user_<T>    per (item chunk, row tile, head, K slice): dA partials
+//   scoring_backward_items_<T>   per (item tile, K slice): dX and d item_bias
+//   scoring_backward_finish_user chunks of dA summed in order -> dU
+//   scoring_backward_finish_gates_<T>  dG per row
+// Every reduction runs in an order fixed by the shapes: no float atomics.
+#include "scoring.cuh"
+
+namespace {
+using namespace moerec_scoring;
+using moerec::to_f32;
+typedef unsigned long long u64;
+
+__device__ __forceinline__ void tile_range(uint32_t chunk, uint32_t tiles_per_chunk, uint32_t item_tiles,
+                                           uint32_t& begin, uint32_t& end) {
+  begin = chunk * tiles_per_chunk;
+  end = min(item_tiles, begin + tiles_per_chunk);
+}
+
+// ---------------------------------------------------------------- preparation
+
+__device__ void flag_excluded(const ScoringParams& p) {
+  for (u64 i = moerec::global_thread_index(); i < p.num_excluded; i += moerec::global_thread_count()) {
+    const uint32_t id = p.excluded[i];
+    if (id < p.num_items) {
+      p.excluded_flags[id] = 1;
+    } else {
+      moerec::report_position(p.status, i);
+    }
+  }
+}
+
+template <typename T>
+__device__ void gate_softmax(const ScoringParams& p) {
+  const T* logits = static_cast<const T*>(p.gate_logits);
+  for (u64 b = moerec::global_thread_index(); b < p.batch; b += moerec::global_thread_count()) {
+    const u64 row = b * p.heads;
+    LogSumExp lse = lse_empty();
+    for (uint32_t h = 0; h < p.heads; ++h) lse_push(lse, to_f32(logits[row + h]));
+    const float total = lse_value(lse);
+    for (uint32_t h = 0; h < p.heads; ++h) {
+      const float log_gate = to_f32(logits[row + h]) - total;
+      p.log_gates[row + h] = log_gate;
+      p.gates[row + h] = expf(log_gate);
+    }
+  }
+}
+
+template <typename T>
+__device__ void mixed_user(const ScoringParams& p) {
+  const T* user = static_cast<const T*>(p.user);
+  const u64 total = static_cast<u64>(p.batch) * p.a_width;
+  for (u64 e = moerec::global_thread_index(); e < total; e += moerec::global_thread_count()) {
+    const u64 b = e / p.a_width;
+    const uint32_t a = static_cast<uint32_t>(e % p.a_width);
+    float value;
+    if (has(p, kProbabilities)) {
+      value = p.scale * to_f32(user[e]);  // a = j * D + d, as in U's row
+    } else if (!has(p, kShared)) {
+      value = p.scale * p.gates[b * p.heads + a / p.width] * to_f32(user[e]);
+    } else {
+      value = 0.0f;
+      for (uint32_t h = 0; h < p.heads; ++h) {
+        value += p.scale * p.gates[b * p.heads + h] * to_f32(user[(b * p.heads + h) * p.width + a]);
+      }
+    }
+    p.mixed_user[e] = value;
+  }
+}
+
+// ---------------------------------------------------------------- row reductions
+
+// Per (item chunk, row tile, output head): the online lse of the scores over
+// the chunk's eligible items, or (kReduceDot) sum_v q[b, j, v] * dS[b, v]
+// with q = exp(s - row_lse). Each thread folds its items in order, then the
+// 16 threads of a row combine in a fixed butterfly.
+template <typename T>
+__device__ void row_reduce(const ScoringParams& p) {
+  __shared__ TileStage stage;
+  const uint32_t chunk = blockIdx.x;
+  const uint32_t row0 = blockIdx.y * kTile;
+  const uint32_t j = blockIdx.z;
+  const uint32_t ty = threadIdx.x / kLanes;
+  const uint32_t tx = threadIdx.x % kLanes;
+  const bool dot = has(p, kReduceDot);
+  LogSumExp part[kPerThread];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) part[i] = lse_empty();
+  uint32_t begin, end;
+  tile_range(chunk, p.reduce_tiles_per_chunk, p.item_tiles, begin, end);
+  float acc[kPerThread][kPerThread];
+  for (uint32_t tile = begin; tile < end; ++tile) {
+    const uint32_t item0 = tile * kTile;
+    score_tile<T>(p, stage, row0, item0, j, acc);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t b = row0 + ty + kLanes * i;
+      if (b >= p.batch) continue;
+      const u64 bj = static_cast<u64>(b) * p.heads_out + j;
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const uint32_t v = item0 + tx + kLanes * jj;
+        if (!eligible(p, v)) continue;
+        const float logit = acc[i][jj] + bias_of(p, v);
+        if (dot) {
+          part[i].sum += expf(logit - p.row_lse[bj]) * p.dscores[static_cast<u64>(b) * p.num_items + v];
+        } else {
+          lse_push(part[i], logit);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
+      const LogSumExp other{__shfl_xor_sync(0xffffffffu, part[i].max, offset),
+                            __shfl_xor_sync(0xffffffffu, part[i].sum, offset)};
+      if (dot) {
+        part[i].sum += other.sum;
+      } else {
+        part[i] = lse_merge(part[i], other);
+      }
+    }
+    const uint32_t b = row0 + ty + kLanes * i;
+    if (tx == 0 && b < p.batch) {
+      p.row_partials[(static_cast<u64>(j) * p.batch + b) * p.reduce_chunks + chunk] =
+          make_float2(part[i].max, part[i].sum);
+    }
+  }
+}
+
+// One thread per (output head, row): the chunks in order.
+__device__ void row_merge(const ScoringParams& p) {
+  const u64 total = static_cast<u64>(p.heads_out) * p.batch;
+  for (u64 e = moerec::global_thread_index(); e < total; e += moerec::global_thread_count()) {
+    const u64 j = e / p.batch;
+    const u64 b = e % p.batch;
+    const float2* part = p.row_partials + e * p.reduce_chunks;
+    if (has(p, kReduceDot)) {
+      float sum = 0.0f;
+      for (uint32_t c = 0; c < p.reduce_chunks; ++c) sum += part[c].y;
+      p.row_coef[b * p.heads_out + j] = sum;
+    } else {
+      LogSumExp lse = lse_empty();
+      for (uint32_t c = 0; c < p.reduce_chunks; ++c) lse = lse_merge(lse, LogSumExp{part[c].x, part[c].y});
+      p.row_lse[b * p.heads_out + j] = lse_value(lse);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T>
+__device__ void scores_tile(const ScoringParams& p) {
+  __shared__ TileStage stage;
+  const uint32_t item0 = blockIdx.x * kTile;
+  const uint32_t row0 = blockIdx.y * kTile;
+  const uint32_t ty = threadIdx.x / kLanes;
+  const uint32_t tx = threadIdx.x % kLanes;
+  float value[kPerThread][kPerThread];
+  ranked_tile<T>(p, stage, row0, item0, value);
+  const float excluded = has(p, kProbabilities) ? 0.0f : -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t b = row0 + ty + kLanes * i;
+    if (b >= p.batch) continue;
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      const uint32_t v = item0 + tx + kLanes * jj;
+      if (v >= p.num_items) continue;
+      p.out[static_cast<u64>(b) * p.num_items + v] = eligible(p, v) ? value[i][jj] : excluded;
+    }
+  }
+}
+
+// The target of row b checked as the CPU does (ignore first, then the range,
+// then exclusion); kInactive for an ignored or rejected row.
+__device__ uint32_t checked_target(const ScoringParams& p, uint32_t b) {
+  const uint32_t target = p.targets[b];
+  if (has(p, kIgnore) && target == p.ignore) return kInactive;
+  if (target >= p.num_items) {
+    moerec::report_position(p.status, kTargetError + 2ull * b);
+    return kInactive;
+  }
+  if (p.excluded_flags[target] != 0) {
+    moerec::report_position(p.status, kTargetError + 2ull * b + 1);
+    return kInactive;
+  }
+  return target;
+}
+
+// log(g_h q_h(y)) = log g_h + s_h(y) - lse_h: head h's share of P(y) in log space.
+template <typename T>
+__device__ float log_joint(const ScoringParams& p, uint32_t b, uint32_t h, uint32_t target) {
+  const u64 bh = static_cast<u64>(b) * p.heads + h;
+  return p.log_gates[bh] + (single_score<T>(p, b, h, target) + bias_of(p, target)) - p.row_lse[bh];
+}
+
+template <typename T>
+__device__ float log_target_probability(const ScoringParams& p, uint32_t b, uint32_t target) {
+  LogSumExp log_p = lse_empty();
+  for (uint32_t h = 0; h < p.heads; ++h) lse_push(log_p, log_joint<T>(p, b, h, target));
+  return lse_value(log_p);
+}
+
+template <typename T>
+__device__ void ce_loss(const ScoringParams& p) {
+  for (u64 row = moerec::global_thread_index(); row < p.batch; row += moerec::global_thread_count()) {
+    const uint32_t b = static_cast<uint32_t>(row);
+    const uint32_t target = checked_target(p, b);
+    float loss = 0.0f;
+    if (target != kInactive) {
+      if (has(p, kProbabilities)) {
+        loss = -log_target_probability<T>(p, b, target);
+      } else {
+        loss = p.row_lse[b] - (single_score<T>(p, b, 0, target) + bias_of(p, target));
+      }
+    }
+    p.out[b] = loss;
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+// Per row: the target (kNoTarget for scores), the weight dloss, and for
+// Probabilities cross-entropy coef_h = dloss * r_h with the responsibilities
+// r_h = g_h q_h(y) / P(y) from log space.
+template <typename T>
+__device__ void backward_rows(const ScoringParams& p) {
+  for (u64 row = moerec::global_thread_index(); row < p.batch; row += moerec::global_thread_count()) {
+    const uint32_t b = static_cast<uint32_t>(row);
+    if (!has(p, kCrossEntropy)) {
+      p.row_target[b] = kNoTarget;
+      p.row_weight[b] = 1.0f;
+      continue;
+    }
+    const uint32_t target = checked_target(p, b);
+    const float weight = target == kInactive ? 0.0f : p.dloss[b];
+    p.row_target[b] = target;
+    p.row_weight[b] = weight;
+    if (!has(p, kProbabilities)) continue;
+    const float log_p = target == kInactive ? 0.0f : log_target_probability<T>(p, b, target);
+    for (uint32_t h = 0; h < p.heads; ++h) {
+      p.row_coef[row * p.heads + h] =
+          target == kInactive ? 0.0f : weight * expf(log_joint<T>(p, b, h, target) - log_p);
+    }
+  }
+}
+
+// dL/ds at an eligible item v of an active row b, from the GEMM output
+// `logit` of output head j (before the bias).
+__device__ __forceinline__ float head_grad(const ScoringParams& p, uint32_t b, uint32_t v, uint32_t j, float logit) {
+  const float s = logit + bias_of(p, v);
+  const u64 bj = static_cast<u64>(b) * p.heads_out + j;
+  if (!has(p, kCrossEntropy)) {
+    const float upstream = p.dscores[static_cast<u64>(b) * p.num_items + v];
+    if (!has(p, kProbabilities)) return upstream;
+    const float q = expf(s - p.row_lse[bj]);
+    return p.gates[bj] * q * (upstream - p.row_coef[bj]);
+  }
+  const float onehot = v == p.row_target[b] ? 1.0f : 0.0f;
+  if (!has(p, kProbabilities)) return p.row_weight[b] * (expf(s - p.row_lse[b]) - onehot);
+  return p.row_coef[bj] * (expf(s - p.row_lse[bj]) - onehot);
+}
+
+// The score tile turned into dL/ds, zero for rows >= B, inactive rows and
+// items that are excluded or >= V, stored as grad[row][item].
+template <typename T>
+__device__ void grad_tile(const ScoringParams& p, TileStage& stage, uint32_t row0, uint32_t item0, uint32_t j,
+                          float (&grad)[kTile][kPad]) {
+  const uint32_t ty = threadIdx.x / kLanes;
+  const uint32_t tx = threadIdx.x % kLanes;
+  float acc[kPerThread][kPerThread];
+  score_tile<T>(p, stage, row0, item0, j, acc);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t r = ty + kLanes * i;
+    const uint32_t b = row0 + r;
+    const bool active = b < p.batch && p.row_target[b] != kInactive;
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      const uint32_t c = tx + kLanes * jj;
+      const uint32_t v = item0 + c;
+      grad[r][c] = (active && eligible(p, v)) ? head_grad(p, b, v, j, acc[i][jj]) : 0.0f;
+    }
+  }
+}
+
+// Block (chunk, row tile, j * k_slices + slice): for its 64 rows and the 64
+// columns k0.. of output head j, dA = sum over the chunk's items of
+// ds * X(v, k), items in ascending order; one partial per chunk. Logits
+// mixing also sums ds * item_bias[v] per row (slice 0 only), for dG.
+template <typename T>
+__device__ void backward_user(const ScoringParams& p) {
+  __shared__ TileStage stage;
+  __shared__ float grad[kTile][kPad];   // [row][item]
+  __shared__ float slice[kTile][kPad];  // X(item0 + c, k0 + kk) at [c][kk]
+  const T* items = static_cast<const T*>(p.items);
+  const uint32_t chunk = blockIdx.x;
+  const uint32_t row0 = blockIdx.y * kTile;
+  const uint32_t j = blockIdx.z / p.k_slices;
+  const uint32_t k0 = (blockIdx.z % p.k_slices) * kTile;
+  const uint32_t ty = threadIdx.x / kLanes;
+  const uint32_t tx = threadIdx.x % kLanes;
+  const bool bias_sum = !has(p, kProbabilities) && k0 == 0;
+  float d_a[kPerThread][kPerThread];  // row ty + 16 i, column k0 + tx + 16 kk
+  float d_bias[kPerThread];           // row ty + 16 i
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    d_bias[i] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) d_a[i][kk] = 0.0f;
+  }
+  uint32_t begin, end;
+  tile_range(chunk, p.user_tiles_per_chunk, p.item_tiles, begin, end);
+  for (uint32_t tile = begin; tile < end; ++tile) {
+    const uint32_t item0 = tile * kTile;
+    grad_tile<T>(p, stage, row0, item0, j, grad);
+    for (uint32_t e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+      const uint32_t c = e / kTile;
+      const uint32_t kk = e % kTile;
+      const uint32_t v = item0 + c;
+      const uint32_t k = k0 + kk;
+      slice[c][kk] = (v < p.num_items && k < p.k) ? to_f32(items[item_offset(p, j, v, k)]) : 0.0f;
+    }
+    __syncthreads();
+    for (uint32_t c = 0; c < kTile; ++c) {
+      float g[kPerThread];
+      float x[kPerThread];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) g[i] = grad[ty + kLanes * i][c];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) x[kk] = slice[c][tx + kLanes * kk];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) d_a[i][kk] = fmaf(g[i], x[kk], d_a[i][kk]);
+    }
+    if (bias_sum && p.item_bias != nullptr) {
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const uint32_t c = tx + kLanes * jj;
+        const uint32_t v = item0 + c;
+        if (v >= p.num_items) continue;
+        const float bias = p.item_bias[v];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) d_bias[i] = fmaf(grad[ty + kLanes * i][c], bias, d_bias[i]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t b = row0 + ty + kLanes * i;
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
+      d_bias[i] += __shfl_xor_sync(0xffffffffu, d_bias[i], offset);
+    }
+    if (b >= p.batch) continue;
+    const u64 row = static_cast<u64>(chunk) * p.batch + b;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t k = k0 + tx + kLanes * kk;
+      if (k < p.k) p.user_partials[row * p.a_width + static_cast<u64>(j) * p.k + k] = d_a[i][kk];
+    }
+    if (bias_sum && tx == 0) p.bias_partials[row] = d_bias[i];
+  }
+}
+
+// Block (item tile, K slice): dXt(v, k0..) = sum over output heads and all
+// row tiles in order of ds * A(b, k), and (slice 0) d item_bias = sum ds.
+// Probabilities mixing with per-head tables writes head j's rows of dX after
+// head j; with a shared table it sums the heads first.
+template <typename T>
+__device__ void backward_items(const ScoringParams& p) {
+  __shared__ TileStage stage;
+  __shared__ float grad[kTile][kPad];   // [row][item]
+  __shared__ float slice[kTile][kPad];  // A(row0 + r, j*K + k0 + kk) at [r][kk]
+  const uint32_t item0 = blockIdx.x * kTile;
+  const uint32_t k0 = blockIdx.y * kTile;
+  const uint32_t ty = threadIdx.x / kLanes;
+  const uint32_t tx = threadIdx.x % kLanes;
+  const bool per_head_writes = has(p, kProbabilities) && !has(p, kShared);
+  float d_x[kPerThread][kPerThread];  // item ty + 16 i, column k0 + tx + 16 kk
+  float d_bias = 0.0f;                // item threadIdx.x (< 64), slice 0
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) d_x[i][kk] = 0.0f;
+  for (uint32_t j = 0; j < p.heads_out; ++j) {
+    const u64 a_head = static_cast<u64>(j) * p.k;
+    for (uint32_t tile = 0; tile < p.row_tiles; ++tile) {
+      const uint32_t row0 = tile * kTile;
+      grad_tile<T>(p, stage, row0, item0, j, grad);
+      for (uint32_t e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+        const uint32_t r = e / kTile;
+        const uint32_t kk = e % kTile;
+        const uint32_t b = row0 + r;
+        const uint32_t k = k0 + kk;
+        slice[r][kk] = (b < p.batch && k < p.k) ? p.mixed_user[static_cast<u64>(b) * p.a_width + a_head + k] : 0.0f;
+      }
+      __syncthreads();
+      for (uint32_t r = 0; r < kTile; ++r) {
+        float g[kPerThread];
+        float a[kPerThread];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) g[i] = grad[r][ty + kLanes * i];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) a[kk] = slice[r][tx + kLanes * kk];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) d_x[i][kk] = fmaf(g[i], a[kk], d_x[i][kk]);
+      }
+      if (k0 == 0 && threadIdx.x < kTile) {
+        for (uint32_t r = 0; r < kTile; ++r) d_bias += grad[r][threadIdx.x];
+      }
+      __syncthreads();
+    }
+    if (per_head_writes || j + 1 == p.heads_out) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t v = item0 + ty + kLanes * i;
+        if (v >= p.num_items) continue;
+        const bool keep = eligible(p, v);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const uint32_t k = k0 + tx + kLanes * kk;
+          if (k < p.k) p.d_items[item_offset(p, j, v, k)] = keep ? d_x[i][kk] : 0.0f;
+          d_x[i][kk] = 0.0f;
+        }
+      }
+    }
+  }
+  const uint32_t v = item0 + threadIdx.x;
+  if (k0 == 0 && threadIdx.x < kTile && v < p.num_items) p.d_bias[v] = eligible(p, v) ? d_bias : 0.0f;
+}
+
+// One thread per element (b, a) of A: the chunks of dA summed in order (kept
+// in chunk 0 for the gates), then dU = scale * g * dA (Logits) or scale * dA.
+__device__ void backward_finish_user(const ScoringParams& p) {
+  const u64 total = static_cast<u64>(p.batch) * p.a_width;
+  const u64 chunk_stride = total;
+  for (u64 e = moerec::global_thread_index(); e < total; e += moerec::global_thread_count()) {
+    const u64 b = e / p.a_width;
+    const uint32_t a = static_cast<uint32_t>(e % p.a_width);
+    float sum = 0.0f;
+    for (uint32_t c = 0; c < p.user_chunks; ++c) sum += p.user_partials[c * chunk_stride + e];
+    p.user_partials[e] = sum;
+    const bool active = p.row_target[b] != kInactive;
+    if (has(p, kProbabilities)) {
+      p.d_user[e] = active ? p.scale * sum : 0.0f;
+    } else if (!has(p, kShared)) {
+      p.d_user[e] = active ? p.scale * p.gates[b * p.heads + a / p.width] * sum : 0.0f;
+    } else {
+      for (uint32_t h = 0; h < p.heads; ++h) {
+        p.d_user[(b * p.heads + h) * p.width + a] = active ? p.scale * p.gates[b * p.heads + h] * sum : 0.0f;
+      }
+    }
+  }
+}
+
+// One thread per row: dG. dL/dg_h is scale <U[b, h], dA_h> + sum_v dS item_bias
+// for Logits mixing (dA summed by backward_finish_user), <q_h, dS> for
+// Probabilities scores; then through the gate softmax. Probabilities
+// cross-entropy: dloss * (g - r) directly.
+template <typename T>
+__device__ void backward_finish_gates(const ScoringParams& p) {
+  const T* user = static_cast<const T*>(p.user);
+  for (u64 b = moerec::global_thread_index(); b < p.batch; b += moerec::global_thread_count()) {
+    const u64 row = b * p.heads;
+    if (p.row_target[b] == kInactive) {
+      for (uint32_t h = 0; h < p.heads; ++h) p.d_gates[row + h] = 0.0f;
+      continue;
+    }
+    if (has(p, kProbabilities) && has(p, kCrossEntropy)) {
+      for (uint32_t h = 0; h < p.heads; ++h) p.d_gates[row + h] = p.row_weight[b] * p.gates[row + h] - p.row_coef[row + h];
+      continue;
+    }
+    float bias_sum = 0.0f;
+    if (!has(p, kProbabilities)) {
+      for (uint32_t c = 0; c < p.user_chunks; ++c) bias_sum += p.bias_partials[static_cast<u64>(c) * p.batch + b];
+    }
+    float mean = 0.0f;
+    for (uint32_t h = 0; h < p.heads; ++h) {
+      float d_gate;
+      if (has(p, kProbabilities)) {
+        d_gate = p.row_coef[row + h];
+      } else {
+        const float* d_a = p.user_partials + b * p.a_width + (has(p, kShared) ? 0 : static_cast<u64>(h) * p.width);
+        const T* u = user + (row + h) * p.width;
+        float dot = 0.0f;
+        for (uint32_t d = 0; d < p.width; ++d) dot += to_f32(u[d]) * d_a[d];
+        d_gate = p.scale * dot + bias_sum;
+      }
+      p.d_gates[row + h] = d_gate;
+      mean += p.gates[row + h] * d_gate;
+    }
+    for (uint32_t h = 0; h < p.heads; ++h) p.d_gates[row + h] = p.gates[row + h] * (p.d_gates[row + h] - mean);
+  }
+}
+}  // namespace
+
+extern "C" __global__ void scoring_flag_excluded(const ScoringParams p) { flag_excluded(p); }
+extern "C" __global__ void scoring_row_merge(const ScoringParams p) { row_merge(p); }
+extern "C" __global__ void scoring_backward_finish_user(const ScoringParams p) { backward_finish_user(p); }
+
+#define MOEREC_SCORING_KERNELS(suffix, T)                                                                      \
+  extern "C" __global__ void scoring_gates_##suffix(const ScoringParams p) { gate_softmax<T>(p); }            \
+  extern "C" __global__ void scoring_mixed_user_##suffix(const ScoringParams p) { mixed_user<T>(p); }         \
+  extern "C" __global__ void scoring_row_reduce_##suffix(const ScoringParams p) { \
+    row_reduce<T>(p);                                                                                          \
+  }                                                                                                            \
+  extern "C" __global__ void scoring_scores_##suffix(const ScoringParams p) {     \
+    scores_tile<T>(p);                                                                                         \
+  }                                                                                                            \
+  extern "C" __global__ void scoring_ce_loss_##suffix(const ScoringParams p) { ce_loss<T>(p); }               \
+  extern "C" __global__ void scoring_backward_rows_##suffix(const ScoringParams p) { backward_rows<T>(p); }   \
+  extern "C" __global__ void                                                       \
+      scoring_backward_user_##suffix(const ScoringParams p) {                                                  \
+    backward_user<T>(p);                                                                                       \
+  }                                                                                                            \
+  extern "C" __global__ void                                                       \
+      scoring_backward_items_##suffix(const ScoringParams p) {                                                 \
+    backward_items<T>(p);                                                                                      \
+  }                                                                                                            \
+  extern "C" __global__ void scoring_backward_finish_gates_##suffix(const ScoringParams p) {                  \
+    backward_finish_gates<T>(p);                                                                               \
+  }
+MOEREC_FOR_EACH_FLOAT(MOEREC_SCORING_KERNELS)

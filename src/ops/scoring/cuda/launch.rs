@@ -1,0 +1,195 @@
+//! Queuing the scoring kernels: device pointers together with the guards
+//! cudarc hands out for them, and the launch sequences the ops share.
+
+use super::params::{Params, FLAG_REDUCE_DOT};
+use super::plan::Plan;
+use crate::cuda::{grid_stride_config, launched, CudaDevice};
+use crate::dtype::DType;
+use crate::error::Result;
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop};
+use std::sync::Arc;
+
+pub(super) const MODULE: &str = "scoring";
+pub(super) const TOPK_MODULE: &str = "scoring_topk";
+/// Collects the pointers of one call's buffers with the guards cudarc hands
+/// out for them, which must live until the launches are queued.
+pub(super) struct Pointers<'a> {
+    stream: &'a CudaStream,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Pointers<'a> {
+    pub(super) fn new(stream: &'a CudaStream) -> Self {
+        Pointers {
+            stream,
+            guards: Vec::new(),
+        }
+    }
+
+    pub(super) fn read<T>(&mut self, buffer: &'a impl DevicePtr<T>) -> u64 {
+        let (pointer, guard) = buffer.device_ptr(self.stream);
+        self.guards.push(guard);
+        pointer
+    }
+
+    pub(super) fn write<T>(&mut self, buffer: &'a mut impl DevicePtrMut<T>) -> u64 {
+        let (pointer, guard) = buffer.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        pointer
+    }
+}
+
+/// Queues the scoring kernels of one call.
+pub(super) struct Launcher<'a> {
+    device: &'a CudaDevice,
+    stream: &'a Arc<CudaStream>,
+    suffix: &'static str,
+    plan: Plan,
+}
+
+impl<'a> Launcher<'a> {
+    pub(super) fn new(device: &'a CudaDevice, stream: &'a Arc<CudaStream>, dtype: DType, plan: Plan) -> Self {
+        Launcher {
+            device,
+            stream,
+            suffix: dtype.kernel_suffix(),
+            plan,
+        }
+    }
+
+    /// Launches `name` (with the dtype suffix when `typed`) of `module`.
+    ///
+    /// # Safety
+    /// Every pointer in `params` that kernel reads or writes points to a live
+    /// buffer of at least the length `ScoringParams` (kernels/scoring.cuh)
+    /// documents for the sizes in `params`, and `config` is the grid the
+    /// kernel expects (a tile grid of 256-thread blocks, or any grid-stride
+    /// grid).
+    pub(super) unsafe fn launch(
+        &self,
+        module: &'static str,
+        name: &'static str,
+        typed: bool,
+        config: LaunchConfig,
+        params: &Params,
+    ) -> Result<()> {
+        let function = if typed {
+            self.device.function(module, &format!("{name}_{}", self.suffix))?
+        } else {
+            self.device.function(module, name)?
+        };
+        let mut args = self.stream.launch_builder(&function);
+        args.arg(params);
+        launched(name, args.launch(config))
+    }
+
+    /// Exclusion flags, then (B > 0) the gates and the GEMM operand A.
+    ///
+    /// # Safety
+    /// `params` is bound to the operands (lengths checked by
+    /// `Operands::check`), a workspace of `Plan::lens` and the status word.
+    pub(super) unsafe fn prepare(&self, params: &Params) -> Result<()> {
+        let batch = self.plan.shape.batch as u64;
+        if params.num_excluded > 0 {
+            // SAFETY: reads `num_excluded` ids, writes flags below V and the status.
+            self.launch(
+                MODULE,
+                "scoring_flag_excluded",
+                false,
+                grid_stride_config(u64::from(params.num_excluded)),
+                params,
+            )?;
+        }
+        if batch == 0 {
+            return Ok(());
+        }
+        // SAFETY: reads G [B, H], writes gates and log_gates [B, H].
+        self.launch(MODULE, "scoring_gates", true, grid_stride_config(batch), params)?;
+        // SAFETY: reads U [B, H, D] and the gates, writes A [B, a_width].
+        self.launch(
+            MODULE,
+            "scoring_mixed_user",
+            true,
+            grid_stride_config(batch * self.plan.a_width() as u64),
+            params,
+        )
+    }
+
+    /// Per-row log-sum-exps into `row_lse`, or (`dot`) <q_h, dS> into
+    /// `row_coef`: chunk partials, then their merge in chunk order.
+    ///
+    /// # Safety
+    /// As for `prepare`, after it; `row_partials` holds
+    /// heads_out * B * reduce_chunks float pairs, `row_lse` (and for `dot`
+    /// `row_coef`, `dscores` [B, V]) B * heads_out floats.
+    pub(super) unsafe fn row_reduction(&self, params: &mut Params, dot: bool) -> Result<()> {
+        let plan = &self.plan;
+        if dot {
+            params.flags |= FLAG_REDUCE_DOT;
+        }
+        // SAFETY: tiles of A [B, a_width] and X, partials indexed (head, row < B, chunk).
+        self.launch(
+            MODULE,
+            "scoring_row_reduce",
+            true,
+            Plan::tile_grid(plan.reduce.count, plan.row_tiles, plan.heads_out),
+            params,
+        )?;
+        // SAFETY: one thread per (head, row < B), reading the chunks it owns.
+        self.launch(
+            MODULE,
+            "scoring_row_merge",
+            false,
+            grid_stride_config((plan.heads_out * plan.shape.batch) as u64),
+            params,
+        )?;
+        params.flags &= !FLAG_REDUCE_DOT;
+        Ok(())
+    }
+
+    /// The backward after `prepare` (and, for Probabilities scores, both row
+    /// reductions): per-row constants, dA partials, dX, then dU and dG.
+    ///
+    /// # Safety
+    /// As for `prepare`, with a workspace of the backward pass, the gradient
+    /// outputs bound (dU [B, H, D], dG [B, H], dX the layout of X, d bias [V]),
+    /// and `row_lse` holding B * heads_out log-sum-exps.
+    pub(super) unsafe fn backward(&self, params: &Params) -> Result<()> {
+        let plan = &self.plan;
+        let batch = plan.shape.batch as u64;
+        // SAFETY: one thread per row < B: targets, dloss, row constants.
+        self.launch(MODULE, "scoring_backward_rows", true, grid_stride_config(batch), params)?;
+        // SAFETY: tiles of A and X; user_partials [user_chunks, B, a_width], bias_partials [user_chunks, B].
+        self.launch(
+            MODULE,
+            "scoring_backward_user",
+            true,
+            Plan::tile_grid(plan.user.count, plan.row_tiles, plan.heads_out * plan.k_slices),
+            params,
+        )?;
+        // SAFETY: tiles of A and X; writes dX (item < V, k < K) and d bias (item < V).
+        self.launch(
+            MODULE,
+            "scoring_backward_items",
+            true,
+            Plan::tile_grid(plan.item_tiles, plan.k_slices, 1),
+            params,
+        )?;
+        // SAFETY: one thread per element of A [B, a_width]; writes dU [B, H, D].
+        self.launch(
+            MODULE,
+            "scoring_backward_finish_user",
+            false,
+            grid_stride_config(batch * plan.a_width() as u64),
+            params,
+        )?;
+        // SAFETY: one thread per row < B; reads U, the summed dA, writes dG [B, H].
+        self.launch(
+            MODULE,
+            "scoring_backward_finish_gates",
+            true,
+            grid_stride_config(batch),
+            params,
+        )
+    }
+}
