@@ -326,6 +326,10 @@ inline void __stcg(T* p, T v) {
   *p = v;
 }
 
+// Only the PTX wrappers' asm operands use it; under the emulator they never
+// reach the asm (see emu/README.md, inline PTX).
+inline size_t __cvta_generic_to_shared(const void* p) { return reinterpret_cast<size_t>(p); }
+
 inline void __threadfence() {}
 inline void __threadfence_block() {}
 inline void __threadfence_system() {}
@@ -346,7 +350,7 @@ struct LaunchConfig {
 };
 
 enum class Op : uint8_t { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, MatchAny, MatchAll, ReduceAdd,
-                          ReduceMin, ReduceMax, ReduceAnd, ReduceOr, ReduceXor };
+                          ReduceMin, ReduceMax, ReduceAnd, ReduceOr, ReduceXor, Gather };
 enum class BarrierKind : uint8_t { Sync, Count, And, Or };
 
 // emu/cuda_emu_runtime.cpp
@@ -359,10 +363,15 @@ long long block_barrier(BarrierKind kind, int predicate);
 // lane's result once every lane of the mask has arrived.
 uint64_t warp_collective(Op op, unsigned mask, uint64_t value, unsigned value_bytes, int param, int width);
 unsigned active_mask();
+// Every lane of the (full) warp contributes `bytes` (<= 32) from `mine`;
+// returns when all have, with lane l's bytes at all + l * bytes. The model of
+// the warp-wide .sync.aligned instructions (ldmatrix, mma.sync).
+void warp_gather(const void* mine, unsigned bytes, void* all);
 [[noreturn]] void fail(const char* format, ...) __attribute__((format(printf, 1, 2)));
 bool register_dynamic_shared(const char* name, unsigned char* (*address)(), size_t capacity);
 void set_max_dynamic_shared_bytes(const void* function, unsigned bytes);
 void run_grid(const char* kernel, const void* function, const LaunchConfig& config, void (*body)(void*), void* arg);
+void describe_location(char* out, size_t size);
 void argument_width_mismatch(const char* kernel, size_t index, size_t parameter_bytes, size_t pushed_bytes);
 
 // cuFuncSetAttribute(kernel, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes).

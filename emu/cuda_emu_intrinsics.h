@@ -118,3 +118,78 @@ inline long long clock64() {
 }
 inline int clock() { return static_cast<int>(clock64()); }
 [[noreturn]] inline void __trap() { emu::fail("__trap()"); }
+
+// ---------------------------------------------- inline PTX, as plain C++
+// The bodies of the kernels' one-instruction PTX wrappers under
+// MOEREC_EMULATOR (emu/README.md, "Tensor cores and other inline PTX"): the
+// instruction per lane, from the PTX ISA's fragment layouts.
+namespace emu {
+
+// cp.async.cg.shared.global [shared], [global], 16, src_size (16 or 0): the
+// copy has landed when it returns, so commit_group / wait_group are no-ops.
+inline void cp_async_16(void* shared, const void* global, unsigned src_size) {
+  if (src_size == 16) {
+    std::memcpy(shared, global, 16);
+  } else {
+    std::memset(shared, 0, 16);
+  }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8 i .. 8 i + 7 give
+// the 16-byte rows of matrix i; lane l receives, in r[i], elements
+// (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1) of matrix i (its transpose
+// with .trans), the lower-numbered one in the low half.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  uint16_t mine[8];
+  std::memcpy(mine, row, 16);
+  uint16_t rows[32][8];
+  warp_gather(mine, sizeof mine, rows);
+  const unsigned l = (((threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x) + threadIdx.x) % 32;
+  const unsigned g = l / 4, t = l % 4;
+  for (unsigned i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    if (trans) {
+      lo = rows[8 * i + 2 * t][g];
+      hi = rows[8 * i + 2 * t + 1][g];
+    } else {
+      lo = rows[8 * i + g][2 * t];
+      hi = rows[8 * i + g][2 * t + 1];
+    }
+    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+}
+
+inline float b16_to_f32(uint16_t bits, __nv_bfloat16*) { return __bfloat162float(__ushort_as_bfloat16(bits)); }
+inline float b16_to_f32(uint16_t bits, __half*) { return __half2float(__ushort_as_half(bits)); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 d, a, b, d.
+// Lane l = 4 g + t holds A's {a0, a1, a2, a3} = (row g, k 2t..2t+1),
+// (row g + 8, k 2t..), (row g, k 2t + 8..), (row g + 8, k 2t + 8..); B's
+// {b0, b1} = (k 2t..2t+1, col g), (k 2t + 8.., col g); D's {d0..d3} =
+// (row g, col 2t, 2t + 1), (row g + 8, col 2t, 2t + 1). The products are exact
+// in f32; they are summed in k order (the hardware's order is unspecified).
+template <class T>
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+  uint32_t all[32][6];
+  warp_gather(mine, sizeof mine, all);
+  const unsigned l = (((threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x) + threadIdx.x) % 32;
+  const unsigned g = l / 4, t = l % 4;
+  auto half_of = [](uint32_t word, unsigned k) { return static_cast<uint16_t>(k % 2 ? word >> 16 : word); };
+  auto a_at = [&](unsigned row, unsigned k) {
+    const uint32_t word = all[4 * (row % 8) + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+    return b16_to_f32(half_of(word, k), static_cast<T*>(nullptr));
+  };
+  auto b_at = [&](unsigned k, unsigned col) {
+    const uint32_t word = all[4 * col + (k % 8) / 2][4 + (k >= 8 ? 1 : 0)];
+    return b16_to_f32(half_of(word, k), static_cast<T*>(nullptr));
+  };
+  for (unsigned q = 0; q < 4; ++q) {
+    const unsigned row = g + (q >= 2 ? 8 : 0), col = 2 * t + (q & 1);
+    float acc = d[q];
+    for (unsigned k = 0; k < 16; ++k) acc += a_at(row, k) * b_at(k, col);
+    d[q] = acc;
+  }
+}
+
+}  // namespace emu

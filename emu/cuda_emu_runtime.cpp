@@ -4,6 +4,7 @@
 // about the stacks they change to.
 #include "cuda_emu.h"
 
+#include <dlfcn.h>
 #include <link.h>
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -22,6 +23,44 @@ extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const voi
 #define EMU_ASAN 1
 #endif
 
+// Fiber switches. glibc's swapcontext saves and restores the signal mask
+// with a system call on every switch, which dominated the run time; on x86-64
+// a switch is this: push the callee-saved registers and the SSE / x87
+// control words, swap stack pointers, pop. Elsewhere, and under
+// AddressSanitizer (which tracks ucontext's stacks itself), ucontext.
+#if defined(__x86_64__) && !defined(EMU_UCONTEXT) && !defined(__SANITIZE_ADDRESS__)
+#define EMU_FAST_SWITCH 1
+extern "C" void emu_switch_stack(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .p2align 4
+  .type emu_switch_stack, @function
+emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch_stack, .-emu_switch_stack
+)");
+#endif
+
 namespace emu {
 
 [[noreturn]] void fail(const char* format, ...);
@@ -29,19 +68,25 @@ namespace emu {
 namespace {
 
 constexpr unsigned kMaxThreadsPerBlock = 1024;
+constexpr unsigned kMaxGatherBytes = 32;
 
 const char* op_name(Op op) {
   static const char* names[] = {"__syncwarp", "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
                                 "__shfl_xor_sync", "__ballot_sync", "__any_sync", "__all_sync",
                                 "__match_any_sync", "__match_all_sync", "__reduce_add_sync", "__reduce_min_sync",
-                                "__reduce_max_sync", "__reduce_and_sync", "__reduce_or_sync", "__reduce_xor_sync"};
+                                "__reduce_max_sync", "__reduce_and_sync", "__reduce_or_sync", "__reduce_xor_sync",
+                                "warp gather (ldmatrix / mma.sync)"};
   return names[static_cast<int>(op)];
 }
 
 enum class State : uint8_t { Runnable, AtBarrier, InCollective, Done };
 
 struct Fiber {
+#ifdef EMU_FAST_SWITCH
+  void* sp;
+#else
   ucontext_t context;
+#endif
   uint3 thread_idx;
   unsigned linear;
   State state;
@@ -64,6 +109,8 @@ struct Collective {
 struct Warp {
   Collective pending[32];
   int pending_count;
+  // Op::Gather: every lane's bytes, copied when the collective completes.
+  unsigned char gathered[32 * kMaxGatherBytes];
 };
 
 struct DynamicShared {
@@ -90,7 +137,11 @@ struct Runtime {
   long long barrier_result = 0;
   std::vector<Warp> warps;
   Fiber* current = nullptr;
+#ifdef EMU_FAST_SWITCH
+  void* scheduler_sp = nullptr;
+#else
   ucontext_t scheduler;
+#endif
   void* scheduler_fake_stack = nullptr;
   const void* scheduler_stack_bottom = nullptr;
   size_t scheduler_stack_size = 0;
@@ -143,9 +194,22 @@ void read_options() {
 }
 
 // ----------------------------------------------------------- shared memory
-// The first object dl_iterate_phdr visits is the executable: its TLS
-// segment, as this thread's instance.
+// Every __shared__ variable lives in the TLS block of the object this
+// runtime is linked into: the executable (emu/harness) or the fake
+// libcuda.so (emu/libcuda), which defines no other thread_local. The block
+// is per OS thread (a library's is allocated on its first use), so it is
+// looked up at every launch.
+thread_local volatile unsigned char tls_anchor;  // touched first: allocates a library's block
+
 int find_tls_block(dl_phdr_info* info, size_t, void* data) {
+  const auto self = reinterpret_cast<uintptr_t>(&find_tls_block);
+  bool contains = false;
+  for (int i = 0; i < info->dlpi_phnum; ++i) {
+    const auto& ph = info->dlpi_phdr[i];
+    const uintptr_t begin = info->dlpi_addr + ph.p_vaddr;
+    if (ph.p_type == PT_LOAD && self >= begin && self < begin + ph.p_memsz) contains = true;
+  }
+  if (!contains) return 0;
   for (int i = 0; i < info->dlpi_phnum; ++i) {
     if (info->dlpi_phdr[i].p_type == PT_TLS && info->dlpi_tls_data != nullptr) {
       Runtime& r = *static_cast<Runtime*>(data);
@@ -153,13 +217,20 @@ int find_tls_block(dl_phdr_info* info, size_t, void* data) {
       r.tls_bytes = info->dlpi_phdr[i].p_memsz;
     }
   }
-  return 1;  // stop after the executable
+  return 1;
 }
 
-// Every __shared__ variable lives in the executable's TLS block.
+void find_shared_memory() {
+  Runtime& r = rt();
+  tls_anchor = 0;
+  r.tls_block = nullptr;
+  r.tls_bytes = 0;
+  dl_iterate_phdr(find_tls_block, &r);
+  if (r.tls_block == nullptr) fail("cannot find the TLS block that holds __shared__ memory");
+}
+
 void poison_shared_memory() {
   Runtime& r = rt();
-  if (r.tls_block == nullptr) dl_iterate_phdr(find_tls_block, &r);
   if (r.tls_block != nullptr) std::memset(r.tls_block, r.poison, r.tls_bytes);
 }
 
@@ -211,7 +282,11 @@ void switch_to(Fiber* f) {
 #ifdef EMU_ASAN
   __sanitizer_start_switch_fiber(&r.scheduler_fake_stack, f->stack, kStackBytes);
 #endif
+#ifdef EMU_FAST_SWITCH
+  emu_switch_stack(&r.scheduler_sp, f->sp);
+#else
   swapcontext(&r.scheduler, &f->context);
+#endif
 #ifdef EMU_ASAN
   __sanitizer_finish_switch_fiber(r.scheduler_fake_stack, nullptr, nullptr);
 #endif
@@ -225,7 +300,11 @@ void yield() {
 #ifdef EMU_ASAN
   __sanitizer_start_switch_fiber(&f->fake_stack, r.scheduler_stack_bottom, r.scheduler_stack_size);
 #endif
+#ifdef EMU_FAST_SWITCH
+  emu_switch_stack(&f->sp, r.scheduler_sp);
+#else
   swapcontext(&f->context, &r.scheduler);
+#endif
 #ifdef EMU_ASAN
   __sanitizer_finish_switch_fiber(f->fake_stack, &r.scheduler_stack_bottom, &r.scheduler_stack_size);
 #endif
@@ -242,7 +321,13 @@ void fiber_main() {
 #ifdef EMU_ASAN
   __sanitizer_start_switch_fiber(nullptr, r.scheduler_stack_bottom, r.scheduler_stack_size);
 #endif
+#ifdef EMU_FAST_SWITCH
+  void* unused;
+  emu_switch_stack(&unused, r.scheduler_sp);  // never resumed
+  __builtin_unreachable();
+#else
   // Returning resumes uc_link, the scheduler.
+#endif
 }
 
 // ------------------------------------------------------------- deadlocks
@@ -328,7 +413,8 @@ uint64_t collective_result(const Collective& c, unsigned lane, unsigned warp_bas
   const int width = c.widths[lane];
   const unsigned group_first = lane & ~static_cast<unsigned>(width - 1);
   switch (c.op) {
-    case Op::Sync: return 0;
+    case Op::Sync:
+    case Op::Gather: return 0;
     case Op::ShflIdx: return value_of(group_first + (static_cast<unsigned>(c.params[lane]) & (width - 1)));
     case Op::ShflUp: {
       const unsigned delta = static_cast<unsigned>(c.params[lane]);
@@ -446,6 +532,14 @@ uint64_t warp_collective_impl(Op op, unsigned mask, uint64_t value, unsigned val
   c->arrived |= 1u << lane;
   f->state = State::InCollective;
   if (c->arrived == mask) {
+    if (op == Op::Gather) {
+      // values[l] points at lane l's bytes (on its suspended stack).
+      for (unsigned l = 0; l < 32; ++l) {
+        if ((mask >> l) & 1u) {
+          std::memcpy(warp.gathered + l * value_bytes, reinterpret_cast<const void*>(c->values[l]), value_bytes);
+        }
+      }
+    }
     for (unsigned l = 0; l < 32; ++l) {
       if (!((mask >> l) & 1u)) continue;
       Fiber& peer = r.fibers[warp_base + l];
@@ -472,11 +566,29 @@ void run_block() {
     f.state = State::Runnable;
     f.fake_stack = nullptr;
     f.stack = r.stacks + i * r.stack_bytes + (r.stack_bytes - kStackBytes);
+#ifdef EMU_FAST_SWITCH
+    // What emu_switch_stack pops: the control words, six registers, then
+    // fiber_main as the return address, entered as if called (rsp = 8 mod 16).
+    auto* top = reinterpret_cast<uint64_t*>(f.stack + kStackBytes);
+    uint64_t* sp = top - 2;
+    *sp = reinterpret_cast<uint64_t>(&fiber_main);
+    sp -= 6;
+    for (int k = 0; k < 6; ++k) sp[k] = 0;
+    --sp;
+    uint32_t mxcsr;
+    uint16_t fpucw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpucw));
+    const uint64_t words = mxcsr | (static_cast<uint64_t>(fpucw) << 32);
+    *sp = words;
+    f.sp = sp;
+#else
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack;
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = &r.scheduler;
     makecontext(&f.context, fiber_main, 0);
+#endif
   }
   poison_shared_memory();
   r.order.resize(r.threads);
@@ -534,6 +646,7 @@ void run_grid_impl(const char* kernel, const void* function, const LaunchConfig&
   r.body = body;
   r.body_arg = arg;
   r.threads = config.block.x * config.block.y * config.block.z;
+  find_shared_memory();
   reserve_stacks(r.threads);
   r.warps.resize((r.threads + 31) / 32);
   if (r.schedule == 2) r.rng.seed(r.schedule_seed + 0x9e3779b97f4a7c15ull * ++r.launches);
@@ -570,6 +683,19 @@ void run_grid_impl(const char* kernel, const void* function, const LaunchConfig&
   std::abort();
 }
 
+// "kernel block (x,y,z) thread (x,y,z)" of the running launch, for crash reports.
+void describe_location(char* out, size_t size) {
+  Runtime& r = rt();
+  if (r.threads == 0) {
+    std::snprintf(out, size, "outside any kernel");
+  } else if (r.current != nullptr) {
+    std::snprintf(out, size, "%s block (%u,%u,%u) thread (%u,%u,%u)", r.kernel, r.block_idx.x, r.block_idx.y,
+                  r.block_idx.z, r.current->thread_idx.x, r.current->thread_idx.y, r.current->thread_idx.z);
+  } else {
+    std::snprintf(out, size, "%s block (%u,%u,%u)", r.kernel, r.block_idx.x, r.block_idx.y, r.block_idx.z);
+  }
+}
+
 const uint3& thread_idx() { return rt().current->thread_idx; }
 const uint3& block_idx() { return rt().block_idx; }
 const dim3& block_dim() { return rt().config.block; }
@@ -578,7 +704,17 @@ const dim3& grid_dim() { return rt().config.grid; }
 long long block_barrier(BarrierKind kind, int predicate) { return block_barrier_impl(kind, predicate); }
 
 uint64_t warp_collective(Op op, unsigned mask, uint64_t value, unsigned value_bytes, int param, int width) {
+  if (op == Op::Gather) fail("warp gather through warp_collective: use warp_gather");
   return warp_collective_impl(op, mask, value, value_bytes, param, width);
+}
+
+void warp_gather(const void* mine, unsigned bytes, void* all) {
+  if (bytes == 0 || bytes > kMaxGatherBytes) fail("warp gather of %u bytes per lane (at most %u)", bytes, kMaxGatherBytes);
+  Runtime& r = rt();
+  const unsigned warp_index = r.current->linear / 32;
+  // The whole warp, as the .sync.aligned instructions require.
+  warp_collective_impl(Op::Gather, 0xffffffffu, reinterpret_cast<uintptr_t>(mine), bytes, 0, 32);
+  std::memcpy(all, r.warps[warp_index].gathered, 32 * bytes);
 }
 
 // Which lanes are converged cannot be known here: every live lane of the warp.
