@@ -28,6 +28,8 @@ done
 cargo build --release --examples --message-format=json 2>/dev/null | executables | while read -r kind name path; do
   [ "$kind" = example ] && cp "$path" ".gpu/examples/$name"
 done
+# Symbols are not needed there, and the carried tree is capped at 64 MiB.
+strip --strip-unneeded .gpu/tests/* .gpu/benches/* .gpu/examples/*
 git rev-parse HEAD > .gpu/commit
 du -sh .gpu
 ls .gpu/*
