@@ -11,6 +11,7 @@ commit=$(cat .gpu/commit 2>/dev/null || echo unknown)
 device=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
 failed=0
 { nvidia-smi; nvcc --version; } > "$out/machine.txt" 2>&1
+tar -C .gpu -xJf .gpu/binaries.tar.xz
 
 for test in .gpu/tests/*; do
   echo "== $test" >> "$out/tests.log"

@@ -28,8 +28,10 @@ done
 cargo build --release --examples --message-format=json 2>/dev/null | executables | while read -r kind name path; do
   [ "$kind" = example ] && cp "$path" ".gpu/examples/$name"
 done
-# Symbols are not needed there, and the carried tree is capped at 64 MiB.
+# Symbols are not needed there, and the carried tree is capped at 64 MiB:
+# the binaries travel stripped and compressed; gpu-run.sh unpacks them.
 strip --strip-unneeded .gpu/tests/* .gpu/benches/* .gpu/examples/*
 git rev-parse HEAD > .gpu/commit
+tar -C .gpu -cJf .gpu/binaries.tar.xz tests benches examples
+rm -rf .gpu/tests .gpu/benches .gpu/examples
 du -sh .gpu
-ls .gpu/*
