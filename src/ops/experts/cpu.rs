@@ -2,9 +2,11 @@
 //!
 //! Products go through `gemm` (cache-blocked, SIMD picked at run time): the
 //! forward and dx per (expert, chunk of rows) under rayon, each chunk's rows
-//! gathered and widened to f32 first; dW per expert with gemm's own threads,
-//! which split the output and never the sum over rows. Chunks depend on the
-//! counts only, so results do not depend on the thread count.
+//! gathered and widened to f32 first; dW one task per expert, each with
+//! gemm's own threads, which split the output and never the sum over rows.
+//! Chunks depend on the counts only, so results do not depend on the thread
+//! count. The sigmoid's e^x is a polynomial in exact f32 operations (no
+//! libm), and the SwiGlu loops are compiled for AVX2 where the CPU has it.
 
 use super::{check_plan, index_slots, Activation, CombineShape, LayerShape, PlanParts, Variant};
 use crate::dtype::{DType, FloatElement};
@@ -13,6 +15,8 @@ use crate::ops::check_len;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// Rows per task of the forward and dx products: enough for gemm to reach
@@ -24,6 +28,109 @@ fn widened<T: FloatElement>(values: &[T]) -> Cow<'_, [f32]> {
     match bytemuck::try_cast_slice::<T, f32>(values) {
         Ok(same) if T::DTYPE == DType::F32 => Cow::Borrowed(same),
         _ => Cow::Owned(values.par_iter().map(|v| v.to_f32()).collect()),
+    }
+}
+
+/// Defines `fn $name(args)` as `$body(args)`, run compiled for AVX2 where
+/// the CPU has it, so that the loops in `$body` (`#[inline(always)]`)
+/// vectorise 8 wide rather than 4. `$body` may only use exact IEEE
+/// operations (no fused multiply-add), which give the same bits either way.
+macro_rules! vectorised {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $body:ident;) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                // SAFETY: avx2 only needs a CPU with AVX2, checked above.
+                return unsafe { avx2($($arg),*) };
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+vectorised! {
+    /// `act[r] = silu(gate[r]) * up[r]` for the rows `[gate | up]` of
+    /// `h: [rows, 2 dout]`, `act: [rows, dout]`.
+    fn swiglu(h: &[f32], act: &mut [f32], dout: usize) = swiglu_rows;
+}
+
+vectorised! {
+    /// `dh = [dgate | dup]` from the rows `[gate | up]` of
+    /// `h: [rows, 2 dout]` and `dy: [rows, dout]`:
+    /// `dgate = dy up silu'(gate)`, `dup = dy silu(gate)`.
+    fn swiglu_backward(dy: &[f32], h: &[f32], dh: &mut [MaybeUninit<f32>], dout: usize) = swiglu_backward_rows;
+}
+
+#[inline(always)]
+fn swiglu_backward_rows(dy: &[f32], h: &[f32], dh: &mut [MaybeUninit<f32>], dout: usize) {
+    let rows = dh.chunks_exact_mut(2 * dout).zip(h.chunks_exact(2 * dout));
+    for ((dh_row, h_row), dy_row) in rows.zip(dy.chunks_exact(dout)) {
+        let (dgate, dup) = dh_row.split_at_mut(dout);
+        let (gate, up) = h_row.split_at(dout);
+        let columns = dgate.iter_mut().zip(dup).zip(gate.iter().zip(up));
+        for (((dg, du), (&g, &u)), &d) in columns.zip(dy_row) {
+            let s = sigmoid(g);
+            dg.write(d * u * (s * (1.0 + g * (1.0 - s))));
+            du.write(d * g * s);
+        }
+    }
+}
+
+#[inline(always)]
+fn swiglu_rows(h: &[f32], act: &mut [f32], dout: usize) {
+    for (row, act_row) in h.chunks_exact(2 * dout).zip(act.chunks_exact_mut(dout)) {
+        let (gate, up) = row.split_at(dout);
+        for ((a, &g), &u) in act_row.iter_mut().zip(gate).zip(up) {
+            *a = g * sigmoid(g) * u;
+        }
+    }
+}
+
+/// `values` as f32: borrowed when they are f32 already, else widened into
+/// `buffer`.
+fn widened_into<'a, T: FloatElement>(values: &'a [T], buffer: &'a mut Vec<f32>) -> &'a [f32] {
+    match bytemuck::try_cast_slice::<T, f32>(values) {
+        Ok(same) if T::DTYPE == DType::F32 => same,
+        _ => {
+            buffer.clear();
+            buffer.extend(values.iter().map(|v| v.to_f32()));
+            buffer
+        }
+    }
+}
+
+/// `values` rounded to the element type into `out` (of the same length).
+fn narrow<T: FloatElement>(values: &[f32], out: &mut [MaybeUninit<T>]) {
+    out.iter_mut().zip(values).for_each(|(o, &v)| {
+        o.write(T::from_f32(v));
+    });
+}
+
+/// A worker's f32 buffers for one chunk task, kept across tasks and calls:
+/// fresh ones would fault in new pages for every chunk.
+#[derive(Default)]
+struct Scratch {
+    /// The chunk's rows of x (or of dh).
+    rows: Vec<f32>,
+    /// Their product with the expert's weights.
+    product: Vec<f32>,
+    /// The activation's output (SwiGlu).
+    act: Vec<f32>,
+}
+
+impl Scratch {
+    /// Runs `f` on this thread's buffers. `f` must not re-enter, so it must
+    /// not wait on rayon work either (a waiting worker runs other tasks).
+    fn with<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+        thread_local! {
+            static SCRATCH: RefCell<Scratch> = RefCell::default();
+        }
+        SCRATCH.with(|scratch| f(&mut scratch.borrow_mut()))
     }
 }
 
@@ -150,8 +257,36 @@ fn gather_rows<T: FloatElement>(
     }
 }
 
+/// e^x in f32 arithmetic, within 2 ulp of the exact value for x in
+/// [-87, 88] (x is clamped to that range first, so e^-87 stands in for
+/// smaller values and e^88 for larger ones); NaN stays NaN. Plain multiplies
+/// and adds with no calls or table lookups, so loops over it vectorise, with
+/// the same bits on every machine.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    // x = n ln2 + r with |r| <= ln2 / 2: n rounded by the 1.5 * 2^23 trick,
+    // ln2 split in two so n ln2 is exact enough (Cody-Waite), then Cephes'
+    // degree-6 polynomial for e^r and 2^n built in the exponent bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    // n + 127 in 1..=254 (x clamped), the biased exponent of 2^n.
+    let two_n = f32::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
+    e_r * two_n
+}
+
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
 /// Phi(x), the standard normal CDF.
@@ -159,13 +294,14 @@ fn normal_cdf(x: f32) -> f32 {
     0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// act(h) for the element-wise activations.
-fn activate(activation: Activation, h: f32) -> f32 {
+/// `h = act(h)` for the element-wise activations, one loop per activation
+/// so that each vectorises.
+fn activate(activation: Activation, h: &mut [f32]) {
     match activation {
-        Activation::Relu => h.max(0.0),
-        Activation::Gelu => h * normal_cdf(h),
-        Activation::Silu => h * sigmoid(h),
-        Activation::None | Activation::SwiGlu => h,
+        Activation::Relu => h.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Activation::Gelu => h.iter_mut().for_each(|v| *v *= normal_cdf(*v)),
+        Activation::Silu => h.iter_mut().for_each(|v| *v *= sigmoid(*v)),
+        Activation::None | Activation::SwiGlu => {}
     }
 }
 
@@ -208,6 +344,28 @@ pub fn layer_forward<T: FloatElement>(
     h: &mut [T],
     y: &mut [T],
 ) -> Result<()> {
+    // SAFETY: MaybeUninit<T> has T's layout, and layer_forward_uninit only
+    // writes initialised values, so h and y stay valid.
+    let (h, y) = unsafe {
+        (
+            &mut *(h as *mut [T] as *mut [MaybeUninit<T>]),
+            &mut *(y as *mut [T] as *mut [MaybeUninit<T>]),
+        )
+    };
+    layer_forward_uninit(x, plan, weights, bias, shape, h, y)
+}
+
+/// [`layer_forward`] into uninitialised `h` and `y`, every element of which
+/// it writes when it returns `Ok` (so the op API need not zero them first).
+pub(crate) fn layer_forward_uninit<T: FloatElement>(
+    x: &[T],
+    plan: &PlanParts<&[u32]>,
+    weights: &[T],
+    bias: Option<&[T]>,
+    shape: &LayerShape,
+    h: &mut [MaybeUninit<T>],
+    y: &mut [MaybeUninit<T>],
+) -> Result<()> {
     let (din, dout, width) = (shape.din, shape.dout, shape.width());
     check_layer_lens(x, plan, weights, shape)?;
     if let Some(bias) = bias {
@@ -218,6 +376,7 @@ pub fn layer_forward<T: FloatElement>(
     let weights = widened(weights);
     let bias = bias.map(widened);
     let sources = token_of_row(plan, shape);
+    // The chunks cover rows 0..R (check_plan), so every element is written.
     let chunks = row_chunks(plan.offsets);
     let outputs = split_rows(h, width, &chunks)
         .into_iter()
@@ -225,68 +384,60 @@ pub fn layer_forward<T: FloatElement>(
     chunks
         .par_iter()
         .zip(outputs.collect::<Vec<_>>())
-        // Each worker reuses its buffers: fresh ones would fault in new pages
-        // for every chunk.
-        .for_each_init(
-            || (Vec::new(), Vec::<f32>::new()),
-            |(a, acc), ((expert, rows), (h_chunk, y_chunk))| {
+        .for_each(|((expert, rows), (h_chunk, y_chunk))| {
+            Scratch::with(|Scratch { rows: a, product, act }| {
                 gather_rows(x, sources, din, rows.clone(), a);
                 let w = &weights[expert * din * width..][..din * width];
-                acc.resize(rows.len() * width, 0.0);
+                product.resize(rows.len() * width, 0.0);
                 matmul(
                     Matrix::row_major(a, rows.len(), din),
                     Matrix::row_major(w, din, width),
-                    acc,
+                    product,
                     Parallelism::None,
                 );
-                let rows_out = acc
-                    .chunks_mut(width)
-                    .zip(h_chunk.chunks_mut(width))
-                    .zip(y_chunk.chunks_mut(dout));
-                for ((row, h_row), y_row) in rows_out {
-                    if let Some(bias) = &bias {
-                        row.iter_mut().zip(&bias[expert * width..]).for_each(|(v, b)| *v += b);
-                    }
-                    h_row.iter_mut().zip(row.iter()).for_each(|(h, &v)| *h = T::from_f32(v));
-                    if shape.activation == Activation::SwiGlu {
-                        let (gate, up) = row.split_at(dout);
-                        for ((y, &g), &u) in y_row.iter_mut().zip(gate).zip(up) {
-                            *y = T::from_f32(g * sigmoid(g) * u);
-                        }
-                    } else {
-                        for (y, &v) in y_row.iter_mut().zip(row.iter()) {
-                            *y = T::from_f32(activate(shape.activation, v));
-                        }
+                if let Some(bias) = &bias {
+                    let bias = &bias[expert * width..][..width];
+                    for row in product.chunks_exact_mut(width) {
+                        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
                     }
                 }
-            },
-        );
+                narrow(product, h_chunk);
+                if shape.activation == Activation::SwiGlu {
+                    act.resize(rows.len() * dout, 0.0);
+                    swiglu(product, act, dout);
+                    narrow(act, y_chunk);
+                } else {
+                    activate(shape.activation, product);
+                    narrow(product, y_chunk);
+                }
+            })
+        });
     Ok(())
 }
 
-/// `dh = dy * act'(h)` `[R, Dout']` f32 at the saved h.
+/// `dh = dy * act'(h)` `[R, Dout']` f32 at the saved h, in blocks of
+/// CHUNK_ROWS rows.
 fn activation_backward<T: FloatElement>(dy: &[f32], h: &[T], shape: &LayerShape) -> Vec<f32> {
     let (dout, width) = (shape.dout, shape.width());
-    let mut dh = vec![0f32; h.len()];
-    dh.par_chunks_mut(width)
-        .zip(h.par_chunks(width))
-        .zip(dy.par_chunks(dout))
-        .for_each(|((dh_row, h_row), dy_row)| {
-            if shape.activation == Activation::SwiGlu {
-                let (dgate, dup) = dh_row.split_at_mut(dout);
-                let (gate, up) = h_row.split_at(dout);
-                for c in 0..dout {
-                    let (g, u) = (gate[c].to_f32(), up[c].to_f32());
-                    let s = sigmoid(g);
-                    dgate[c] = dy_row[c] * u * (s * (1.0 + g * (1.0 - s)));
-                    dup[c] = dy_row[c] * g * s;
+    let mut dh = Vec::with_capacity(h.len());
+    dh.spare_capacity_mut()[..h.len()]
+        .par_chunks_mut(CHUNK_ROWS * width)
+        .zip(h.par_chunks(CHUNK_ROWS * width))
+        .zip(dy.par_chunks(CHUNK_ROWS * dout))
+        .for_each(|((dh_block, h_block), dy_block)| {
+            Scratch::with(|scratch| {
+                let h_block = widened_into(h_block, &mut scratch.rows);
+                if shape.activation == Activation::SwiGlu {
+                    swiglu_backward(dy_block, h_block, dh_block, dout);
+                } else {
+                    for ((d, &g), &v) in dh_block.iter_mut().zip(dy_block).zip(h_block) {
+                        d.write(g * activate_grad(shape.activation, v));
+                    }
                 }
-            } else {
-                for ((d, &g), v) in dh_row.iter_mut().zip(dy_row).zip(h_row) {
-                    *d = g * activate_grad(shape.activation, v.to_f32());
-                }
-            }
+            })
         });
+    // SAFETY: the blocks cover all h.len() elements, and each was written.
+    unsafe { dh.set_len(h.len()) };
     dh
 }
 
@@ -355,20 +506,23 @@ pub fn layer_backward<T: FloatElement>(
             });
     }
 
-    // dW[e] = x_e^T dh_e: gemm sums the rows in order and threads over the
-    // [Din, Dout'] output.
+    // dW[e] = x_e^T dh_e, one task per expert: gemm sums the rows in order
+    // and threads over the [Din, Dout'] output.
     let sources = token_of_row(plan, shape);
-    let mut a = Vec::new();
-    for (expert, target) in dweights.chunks_mut(din * width).enumerate() {
-        let range = plan.offsets[expert] as usize..plan.offsets[expert + 1] as usize;
-        gather_rows(x, sources, din, range.clone(), &mut a);
-        matmul(
-            Matrix::row_major(&a, range.len(), din).transposed(),
-            Matrix::row_major(&dh[range.start * width..range.end * width], range.len(), width),
-            target,
-            Parallelism::Rayon(0),
-        );
-    }
+    dweights
+        .par_chunks_mut(din * width)
+        .zip(plan.offsets.par_windows(2))
+        .for_each(|(target, bounds)| {
+            let range = bounds[0] as usize..bounds[1] as usize;
+            let mut a = Vec::new();
+            gather_rows(x, sources, din, range.clone(), &mut a);
+            matmul(
+                Matrix::row_major(&a, range.len(), din).transposed(),
+                Matrix::row_major(&dh[range.start * width..range.end * width], range.len(), width),
+                target,
+                Parallelism::Rayon(0),
+            );
+        });
     if let Some(dbias) = dbias {
         check_len("dbias", dbias.len(), shape.experts * width)?;
         dbias

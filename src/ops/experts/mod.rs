@@ -296,17 +296,23 @@ fn forward_variant<T: FloatElement>(
     let (rows, width) = (shape.rows, shape.width());
     let (h, y) = match &device {
         Device::Cpu => {
-            let mut h = vec![T::default(); rows * width];
-            let mut y = vec![T::default(); rows * shape.dout];
-            cpu::layer_forward(
+            let (h_len, y_len) = (rows * width, rows * shape.dout);
+            let (mut h, mut y) = (Vec::with_capacity(h_len), Vec::with_capacity(y_len));
+            cpu::layer_forward_uninit(
                 x.host()?,
                 &host_plan(plan)?,
                 weights.host()?,
                 bias.map(Tensor::host).transpose()?,
                 &shape,
-                &mut h,
-                &mut y,
+                &mut h.spare_capacity_mut()[..h_len],
+                &mut y.spare_capacity_mut()[..y_len],
             )?;
+            // SAFETY: layer_forward_uninit returned Ok, so it wrote all
+            // h_len and y_len elements (no zeroing pass first).
+            unsafe {
+                h.set_len(h_len);
+                y.set_len(y_len);
+            }
             (
                 Tensor::from_vec(h, &[rows, width], &device)?,
                 Tensor::from_vec(y, &[rows, shape.dout], &device)?,
