@@ -86,20 +86,13 @@ struct Prepared<'a, T> {
 
 impl<'a, T: FloatElement> Prepared<'a, T> {
     fn new(operands: Operands<'a, T>) -> Result<Self> {
-        let ScoringShape {
-            batch,
-            heads,
-            width,
-            num_items,
-            shared,
-        } = operands.shape;
-        check_len("user", operands.user.len(), batch * heads * width)?;
-        check_len("gate_logits", operands.gate_logits.len(), batch * heads)?;
-        let table_heads = if shared { 1 } else { heads };
-        check_len("items", operands.items.len(), table_heads * num_items * width)?;
-        if let Some(bias) = operands.item_bias {
-            check_len("item_bias", bias.len(), num_items)?;
-        }
+        let ScoringShape { heads, num_items, .. } = operands.shape;
+        operands.shape.check_buffers(
+            operands.user.len(),
+            operands.gate_logits.len(),
+            operands.items.len(),
+            operands.item_bias.map(<[f32]>::len),
+        )?;
         let mut eligible = vec![true; num_items];
         for (position, &id) in operands.excluded.iter().enumerate() {
             let slot = eligible.get_mut(id as usize).ok_or(Error::IndexOutOfRange {

@@ -58,20 +58,12 @@ pub struct GradientsMut<'a> {
 
 impl<'a, T: FloatElement> Operands<'a, T> {
     fn check(&self) -> Result<()> {
-        let ScoringShape {
-            batch,
-            heads,
-            width,
-            num_items,
-            shared,
-        } = self.shape;
-        check_len("user", self.user.len(), batch * heads * width)?;
-        check_len("gate_logits", self.gate_logits.len(), batch * heads)?;
-        let table_heads = if shared { 1 } else { heads };
-        check_len("items", self.items.len(), table_heads * num_items * width)?;
-        if let Some(bias) = &self.item_bias {
-            check_len("item_bias", bias.len(), num_items)?;
-        }
+        self.shape.check_buffers(
+            self.user.len(),
+            self.gate_logits.len(),
+            self.items.len(),
+            self.item_bias.as_ref().map(|bias| bias.len()),
+        )?;
         let excluded = self.excluded.as_ref().map_or(0, |e| e.len());
         if excluded > u32::MAX as usize {
             return Err(too_large("excluded", format!("{excluded} ids must be below 2^32")));

@@ -51,6 +51,7 @@ use crate::cuda::CudaDevice;
 use crate::device::Device;
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
+use crate::ops::check_len;
 use crate::tensor::Tensor;
 use status::{check_status, excluded_sources, StatusSources};
 use std::sync::Arc;
@@ -78,6 +79,26 @@ pub struct ScoringShape {
     pub num_items: usize,
     /// Whether one `[V, D]` table serves every head.
     pub shared: bool,
+}
+
+impl ScoringShape {
+    /// Checks the backend buffers' lengths against the shape.
+    pub(crate) fn check_buffers(
+        &self,
+        user: usize,
+        gate_logits: usize,
+        items: usize,
+        item_bias: Option<usize>,
+    ) -> Result<()> {
+        let table_heads = if self.shared { 1 } else { self.heads };
+        check_len("user", user, self.batch * self.heads * self.width)?;
+        check_len("gate_logits", gate_logits, self.batch * self.heads)?;
+        check_len("items", items, table_heads * self.num_items * self.width)?;
+        match item_bias {
+            Some(len) => check_len("item_bias", len, self.num_items),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The operands every scoring op takes; the forward and the backward are
