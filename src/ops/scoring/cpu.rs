@@ -508,15 +508,12 @@ impl SharedRows {
 }
 
 fn check_gradients(shape: ScoringShape, grads: &GradientsMut<'_>) -> Result<()> {
-    let table_heads = if shape.shared { 1 } else { shape.heads };
-    check_len("d_user", grads.user.len(), shape.batch * shape.heads * shape.width)?;
-    check_len("d_gate_logits", grads.gate_logits.len(), shape.batch * shape.heads)?;
-    check_len(
-        "d_items",
+    shape.check_gradient_buffers(
+        grads.user.len(),
+        grads.gate_logits.len(),
         grads.items.len(),
-        table_heads * shape.num_items * shape.width,
-    )?;
-    check_len("d_item_bias", grads.item_bias.len(), shape.num_items)
+        grads.item_bias.len(),
+    )
 }
 
 /// Gradients of `L = sum over eligible (b, v) of dscores[b, v] * scores[b, v]`.

@@ -90,12 +90,40 @@ impl ScoringShape {
         items: usize,
         item_bias: Option<usize>,
     ) -> Result<()> {
+        self.check_lengths(
+            ["user", "gate_logits", "items", "item_bias"],
+            [user, gate_logits, items],
+            item_bias,
+        )
+    }
+
+    /// Checks the gradient buffers' lengths: those of the operands.
+    pub(crate) fn check_gradient_buffers(
+        &self,
+        user: usize,
+        gate_logits: usize,
+        items: usize,
+        item_bias: usize,
+    ) -> Result<()> {
+        self.check_lengths(
+            ["d_user", "d_gate_logits", "d_items", "d_item_bias"],
+            [user, gate_logits, items],
+            Some(item_bias),
+        )
+    }
+
+    fn check_lengths(&self, names: [&'static str; 4], lengths: [usize; 3], item_bias: Option<usize>) -> Result<()> {
         let table_heads = if self.shared { 1 } else { self.heads };
-        check_len("user", user, self.batch * self.heads * self.width)?;
-        check_len("gate_logits", gate_logits, self.batch * self.heads)?;
-        check_len("items", items, table_heads * self.num_items * self.width)?;
+        let expected = [
+            self.batch * self.heads * self.width,
+            self.batch * self.heads,
+            table_heads * self.num_items * self.width,
+        ];
+        for ((name, actual), expected) in names.iter().zip(lengths).zip(expected) {
+            check_len(name, actual, expected)?;
+        }
         match item_bias {
-            Some(len) => check_len("item_bias", len, self.num_items),
+            Some(len) => check_len(names[3], len, self.num_items),
             None => Ok(()),
         }
     }
