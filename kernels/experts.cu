@@ -257,16 +257,16 @@ __device__ void forward_mma(const T* x, const uint32_t* token_of_row, const T* w
 #pragma unroll
       for (uint32_t j = 0; j < 4; ++j) {
         const bool valid = a_rows[j] != nullptr && k0 + a_k < din;
-        moerec::experts::cp_async_16(&s.a[stage][tid / 4 + 32 * j][a_k], valid ? a_rows[j] + k0 : x, valid);
+        moerec::cp_async_16(&s.a[stage][tid / 4 + 32 * j][a_k], valid ? a_rows[j] + k0 : x, valid);
       }
 #pragma unroll
       for (uint32_t j = 0; j < 2; ++j) {
         const uint32_t k = k0 + tid / 8 + 16 * j;
         const bool valid = b_valid && k < din;
-        moerec::experts::cp_async_16(&s.b[stage][tid / 8 + 16 * j][b_n], valid ? b_column + k * width : weights,
+        moerec::cp_async_16(&s.b[stage][tid / 8 + 16 * j][b_n], valid ? b_column + k * width : weights,
                                      valid);
       }
-      moerec::experts::cp_async_commit();
+      moerec::cp_async_commit();
     };
     float acc[2][8][4];
 #pragma unroll
@@ -285,9 +285,9 @@ __device__ void forward_mma(const T* x, const uint32_t* token_of_row, const T* w
       if (kt + 1 < k_tiles) {
         load_stage((kt + 1) & 1, (kt + 1) * kMmaK);
       } else {
-        moerec::experts::cp_async_commit();
+        moerec::cp_async_commit();
       }
-      moerec::experts::cp_async_wait_one();
+      moerec::cp_async_wait_one();
       __syncthreads();
       moerec::experts::mma_stage(s, kt & 1, acc);
       __syncthreads();

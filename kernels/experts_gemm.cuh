@@ -10,7 +10,7 @@
 // of those offsets. The grid is sized by the upper bound
 // (ceil(R / rows per block) + E) x column tiles; surplus blocks exit.
 #pragma once
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace moerec {
 namespace experts {
@@ -151,82 +151,6 @@ struct MmaShared {
   T a[2][kMmaM][kMmaLdA];  // a[stage][m][k]
   T b[2][kMmaK][kMmaLdB];  // b[stage][k][n]
 };
-
-__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-// 16 bytes global -> shared, or 16 zero bytes when !valid (src-size 0 reads
-// nothing; `global` is still a valid address).
-// Under MOEREC_EMULATOR (emu/README.md) each PTX wrapper has a plain C++ body.
-__device__ __forceinline__ void cp_async_16(void* shared, const void* global, bool valid) {
-#ifdef MOEREC_EMULATOR
-  emu::cp_async_16(shared, global, valid ? 16 : 0);
-#else
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
-               "r"(valid ? 16 : 0));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#ifndef MOEREC_EMULATOR
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-// Waits until at most one committed group is still in flight.
-__device__ __forceinline__ void cp_async_wait_one() {
-#ifndef MOEREC_EMULATOR
-  asm volatile("cp.async.wait_group 1;\n" ::);
-#endif
-}
-
-// Four 8x8 b16 matrices; lanes 8i .. 8i + 7 address the rows of matrix i.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* shared) {
-#ifdef MOEREC_EMULATOR
-  emu::ldmatrix_x4(r, shared, false);
-#else
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(shared)));
-#endif
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* shared) {
-#ifdef MOEREC_EMULATOR
-  emu::ldmatrix_x4(r, shared, true);
-#else
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(shared)));
-#endif
-}
-
-// d += a b for one m16n8k16 tile, f32 accumulate.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-#ifdef MOEREC_EMULATOR
-  emu::mma_m16n8k16<__nv_bfloat16>(d, a, b0, b1);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#ifdef MOEREC_EMULATOR
-  emu::mma_m16n8k16<__half>(d, a, b0, b1);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
 
 // One warp's 32 x 64 share of a stage: acc[mt][nt] is the m16n8 tile at rows
 // 32 w + 16 mt, columns 8 nt. Fragment layouts (PTX ISA, mma.m16n8k16):

@@ -11,9 +11,11 @@
 //                   each score tile once per 64-wide K slice in both the dA
 //                   and the dX kernel: (2 * ceil(K/64) + 2) M, plus the lse
 //                   and <q, dS> passes for Probabilities scores.
-// Variant: f32 SIMT tiles of 64 rows x 64 items, 256 threads, 4 x 4 outputs
-// per thread, K staged in steps of 16 (score_tile). Tensor cores are a later
-// step; this one is the correctness baseline.
+// Variant: 64 rows x 64 items per score tile, 256 threads, 16 values per
+// thread (scoring.cuh): f32 SIMT for f32, tensor cores (mma.sync m16n8k16)
+// for bf16/f16. The backward's two other products (dA, dX) are f32 SIMT over
+// the f32 gradient tile in shared memory for every dtype (rounding ds to
+// bf16 for the tensor cores would break DESIGN 3's f32 arithmetic).
 //
 // Kernels, in the order the ops launch them (src/ops/scoring/cuda.rs):
 //   scoring_flag_excluded        excluded ids -> flags [V]; ids >= V reported
@@ -99,60 +101,58 @@ __device__ void mixed_user(const ScoringParams& p) {
 // Per (item chunk, row tile, output head): the online lse of the scores over
 // the chunk's eligible items, or (kReduceDot) sum_v q[b, j, v] * dS[b, v]
 // with q = exp(s - row_lse). Each thread folds its items in order, then the
-// 16 threads of a row combine in a fixed butterfly.
+// kOwners threads of a row are merged in owner order through shared memory.
 template <typename T>
 __device__ void row_reduce(const ScoringParams& p) {
-  __shared__ TileStage stage;
+  using Layout = TileLayout<T>;
+  __shared__ TileStage<T> stage;
+  __shared__ float2 owner_partials[kTile][Layout::kOwners];
   const uint32_t chunk = blockIdx.x;
   const uint32_t row0 = blockIdx.y * kTile;
   const uint32_t j = blockIdx.z;
-  const uint32_t ty = threadIdx.x / kLanes;
-  const uint32_t tx = threadIdx.x % kLanes;
   const bool dot = has(p, kReduceDot);
-  LogSumExp part[kPerThread];
+  LogSumExp part[Layout::kRows];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) part[i] = lse_empty();
+  for (uint32_t i = 0; i < Layout::kRows; ++i) part[i] = lse_empty();
   uint32_t begin, end;
   tile_range(chunk, p.reduce_tiles_per_chunk, p.item_tiles, begin, end);
-  float acc[kPerThread][kPerThread];
+  float acc[kValues];
   for (uint32_t tile = begin; tile < end; ++tile) {
     const uint32_t item0 = tile * kTile;
     score_tile<T>(p, stage, row0, item0, j, acc);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t b = row0 + ty + kLanes * i;
-      if (b >= p.batch) continue;
-      const u64 bj = static_cast<u64>(b) * p.heads_out + j;
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const uint32_t v = item0 + tx + kLanes * jj;
-        if (!eligible(p, v)) continue;
-        const float logit = acc[i][jj] + bias_of(p, v);
-        if (dot) {
-          part[i].sum += expf(logit - p.row_lse[bj]) * p.dscores[static_cast<u64>(b) * p.num_items + v];
-        } else {
-          lse_push(part[i], logit);
-        }
+    for (uint32_t e = 0; e < kValues; ++e) {
+      const uint32_t b = row0 + Layout::row(e);
+      const uint32_t v = item0 + Layout::col(e);
+      if (b >= p.batch || !eligible(p, v)) continue;
+      LogSumExp& row_part = part[Layout::slot(e)];
+      const float logit = acc[e] + bias_of(p, v);
+      if (dot) {
+        const u64 bj = static_cast<u64>(b) * p.heads_out + j;
+        row_part.sum += expf(logit - p.row_lse[bj]) * p.dscores[static_cast<u64>(b) * p.num_items + v];
+      } else {
+        lse_push(row_part, logit);
       }
     }
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
-      const LogSumExp other{__shfl_xor_sync(0xffffffffu, part[i].max, offset),
-                            __shfl_xor_sync(0xffffffffu, part[i].sum, offset)};
+  for (uint32_t i = 0; i < Layout::kRows; ++i) {
+    owner_partials[Layout::row_at(i)][Layout::owner()] = make_float2(part[i].max, part[i].sum);
+  }
+  __syncthreads();
+  const uint32_t r = threadIdx.x;
+  if (r < kTile && row0 + r < p.batch) {
+    LogSumExp total = lse_empty();
+    for (uint32_t o = 0; o < Layout::kOwners; ++o) {
+      const LogSumExp other{owner_partials[r][o].x, owner_partials[r][o].y};
       if (dot) {
-        part[i].sum += other.sum;
+        total.sum += other.sum;
       } else {
-        part[i] = lse_merge(part[i], other);
+        total = lse_merge(total, other);
       }
     }
-    const uint32_t b = row0 + ty + kLanes * i;
-    if (tx == 0 && b < p.batch) {
-      p.row_partials[(static_cast<u64>(j) * p.batch + b) * p.reduce_chunks + chunk] =
-          make_float2(part[i].max, part[i].sum);
-    }
+    p.row_partials[(static_cast<u64>(j) * p.batch + row0 + r) * p.reduce_chunks + chunk] =
+        make_float2(total.max, total.sum);
   }
 }
 
@@ -179,24 +179,19 @@ __device__ void row_merge(const ScoringParams& p) {
 
 template <typename T>
 __device__ void scores_tile(const ScoringParams& p) {
-  __shared__ TileStage stage;
+  using Layout = TileLayout<T>;
+  __shared__ TileStage<T> stage;
   const uint32_t item0 = blockIdx.x * kTile;
   const uint32_t row0 = blockIdx.y * kTile;
-  const uint32_t ty = threadIdx.x / kLanes;
-  const uint32_t tx = threadIdx.x % kLanes;
-  float value[kPerThread][kPerThread];
+  float value[kValues];
   ranked_tile<T>(p, stage, row0, item0, value);
   const float excluded = has(p, kProbabilities) ? 0.0f : -INFINITY;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t b = row0 + ty + kLanes * i;
-    if (b >= p.batch) continue;
-#pragma unroll
-    for (int jj = 0; jj < 4; ++jj) {
-      const uint32_t v = item0 + tx + kLanes * jj;
-      if (v >= p.num_items) continue;
-      p.out[static_cast<u64>(b) * p.num_items + v] = eligible(p, v) ? value[i][jj] : excluded;
-    }
+  for (uint32_t e = 0; e < kValues; ++e) {
+    const uint32_t b = row0 + Layout::row(e);
+    const uint32_t v = item0 + Layout::col(e);
+    if (b >= p.batch || v >= p.num_items) continue;
+    p.out[static_cast<u64>(b) * p.num_items + v] = eligible(p, v) ? value[e] : excluded;
   }
 }
 
@@ -293,23 +288,19 @@ __device__ __forceinline__ float head_grad(const ScoringParams& p, uint32_t b, u
 // The score tile turned into dL/ds, zero for rows >= B, inactive rows and
 // items that are excluded or >= V, stored as grad[row][item].
 template <typename T>
-__device__ void grad_tile(const ScoringParams& p, TileStage& stage, uint32_t row0, uint32_t item0, uint32_t j,
+__device__ void grad_tile(const ScoringParams& p, TileStage<T>& stage, uint32_t row0, uint32_t item0, uint32_t j,
                           float (&grad)[kTile][kPad]) {
-  const uint32_t ty = threadIdx.x / kLanes;
-  const uint32_t tx = threadIdx.x % kLanes;
-  float acc[kPerThread][kPerThread];
+  using Layout = TileLayout<T>;
+  float acc[kValues];
   score_tile<T>(p, stage, row0, item0, j, acc);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t r = ty + kLanes * i;
+  for (uint32_t e = 0; e < kValues; ++e) {
+    const uint32_t r = Layout::row(e);
+    const uint32_t c = Layout::col(e);
     const uint32_t b = row0 + r;
+    const uint32_t v = item0 + c;
     const bool active = b < p.batch && p.row_target[b] != kInactive;
-#pragma unroll
-    for (int jj = 0; jj < 4; ++jj) {
-      const uint32_t c = tx + kLanes * jj;
-      const uint32_t v = item0 + c;
-      grad[r][c] = (active && eligible(p, v)) ? head_grad(p, b, v, j, acc[i][jj]) : 0.0f;
-    }
+    grad[r][c] = (active && eligible(p, v)) ? head_grad(p, b, v, j, acc[e]) : 0.0f;
   }
 }
 
@@ -319,7 +310,7 @@ __device__ void grad_tile(const ScoringParams& p, TileStage& stage, uint32_t row
 // mixing also sums ds * item_bias[v] per row (slice 0 only), for dG.
 template <typename T>
 __device__ void backward_user(const ScoringParams& p) {
-  __shared__ TileStage stage;
+  __shared__ TileStage<T> stage;
   __shared__ float grad[kTile][kPad];   // [row][item]
   __shared__ float slice[kTile][kPad];  // X(item0 + c, k0 + kk) at [c][kk]
   const T* items = static_cast<const T*>(p.items);
@@ -400,7 +391,7 @@ __device__ void backward_user(const ScoringParams& p) {
 // head j; with a shared table it sums the heads first.
 template <typename T>
 __device__ void backward_items(const ScoringParams& p) {
-  __shared__ TileStage stage;
+  __shared__ TileStage<T> stage;
   __shared__ float grad[kTile][kPad];   // [row][item]
   __shared__ float slice[kTile][kPad];  // A(row0 + r, j*K + k0 + kk) at [r][kk]
   const uint32_t item0 = blockIdx.x * kTile;

@@ -13,7 +13,9 @@
 // so that the GEMM output plus item_bias[v] is S[b, v] (Logits) or s_j[b, v]
 // (Probabilities).
 #pragma once
-#include "common.cuh"
+#include <type_traits>
+
+#include "mma.cuh"
 
 namespace moerec_scoring {
 
@@ -157,40 +159,144 @@ __device__ __forceinline__ float mix_probability(float mixed, float gate, float 
   return fmaf(gate, expf(logit - lse), mixed);
 }
 
-// The GEMM output of row b, item v, head j computed alone, with the same
-// fused multiply-adds in the same order as score_tile: bitwise equal to the
-// tile's value.
-template <typename T>
-__device__ float single_score(const ScoringParams& p, uint32_t b, uint32_t j, uint32_t v) {
-  const T* items = static_cast<const T*>(p.items);
-  const float* a = p.mixed_user + static_cast<unsigned long long>(b) * p.a_width + static_cast<unsigned long long>(j) * p.k;
-  float acc = 0.0f;
-  for (uint32_t k = 0; k < p.k; ++k) acc = fmaf(a[k], moerec::to_f32(items[item_offset(p, j, v, k)]), acc);
-  return acc;
-}
+// ---------------------------------------------------------------- score tiles
+//
+// A score tile is the GEMM output of output head j for 64 rows x 64 items,
+// before the item bias: S - bias (Logits) or s_j - bias (Probabilities). Each
+// of the 256 threads holds kValues of it; TileLayout<T> says where they lie.
+// Two engines compute it:
+//   f32        SIMT over the prepared operand A (mixed_user), K in steps of
+//              16 through shared memory; thread (ty, tx) = (tid / 16, tid % 16)
+//              owns rows ty + 16 i and items tx + 16 jj (value 4 i + jj).
+//   bf16/f16   tensor cores (mma.sync m16n8k16, f32 accumulation) on the raw
+//              U and X, one GEMM of depth D per head, then the f32 mixing:
+//              sum_h (scale g[b, h]) acc_h for Logits, scale acc_j for
+//              Probabilities. The bf16/f16 products are exact in f32, so this
+//              is f32 arithmetic on the stored inputs (DESIGN 3); folding
+//              scale * g into a bf16 operand would round it. Warp w owns rows
+//              16 (w % 4) .. + 15 and items 32 (w / 4) .. + 31, four m16n8
+//              tiles: value 4 nt + c of lane (g, q) = (lane / 4, lane % 4) is
+//              row g + 8 (c / 2), item 8 nt + 2 q + c % 2 of the warp's block.
+// Rows >= B, items >= V and k >= K read zeros. Both are deterministic; the
+// engines differ by rounding only (within DESIGN's tolerance).
 
-// The shared-memory stage of one score tile.
-struct TileStage {
+constexpr uint32_t kValues = 16;  // tile values per thread
+
+template <typename T>
+constexpr bool kTensorCores = !std::is_same<T, float>::value;
+
+template <typename T>
+struct TileLayout {
+  static constexpr uint32_t kRows = kTensorCores<T> ? 2 : 4;     // distinct rows per thread
+  static constexpr uint32_t kOwners = kTensorCores<T> ? 8 : 16;  // threads sharing one row
+  // Tile row of the thread's row slot i (< kRows), and the slot of value e.
+  __device__ static __forceinline__ uint32_t row_at(uint32_t i) {
+    if constexpr (kTensorCores<T>) {
+      const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+      return 16 * (warp % 4) + lane / 4 + 8 * i;
+    } else {
+      return threadIdx.x / kLanes + kLanes * i;
+    }
+  }
+  __device__ static __forceinline__ uint32_t slot(uint32_t e) { return kTensorCores<T> ? (e % 4) / 2 : e / 4; }
+  __device__ static __forceinline__ uint32_t row(uint32_t e) { return row_at(slot(e)); }
+  __device__ static __forceinline__ uint32_t col(uint32_t e) {
+    if constexpr (kTensorCores<T>) {
+      const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+      return 32 * (warp / 4) + 8 * (e / 4) + 2 * (lane % 4) + e % 2;
+    } else {
+      return threadIdx.x % kLanes + kLanes * (e % 4);
+    }
+  }
+  // This thread's place (< kOwners) among the threads that hold a row.
+  __device__ static __forceinline__ uint32_t owner() {
+    if constexpr (kTensorCores<T>) {
+      return 4 * (threadIdx.x / 128) + threadIdx.x % 4;
+    } else {
+      return threadIdx.x % kLanes;
+    }
+  }
+};
+
+// Shared-memory stage of the f32 engine.
+struct SimtStage {
   float a[kStep][kPad];  // A[row0 + r, j*K + k0 + kk] at [kk][r]
   float x[kStep][kPad];  // item element (item0 + c, k0 + kk) at [kk][c]
 };
 
-// acc[i][jj] = <A_j[row0 + ty + 16 i], X_j[item0 + tx + 16 jj]> for the
-// thread (ty, tx) = (tid / 16, tid % 16), over the full K in ascending k, one
-// fused multiply-add per k. Rows >= B, items >= V and k >= K read zeros.
-// Every thread of the block must call it (it synchronises); it returns after
-// a barrier, so the caller may reuse `stage` at once.
+// Shared-memory stage of the tensor-core engine: 32 k of 64 rows of U and of
+// 64 items of X, rows padded by 8 elements (80 bytes) so that ldmatrix's
+// eight 16-byte row reads hit distinct banks.
+constexpr uint32_t kMmaStep = 32;
+constexpr uint32_t kMmaLd = kMmaStep + 8;
 template <typename T>
-__device__ void score_tile(const ScoringParams& p, TileStage& stage, uint32_t row0, uint32_t item0, uint32_t j,
-                           float (&acc)[kPerThread][kPerThread]) {
+struct MmaStage {
+  T user[kTile][kMmaLd];  // U[row0 + r, h, k0 + kk] at [r][kk]
+  T item[kTile][kMmaLd];  // X[table, item0 + c, k0 + kk] at [c][kk]
+};
+
+template <typename T>
+using TileStage = typename std::conditional<kTensorCores<T>, MmaStage<T>, SimtStage>::type;
+
+// The output heads h whose GEMMs make up output head j, and the f32
+// coefficient of head h's GEMM for row b: scale * g[b, h] (Logits), scale
+// (Probabilities, h = j only).
+__device__ __forceinline__ uint32_t first_head(const ScoringParams& p, uint32_t j) {
+  return has(p, kProbabilities) ? j : 0;
+}
+__device__ __forceinline__ uint32_t end_head(const ScoringParams& p, uint32_t j) {
+  return has(p, kProbabilities) ? j + 1 : p.heads;
+}
+__device__ __forceinline__ float head_coefficient(const ScoringParams& p, uint32_t b, uint32_t h) {
+  return has(p, kProbabilities) ? p.scale : p.scale * p.gates[static_cast<unsigned long long>(b) * p.heads + h];
+}
+// Offset in U of (b, h, d) and in X of (head h's table, v, d).
+__device__ __forceinline__ unsigned long long user_offset(const ScoringParams& p, uint32_t b, uint32_t h, uint32_t d) {
+  return (static_cast<unsigned long long>(b) * p.heads + h) * p.width + d;
+}
+__device__ __forceinline__ unsigned long long table_offset(const ScoringParams& p, uint32_t h, uint32_t v,
+                                                           uint32_t d) {
+  const unsigned long long table = has(p, kShared) ? 0 : h;
+  return (table * p.num_items + v) * p.width + d;
+}
+
+// The tile value of row b, item v, output head j computed alone (the target
+// logit of the cross-entropy): the tile's arithmetic in its order for f32
+// (bitwise equal), per-head f32 dot products for bf16/f16 (equal up to the
+// accumulation order inside the tensor cores).
+template <typename T>
+__device__ float single_score(const ScoringParams& p, uint32_t b, uint32_t j, uint32_t v) {
   const T* items = static_cast<const T*>(p.items);
+  if constexpr (kTensorCores<T>) {
+    const T* user = static_cast<const T*>(p.user);
+    float total = 0.0f;
+    for (uint32_t h = first_head(p, j); h < end_head(p, j); ++h) {
+      float dot = 0.0f;
+      for (uint32_t d = 0; d < p.width; ++d) {
+        dot = fmaf(moerec::to_f32(user[user_offset(p, b, h, d)]), moerec::to_f32(items[table_offset(p, h, v, d)]), dot);
+      }
+      total = fmaf(head_coefficient(p, b, h), dot, total);
+    }
+    return total;
+  } else {
+    const float* a =
+        p.mixed_user + static_cast<unsigned long long>(b) * p.a_width + static_cast<unsigned long long>(j) * p.k;
+    float acc = 0.0f;
+    for (uint32_t k = 0; k < p.k; ++k) acc = fmaf(a[k], moerec::to_f32(items[item_offset(p, j, v, k)]), acc);
+    return acc;
+  }
+}
+
+// The f32 engine: value 4 i + jj = <A_j[row0 + ty + 16 i], X_j[item0 + tx + 16 jj]>
+// over the full K in ascending k, one fused multiply-add per k.
+__device__ inline void simt_score_tile(const ScoringParams& p, SimtStage& stage, uint32_t row0, uint32_t item0, uint32_t j,
+                                float (&value)[kValues]) {
+  const float* items = static_cast<const float*>(p.items);
   const uint32_t tid = threadIdx.x;
   const uint32_t ty = tid / kLanes;
   const uint32_t tx = tid % kLanes;
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int jj = 0; jj < 4; ++jj) acc[i][jj] = 0.0f;
+  for (uint32_t e = 0; e < kValues; ++e) value[e] = 0.0f;
   const unsigned long long a_head = static_cast<unsigned long long>(j) * p.k;
   for (uint32_t k0 = 0; k0 < p.k; k0 += kStep) {
     // 64 x 16 elements of each operand, 4 per thread, 16 consecutive k per
@@ -205,7 +311,7 @@ __device__ void score_tile(const ScoringParams& p, TileStage& stage, uint32_t ro
       const uint32_t v = item0 + r;
       stage.a[kk][r] =
           (b < p.batch && k < p.k) ? p.mixed_user[static_cast<unsigned long long>(b) * p.a_width + a_head + k] : 0.0f;
-      stage.x[kk][r] = (v < p.num_items && k < p.k) ? moerec::to_f32(items[item_offset(p, j, v, k)]) : 0.0f;
+      stage.x[kk][r] = (v < p.num_items && k < p.k) ? items[item_offset(p, j, v, k)] : 0.0f;
     }
     __syncthreads();
 #pragma unroll
@@ -219,51 +325,127 @@ __device__ void score_tile(const ScoringParams& p, TileStage& stage, uint32_t ro
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int jj = 0; jj < 4; ++jj) acc[i][jj] = fmaf(a[i], x[jj], acc[i][jj]);
+        for (int jj = 0; jj < 4; ++jj) value[4 * i + jj] = fmaf(a[i], x[jj], value[4 * i + jj]);
     }
     __syncthreads();
   }
 }
 
-// The values `scores` returns and `topk` ranks, for a 64 x 64 tile (the
-// thread's 4 x 4 as in score_tile): S = GEMM + item_bias for Logits mixing,
+// Eight consecutive k of one operand row into the stage: one 16-byte load
+// when the row is 16-byte aligned and wholly inside K (`vector`), else
+// element by element with zeros beyond K; zeros for a row outside the problem.
+template <typename T>
+__device__ __forceinline__ void stage_eight(T* to, const T* row, bool row_valid, uint32_t k, uint32_t width,
+                                            bool vector) {
+  if (row_valid && vector && k < width) {
+    *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(row + k);
+    return;
+  }
+#pragma unroll
+  for (uint32_t i = 0; i < 8; ++i) to[i] = (row_valid && k + i < width) ? row[k + i] : moerec::from_f32<T>(0.0f);
+}
+
+// The tensor-core engine (see above). Each 32-k step stages 64 x 32 of U and
+// of X, 8 elements per thread; the second k16 half is skipped past D.
+template <typename T>
+__device__ void mma_score_tile(const ScoringParams& p, MmaStage<T>& stage, uint32_t row0, uint32_t item0, uint32_t j,
+                               float (&value)[kValues]) {
+  const T* user = static_cast<const T*>(p.user);
+  const T* items = static_cast<const T*>(p.items);
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t load_row = threadIdx.x / 4;
+  const uint32_t load_k = (threadIdx.x % 4) * 8;
+  const bool vector =
+      p.width % 8 == 0 && (reinterpret_cast<uintptr_t>(user) | reinterpret_cast<uintptr_t>(items)) % 16 == 0;
+  const uint32_t b_load = row0 + load_row;
+  const uint32_t v_load = item0 + load_row;
+  using Layout = TileLayout<T>;
+  float coefficient[Layout::kRows];
+#pragma unroll
+  for (uint32_t e = 0; e < kValues; ++e) value[e] = 0.0f;
+  for (uint32_t h = first_head(p, j); h < end_head(p, j); ++h) {
+#pragma unroll
+    for (uint32_t i = 0; i < Layout::kRows; ++i) {
+      const uint32_t b = row0 + Layout::row_at(i);
+      coefficient[i] = b < p.batch ? head_coefficient(p, b, h) : 0.0f;
+    }
+    const T* user_row = user + user_offset(p, b_load < p.batch ? b_load : 0, h, 0);
+    const T* item_row = items + table_offset(p, h, v_load < p.num_items ? v_load : 0, 0);
+    float acc[4][4];
+#pragma unroll
+    for (uint32_t nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (uint32_t c = 0; c < 4; ++c) acc[nt][c] = 0.0f;
+    for (uint32_t k0 = 0; k0 < p.width; k0 += kMmaStep) {
+      stage_eight(&stage.user[load_row][load_k], user_row, b_load < p.batch, k0 + load_k, p.width, vector);
+      stage_eight(&stage.item[load_row][load_k], item_row, v_load < p.num_items, k0 + load_k, p.width, vector);
+      __syncthreads();
+#pragma unroll
+      for (uint32_t ks = 0; ks < kMmaStep; ks += 16) {
+        if (k0 + ks >= p.width) break;
+        uint32_t a[4];
+        moerec::ldmatrix_x4(a, &stage.user[16 * (warp % 4) + lane % 16][ks + (lane / 16) * 8]);
+#pragma unroll
+        for (uint32_t np = 0; np < 2; ++np) {
+          // Matrices: items 0-7 / 8-15 of the pair x k 0-7 / 8-15; lane l
+          // addresses item (l / 16) * 8 + l % 8, k ((l / 8) % 2) * 8.
+          uint32_t x[4];
+          moerec::ldmatrix_x4(
+              x, &stage.item[32 * (warp / 4) + 16 * np + (lane / 16) * 8 + lane % 8][ks + ((lane / 8) % 2) * 8]);
+          moerec::mma_16816<T>(acc[2 * np], a, x[0], x[1]);
+          moerec::mma_16816<T>(acc[2 * np + 1], a, x[2], x[3]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (uint32_t e = 0; e < kValues; ++e) value[e] = fmaf(coefficient[Layout::slot(e)], acc[e / 4][e % 4], value[e]);
+  }
+}
+
+// The score tile of output head j (see above). Every thread of the block
+// must call it (it synchronises); it returns after a barrier, so the caller
+// may reuse `stage` at once.
+template <typename T>
+__device__ __forceinline__ void score_tile(const ScoringParams& p, TileStage<T>& stage, uint32_t row0, uint32_t item0,
+                                           uint32_t j, float (&value)[kValues]) {
+  if constexpr (kTensorCores<T>) {
+    mma_score_tile<T>(p, stage, row0, item0, j, value);
+  } else {
+    simt_score_tile(p, stage, row0, item0, j, value);
+  }
+}
+
+// The values `scores` returns and `topk` ranks, for a 64 x 64 tile laid out
+// as TileLayout<T>: S = GEMM + item_bias for Logits mixing,
 // P = sum_h g_h exp(s_h - lse_h) for Probabilities (row_lse must hold the
 // per-head lse). Excluded items get no special value here; rows >= B and
 // items >= V are left at 0.
 template <typename T>
-__device__ void ranked_tile(const ScoringParams& p, TileStage& stage, uint32_t row0, uint32_t item0,
-                            float (&value)[kPerThread][kPerThread]) {
-  const uint32_t ty = threadIdx.x / kLanes;
-  const uint32_t tx = threadIdx.x % kLanes;
+__device__ void ranked_tile(const ScoringParams& p, TileStage<T>& stage, uint32_t row0, uint32_t item0,
+                            float (&value)[kValues]) {
+  using Layout = TileLayout<T>;
   if (!has(p, kProbabilities)) {
     score_tile<T>(p, stage, row0, item0, 0, value);
 #pragma unroll
-    for (int jj = 0; jj < 4; ++jj) {
-      const uint32_t v = item0 + tx + kLanes * jj;
-      const float bias = v < p.num_items ? bias_of(p, v) : 0.0f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) value[i][jj] += bias;
+    for (uint32_t e = 0; e < kValues; ++e) {
+      const uint32_t v = item0 + Layout::col(e);
+      value[e] += v < p.num_items ? bias_of(p, v) : 0.0f;
     }
     return;
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int jj = 0; jj < 4; ++jj) value[i][jj] = 0.0f;
-  float acc[kPerThread][kPerThread];
+  for (uint32_t e = 0; e < kValues; ++e) value[e] = 0.0f;
+  float acc[kValues];
   for (uint32_t j = 0; j < p.heads; ++j) {
     score_tile<T>(p, stage, row0, item0, j, acc);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t b = row0 + ty + kLanes * i;
-      if (b >= p.batch) continue;
+    for (uint32_t e = 0; e < kValues; ++e) {
+      const uint32_t b = row0 + Layout::row(e);
+      const uint32_t v = item0 + Layout::col(e);
+      if (b >= p.batch || v >= p.num_items) continue;
       const unsigned long long bj = static_cast<unsigned long long>(b) * p.heads + j;
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const uint32_t v = item0 + tx + kLanes * jj;
-        if (v >= p.num_items) continue;
-        value[i][jj] = mix_probability(value[i][jj], p.gates[bj], acc[i][jj] + bias_of(p, v), p.row_lse[bj]);
-      }
+      value[e] = mix_probability(value[e], p.gates[bj], acc[e] + bias_of(p, v), p.row_lse[bj]);
     }
   }
 }

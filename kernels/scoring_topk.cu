@@ -71,12 +71,11 @@ __device__ void check_history(const ScoringParams& p) {
 
 template <typename T>
 __device__ void topk_chunks(const ScoringParams& p) {
-  __shared__ TileStage stage;
+  using Layout = TileLayout<T>;
+  __shared__ TileStage<T> stage;
   __shared__ float tile_values[kTile][kPad];  // [row][item]
   const uint32_t chunk = blockIdx.x;
   const uint32_t row0 = blockIdx.y * kTile;
-  const uint32_t ty = threadIdx.x / kLanes;
-  const uint32_t tx = threadIdx.x % kLanes;
   const uint32_t capacity = topk_capacity(p);
   // Thread r < 64 keeps the list of row row0 + r.
   const uint32_t r = threadIdx.x;
@@ -90,14 +89,12 @@ __device__ void topk_chunks(const ScoringParams& p) {
   uint32_t worst_id = 0;
   const uint32_t begin = chunk * p.topk_tiles_per_chunk;
   const uint32_t end = min(p.item_tiles, begin + p.topk_tiles_per_chunk);
-  float value[kPerThread][kPerThread];
+  float value[kValues];
   for (uint32_t tile = begin; tile < end; ++tile) {
     const uint32_t item0 = tile * kTile;
     ranked_tile<T>(p, stage, row0, item0, value);
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) tile_values[ty + kLanes * i][tx + kLanes * jj] = value[i][jj];
+    for (uint32_t e = 0; e < kValues; ++e) tile_values[Layout::row(e)][Layout::col(e)] = value[e];
     __syncthreads();
     if (keeper) {
       for (uint32_t c = 0; c < kTile; ++c) {

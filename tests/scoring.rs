@@ -4,6 +4,7 @@
 mod common;
 
 use common::{cuda_device, devices, for_each_golden, rtol, widen, Golden, Rng};
+use half::{bf16, f16};
 use moerec::scoring::{self, History, Mixing, Scoring};
 use moerec::{Device, Error, FloatElement, Tensor};
 
@@ -488,15 +489,17 @@ impl RandomProblem {
         }
     }
 
-    fn run(&self, mixing: Mixing, device: &Device) -> Outputs {
+    /// Every op on `device` with U, G and X stored as T.
+    fn run<T: FloatElement>(&self, mixing: Mixing, device: &Device) -> Outputs {
+        let stored = |values: &[f32]| values.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>();
         let items_shape: Vec<usize> = if self.shared {
             vec![self.num_items, self.width]
         } else {
             vec![self.heads, self.num_items, self.width]
         };
-        let user = tensor(self.user.clone(), &[self.batch, self.heads, self.width], device);
-        let gates = tensor(self.gates.clone(), &[self.batch, self.heads], device);
-        let items = tensor(self.items.clone(), &items_shape, device);
+        let user = tensor(stored(&self.user), &[self.batch, self.heads, self.width], device);
+        let gates = tensor(stored(&self.gates), &[self.batch, self.heads], device);
+        let items = tensor(stored(&self.items), &items_shape, device);
         let bias = tensor(self.bias.clone(), &[self.num_items], device);
         let excluded = tensor(self.excluded.clone(), &[self.excluded.len()], device);
         let inputs = Scoring::new(&user, &gates, &items)
@@ -583,17 +586,21 @@ const PARITY_SHAPES: [(usize, usize, usize, usize); 5] = [
     (1, 1, 1, 20),
 ];
 
-#[test]
-fn cuda_matches_the_cpu_on_random_problems() {
+/// Both backends see the same stored inputs and compute in f32 (the bf16/f16
+/// tensor-core products are exact), so every dtype meets the f32 tolerance.
+fn cuda_matches_the_cpu<T: FloatElement>() {
     let Some(cuda) = cuda_device() else { return };
     let tol = rtol::<f32>(true);
     for (case, &(batch, heads, width, num_items)) in PARITY_SHAPES.iter().enumerate() {
         for shared in [false, true] {
             for mixing in [Mixing::Logits, Mixing::Probabilities] {
-                let what = format!("B={batch} H={heads} D={width} V={num_items} shared={shared} {mixing:?}");
+                let what = format!(
+                    "{:?} B={batch} H={heads} D={width} V={num_items} shared={shared} {mixing:?}",
+                    T::DTYPE
+                );
                 let problem = RandomProblem::new(case as u64 + 1, batch, heads, width, num_items, shared);
-                let cpu = problem.run(mixing, &Device::cpu());
-                let gpu = problem.run(mixing, &cuda);
+                let cpu = problem.run::<T>(mixing, &Device::cpu());
+                let gpu = problem.run::<T>(mixing, &cuda);
                 let compare = |name: &str, a: &[f32], r: &[f32]| {
                     assert_close(&format!("{what}: {name}"), &widen_f32(a), &widen_f32(r), tol)
                 };
@@ -620,14 +627,37 @@ fn cuda_matches_the_cpu_on_random_problems() {
 }
 
 #[test]
+fn cuda_matches_the_cpu_on_random_f32_problems() {
+    cuda_matches_the_cpu::<f32>();
+}
+
+#[test]
+fn cuda_matches_the_cpu_on_random_bf16_problems() {
+    cuda_matches_the_cpu::<bf16>();
+}
+
+#[test]
+fn cuda_matches_the_cpu_on_random_f16_problems() {
+    cuda_matches_the_cpu::<f16>();
+}
+
+/// Two runs of every op give the same bits: the f32 (SIMT) and the bf16
+/// (tensor-core) engines, D = 9 (element loads) and D = 16 (16-byte loads).
+#[test]
 fn cuda_results_are_bitwise_reproducible() {
+    cuda_runs_are_bitwise_reproducible::<f32>(9);
+    cuda_runs_are_bitwise_reproducible::<bf16>(9);
+    cuda_runs_are_bitwise_reproducible::<bf16>(16);
+}
+
+fn cuda_runs_are_bitwise_reproducible<T: FloatElement>(width: usize) {
     let Some(cuda) = cuda_device() else { return };
     for shared in [false, true] {
         for mixing in [Mixing::Logits, Mixing::Probabilities] {
             // V spans several item chunks, B two row tiles.
-            let problem = RandomProblem::new(7, 67, 8, 9, 700, shared);
-            let first = problem.run(mixing, &cuda);
-            let second = problem.run(mixing, &cuda);
+            let problem = RandomProblem::new(7, 67, 8, width, 700, shared);
+            let first = problem.run::<T>(mixing, &cuda);
+            let second = problem.run::<T>(mixing, &cuda);
             let bits = |o: &Outputs| -> Vec<Vec<u32>> {
                 let mut all: Vec<Vec<u32>> = [&o.scores, &o.loss, &o.lse, &o.topk_values]
                     .iter()
@@ -641,7 +671,8 @@ fn cuda_results_are_bitwise_reproducible() {
             };
             assert!(
                 bits(&first) == bits(&second),
-                "shared={shared} {mixing:?}: two runs differ"
+                "{:?} D={width} shared={shared} {mixing:?}: two runs differ",
+                T::DTYPE
             );
         }
     }
@@ -649,10 +680,16 @@ fn cuda_results_are_bitwise_reproducible() {
 
 #[test]
 fn cuda_topk_is_the_exact_top_n_of_cuda_scores() {
+    cuda_topk_is_the_exact_top_n::<f32>(5);
+    cuda_topk_is_the_exact_top_n::<bf16>(5);
+    cuda_topk_is_the_exact_top_n::<f16>(32);
+}
+
+fn cuda_topk_is_the_exact_top_n<T: FloatElement>(width: usize) {
     let Some(cuda) = cuda_device() else { return };
     for mixing in [Mixing::Logits, Mixing::Probabilities] {
-        let problem = RandomProblem::new(11, 9, 2, 5, 300, false);
-        let out = problem.run(mixing, &cuda);
+        let problem = RandomProblem::new(11, 9, 2, width, 300, false);
+        let out = problem.run::<T>(mixing, &cuda);
         for b in 0..problem.batch {
             let seen = &problem.history[problem.offsets[b] as usize..problem.offsets[b + 1] as usize];
             let mut row: Vec<(f32, u32)> = (0..problem.num_items as u32)
@@ -664,7 +701,8 @@ fn cuda_topk_is_the_exact_top_n_of_cuda_scores() {
             assert_eq!(
                 &out.topk_ids[b * TOP_N..(b + 1) * TOP_N],
                 expected.as_slice(),
-                "{mixing:?} row {b}"
+                "{:?} {mixing:?} row {b}",
+                T::DTYPE
             );
             for (j, &(value, _)) in row[..TOP_N].iter().enumerate() {
                 assert_eq!(out.topk_values[b * TOP_N + j].to_bits(), value.to_bits());
