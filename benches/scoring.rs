@@ -1,9 +1,13 @@
 //! Fused gated multi-head scoring (DESIGN 4.4): cross-entropy forward and
 //! forward+backward for both mixings, and top-100, on every device present.
 //!
-//! Groups `scoring_<pass>/<backend>/<dtype>` with pass in `ce_fwd`, `ce_fwdbwd`
-//! (Logits mixing), `mos_fwd`, `mos_fwdbwd` (Probabilities mixing: the mixture
-//! of softmaxes), `topk_fwd`; ids `B<b>_H<h>_D<d>_V<v>`. Throughput is in
+//! Groups `scoring_<kind>_<pass>/<backend>/<dtype>`: `scoring_ce_fwd`,
+//! `scoring_ce_fwdbwd` (cross-entropy, Logits mixing), `scoring_mos_fwd`,
+//! `scoring_mos_fwdbwd` (cross-entropy, Probabilities mixing: the mixture of
+//! softmaxes) and `scoring_topk_fwd` (top-n, Logits mixing); ids
+//! `B<b>_H<h>_D<d>_V<v>`, and `B<b>_H<h>_D<d>_V<v>_n<n>` for top-n.
+//! scripts/bench_records.py reads `fwdbwd` (one forward and one backward per
+//! iteration) as pass "bwd" with `includes_fwd: true`. Throughput is in
 //! elements = FLOPs of the score products alone: `2 B V H D` per pass over the
 //! catalog (forward one, backward two more: dU and dX), which
 //! scripts/bench_records.py turns into `tflops`. The workspace each shape
@@ -128,9 +132,11 @@ fn bench_shape<T: FloatElement>(c: &mut Criterion, backend: &str, device: &Devic
     }
 
     let inputs = Scoring::new(&user, &gates, &table);
+    let n = 100.min(items);
+    let topk_id = BenchmarkId::from_parameter(format!("B{batch}_H{heads}_D{width}_V{items}_n{n}"));
     let mut topk = c.benchmark_group(format!("scoring_topk_fwd/{backend}/{dtype}"));
     topk.throughput(Throughput::Elements(pass_flops));
-    topk.bench_function(id, |b| b.iter(|| scoring::topk(&inputs, 100.min(items), None).unwrap()));
+    topk.bench_function(topk_id, |b| b.iter(|| scoring::topk(&inputs, n, None).unwrap()));
     topk.finish();
 }
 

@@ -16,7 +16,9 @@ Times one expert layer, bf16, forward and backward, in three formulations:
   N = Dout' a multiple of 8 elements (16-byte aligned strides). A W it rejects
   is retried once converted (untimed) to column-major layout per expert. Bias is added by a per-row gather.
 - `dense`: one torch.matmul [R, Din] @ [Din, Dout'] of the same FLOPs on
-  pre-gathered rows, plus the activation: the ceiling of any grouped form.
+  pre-gathered rows, plus the activation: the ceiling of any grouped form,
+  emitted with `bound: true` (the others `bound: false`), so that
+  scripts/bench_records.py never joins it as the op's peer.
 Backward is `torch.autograd.grad` of y w.r.t. x (or x_rows), W (and bias) from
 a random dy, graph retained, everything bf16 (the op returns f32 gradients;
 torch's bf16 ones move fewer bytes). The gather's backward is index_add
@@ -51,6 +53,9 @@ SHAPE_SETS = {
 }
 ACTIVATIONS = ("none", "relu", "gelu", "silu", "swiglu")
 VARIANTS = ("loop", "grouped_mm", "dense")
+# Variants that are a bound on the op, not an implementation of it: emitted
+# with `bound: true`, never joined as the peer (scripts/bench_records.py).
+BOUNDS = ("dense",)
 ROTATE_BYTES = 128 << 20
 MAX_BUFFERS = 16
 SAMPLE_ROWS = 256
@@ -59,16 +64,6 @@ SAMPLE_ROWS = 256
 def time_ms(fn, warmup, iters):
     """Median time of fn(i) in ms, CUDA events around each call, warmup awaited."""
     return peer.median_ms(fn, warmup, iters, sync_warmup=True)
-
-
-def matmul_tflops(torch, warmup, iters):
-    """bf16 dense matmul rate (f32 accumulation) of an 8192^3 product."""
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = time_ms(lambda i: torch.matmul(a, b), warmup, iters)
-    del a, b
-    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def activate(torch, h, activation):
@@ -249,6 +244,7 @@ def bench_shape(torch, shape, args, rates):
                     "op": "experts",
                     "pass": pass_,
                     "variant": variant,
+                    "bound": variant in BOUNDS,
                     "backend": "torch",
                     "dtype": "bf16",
                     "T": T,
@@ -340,7 +336,8 @@ def main():
     compare_grouped_with_loop(torch, args)
     rates = {
         "gbps": peer.copy_gbps(args.warmup, args.iters, sync_warmup=True),
-        "tflops": matmul_tflops(torch, args.warmup, args.iters),
+        # bf16 dense matmul rate (f32 accumulation) of an 8192^3 product.
+        "tflops": peer.matmul_tflops(args.warmup, args.iters, "bf16", sync_warmup=True),
     }
     log(f"{info['device']}: copy {rates['gbps']:.0f} GB/s, bf16 matmul {rates['tflops']:.0f} TFLOP/s")
     with peer.JsonLines(args.out) as out:

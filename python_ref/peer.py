@@ -22,6 +22,7 @@ __all__ = [
     "run_info",
     "median_ms",
     "copy_gbps",
+    "matmul_tflops",
     "l2_bytes",
     "rotations",
     "top_ks",
@@ -131,6 +132,20 @@ def copy_gbps(warmup, iters, **timing):
     ms = median_ms(lambda i: dst.copy_(src), warmup, iters, **timing)
     del src, dst
     return 2 * n / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(warmup, iters, dtype="bf16", n=8192, **timing):
+    """Dense matmul rate in TFLOP/s of an n^3 torch.matmul in `dtype` ("bf16"
+    or "f32"; TF32 as the caller has set it) timed by
+    `median_ms(..., **timing)`: the matrix rate of the FLOP floors (DESIGN 5)."""
+    import torch
+
+    torch_dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[dtype]
+    a = torch.randn(n, n, device="cuda", dtype=torch_dtype)
+    b = torch.randn(n, n, device="cuda", dtype=torch_dtype)
+    ms = median_ms(lambda i: torch.matmul(a, b), warmup, iters, **timing)
+    del a, b
+    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def l2_bytes():

@@ -6,14 +6,16 @@
 
 What it times, per (dtype, B, H, D, V), with per-head tables, gate logits G,
 an f32 item bias, scale 1 and uniform targets, no exclusions:
-- `logits_ce` (fwd, bwd, fwd_bwd): Logits mixing. The gate is folded into
-  the user states, `S = ((g * U) as [B, H*D]) @ items^T + bias`, one matmul
-  materialising S [B, V], upcast to f32, then `F.cross_entropy(reduction=
-  "none")`. fwd runs under no_grad; fwd_bwd is forward plus
-  `torch.autograd.grad` to U, G, the table and the bias; bwd replays
-  `autograd.grad` on a retained graph (the moerec backward also recomputes
-  the scores, so compare it with fwd_bwd too).
-- `probabilities_ce` (fwd, bwd, fwd_bwd): Probabilities mixing, the
+- `logits_ce` (fwd, bwd, bwd with fwd): Logits mixing. The gate is folded
+  into the user states, `S = ((g * U) as [B, H*D]) @ items^T + bias`, one
+  matmul materialising S [B, V], upcast to f32, then `F.cross_entropy(
+  reduction="none")`. fwd runs under no_grad; pass "bwd" with
+  `includes_fwd: true` is forward plus `torch.autograd.grad` to U, G, the
+  table and the bias in one timed call (the peer of the moerec
+  `scoring_*_fwdbwd` benches: the moerec backward recomputes the scores);
+  pass "bwd" with `includes_fwd: false` replays `autograd.grad` on a
+  retained graph.
+- `probabilities_ce` (fwd, bwd, bwd with fwd): Probabilities mixing, the
   mixture-of-softmaxes in log space: per-head logits [H, B, V] by one batched
   matmul, f32 `log_softmax` over V, gather the targets, then
   `-logsumexp_h(log_softmax(G) + log q)`.
@@ -22,6 +24,16 @@ an f32 item bias, scale 1 and uniform targets, no exclusions:
 - `scores_topk` (fwd): the `logits_ce` scores followed by `torch.topk(n=100)`
   (comparable to the fused top-k, which never materialises S); `topk` (fwd):
   `torch.topk` alone on precomputed f32 scores.
+
+Every record names what it measures as the moerec benchmarks do (see
+scripts/bench_records.py, which joins the two): `function` (cross_entropy,
+topk, or scores for the bare matmul), `mixing` (logits or probabilities;
+none for `matmul`), `n` for the top-k variants, `includes_fwd` on bwd
+records, and `bound: true` for `matmul` and `topk`, a ceiling or a part of
+the work rather than an implementation of the op, never joined as its peer
+(VARIANT_FIELDS). `matmul_tflops` is the dense matmul rate of an 8192^3
+torch.matmul in the record's dtype, measured once per dtype, which the FLOP
+floor of the joined moerec record is computed from.
 
 Layout: torch gets the table as `items [V, H*D]` (all heads of an item in one
 row), the layout its single matmul wants; the op's `[H, V, D]` would cost the
@@ -33,7 +45,7 @@ arithmetic unless the caller opts in).
 Shapes whose materialised f32 tensor (B*V for the logits variants, B*H*V for
 the probabilities one) exceeds `--max-materialised` bytes (8e9) are skipped
 with a note on stderr. FLOPs are the op's: 2*B*V*H*D per score pass, so fwd
-counts 2, bwd 4 (dU and dX) and fwd_bwd 6 times B*V*H*D. Timing: CUDA events
+counts 2, bwd 4 (dU and dX) and bwd with fwd 6 times B*V*H*D. Timing: CUDA events
 around each call, `--warmup` calls first, the median of `--iters` (>= 10).
 `peak_extra_bytes` is torch.cuda.max_memory_allocated during one more call
 minus what was allocated before it. Where inputs plus the materialised
@@ -53,6 +65,25 @@ DTYPES = ("bf16", "f32")
 VARIANTS = ("logits_ce", "probabilities_ce", "matmul", "scores_topk", "topk")
 TOPK_N = 100
 MAX_SETS = 8
+# What each variant measures, in the fields the moerec records carry.
+VARIANT_FIELDS = {
+    "logits_ce": dict(function="cross_entropy", mixing="logits", bound=False),
+    "probabilities_ce": dict(function="cross_entropy", mixing="probabilities", bound=False),
+    "matmul": dict(function="scores", bound=True),
+    "scores_topk": dict(function="topk", mixing="logits", n=TOPK_N, bound=False),
+    "topk": dict(function="topk", mixing="logits", n=TOPK_N, bound=True),
+}
+
+
+def identity(pass_, variant, includes_fwd=None):
+    """The fields naming a record: pass (fwd or bwd), includes_fwd (bwd only),
+    variant and VARIANT_FIELDS[variant]."""
+    fields = {"pass": pass_}
+    if pass_ == "bwd":
+        fields["includes_fwd"] = bool(includes_fwd)
+    fields["variant"] = variant
+    fields.update(VARIANT_FIELDS[variant])
+    return fields
 
 
 def logits_scores(torch, U, G, items, bias):
@@ -100,6 +131,10 @@ def main():
     l2_bytes = peer.l2_bytes()
     torch_dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
     common = dict(op="scoring", backend="torch", **peer.run_info())
+    rates = {}
+    for dtype in args.dtype:
+        rates[dtype] = peer.matmul_tflops(args.warmup, args.iters, dtype)
+        peer.log(f"{common['device']}: {dtype} matmul {rates[dtype]:.1f} TFLOP/s")
     out = peer.JsonLines(args.out)
 
     def peak_extra(step):
@@ -110,17 +145,16 @@ def main():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
-    def emit(pass_, variant, dtype, shape, step, flops):
+    def emit(pass_, variant, dtype, shape, step, flops, includes_fwd=None):
         ms = peer.median_ms(step, args.warmup, args.iters)
-        record = dict(common, **{"pass": pass_, "variant": variant, "dtype": dtype})
+        record = dict(common, **identity(pass_, variant, includes_fwd), dtype=dtype)
         record.update(shape)
         record.update(
             median_ms=round(ms, 5),
             tflops=None if flops is None else round(flops / (ms * 1e-3) / 1e12, 3),
+            matmul_tflops=round(rates[dtype], 1),
             peak_extra_bytes=int(peak_extra(step)),
         )
-        if variant in ("scores_topk", "topk"):
-            record["n"] = TOPK_N
         out.emit(record)
 
     def validate(dt, U, G, items, bias, targets):
@@ -227,14 +261,14 @@ def run_variant(torch, F, variant, dtype, shape, inputs, score_flops, emit):
         loss = loss_of(*leaf, inputs[i % sets][4])
         torch.autograd.grad(loss, leaf, dloss)
 
-    emit("fwd_bwd", variant, dtype, shape, fwd_bwd, 3 * score_flops)
+    emit("bwd", variant, dtype, shape, fwd_bwd, 3 * score_flops, includes_fwd=True)
 
     graphs = [loss_of(*leaf, inp[4]) for leaf, inp in zip(leaves, inputs)]
 
     def bwd(i):
         torch.autograd.grad(graphs[i % sets], leaves[i % sets], dloss, retain_graph=True)
 
-    emit("bwd", variant, dtype, shape, bwd, 2 * score_flops)
+    emit("bwd", variant, dtype, shape, bwd, 2 * score_flops, includes_fwd=False)
     del graphs, leaves
 
 
