@@ -11,10 +11,12 @@
 //
 //   scoring_topk_check_history  the CSR history: offsets start at 0, never
 //                               decrease and end at the number of ids; ids < V
-//   scoring_topk_chunks_<T>     per (item chunk, row tile): one thread per row
-//                               keeps, in global memory, the row's best
+//   scoring_topk_chunks_<T>     per (item chunk, row tile): the row's best
 //                               min(n, chunk items) eligible items of the
-//                               chunk, sorted, visiting items in ascending id
+//                               chunk, sorted, in global memory; per tile the
+//                               values beating the row's bar are filtered in
+//                               parallel and staged in shared memory, then
+//                               inserted by one thread per row
 //   scoring_topk_merge          one block per row: a candidate's rank among
 //                               all chunks' candidates is the sum over the
 //                               sorted lists of how many rank before it (a
@@ -69,11 +71,38 @@ __device__ void check_history(const ScoringParams& p) {
   }
 }
 
+// Inserts (x, v) into a sorted list of `count` (< capacity, or == capacity:
+// the last entry drops) entries.
+__device__ void insert_sorted(float* values, uint32_t* ids, uint32_t& count, uint32_t capacity, float x, uint32_t v) {
+  uint32_t position = count < capacity ? count : capacity - 1;
+  while (position > 0 && ranks_before(x, v, values[position - 1], ids[position - 1])) {
+    values[position] = values[position - 1];
+    ids[position] = ids[position - 1];
+    --position;
+  }
+  values[position] = x;
+  ids[position] = v;
+  if (count < capacity) ++count;
+}
+
+// Per (item chunk, row tile): each row's best min(n, chunk items) eligible
+// items of the chunk, sorted, in global memory. Every tile, all threads test
+// their tile values in parallel against the row's bar (the list's last entry
+// once the list is full) and the row's history, and stage the survivors in
+// shared memory; then one thread per row inserts its staged survivors. The
+// staging order depends on the atomics, but the list after a tile is the
+// top-capacity of (list before + survivors) in a total order, so the result
+// does not.
 template <typename T>
 __device__ void topk_chunks(const ScoringParams& p) {
   using Layout = TileLayout<T>;
   __shared__ TileStage<T> stage;
-  __shared__ float tile_values[kTile][kPad];  // [row][item]
+  __shared__ float staged_values[kTile][kTile];  // [row][survivor]
+  __shared__ uint32_t staged_ids[kTile][kTile];
+  __shared__ uint32_t staged_counts[kTile];
+  __shared__ uint32_t list_counts[kTile];
+  __shared__ float bar_values[kTile];
+  __shared__ uint32_t bar_ids[kTile];
   const uint32_t chunk = blockIdx.x;
   const uint32_t row0 = blockIdx.y * kTile;
   const uint32_t capacity = topk_capacity(p);
@@ -84,9 +113,11 @@ __device__ void topk_chunks(const ScoringParams& p) {
   const u64 list = (static_cast<u64>(b) * p.topk_chunks + chunk) * capacity;
   float* values = p.candidate_values + list;
   uint32_t* ids = p.candidate_ids + list;
-  uint32_t count = 0;
-  float worst = 0.0f;  // the last kept entry once the list is full
-  uint32_t worst_id = 0;
+  if (r < kTile) {
+    staged_counts[r] = 0;
+    list_counts[r] = 0;
+  }
+  __syncthreads();
   const uint32_t begin = chunk * p.topk_tiles_per_chunk;
   const uint32_t end = min(p.item_tiles, begin + p.topk_tiles_per_chunk);
   float value[kValues];
@@ -94,35 +125,36 @@ __device__ void topk_chunks(const ScoringParams& p) {
     const uint32_t item0 = tile * kTile;
     ranked_tile<T>(p, stage, row0, item0, value);
 #pragma unroll
-    for (uint32_t e = 0; e < kValues; ++e) tile_values[Layout::row(e)][Layout::col(e)] = value[e];
+    for (uint32_t e = 0; e < kValues; ++e) {
+      const uint32_t row = Layout::row(e);
+      const uint32_t v = item0 + Layout::col(e);
+      if (row0 + row >= p.batch || v >= p.num_items || !eligible(p, v)) continue;
+      if (list_counts[row] == capacity && !ranks_before(value[e], v, bar_values[row], bar_ids[row])) continue;
+      if (in_history(p, row0 + row, v)) continue;
+      const uint32_t slot = atomicAdd(&staged_counts[row], 1u);
+      staged_values[row][slot] = value[e];
+      staged_ids[row][slot] = v;
+    }
     __syncthreads();
     if (keeper) {
-      for (uint32_t c = 0; c < kTile; ++c) {
-        const uint32_t v = item0 + c;
-        if (v >= p.num_items) break;
-        if (!eligible(p, v)) continue;
-        const float x = tile_values[r][c];
-        if (count == capacity && !ranks_before(x, v, worst, worst_id)) continue;
-        if (in_history(p, b, v)) continue;
-        // Insertion into the sorted list; a full list drops its last entry.
-        uint32_t position = count < capacity ? count : capacity - 1;
-        while (position > 0 && ranks_before(x, v, values[position - 1], ids[position - 1])) {
-          values[position] = values[position - 1];
-          ids[position] = ids[position - 1];
-          --position;
-        }
-        values[position] = x;
-        ids[position] = v;
-        if (count < capacity) ++count;
-        if (count == capacity) {
-          worst = values[capacity - 1];
-          worst_id = ids[capacity - 1];
-        }
+      uint32_t count = list_counts[r];
+      for (uint32_t s = 0; s < staged_counts[r]; ++s) {
+        const float x = staged_values[r][s];
+        const uint32_t v = staged_ids[r][s];
+        // An earlier survivor of this tile may have raised the bar.
+        if (count == capacity && !ranks_before(x, v, values[capacity - 1], ids[capacity - 1])) continue;
+        insert_sorted(values, ids, count, capacity, x, v);
+      }
+      staged_counts[r] = 0;
+      list_counts[r] = count;
+      if (count == capacity) {
+        bar_values[r] = values[capacity - 1];
+        bar_ids[r] = ids[capacity - 1];
       }
     }
     __syncthreads();
   }
-  if (keeper) p.candidate_counts[static_cast<u64>(b) * p.topk_chunks + chunk] = count;
+  if (keeper) p.candidate_counts[static_cast<u64>(b) * p.topk_chunks + chunk] = list_counts[r];
 }
 
 __device__ void topk_merge(const ScoringParams& p) {
