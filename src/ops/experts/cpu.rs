@@ -1,12 +1,14 @@
 //! The expert layer and combine on the host, on borrowed slices.
 //!
-//! Products go through `gemm` (cache-blocked, SIMD picked at run time): the
-//! forward and dx per (expert, chunk of rows) under rayon, each chunk's rows
-//! gathered and widened to f32 first; dW one task per expert, each with
-//! gemm's own threads, which split the output and never the sum over rows.
-//! Chunks depend on the counts only, so results do not depend on the thread
-//! count. The sigmoid's e^x is a polynomial in exact f32 operations (no
-//! libm), and the SwiGlu loops are compiled for AVX2 where the CPU has it.
+//! Products go through `gemm` (cache-blocked, SIMD picked at run time) on
+//! (expert, chunk of rows) pieces under rayon, each chunk's rows gathered and
+//! widened to f32 first. The backward's tasks are groups of an expert's
+//! chunks, each taking them through dh, dx and its own sums for dW and db,
+//! which are added up in group order afterwards: the rows, not the E experts,
+//! spread the work over the cores. Chunks and groups depend on the counts and
+//! Din only, so results do not depend on the thread count. The sigmoid's e^x
+//! is a polynomial in exact f32 operations (no libm), and the SwiGlu loops
+//! are compiled for AVX2 where the CPU has it.
 
 use super::{check_plan, index_slots, Activation, CombineShape, LayerShape, PlanParts, Variant};
 use crate::dtype::{DType, FloatElement};
@@ -15,7 +17,7 @@ use crate::ops::check_len;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
@@ -63,11 +65,11 @@ vectorised! {
     /// `dh = [dgate | dup]` from the rows `[gate | up]` of
     /// `h: [rows, 2 dout]` and `dy: [rows, dout]`:
     /// `dgate = dy up silu'(gate)`, `dup = dy silu(gate)`.
-    fn swiglu_backward(dy: &[f32], h: &[f32], dh: &mut [MaybeUninit<f32>], dout: usize) = swiglu_backward_rows;
+    fn swiglu_backward(dy: &[f32], h: &[f32], dh: &mut [f32], dout: usize) = swiglu_backward_rows;
 }
 
 #[inline(always)]
-fn swiglu_backward_rows(dy: &[f32], h: &[f32], dh: &mut [MaybeUninit<f32>], dout: usize) {
+fn swiglu_backward_rows(dy: &[f32], h: &[f32], dh: &mut [f32], dout: usize) {
     let rows = dh.chunks_exact_mut(2 * dout).zip(h.chunks_exact(2 * dout));
     for ((dh_row, h_row), dy_row) in rows.zip(dy.chunks_exact(dout)) {
         let (dgate, dup) = dh_row.split_at_mut(dout);
@@ -75,8 +77,8 @@ fn swiglu_backward_rows(dy: &[f32], h: &[f32], dh: &mut [MaybeUninit<f32>], dout
         let columns = dgate.iter_mut().zip(dup).zip(gate.iter().zip(up));
         for (((dg, du), (&g, &u)), &d) in columns.zip(dy_row) {
             let s = sigmoid(g);
-            dg.write(d * u * (s * (1.0 + g * (1.0 - s))));
-            du.write(d * g * s);
+            *dg = d * u * (s * (1.0 + g * (1.0 - s)));
+            *du = d * g * s;
         }
     }
 }
@@ -115,12 +117,16 @@ fn narrow<T: FloatElement>(values: &[f32], out: &mut [MaybeUninit<T>]) {
 /// fresh ones would fault in new pages for every chunk.
 #[derive(Default)]
 struct Scratch {
-    /// The chunk's rows of x (or of dh).
+    /// The chunk's rows of x.
     rows: Vec<f32>,
-    /// Their product with the expert's weights.
+    /// Their product with the expert's weights (forward).
     product: Vec<f32>,
-    /// The activation's output (SwiGlu).
+    /// The activation's output (SwiGlu forward).
     act: Vec<f32>,
+    /// The chunk's rows of h widened to f32 (backward, other types than f32).
+    h: Vec<f32>,
+    /// The chunk's rows of dh (backward).
+    dh: Vec<f32>,
 }
 
 impl Scratch {
@@ -173,21 +179,34 @@ impl<'a> Matrix<'a> {
     }
 }
 
-/// `c = a b`, `c` row-major `[a.rows, b.cols]`.
-fn matmul(a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32], parallelism: Parallelism) {
+/// `c = a b`, `c` row-major `[a.rows, b.cols]`, on the calling thread.
+fn matmul(a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32]) {
+    gemm_f32(a, b, c, false);
+}
+
+/// `c += a b`, as [`matmul`]: the product summed over its own k first, then
+/// added to c.
+fn matmul_add(a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32]) {
+    gemm_f32(a, b, c, true);
+}
+
+/// `c = a b + (c if add)`.
+fn gemm_f32(a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32], add: bool) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     // Internal invariants: every caller derives the sizes from checked shapes.
     assert!(b.rows == k && c.len() == m * n && a.in_bounds() && b.in_bounds());
     if k == 0 {
-        c.fill(0.0);
+        if !add {
+            c.fill(0.0);
+        }
         return;
     }
     if m == 0 || n == 0 {
         return;
     }
     // SAFETY: a, b and c hold every element the strides address (checked
-    // above); c does not alias a or b (it is a distinct &mut). read_dst is
-    // false, so c is only written: c = 1 * a b.
+    // above); c does not alias a or b (it is a distinct &mut), and it is
+    // initialised, so reading it (add) is sound: c = add * c + 1 * a b.
     unsafe {
         gemm::gemm(
             m,
@@ -196,19 +215,19 @@ fn matmul(a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32], parallelism: Parallelism)
             c.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            add,
             a.data.as_ptr(),
             a.col_stride as isize,
             a.row_stride as isize,
             b.data.as_ptr(),
             b.col_stride as isize,
             b.row_stride as isize,
-            0.0,
+            f32::from(add),
             1.0,
             false,
             false,
             false,
-            parallelism,
+            Parallelism::None,
         )
     }
 }
@@ -233,11 +252,7 @@ fn row_chunks(offsets: &[u32]) -> Vec<(usize, Range<usize>)> {
 fn split_rows<'a, V>(mut data: &'a mut [V], width: usize, chunks: &[(usize, Range<usize>)]) -> Vec<&'a mut [V]> {
     chunks
         .iter()
-        .map(|(_, rows)| {
-            let (head, tail) = std::mem::take(&mut data).split_at_mut(rows.len() * width);
-            data = tail;
-            head
-        })
+        .map(|(_, rows)| take_front(&mut data, rows.len() * width))
         .collect()
 }
 
@@ -385,7 +400,8 @@ pub(crate) fn layer_forward_uninit<T: FloatElement>(
         .par_iter()
         .zip(outputs.collect::<Vec<_>>())
         .for_each(|((expert, rows), (h_chunk, y_chunk))| {
-            Scratch::with(|Scratch { rows: a, product, act }| {
+            Scratch::with(|scratch| {
+                let (a, product, act) = (&mut scratch.rows, &mut scratch.product, &mut scratch.act);
                 gather_rows(x, sources, din, rows.clone(), a);
                 let w = &weights[expert * din * width..][..din * width];
                 product.resize(rows.len() * width, 0.0);
@@ -393,7 +409,6 @@ pub(crate) fn layer_forward_uninit<T: FloatElement>(
                     Matrix::row_major(a, rows.len(), din),
                     Matrix::row_major(w, din, width),
                     product,
-                    Parallelism::None,
                 );
                 if let Some(bias) = &bias {
                     let bias = &bias[expert * width..][..width];
@@ -415,36 +430,190 @@ pub(crate) fn layer_forward_uninit<T: FloatElement>(
     Ok(())
 }
 
-/// `dh = dy * act'(h)` `[R, Dout']` f32 at the saved h, in blocks of
-/// CHUNK_ROWS rows.
-fn activation_backward<T: FloatElement>(dy: &[f32], h: &[T], shape: &LayerShape) -> Vec<f32> {
-    let (dout, width) = (shape.dout, shape.width());
-    let mut dh = Vec::with_capacity(h.len());
-    dh.spare_capacity_mut()[..h.len()]
-        .par_chunks_mut(CHUNK_ROWS * width)
-        .zip(h.par_chunks(CHUNK_ROWS * width))
-        .zip(dy.par_chunks(CHUNK_ROWS * dout))
-        .for_each(|((dh_block, h_block), dy_block)| {
-            Scratch::with(|scratch| {
-                let h_block = widened_into(h_block, &mut scratch.rows);
-                if shape.activation == Activation::SwiGlu {
-                    swiglu_backward(dy_block, h_block, dh_block, dout);
-                } else {
-                    for ((d, &g), &v) in dh_block.iter_mut().zip(dy_block).zip(h_block) {
-                        d.write(g * activate_grad(shape.activation, v));
-                    }
-                }
-            })
-        });
-    // SAFETY: the blocks cover all h.len() elements, and each was written.
-    unsafe { dh.set_len(h.len()) };
-    dh
+/// `dh = dy * act'(h)` for rows of `h: [rows, Dout']` f32 and
+/// `dy: [rows, Dout]`, one loop per activation so that each vectorises.
+fn activation_backward(activation: Activation, dy: &[f32], h: &[f32], dh: &mut [f32], dout: usize) {
+    #[inline(always)]
+    fn times_grad(dy: &[f32], h: &[f32], dh: &mut [f32], grad: impl Fn(f32) -> f32) {
+        for ((d, &g), &v) in dh.iter_mut().zip(dy).zip(h) {
+            *d = g * grad(v);
+        }
+    }
+    match activation {
+        Activation::SwiGlu => swiglu_backward(dy, h, dh, dout),
+        Activation::None => times_grad(dy, h, dh, |v| activate_grad(Activation::None, v)),
+        Activation::Relu => times_grad(dy, h, dh, |v| activate_grad(Activation::Relu, v)),
+        Activation::Gelu => times_grad(dy, h, dh, |v| activate_grad(Activation::Gelu, v)),
+        Activation::Silu => times_grad(dy, h, dh, |v| activate_grad(Activation::Silu, v)),
+    }
+}
+
+/// About how many tasks the backward cuts the rows into: a constant, as
+/// the results may not depend on the thread count, enough to keep a few
+/// dozen cores busy whatever E is, and few enough that the partial dW sums
+/// they add stay small next to the products.
+const BACKWARD_TASKS: usize = 32;
+
+/// Elements per task when the partial dW sums are added up.
+const REDUCE_BLOCK: usize = 4096;
+
+/// Each expert's rows (plan order) as the backward's groups, in order: runs
+/// of whole CHUNK_ROWS chunks, about `BACKWARD_TASKS * rows_e / R` of them
+/// (at least one per expert with rows), but no more than `rows_e / Din`, so
+/// that the partial dW sums (`[Din, Dout']` per group after the first) take
+/// less memory than the expert's dh would. A function of the counts and Din
+/// only.
+fn row_groups(offsets: &[u32], din: usize) -> Vec<Vec<Range<usize>>> {
+    let total_rows = offsets.last().map_or(0, |&r| r as usize).max(1);
+    offsets
+        .windows(2)
+        .map(|bounds| {
+            let rows = bounds[0] as usize..bounds[1] as usize;
+            let chunks = rows.len().div_ceil(CHUNK_ROWS);
+            let groups = (rows.len() * BACKWARD_TASKS)
+                .div_ceil(total_rows)
+                .min(rows.len() / din)
+                .max(1)
+                .min(chunks);
+            let row_of_chunk = |chunk: usize| rows.end.min(rows.start + chunk * CHUNK_ROWS);
+            (0..groups)
+                .map(|group| row_of_chunk(chunks * group / groups)..row_of_chunk(chunks * (group + 1) / groups))
+                .collect()
+        })
+        .collect()
+}
+
+/// The first `len` elements of `rest`, which keeps the others.
+fn take_front<'a, V>(rest: &mut &'a mut [V], len: usize) -> &'a mut [V] {
+    let (front, back) = std::mem::take(rest).split_at_mut(len);
+    *rest = back;
+    front
+}
+
+/// `buffer[..len]`, grown (with zeros) as needed; what it held is left.
+fn at_least(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.capacity() < len {
+        // A fresh zeroed allocation, rather than a copy of the old contents.
+        *buffer = vec![0.0; len];
+    } else if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
+}
+
+/// The backward's buffers shared by all its tasks, kept by the calling
+/// thread across calls: fresh ones fault in new pages on every call, which
+/// at Din = 64 costs about as much as the products. A call takes them out
+/// of the thread-local (a nested call on the same thread, e.g. by a rayon
+/// worker waiting for this call's tasks, finds none and allocates its own)
+/// and puts them back unless they outgrew RETAINED_BYTES.
+#[derive(Default)]
+struct BackwardBuffers {
+    /// `dh W^T` per row (tokens variant), summed into dx in slot order.
+    dx_rows: Vec<f32>,
+    /// `[Din, Dout']` sums of each expert's groups after its first.
+    weight_partials: Vec<f32>,
+    /// `[Dout']` sums of each expert's groups after its first.
+    bias_partials: Vec<f32>,
+}
+
+/// The most [`BackwardBuffers`] a thread keeps between calls.
+const RETAINED_BYTES: usize = 256 << 20;
+
+thread_local! {
+    static BACKWARD_BUFFERS: Cell<BackwardBuffers> = Cell::default();
+}
+
+impl BackwardBuffers {
+    fn take() -> Self {
+        BACKWARD_BUFFERS.with(Cell::take)
+    }
+
+    fn keep(self) {
+        let elements = self.dx_rows.capacity() + self.weight_partials.capacity() + self.bias_partials.capacity();
+        if elements * std::mem::size_of::<f32>() <= RETAINED_BYTES {
+            BACKWARD_BUFFERS.with(|buffers| buffers.set(self));
+        }
+    }
+}
+
+/// One task of the backward: a group of one expert's rows and where its
+/// results go.
+struct GroupTask<'a> {
+    expert: usize,
+    rows: Range<usize>,
+    /// `dh W^T` for the group's rows: dx itself in the rows variant.
+    dx_rows: &'a mut [f32],
+    /// The group's `x^T dh`: `dW[e]` for the expert's first group, else a
+    /// partial sum added to it afterwards.
+    dweights: &'a mut [f32],
+    /// The group's sum of dh rows, placed like `dweights`.
+    dbias: Option<&'a mut [f32]>,
+}
+
+/// One group of the backward, CHUNK_ROWS rows at a time so that dh, x's rows
+/// and the products stay in cache: dh, then its rows' `dh W^T`, and the sums
+/// `x^T dh` and `sum dh` over the group's rows, chunks in order.
+#[allow(clippy::too_many_arguments)]
+fn backward_group<T: FloatElement>(
+    task: GroupTask<'_>,
+    dy: &[f32],
+    x: &[T],
+    sources: Option<&[u32]>,
+    expert_weights: &[f32],
+    h: &[T],
+    shape: &LayerShape,
+    scratch: &mut Scratch,
+) {
+    let (din, dout, width) = (shape.din, shape.dout, shape.width());
+    let (x_rows, h_rows, dh) = (&mut scratch.rows, &mut scratch.h, &mut scratch.dh);
+    let GroupTask {
+        rows: group,
+        mut dx_rows,
+        dweights,
+        mut dbias,
+        ..
+    } = task;
+    let weights_t = Matrix::row_major(expert_weights, din, width).transposed();
+    for (index, start) in group.clone().step_by(CHUNK_ROWS).enumerate() {
+        let chunk = start..group.end.min(start + CHUNK_ROWS);
+        let h_chunk = widened_into(&h[chunk.start * width..chunk.end * width], h_rows);
+        dh.resize(chunk.len() * width, 0.0);
+        activation_backward(
+            shape.activation,
+            &dy[chunk.start * dout..chunk.end * dout],
+            h_chunk,
+            dh,
+            dout,
+        );
+        let dh = Matrix::row_major(dh, chunk.len(), width);
+        matmul(dh, weights_t, take_front(&mut dx_rows, chunk.len() * din));
+        gather_rows(x, sources, din, chunk.clone(), x_rows);
+        let x_t = Matrix::row_major(x_rows, chunk.len(), din).transposed();
+        if index == 0 {
+            matmul(x_t, dh, dweights);
+        } else {
+            matmul_add(x_t, dh, dweights);
+        }
+        if let Some(db) = dbias.as_deref_mut() {
+            if index == 0 {
+                db.fill(0.0);
+            }
+            for dh_row in dh.data.chunks_exact(width) {
+                db.iter_mut().zip(dh_row).for_each(|(d, v)| *d += v);
+            }
+        }
+    }
 }
 
 /// The layer's gradients: `dx` `[T, Din]` (tokens variant: each token's rows
 /// summed in slot order through `row_of_slot [T, k]`) or `[R, Din]` (rows
 /// variant), `dweights` `[E, Din, Dout']`, `dbias` `[E, Dout']`, all f32;
 /// `dy` is `[R, Dout]`, `h` the forward's `[R, Dout']`.
+///
+/// Each task takes a group of an expert's rows (see [`row_groups`]) through
+/// dh, dx and its own dW and db sums; an expert's groups after the first
+/// sum into partials added to its dW and db afterwards, in group order.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_backward<T: FloatElement>(
     dy: &[f32],
@@ -456,43 +625,106 @@ pub fn layer_backward<T: FloatElement>(
     k: usize,
     dx: &mut [f32],
     dweights: &mut [f32],
-    dbias: Option<&mut [f32]>,
+    mut dbias: Option<&mut [f32]>,
 ) -> Result<()> {
     let (din, width, rows) = (shape.din, shape.width(), shape.rows);
+    let weight_len = din * width;
     check_layer_lens(x, plan, weights, shape)?;
     check_len("dy", dy.len(), rows * shape.dout)?;
     check_len("h", h.len(), rows * width)?;
     check_len("dx", dx.len(), shape.inputs * din)?;
     check_len("dweights", dweights.len(), weights.len())?;
+    if let Some(dbias) = dbias.as_deref() {
+        check_len("dbias", dbias.len(), shape.experts * width)?;
+    }
     if let Some(tokens) = shape.tokens() {
         check_len("plan.row_of_slot", plan.row_of_slot.len(), tokens * k)?;
         index_slots(plan, k, rows)?;
     }
-    let dh = activation_backward(dy, h, shape);
     let weights = widened(weights);
-    let chunks = row_chunks(plan.offsets);
+    let sources = token_of_row(plan, shape);
+    let groups = row_groups(plan.offsets, din);
+    let partial_count: usize = groups.iter().map(|g| g.len().saturating_sub(1)).sum();
 
-    // dx_rows[r] = dh[r] W[e]^T; the rows variant writes dx directly.
-    let mut dx_rows = match shape.variant {
-        Variant::Tokens => vec![0f32; rows * din],
-        Variant::Rows => Vec::new(),
+    let mut buffers = BackwardBuffers::take();
+    let BackwardBuffers {
+        dx_rows,
+        weight_partials,
+        bias_partials,
+    } = &mut buffers;
+    // The groups cover rows 0..R in order (check_plan).
+    let mut dx_rows_rest = match shape.variant {
+        Variant::Tokens => at_least(dx_rows, rows * din),
+        Variant::Rows => &mut *dx,
     };
-    let dx_rows_out = if shape.variant == Variant::Tokens {
-        &mut dx_rows[..]
-    } else {
-        &mut *dx
-    };
-    let targets = split_rows(dx_rows_out, din, &chunks);
-    chunks.par_iter().zip(targets).for_each(|((expert, range), target)| {
-        let w = &weights[expert * din * width..][..din * width];
-        matmul(
-            Matrix::row_major(&dh[range.start * width..range.end * width], range.len(), width),
-            Matrix::row_major(w, din, width).transposed(),
-            target,
-            Parallelism::None,
-        );
+    let mut weight_partials_rest = at_least(weight_partials, partial_count * weight_len);
+    let mut bias_partials_rest = at_least(bias_partials, if dbias.is_some() { partial_count * width } else { 0 });
+    let mut dbias_rest = dbias.as_deref_mut();
+    let mut tasks = Vec::new();
+    let mut partials_of_expert = Vec::with_capacity(shape.experts);
+    let mut next_partial = 0;
+    for (expert, (expert_groups, expert_dweights)) in
+        groups.iter().zip(dweights.chunks_exact_mut(weight_len)).enumerate()
+    {
+        let mut expert_dbias = dbias_rest.as_mut().map(|rest| take_front(rest, width));
+        if expert_groups.is_empty() {
+            expert_dweights.fill(0.0);
+            if let Some(db) = expert_dbias.as_deref_mut() {
+                db.fill(0.0);
+            }
+        }
+        let mut expert_dweights = Some(expert_dweights);
+        for group in expert_groups {
+            let (dweights, dbias) = match expert_dweights.take() {
+                Some(first) => (first, expert_dbias.take()),
+                None => (
+                    take_front(&mut weight_partials_rest, weight_len),
+                    dbias_rest.is_some().then(|| take_front(&mut bias_partials_rest, width)),
+                ),
+            };
+            tasks.push(GroupTask {
+                expert,
+                rows: group.clone(),
+                dx_rows: take_front(&mut dx_rows_rest, group.len() * din),
+                dweights,
+                dbias,
+            });
+        }
+        let later_groups = expert_groups.len().saturating_sub(1);
+        partials_of_expert.push(next_partial..next_partial + later_groups);
+        next_partial += later_groups;
+    }
+    tasks.into_par_iter().for_each(|task| {
+        let expert_weights = &weights[task.expert * weight_len..][..weight_len];
+        Scratch::with(|scratch| backward_group(task, dy, x, sources, expert_weights, h, shape, scratch));
     });
+
+    // dW[e] and db[e] += the sums of the expert's later groups, in order.
+    dweights
+        .par_chunks_exact_mut(weight_len)
+        .zip(&partials_of_expert)
+        .filter(|(_, partials)| !partials.is_empty())
+        .for_each(|(sum, partials)| {
+            sum.par_chunks_mut(REDUCE_BLOCK)
+                .enumerate()
+                .for_each(|(block, sum_block)| {
+                    for partial in partials.clone() {
+                        let source = &weight_partials[partial * weight_len + block * REDUCE_BLOCK..][..sum_block.len()];
+                        sum_block.iter_mut().zip(source).for_each(|(s, v)| *s += v);
+                    }
+                })
+        });
+    if let Some(dbias) = dbias {
+        for (sum, partials) in dbias.chunks_exact_mut(width).zip(&partials_of_expert) {
+            for partial in partials.clone() {
+                let source = &bias_partials[partial * width..][..width];
+                sum.iter_mut().zip(source).for_each(|(s, v)| *s += v);
+            }
+        }
+    }
+    // dx[t] = the sum of its rows' dh W^T, in slot order.
     if shape.variant == Variant::Tokens {
+        let dx_rows = &dx_rows[..rows * din];
         dx.par_chunks_mut(din)
             .zip(plan.row_of_slot.par_chunks(k.max(1)))
             .for_each(|(dx_token, slots)| {
@@ -505,36 +737,7 @@ pub fn layer_backward<T: FloatElement>(
                 }
             });
     }
-
-    // dW[e] = x_e^T dh_e, one task per expert: gemm sums the rows in order
-    // and threads over the [Din, Dout'] output.
-    let sources = token_of_row(plan, shape);
-    dweights
-        .par_chunks_mut(din * width)
-        .zip(plan.offsets.par_windows(2))
-        .for_each(|(target, bounds)| {
-            let range = bounds[0] as usize..bounds[1] as usize;
-            let mut a = Vec::new();
-            gather_rows(x, sources, din, range.clone(), &mut a);
-            matmul(
-                Matrix::row_major(&a, range.len(), din).transposed(),
-                Matrix::row_major(&dh[range.start * width..range.end * width], range.len(), width),
-                target,
-                Parallelism::Rayon(0),
-            );
-        });
-    if let Some(dbias) = dbias {
-        check_len("dbias", dbias.len(), shape.experts * width)?;
-        dbias
-            .par_chunks_mut(width)
-            .zip(plan.offsets.par_windows(2))
-            .for_each(|(db, bounds)| {
-                db.fill(0.0);
-                for dh_row in dh[bounds[0] as usize * width..bounds[1] as usize * width].chunks(width) {
-                    db.iter_mut().zip(dh_row).for_each(|(d, v)| *d += v);
-                }
-            });
-    }
+    buffers.keep();
     Ok(())
 }
 
@@ -682,4 +885,42 @@ pub fn combine_backward<T: FloatElement>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_groups_cut_each_expert_into_whole_chunks_in_order() {
+        // Experts of 0, 1, 3000 (11 chunks and a short one), 255 and 20000 rows.
+        let counts = [0u32, 1, 3000, 255, 20000];
+        let offsets: Vec<u32> = std::iter::once(0)
+            .chain(counts.iter().scan(0, |end, &count| {
+                *end += count;
+                Some(*end)
+            }))
+            .collect();
+        for din in [1, 64, 4096] {
+            let groups = row_groups(&offsets, din);
+            assert_eq!(groups.len(), counts.len());
+            for (expert, expert_groups) in groups.iter().enumerate() {
+                let rows = offsets[expert] as usize..offsets[expert + 1] as usize;
+                assert_eq!(expert_groups.is_empty(), rows.is_empty(), "din {din}, expert {expert}");
+                let mut next = rows.start;
+                for group in expert_groups {
+                    assert_eq!(group.start, next, "din {din}, expert {expert}: in order, no gaps");
+                    assert!(!group.is_empty() && (group.start - rows.start) % CHUNK_ROWS == 0);
+                    next = group.end;
+                }
+                assert_eq!(next, rows.end, "din {din}, expert {expert}: every row");
+                assert!(
+                    expert_groups.len() <= (rows.len() / din).max(1),
+                    "din {din}, expert {expert}"
+                );
+            }
+        }
+        // The large expert, 20000 of the 23256 rows, gets most of the ~32 groups.
+        assert!(row_groups(&offsets, 64)[4].len() > 16);
+    }
 }
