@@ -8,9 +8,10 @@
 //                   Probabilities: 2*B*V*H exponentials.
 //   cross_entropy   M FLOPs, B*V*heads_out exponentials; writes O(B*H).
 //   backwards       3M FLOPs (scores, dA, dX). The live variant recomputes
-//                   each score tile once per 64-wide K slice in both the dA
-//                   and the dX kernel: (2 * ceil(K/64) + 2) M, plus the lse
-//                   and <q, dS> passes for Probabilities scores.
+//                   each score tile once per K group (up to 3 slices of 64
+//                   columns) in both the dA and the dX kernel:
+//                   (2 * k_groups + 2) M, plus the lse and <q, dS> passes
+//                   for Probabilities scores.
 // Variant: 64 rows x 64 items per score tile, 256 threads, 16 values per
 // thread (scoring.cuh): f32 SIMT for f32, tensor cores (mma.sync m16n8k16)
 // for bf16/f16. The backward's two other products (dA, dX) are f32 SIMT over
@@ -27,8 +28,8 @@
 //   scoring_scores_<T>           S or P, -inf / 0 at excluded items
 //   scoring_ce_loss_<T>          per row: target checks and the loss
 //   scoring_backward_rows_<T>    per row: target checks, weight, responsibilities
-//   scoring_backward_user_<T>    per (item chunk, row tile, head, K slice): dA partials
-//   scoring_backward_items_<T>   per (item tile, K slice): dX and d item_bias
+//   scoring_backward_user_<T>    per (item chunk, row tile, head, K group): dA partials
+//   scoring_backward_items_<T>   per (item tile, K group): dX and d item_bias
 //   scoring_backward_finish_user chunks of dA summed in order -> dU
 //   scoring_backward_finish_gates_<T>  dG per row
 // Every reduction runs in an order fixed by the shapes: no float atomics.
@@ -304,10 +305,59 @@ __device__ void grad_tile(const ScoringParams& p, TileStage<T>& stage, uint32_t 
   }
 }
 
-// Block (chunk, row tile, j * k_slices + slice): for its 64 rows and the 64
-// columns k0.. of output head j, dA = sum over the chunk's items of
+// The backward's K groups: a block covers `group_slices` consecutive 64-wide
+// K slices of one output head (group g: slices g * group_slices ..), so that
+// each score tile is recomputed once per group rather than once per slice.
+// The group's sums live in dynamic shared memory, row r (row or item of the
+// tile) at r * group_pitch(p): each thread adds into its own 4 x 4 entries
+// per slice, so no two threads touch one entry.
+// The dynamic shared memory of the backward kernels: a K group's sums (dA:
+// row r of the tile; dX: item r) at r * group_pitch(p) + column.
+extern __shared__ float group_sums[];
+
+__device__ __forceinline__ uint32_t group_pitch(const ScoringParams& p) { return p.group_slices * kTile + 16; }
+__device__ __forceinline__ uint32_t group_slice_count(const ScoringParams& p, uint32_t group) {
+  return min(p.group_slices, p.k_slices - group * p.group_slices);
+}
+
+// sums[r * pitch + s * 64 + c] += sum over 64 steps of left[.][r] * right[.][c]
+// for the thread's rows ty + 16 i and columns tx + 16 kk: `left(step, r)` and
+// `right(step, c)` read the shared tiles.
+template <class Left, class Right>
+__device__ __forceinline__ void add_slice_product(float* sums, uint32_t s, uint32_t pitch, Left left, Right right) {
+  const uint32_t ty = threadIdx.x / kLanes;
+  const uint32_t tx = threadIdx.x % kLanes;
+  float acc[kPerThread][kPerThread];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) acc[i][kk] = sums[(ty + kLanes * i) * pitch + s * kTile + tx + kLanes * kk];
+  for (uint32_t step = 0; step < kTile; ++step) {
+    float l[kPerThread];
+    float r[kPerThread];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) l[i] = left(step, ty + kLanes * i);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) r[kk] = right(step, tx + kLanes * kk);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) acc[i][kk] = fmaf(l[i], r[kk], acc[i][kk]);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) sums[(ty + kLanes * i) * pitch + s * kTile + tx + kLanes * kk] = acc[i][kk];
+}
+
+__device__ __forceinline__ void zero_group_sums(const ScoringParams& p, float* sums) {
+  for (uint32_t e = threadIdx.x; e < kTile * group_pitch(p); e += kThreads) sums[e] = 0.0f;
+}
+
+// Block (chunk, row tile, j * k_groups + group): for its 64 rows and the K
+// group's columns of output head j, dA = sum over the chunk's items of
 // ds * X(v, k), items in ascending order; one partial per chunk. Logits
-// mixing also sums ds * item_bias[v] per row (slice 0 only), for dG.
+// mixing also sums ds * item_bias[v] per row (group 0 only), for dG.
 template <typename T>
 __device__ void backward_user(const ScoringParams& p) {
   __shared__ TileStage<T> stage;
@@ -316,142 +366,138 @@ __device__ void backward_user(const ScoringParams& p) {
   const T* items = static_cast<const T*>(p.items);
   const uint32_t chunk = blockIdx.x;
   const uint32_t row0 = blockIdx.y * kTile;
-  const uint32_t j = blockIdx.z / p.k_slices;
-  const uint32_t k0 = (blockIdx.z % p.k_slices) * kTile;
+  const uint32_t j = blockIdx.z / p.k_groups;
+  const uint32_t group = blockIdx.z % p.k_groups;
+  const uint32_t slices = group_slice_count(p, group);
+  const uint32_t pitch = group_pitch(p);
   const uint32_t ty = threadIdx.x / kLanes;
   const uint32_t tx = threadIdx.x % kLanes;
-  const bool bias_sum = !has(p, kProbabilities) && k0 == 0;
-  float d_a[kPerThread][kPerThread];  // row ty + 16 i, column k0 + tx + 16 kk
-  float d_bias[kPerThread];           // row ty + 16 i
+  const bool bias_sum = !has(p, kProbabilities) && group == 0 && p.item_bias != nullptr;
+  float d_bias[kPerThread];  // row ty + 16 i
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    d_bias[i] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) d_a[i][kk] = 0.0f;
-  }
+  for (int i = 0; i < 4; ++i) d_bias[i] = 0.0f;
+  zero_group_sums(p, group_sums);  // first read after the barriers below
   uint32_t begin, end;
   tile_range(chunk, p.user_tiles_per_chunk, p.item_tiles, begin, end);
   for (uint32_t tile = begin; tile < end; ++tile) {
     const uint32_t item0 = tile * kTile;
     grad_tile<T>(p, stage, row0, item0, j, grad);
-    for (uint32_t e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-      const uint32_t c = e / kTile;
-      const uint32_t kk = e % kTile;
-      const uint32_t v = item0 + c;
-      const uint32_t k = k0 + kk;
-      slice[c][kk] = (v < p.num_items && k < p.k) ? to_f32(items[item_offset(p, j, v, k)]) : 0.0f;
-    }
-    __syncthreads();
-    for (uint32_t c = 0; c < kTile; ++c) {
-      float g[kPerThread];
-      float x[kPerThread];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) g[i] = grad[ty + kLanes * i][c];
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) x[kk] = slice[c][tx + kLanes * kk];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) d_a[i][kk] = fmaf(g[i], x[kk], d_a[i][kk]);
-    }
-    if (bias_sum && p.item_bias != nullptr) {
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const uint32_t c = tx + kLanes * jj;
+    for (uint32_t s = 0; s < slices; ++s) {
+      const uint32_t k0 = (group * p.group_slices + s) * kTile;
+      for (uint32_t e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+        const uint32_t c = e / kTile;
+        const uint32_t kk = e % kTile;
         const uint32_t v = item0 + c;
-        if (v >= p.num_items) continue;
-        const float bias = p.item_bias[v];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) d_bias[i] = fmaf(grad[ty + kLanes * i][c], bias, d_bias[i]);
+        const uint32_t k = k0 + kk;
+        slice[c][kk] = (v < p.num_items && k < p.k) ? to_f32(items[item_offset(p, j, v, k)]) : 0.0f;
       }
+      __syncthreads();
+      add_slice_product(
+          group_sums, s, pitch, [&](uint32_t c, uint32_t r) { return grad[r][c]; },
+          [&](uint32_t c, uint32_t kk) { return slice[c][kk]; });
+      if (bias_sum && s == 0) {
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+          const uint32_t c = tx + kLanes * jj;
+          const uint32_t v = item0 + c;
+          if (v >= p.num_items) continue;
+          const float bias = p.item_bias[v];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) d_bias[i] = fmaf(grad[ty + kLanes * i][c], bias, d_bias[i]);
+        }
+      }
+      __syncthreads();
     }
-    __syncthreads();
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t b = row0 + ty + kLanes * i;
+    const uint32_t r = ty + kLanes * i;
+    const uint32_t b = row0 + r;
 #pragma unroll
     for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
       d_bias[i] += __shfl_xor_sync(0xffffffffu, d_bias[i], offset);
     }
     if (b >= p.batch) continue;
     const u64 row = static_cast<u64>(chunk) * p.batch + b;
+    for (uint32_t s = 0; s < slices; ++s) {
+      const uint32_t k0 = (group * p.group_slices + s) * kTile;
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t k = k0 + tx + kLanes * kk;
-      if (k < p.k) p.user_partials[row * p.a_width + static_cast<u64>(j) * p.k + k] = d_a[i][kk];
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint32_t k = k0 + tx + kLanes * kk;
+        if (k < p.k) {
+          p.user_partials[row * p.a_width + static_cast<u64>(j) * p.k + k] =
+              group_sums[r * pitch + s * kTile + tx + kLanes * kk];
+        }
+      }
     }
-    if (bias_sum && tx == 0) p.bias_partials[row] = d_bias[i];
+    if (!has(p, kProbabilities) && group == 0 && tx == 0) p.bias_partials[row] = d_bias[i];
   }
 }
 
-// Block (item tile, K slice): dXt(v, k0..) = sum over output heads and all
-// row tiles in order of ds * A(b, k), and (slice 0) d item_bias = sum ds.
-// Probabilities mixing with per-head tables writes head j's rows of dX after
-// head j; with a shared table it sums the heads first.
+// Block (item tile, K group): dXt(v, group columns) = sum over output heads
+// and all row tiles in order of ds * A(b, k), and (group 0) d item_bias =
+// sum ds. Probabilities mixing with per-head tables writes head j's rows of
+// dX after head j; with a shared table it sums the heads first.
 template <typename T>
 __device__ void backward_items(const ScoringParams& p) {
   __shared__ TileStage<T> stage;
   __shared__ float grad[kTile][kPad];   // [row][item]
   __shared__ float slice[kTile][kPad];  // A(row0 + r, j*K + k0 + kk) at [r][kk]
   const uint32_t item0 = blockIdx.x * kTile;
-  const uint32_t k0 = blockIdx.y * kTile;
+  const uint32_t group = blockIdx.y;
+  const uint32_t slices = group_slice_count(p, group);
+  const uint32_t pitch = group_pitch(p);
   const uint32_t ty = threadIdx.x / kLanes;
   const uint32_t tx = threadIdx.x % kLanes;
   const bool per_head_writes = has(p, kProbabilities) && !has(p, kShared);
-  float d_x[kPerThread][kPerThread];  // item ty + 16 i, column k0 + tx + 16 kk
-  float d_bias = 0.0f;                // item threadIdx.x (< 64), slice 0
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) d_x[i][kk] = 0.0f;
+  float d_bias = 0.0f;  // item threadIdx.x (< 64), group 0
+  zero_group_sums(p, group_sums);  // first read after the barriers below
   for (uint32_t j = 0; j < p.heads_out; ++j) {
     const u64 a_head = static_cast<u64>(j) * p.k;
     for (uint32_t tile = 0; tile < p.row_tiles; ++tile) {
       const uint32_t row0 = tile * kTile;
       grad_tile<T>(p, stage, row0, item0, j, grad);
-      for (uint32_t e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-        const uint32_t r = e / kTile;
-        const uint32_t kk = e % kTile;
-        const uint32_t b = row0 + r;
-        const uint32_t k = k0 + kk;
-        slice[r][kk] = (b < p.batch && k < p.k) ? p.mixed_user[static_cast<u64>(b) * p.a_width + a_head + k] : 0.0f;
+      for (uint32_t s = 0; s < slices; ++s) {
+        const uint32_t k0 = (group * p.group_slices + s) * kTile;
+        for (uint32_t e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+          const uint32_t r = e / kTile;
+          const uint32_t kk = e % kTile;
+          const uint32_t b = row0 + r;
+          const uint32_t k = k0 + kk;
+          slice[r][kk] = (b < p.batch && k < p.k) ? p.mixed_user[static_cast<u64>(b) * p.a_width + a_head + k] : 0.0f;
+        }
+        __syncthreads();
+        add_slice_product(
+            group_sums, s, pitch, [&](uint32_t r, uint32_t c) { return grad[r][c]; },
+            [&](uint32_t r, uint32_t kk) { return slice[r][kk]; });
+        if (group == 0 && s == 0 && threadIdx.x < kTile) {
+          for (uint32_t r = 0; r < kTile; ++r) d_bias += grad[r][threadIdx.x];
+        }
+        __syncthreads();
       }
-      __syncthreads();
-      for (uint32_t r = 0; r < kTile; ++r) {
-        float g[kPerThread];
-        float a[kPerThread];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) g[i] = grad[r][ty + kLanes * i];
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) a[kk] = slice[r][tx + kLanes * kk];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) d_x[i][kk] = fmaf(g[i], a[kk], d_x[i][kk]);
-      }
-      if (k0 == 0 && threadIdx.x < kTile) {
-        for (uint32_t r = 0; r < kTile; ++r) d_bias += grad[r][threadIdx.x];
-      }
-      __syncthreads();
     }
     if (per_head_writes || j + 1 == p.heads_out) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const uint32_t v = item0 + ty + kLanes * i;
+        const uint32_t c = ty + kLanes * i;
+        const uint32_t v = item0 + c;
         if (v >= p.num_items) continue;
         const bool keep = eligible(p, v);
+        for (uint32_t s = 0; s < slices; ++s) {
+          const uint32_t k0 = (group * p.group_slices + s) * kTile;
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          const uint32_t k = k0 + tx + kLanes * kk;
-          if (k < p.k) p.d_items[item_offset(p, j, v, k)] = keep ? d_x[i][kk] : 0.0f;
-          d_x[i][kk] = 0.0f;
+          for (int kk = 0; kk < 4; ++kk) {
+            const uint32_t k = k0 + tx + kLanes * kk;
+            float& sum = group_sums[c * pitch + s * kTile + tx + kLanes * kk];
+            if (k < p.k) p.d_items[item_offset(p, j, v, k)] = keep ? sum : 0.0f;
+            sum = 0.0f;
+          }
         }
       }
     }
   }
   const uint32_t v = item0 + threadIdx.x;
-  if (k0 == 0 && threadIdx.x < kTile && v < p.num_items) p.d_bias[v] = eligible(p, v) ? d_bias : 0.0f;
+  if (group == 0 && threadIdx.x < kTile && v < p.num_items) p.d_bias[v] = eligible(p, v) ? d_bias : 0.0f;
 }
 
 // One thread per element (b, a) of A: the chunks of dA summed in order (kept

@@ -70,6 +70,8 @@ struct ScoringParams {
   uint32_t user_chunks;              // item chunks of the dA partials
   uint32_t user_tiles_per_chunk;
   uint32_t k_slices;                 // ceil(K / 64)
+  uint32_t group_slices;             // K slices per backward block
+  uint32_t k_groups;                 // ceil(k_slices / group_slices)
   uint32_t flags;                    // kProbabilities | kShared | ...
   uint32_t ignore;                   // the ignored target (with kIgnore)
   uint32_t history_len;
@@ -78,7 +80,7 @@ struct ScoringParams {
   uint32_t topk_tiles_per_chunk;
   float scale;
 };
-static_assert(sizeof(ScoringParams) == 32 * 8 + 22 * 4, "ScoringParams must match the Rust Params");
+static_assert(sizeof(ScoringParams) == 32 * 8 + 24 * 4, "ScoringParams must match the Rust Params");
 
 constexpr uint32_t kProbabilities = 1;  // Probabilities mixing (else Logits)
 constexpr uint32_t kShared = 2;         // one [V, D] table for every head

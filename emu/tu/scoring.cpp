@@ -2,3 +2,5 @@
 #include "../cuda_emu.h"
 #include "../../kernels/scoring.cu"
 #include "../harness/kernels.h"  // checks the harness's prototypes
+
+EMU_DYNAMIC_SHARED(float, group_sums)

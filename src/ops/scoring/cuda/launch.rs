@@ -2,11 +2,11 @@
 //! cudarc hands out for them, and the launch sequences the ops share.
 
 use super::params::{Params, FLAG_REDUCE_DOT};
-use super::plan::Plan;
-use crate::cuda::{grid_stride_config, launched, CudaDevice};
+use super::plan::{too_large, Plan};
+use crate::cuda::{driver_error, grid_stride_config, launched, CudaDevice};
 use crate::dtype::DType;
 use crate::error::Result;
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop};
+use cudarc::driver::{sys, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop};
 use std::sync::Arc;
 
 pub(super) const MODULE: &str = "scoring";
@@ -81,6 +81,41 @@ impl<'a> Launcher<'a> {
         let mut args = self.stream.launch_builder(&function);
         args.arg(params);
         launched(name, args.launch(config))
+    }
+
+    /// `grid` with the dynamic shared memory of a backward kernel's K group
+    /// sums, after allowing the kernel that much (beyond the default 48 KB
+    /// a block gets without opting in).
+    fn with_group_sums(&self, name: &'static str, grid: LaunchConfig) -> Result<LaunchConfig> {
+        let function = self.device.function(MODULE, &format!("{name}_{}", self.suffix))?;
+        let context = self.device.context();
+        let dynamic = self.plan.group_shared_bytes();
+        let limit = context
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(driver_error("cuDeviceGetAttribute"))?
+            .max(0) as usize;
+        let fixed = function
+            .shared_size_bytes()
+            .map_err(driver_error("cuFuncGetAttribute"))?
+            .max(0) as usize;
+        if fixed + dynamic > limit {
+            return Err(too_large(
+                "items",
+                format!("the backward needs {fixed} + {dynamic} bytes of shared memory per block; this device allows {limit}"),
+            ));
+        }
+        // Always the same value (all the function may take), so concurrent
+        // calls never lower it for each other.
+        function
+            .set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                (limit - fixed) as i32,
+            )
+            .map_err(driver_error("cuFuncSetAttribute"))?;
+        Ok(LaunchConfig {
+            shared_mem_bytes: dynamic as u32,
+            ..grid
+        })
     }
 
     /// Exclusion flags, then (B > 0) the gates and the GEMM operand A.
@@ -159,20 +194,23 @@ impl<'a> Launcher<'a> {
         let batch = plan.shape.batch as u64;
         // SAFETY: one thread per row < B: targets, dloss, row constants.
         self.launch(MODULE, "scoring_backward_rows", true, grid_stride_config(batch), params)?;
-        // SAFETY: tiles of A and X; user_partials [user_chunks, B, a_width], bias_partials [user_chunks, B].
+        // SAFETY: tiles of A and X; user_partials [user_chunks, B, a_width], bias_partials [user_chunks, B];
+        // its K group's sums in the dynamic shared memory the config gives.
+        let user_grid = Plan::tile_grid(plan.user.count, plan.row_tiles, plan.heads_out * plan.k_groups);
         self.launch(
             MODULE,
             "scoring_backward_user",
             true,
-            Plan::tile_grid(plan.user.count, plan.row_tiles, plan.heads_out * plan.k_slices),
+            self.with_group_sums("scoring_backward_user", user_grid)?,
             params,
         )?;
-        // SAFETY: tiles of A and X; writes dX (item < V, k < K) and d bias (item < V).
+        // SAFETY: tiles of A and X; writes dX (item < V, k < K) and d bias (item < V); group sums as above.
+        let items_grid = Plan::tile_grid(plan.item_tiles, plan.k_groups, 1);
         self.launch(
             MODULE,
             "scoring_backward_items",
             true,
-            Plan::tile_grid(plan.item_tiles, plan.k_slices, 1),
+            self.with_group_sums("scoring_backward_items", items_grid)?,
             params,
         )?;
         // SAFETY: one thread per element of A [B, a_width]; writes dU [B, H, D].

@@ -70,6 +70,8 @@ pub(super) struct Params {
     pub(super) user_chunks: u32,
     pub(super) user_tiles_per_chunk: u32,
     pub(super) k_slices: u32,
+    pub(super) group_slices: u32,
+    pub(super) k_groups: u32,
     pub(super) flags: u32,
     pub(super) ignore: u32,
     pub(super) history_len: u32,
@@ -79,7 +81,7 @@ pub(super) struct Params {
     pub(super) scale: f32,
 }
 
-const _: () = assert!(std::mem::size_of::<Params>() == 32 * 8 + 22 * 4);
+const _: () = assert!(std::mem::size_of::<Params>() == 32 * 8 + 24 * 4);
 
 // SAFETY: `Params` is `repr(C)` with only u64, u32 and f32 fields, pointers
 // first, and no padding (its size is asserted above and in scoring.cuh), so

@@ -23,6 +23,11 @@ const MAX_GRID_YZ: usize = 65_535;
 /// Item chunks of topk at most (kMaxTopkChunks: the merge keeps one count per
 /// chunk in shared memory).
 const MAX_TOPK_CHUNKS: usize = 256;
+/// K slices one backward block covers at most (a K group): its sums take
+/// 64 * (3 * 64 + 16) floats of dynamic shared memory, which with the
+/// kernels' ~43 KB of static shared memory fits the 99 KB a block may opt
+/// into on every GPU the PTX targets (sm_80 and later).
+const MAX_GROUP_SLICES: usize = 3;
 /// Sizes the kernels index with 32-bit arithmetic stay below this.
 pub(super) const MAX_SIZE: usize = i32::MAX as usize;
 
@@ -60,6 +65,10 @@ pub struct Plan {
     pub(super) row_tiles: usize,
     pub(super) item_tiles: usize,
     pub(super) k_slices: usize,
+    /// K slices per backward block, and the number of such K groups: each
+    /// score tile is recomputed once per group in the two backward kernels.
+    pub(super) group_slices: usize,
+    pub(super) k_groups: usize,
     pub(super) reduce: Chunks,
     pub(super) user: Chunks,
     pub(super) topk: Chunks,
@@ -141,16 +150,19 @@ impl Plan {
         let row_tiles = batch.div_ceil(TILE);
         let item_tiles = num_items.div_ceil(TILE);
         let k_slices = k.div_ceil(TILE);
+        // As few groups as the shared memory allows, as even as possible.
+        let k_groups = k_slices.div_ceil(MAX_GROUP_SLICES);
+        let group_slices = k_slices.div_ceil(k_groups);
         if row_tiles > MAX_GRID_YZ {
             return Err(too_large(
                 "user",
                 format!("B = {batch} needs {row_tiles} row tiles, more than {MAX_GRID_YZ}"),
             ));
         }
-        if heads_out * k_slices > MAX_GRID_YZ {
+        if heads_out * k_groups > MAX_GRID_YZ {
             return Err(too_large(
                 "user",
-                format!("{heads_out} heads of {k_slices} K slices exceed {MAX_GRID_YZ} blocks"),
+                format!("{heads_out} heads of {k_groups} K groups exceed {MAX_GRID_YZ} blocks"),
             ));
         }
         Ok(Plan {
@@ -161,8 +173,10 @@ impl Plan {
             row_tiles,
             item_tiles,
             k_slices,
+            group_slices,
+            k_groups,
             reduce: Chunks::new(item_tiles, row_tiles * heads_out, usize::MAX),
-            user: Chunks::new(item_tiles, row_tiles * heads_out * k_slices, usize::MAX),
+            user: Chunks::new(item_tiles, row_tiles * heads_out * k_groups, usize::MAX),
             topk: Chunks::new(item_tiles, row_tiles, MAX_TOPK_CHUNKS),
         })
     }
@@ -261,12 +275,21 @@ impl Plan {
             user_chunks: self.user.count as u32,
             user_tiles_per_chunk: self.user.tiles_per_chunk as u32,
             k_slices: self.k_slices as u32,
+            group_slices: self.group_slices as u32,
+            k_groups: self.k_groups as u32,
             topk_chunks: self.topk.count as u32,
             topk_tiles_per_chunk: self.topk.tiles_per_chunk as u32,
             flags,
             scale,
             ..Params::default()
         }
+    }
+
+    /// Dynamic shared memory of a backward block: its K group's sums for 64
+    /// rows (or items), rows `group_slices * 64 + 16` floats apart
+    /// (kernels/scoring.cu, group_pitch).
+    pub(super) fn group_shared_bytes(&self) -> usize {
+        TILE * (self.group_slices * TILE + 16) * std::mem::size_of::<f32>()
     }
 
     pub(super) fn tile_grid(x: usize, y: usize, z: usize) -> LaunchConfig {
@@ -385,6 +408,7 @@ mod tests {
     fn plans_map_mixings_onto_one_gemm() {
         let per_head = Plan::new(shape(100, 8, 64, 1000, false), Mixing::Logits).unwrap();
         assert_eq!((per_head.heads_out, per_head.k, per_head.k_slices), (1, 512, 8));
+        assert_eq!((per_head.k_groups, per_head.group_slices), (3, 3));
         let shared = Plan::new(shape(100, 8, 64, 1000, true), Mixing::Logits).unwrap();
         assert_eq!((shared.heads_out, shared.k), (1, 64));
         let mixture = Plan::new(shape(100, 8, 17, 1000, false), Mixing::Probabilities).unwrap();
