@@ -127,7 +127,15 @@ namespace emu {
 
 // cp.async.cg.shared.global [shared], [global], 16, src_size (16 or 0): the
 // copy has landed when it returns, so commit_group / wait_group are no-ops.
+// Both addresses must be 16-byte aligned, as on the GPU (a misaligned address
+// error there; x86 would not notice).
+inline void require_aligned_16(const void* address, const char* what) {
+  if (reinterpret_cast<uintptr_t>(address) % 16 != 0) fail("%s: address %p is not 16-byte aligned", what, address);
+}
+
 inline void cp_async_16(void* shared, const void* global, unsigned src_size) {
+  require_aligned_16(shared, "cp.async shared");
+  require_aligned_16(global, "cp.async global");
   if (src_size == 16) {
     std::memcpy(shared, global, 16);
   } else {
@@ -140,6 +148,7 @@ inline void cp_async_16(void* shared, const void* global, unsigned src_size) {
 // (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1) of matrix i (its transpose
 // with .trans), the lower-numbered one in the low half.
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  require_aligned_16(row, "ldmatrix row");
   uint16_t mine[8];
   std::memcpy(mine, row, 16);
   uint16_t rows[32][8];

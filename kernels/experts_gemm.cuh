@@ -142,12 +142,13 @@ constexpr uint32_t kMmaM = 128;
 constexpr uint32_t kMmaN = 64;
 constexpr uint32_t kMmaK = 32;
 // Rows padded by 8 elements (80 and 144 bytes): ldmatrix's eight 16-byte row
-// reads fall in distinct banks.
+// reads fall in distinct banks. alignas(16): cp.async and ldmatrix need
+// 16-byte aligned shared addresses, which T's own alignment (2) would not give.
 constexpr uint32_t kMmaLdA = kMmaK + 8;
 constexpr uint32_t kMmaLdB = kMmaN + 8;
 
 template <typename T>
-struct MmaShared {
+struct alignas(16) MmaShared {
   T a[2][kMmaM][kMmaLdA];  // a[stage][m][k]
   T b[2][kMmaK][kMmaLdB];  // b[stage][k][n]
 };

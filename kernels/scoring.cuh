@@ -228,11 +228,12 @@ struct SimtStage {
 
 // Shared-memory stage of the tensor-core engine: 32 k of 64 rows of U and of
 // 64 items of X, rows padded by 8 elements (80 bytes) so that ldmatrix's
-// eight 16-byte row reads hit distinct banks.
+// eight 16-byte row reads hit distinct banks; aligned to 16 bytes for
+// ldmatrix and the 16-byte stores (T alone aligns to 2).
 constexpr uint32_t kMmaStep = 32;
 constexpr uint32_t kMmaLd = kMmaStep + 8;
 template <typename T>
-struct MmaStage {
+struct alignas(16) MmaStage {
   T user[kTile][kMmaLd];  // U[row0 + r, h, k0 + kk] at [r][kk]
   T item[kTile][kMmaLd];  // X[table, item0 + c, k0 + kk] at [c][kk]
 };
