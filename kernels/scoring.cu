@@ -14,9 +14,10 @@
 //                   for Probabilities scores.
 // Variant: 64 rows x 64 items per score tile, 256 threads, 16 values per
 // thread (scoring.cuh): f32 SIMT for f32, tensor cores (mma.sync m16n8k16)
-// for bf16/f16. The backward's two other products (dA, dX) are f32 SIMT over
-// the f32 gradient tile in shared memory for every dtype (rounding ds to
-// bf16 for the tensor cores would break DESIGN 3's f32 arithmetic).
+// for bf16/f16. The backward's dA product is on tensor cores too for
+// bf16/f16, with the f32 gradient split exactly into bf16 pieces (see
+// backward_user_mma); its dX product is f32 SIMT for every dtype (its other
+// operand, A, is f32: an exact split of both would take 9 products).
 //
 // Kernels, in the order the ops launch them (src/ops/scoring/cuda.rs):
 //   scoring_flag_excluded        excluded ids -> flags [V]; ids >= V reported
@@ -354,16 +355,53 @@ __device__ __forceinline__ void zero_group_sums(const ScoringParams& p, float* s
   for (uint32_t e = threadIdx.x; e < kTile * group_pitch(p); e += kThreads) sums[e] = 0.0f;
 }
 
+// d item_bias partial of backward_user: the thread's rows ty + 16 i summed
+// over its items tx + 16 jj of the tile, ds * item_bias[v].
+__device__ __forceinline__ void add_bias_products(const ScoringParams& p, const float (&grad)[kTile][kPad],
+                                                  uint32_t item0, float (&d_bias)[kPerThread]) {
+  const uint32_t ty = threadIdx.x / kLanes;
+  const uint32_t tx = threadIdx.x % kLanes;
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj) {
+    const uint32_t c = tx + kLanes * jj;
+    const uint32_t v = item0 + c;
+    if (v >= p.num_items) continue;
+    const float bias = p.item_bias[v];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d_bias[i] = fmaf(grad[ty + kLanes * i][c], bias, d_bias[i]);
+  }
+}
+
+// The rows' d item_bias partials summed over the 16 threads of each row in
+// a fixed butterfly and written (Logits mixing, group 0) to bias_partials.
+// Every thread of the block must call it.
+__device__ __forceinline__ void write_bias_partials(const ScoringParams& p, uint32_t chunk, uint32_t row0,
+                                                    uint32_t group, float (&d_bias)[kPerThread]) {
+  const uint32_t ty = threadIdx.x / kLanes;
+  const uint32_t tx = threadIdx.x % kLanes;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
+      d_bias[i] += __shfl_xor_sync(0xffffffffu, d_bias[i], offset);
+    }
+    const uint32_t b = row0 + ty + kLanes * i;
+    if (b < p.batch && !has(p, kProbabilities) && group == 0 && tx == 0) {
+      p.bias_partials[static_cast<u64>(chunk) * p.batch + b] = d_bias[i];
+    }
+  }
+}
+
 // Block (chunk, row tile, j * k_groups + group): for its 64 rows and the K
 // group's columns of output head j, dA = sum over the chunk's items of
 // ds * X(v, k), items in ascending order; one partial per chunk. Logits
 // mixing also sums ds * item_bias[v] per row (group 0 only), for dG.
-template <typename T>
-__device__ void backward_user(const ScoringParams& p) {
-  __shared__ TileStage<T> stage;
+// f32: SIMT products into the group sums in shared memory.
+__device__ void backward_user_simt(const ScoringParams& p) {
+  __shared__ TileStage<float> stage;
   __shared__ float grad[kTile][kPad];   // [row][item]
   __shared__ float slice[kTile][kPad];  // X(item0 + c, k0 + kk) at [c][kk]
-  const T* items = static_cast<const T*>(p.items);
+  const float* items = static_cast<const float*>(p.items);
   const uint32_t chunk = blockIdx.x;
   const uint32_t row0 = blockIdx.y * kTile;
   const uint32_t j = blockIdx.z / p.k_groups;
@@ -373,15 +411,13 @@ __device__ void backward_user(const ScoringParams& p) {
   const uint32_t ty = threadIdx.x / kLanes;
   const uint32_t tx = threadIdx.x % kLanes;
   const bool bias_sum = !has(p, kProbabilities) && group == 0 && p.item_bias != nullptr;
-  float d_bias[kPerThread];  // row ty + 16 i
-#pragma unroll
-  for (int i = 0; i < 4; ++i) d_bias[i] = 0.0f;
+  float d_bias[kPerThread] = {0.0f, 0.0f, 0.0f, 0.0f};  // row ty + 16 i
   zero_group_sums(p, group_sums);  // first read after the barriers below
   uint32_t begin, end;
   tile_range(chunk, p.user_tiles_per_chunk, p.item_tiles, begin, end);
   for (uint32_t tile = begin; tile < end; ++tile) {
     const uint32_t item0 = tile * kTile;
-    grad_tile<T>(p, stage, row0, item0, j, grad);
+    grad_tile<float>(p, stage, row0, item0, j, grad);
     for (uint32_t s = 0; s < slices; ++s) {
       const uint32_t k0 = (group * p.group_slices + s) * kTile;
       for (uint32_t e = threadIdx.x; e < kTile * kTile; e += kThreads) {
@@ -389,23 +425,13 @@ __device__ void backward_user(const ScoringParams& p) {
         const uint32_t kk = e % kTile;
         const uint32_t v = item0 + c;
         const uint32_t k = k0 + kk;
-        slice[c][kk] = (v < p.num_items && k < p.k) ? to_f32(items[item_offset(p, j, v, k)]) : 0.0f;
+        slice[c][kk] = (v < p.num_items && k < p.k) ? items[item_offset(p, j, v, k)] : 0.0f;
       }
       __syncthreads();
       add_slice_product(
           group_sums, s, pitch, [&](uint32_t c, uint32_t r) { return grad[r][c]; },
           [&](uint32_t c, uint32_t kk) { return slice[c][kk]; });
-      if (bias_sum && s == 0) {
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-          const uint32_t c = tx + kLanes * jj;
-          const uint32_t v = item0 + c;
-          if (v >= p.num_items) continue;
-          const float bias = p.item_bias[v];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) d_bias[i] = fmaf(grad[ty + kLanes * i][c], bias, d_bias[i]);
-        }
-      }
+      if (bias_sum && s == 0) add_bias_products(p, grad, item0, d_bias);
       __syncthreads();
     }
   }
@@ -413,10 +439,6 @@ __device__ void backward_user(const ScoringParams& p) {
   for (int i = 0; i < 4; ++i) {
     const uint32_t r = ty + kLanes * i;
     const uint32_t b = row0 + r;
-#pragma unroll
-    for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
-      d_bias[i] += __shfl_xor_sync(0xffffffffu, d_bias[i], offset);
-    }
     if (b >= p.batch) continue;
     const u64 row = static_cast<u64>(chunk) * p.batch + b;
     for (uint32_t s = 0; s < slices; ++s) {
@@ -430,7 +452,140 @@ __device__ void backward_user(const ScoringParams& p) {
         }
       }
     }
-    if (!has(p, kProbabilities) && group == 0 && tx == 0) p.bias_partials[row] = d_bias[i];
+  }
+  write_bias_partials(p, chunk, row0, group, d_bias);
+}
+
+// The tensor-core dA of bf16/f16: f32 ds and the stored X split exactly into
+// bf16 pieces (ds = hi + mid + lo: 24 significant bits in three 8-bit
+// pieces; an f16 X = hi + lo, a bf16 X is one piece), so that every
+// bf16 x bf16 product is exact in f32 and the products are summed in f32 by
+// mma.sync: f32 arithmetic (DESIGN 3) at kPieces * kItemPieces<T> tensor-core
+// products per multiply-add. Non-finite ds keep their value in hi.
+constexpr uint32_t kGradPieces = 3;
+template <typename T>
+constexpr uint32_t kItemPieces = std::is_same<T, __half>::value ? 2 : 1;
+// Rows of a piece tile: 64 + 8 bf16 (144 bytes), 16-byte aligned and
+// conflict-free for ldmatrix.
+constexpr uint32_t kPieceLd = kTile + 8;
+// Must equal MAX_GROUP_SLICES in src/ops/scoring/cuda/plan.rs.
+constexpr uint32_t kMaxGroupSlices = 3;
+
+__device__ __forceinline__ void split_into_pieces(float x, __nv_bfloat16* pieces, uint32_t count,
+                                                  uint32_t piece_stride) {
+  float rest = x;
+  for (uint32_t q = 0; q < count; ++q) {
+    const __nv_bfloat16 piece = __float2bfloat16_rn(rest);
+    pieces[q * piece_stride] = piece;
+    const float value = __bfloat162float(piece);
+    rest = isfinite(value) ? rest - value : 0.0f;
+  }
+}
+
+// backward_user for bf16/f16 (see backward_user_simt for what it computes).
+// Warp w owns rows 16 (w % 4) .. + 15 and columns 32 (w / 4) .. + 31 of each
+// slice, accumulated in registers over the chunk's items (items in
+// ascending k16 steps). Dynamic shared memory: the pieces of the grad tile
+// [kGradPieces][row][item] and of the X slice [kItemPieces][item][column].
+template <typename T>
+__device__ void backward_user_mma(const ScoringParams& p) {
+  typedef __nv_bfloat16 PieceTile[kTile][kPieceLd];
+  __shared__ TileStage<T> stage;
+  __shared__ float grad[kTile][kPad];  // [row][item]
+  PieceTile* grad_pieces = reinterpret_cast<PieceTile*>(group_sums);
+  PieceTile* item_pieces = grad_pieces + kGradPieces;
+  constexpr uint32_t kPieceStride = kTile * kPieceLd;
+  const T* items = static_cast<const T*>(p.items);
+  const uint32_t chunk = blockIdx.x;
+  const uint32_t row0 = blockIdx.y * kTile;
+  const uint32_t j = blockIdx.z / p.k_groups;
+  const uint32_t group = blockIdx.z % p.k_groups;
+  const uint32_t slices = group_slice_count(p, group);
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool bias_sum = !has(p, kProbabilities) && group == 0 && p.item_bias != nullptr;
+  float d_bias[kPerThread] = {0.0f, 0.0f, 0.0f, 0.0f};  // row ty + 16 i
+  float acc[kMaxGroupSlices][4][4];
+#pragma unroll
+  for (uint32_t s = 0; s < kMaxGroupSlices; ++s)
+#pragma unroll
+    for (uint32_t nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (uint32_t c = 0; c < 4; ++c) acc[s][nt][c] = 0.0f;
+  uint32_t begin, end;
+  tile_range(chunk, p.user_tiles_per_chunk, p.item_tiles, begin, end);
+  for (uint32_t tile = begin; tile < end; ++tile) {
+    const uint32_t item0 = tile * kTile;
+    grad_tile<T>(p, stage, row0, item0, j, grad);
+    __syncthreads();
+    for (uint32_t e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+      const uint32_t r = e / kTile;
+      const uint32_t c = e % kTile;
+      split_into_pieces(grad[r][c], &grad_pieces[0][r][c], kGradPieces, kPieceStride);
+    }
+    if (bias_sum) add_bias_products(p, grad, item0, d_bias);
+#pragma unroll
+    for (uint32_t s = 0; s < kMaxGroupSlices; ++s) {
+      if (s >= slices) break;
+      const uint32_t k0 = (group * p.group_slices + s) * kTile;
+      for (uint32_t e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+        const uint32_t c = e / kTile;
+        const uint32_t kk = e % kTile;
+        const uint32_t v = item0 + c;
+        const uint32_t k = k0 + kk;
+        const float x = (v < p.num_items && k < p.k) ? to_f32(items[item_offset(p, j, v, k)]) : 0.0f;
+        split_into_pieces(x, &item_pieces[0][c][kk], kItemPieces<T>, kPieceStride);
+      }
+      __syncthreads();
+#pragma unroll
+      for (uint32_t ks = 0; ks < kTile; ks += 16) {
+        uint32_t a[kGradPieces][4];
+#pragma unroll
+        for (uint32_t q = 0; q < kGradPieces; ++q) {
+          moerec::ldmatrix_x4(a[q], &grad_pieces[q][16 * (warp % 4) + lane % 16][ks + (lane / 16) * 8]);
+        }
+#pragma unroll
+        for (uint32_t np = 0; np < 2; ++np) {
+#pragma unroll
+          for (uint32_t xq = 0; xq < kItemPieces<T>; ++xq) {
+            // Two n8 tiles of B (k = items, n = columns) from [item][column].
+            uint32_t b[4];
+            moerec::ldmatrix_x4_trans(b, &item_pieces[xq][ks + lane % 16][32 * (warp / 4) + 16 * np + (lane / 16) * 8]);
+#pragma unroll
+            for (uint32_t q = 0; q < kGradPieces; ++q) {
+              moerec::mma_16816<__nv_bfloat16>(acc[s][2 * np], a[q], b[0], b[1]);
+              moerec::mma_16816<__nv_bfloat16>(acc[s][2 * np + 1], a[q], b[2], b[3]);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (uint32_t s = 0; s < kMaxGroupSlices; ++s) {
+    if (s >= slices) break;
+    const uint32_t k0 = (group * p.group_slices + s) * kTile;
+#pragma unroll
+    for (uint32_t nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (uint32_t c = 0; c < 4; ++c) {
+        const uint32_t b = row0 + 16 * (warp % 4) + lane / 4 + 8 * (c / 2);
+        const uint32_t k = k0 + 32 * (warp / 4) + 8 * nt + 2 * (lane % 4) + c % 2;
+        if (b < p.batch && k < p.k) {
+          p.user_partials[(static_cast<u64>(chunk) * p.batch + b) * p.a_width + static_cast<u64>(j) * p.k + k] =
+              acc[s][nt][c];
+        }
+      }
+  }
+  write_bias_partials(p, chunk, row0, group, d_bias);
+}
+
+template <typename T>
+__device__ void backward_user(const ScoringParams& p) {
+  if constexpr (kTensorCores<T>) {
+    backward_user_mma<T>(p);
+  } else {
+    backward_user_simt(p);
   }
 }
 

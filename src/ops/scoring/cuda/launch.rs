@@ -43,7 +43,7 @@ impl<'a> Pointers<'a> {
 pub(super) struct Launcher<'a> {
     device: &'a CudaDevice,
     stream: &'a Arc<CudaStream>,
-    suffix: &'static str,
+    dtype: DType,
     plan: Plan,
 }
 
@@ -52,7 +52,7 @@ impl<'a> Launcher<'a> {
         Launcher {
             device,
             stream,
-            suffix: dtype.kernel_suffix(),
+            dtype,
             plan,
         }
     }
@@ -74,7 +74,8 @@ impl<'a> Launcher<'a> {
         params: &Params,
     ) -> Result<()> {
         let function = if typed {
-            self.device.function(module, &format!("{name}_{}", self.suffix))?
+            self.device
+                .function(module, &format!("{name}_{}", self.dtype.kernel_suffix()))?
         } else {
             self.device.function(module, name)?
         };
@@ -83,13 +84,14 @@ impl<'a> Launcher<'a> {
         launched(name, args.launch(config))
     }
 
-    /// `grid` with the dynamic shared memory of a backward kernel's K group
-    /// sums, after allowing the kernel that much (beyond the default 48 KB
-    /// a block gets without opting in).
-    fn with_group_sums(&self, name: &'static str, grid: LaunchConfig) -> Result<LaunchConfig> {
-        let function = self.device.function(MODULE, &format!("{name}_{}", self.suffix))?;
+    /// `grid` with `dynamic` bytes of dynamic shared memory for the typed
+    /// kernel `name`, after allowing the kernel that much (beyond the
+    /// default 48 KB a block gets without opting in).
+    fn with_dynamic_shared(&self, name: &'static str, grid: LaunchConfig, dynamic: usize) -> Result<LaunchConfig> {
+        let function = self
+            .device
+            .function(MODULE, &format!("{name}_{}", self.dtype.kernel_suffix()))?;
         let context = self.device.context();
-        let dynamic = self.plan.group_shared_bytes();
         let limit = context
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(driver_error("cuDeviceGetAttribute"))?
@@ -195,13 +197,17 @@ impl<'a> Launcher<'a> {
         // SAFETY: one thread per row < B: targets, dloss, row constants.
         self.launch(MODULE, "scoring_backward_rows", true, grid_stride_config(batch), params)?;
         // SAFETY: tiles of A and X; user_partials [user_chunks, B, a_width], bias_partials [user_chunks, B];
-        // its K group's sums in the dynamic shared memory the config gives.
+        // the dynamic shared memory Plan::backward_user_shared_bytes names.
         let user_grid = Plan::tile_grid(plan.user.count, plan.row_tiles, plan.heads_out * plan.k_groups);
         self.launch(
             MODULE,
             "scoring_backward_user",
             true,
-            self.with_group_sums("scoring_backward_user", user_grid)?,
+            self.with_dynamic_shared(
+                "scoring_backward_user",
+                user_grid,
+                plan.backward_user_shared_bytes(self.dtype),
+            )?,
             params,
         )?;
         // SAFETY: tiles of A and X; writes dX (item < V, k < K) and d bias (item < V); group sums as above.
@@ -210,7 +216,7 @@ impl<'a> Launcher<'a> {
             MODULE,
             "scoring_backward_items",
             true,
-            self.with_group_sums("scoring_backward_items", items_grid)?,
+            self.with_dynamic_shared("scoring_backward_items", items_grid, plan.group_shared_bytes())?,
             params,
         )?;
         // SAFETY: one thread per element of A [B, a_width]; writes dU [B, H, D].

@@ -5,7 +5,7 @@
 use super::launch::Pointers;
 use super::params::{Params, FLAG_PROBABILITIES, FLAG_SHARED};
 use crate::cuda::CudaDevice;
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ops::scoring::{Mixing, ScoringShape};
 use crate::tensor::{alloc_uninit, alloc_zeros};
@@ -285,11 +285,23 @@ impl Plan {
         }
     }
 
-    /// Dynamic shared memory of a backward block: its K group's sums for 64
-    /// rows (or items), rows `group_slices * 64 + 16` floats apart
-    /// (kernels/scoring.cu, group_pitch).
+    /// Dynamic shared memory of a scoring_backward_items block: its K
+    /// group's sums for 64 items, rows `group_slices * 64 + 16` floats apart
+    /// (kernels/scoring.cu, group_pitch). Also scoring_backward_user's for f32.
     pub(super) fn group_shared_bytes(&self) -> usize {
         TILE * (self.group_slices * TILE + 16) * std::mem::size_of::<f32>()
+    }
+
+    /// Dynamic shared memory of a scoring_backward_user block: the group sums
+    /// (f32), or the bf16 pieces of the gradient tile (3) and of the X slice
+    /// (1 for bf16, 2 for f16), 64 rows of 72 each (backward_user_mma).
+    pub(super) fn backward_user_shared_bytes(&self, dtype: DType) -> usize {
+        let piece_tile = TILE * (TILE + 8) * 2;
+        match dtype {
+            DType::BF16 => (3 + 1) * piece_tile,
+            DType::F16 => (3 + 2) * piece_tile,
+            _ => self.group_shared_bytes(),
+        }
     }
 
     pub(super) fn tile_grid(x: usize, y: usize, z: usize) -> LaunchConfig {
