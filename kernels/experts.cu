@@ -19,8 +19,12 @@
 //              expert), experts_gather_dx (slots in order, no atomics),
 //              experts_dweights (x^T dh per row chunk, bias as a column of
 //              ones, into partial buffers) + experts_merge_dweights (chunks in
-//              order). All f32 SIMT: DESIGN 3 allows no reduced precision for
-//              the f32 gradients. Floor: 4 R Din Dout' FLOPs.
+//              order). f32: SIMT tiles; bf16/f16: the same tiles on tensor
+//              cores with dh and the stored operand split exactly into bf16
+//              pieces (experts_gemm.cuh, split_mainloop), so the products
+//              stay f32 arithmetic as DESIGN 3 asks for the f32 gradients
+//              (3 or 6 tensor-core products per multiply-add). Floor:
+//              4 R Din Dout' FLOPs.
 // combine      experts_combine (rho res + slots in order), experts_row_norms +
 //              experts_util (|w| ||y_r|| summed per expert, fixed tree), and
 //              the backward in three gathers (rows, slots, tokens).
@@ -350,9 +354,11 @@ __device__ void activation_backward(const float* dy, const T* h, unsigned long l
 
 // dx_rows[r] = dh[r] W[e(r)]^T: M = the expert's rows, N = Din, K = Dout'.
 template <typename T>
-__device__ void dx_rows_simt(const float* dh, const T* weights, const uint32_t* offsets, const uint32_t* row_blocks,
+__device__ void dx_rows_tile(const float* dh, const T* weights, const uint32_t* offsets, const uint32_t* row_blocks,
                              uint32_t experts, uint32_t din, uint32_t width, float* dx_rows) {
-  __shared__ __align__(16) SimtShared s;
+  using Tile = moerec::experts::BackwardTile<T, true>;
+  __shared__ typename Tile::Shared s;
+  SimtShared& staged = Tile::staged(s);
   const uint32_t col_tiles = (din + kSimtN - 1) / kSimtN;
   const uint32_t tid = threadIdx.x;
   const unsigned long long tiles = moerec::experts::tile_count(row_blocks, experts, col_tiles);
@@ -364,25 +370,25 @@ __device__ void dx_rows_simt(const float* dh, const T* weights, const uint32_t* 
     float acc[4][4];
     // Both operands are contiguous along k: thread loads k = tid % 16 of
     // rows / columns tid / 16 + 16 j.
-    moerec::experts::simt_mainloop(s, 0, width, acc, [&](uint32_t k0) {
+    Tile::mainloop(s, 0, width, acc, [&](uint32_t k0) {
       const uint32_t k = k0 + tid % 16;
 #pragma unroll
       for (uint32_t j = 0; j < 4; ++j) {
         const uint32_t m = tid / 16 + 16 * j;
         const uint32_t row = rows.begin + m, col = n0 + m;
-        s.a[tid % 16][m] = (row < rows.end && k < width) ? dh[static_cast<unsigned long long>(row) * width + k] : 0.0f;
-        s.b[tid % 16][m] =
+        staged.a[tid % 16][m] =
+            (row < rows.end && k < width) ? dh[static_cast<unsigned long long>(row) * width + k] : 0.0f;
+        staged.b[tid % 16][m] =
             (col < din && k < width) ? moerec::to_f32(w[static_cast<unsigned long long>(col) * width + k]) : 0.0f;
       }
     });
 #pragma unroll
     for (uint32_t i = 0; i < 4; ++i) {
-      const uint32_t row = rows.begin + moerec::experts::simt_row(i);
-      if (row >= rows.end) continue;
 #pragma unroll
       for (uint32_t j = 0; j < 4; ++j) {
-        const uint32_t col = n0 + moerec::experts::simt_col(j);
-        if (col < din) dx_rows[static_cast<unsigned long long>(row) * din + col] = acc[i][j];
+        const uint32_t row = rows.begin + Tile::row(i, j);
+        const uint32_t col = n0 + Tile::col(i, j);
+        if (row < rows.end && col < din) dx_rows[static_cast<unsigned long long>(row) * din + col] = acc[i][j];
       }
     }
   }
@@ -393,11 +399,13 @@ __device__ void dx_rows_simt(const float* dh, const T* weights, const uint32_t* 
 // Writes partials[chunk] ([M, Dout']) or, with partials null (one chunk per
 // expert at most), dweights / dbias directly.
 template <typename T>
-__device__ void dweights_simt(const T* x, const uint32_t* token_of_row, const float* dh, const uint32_t* offsets,
+__device__ void dweights_tile(const T* x, const uint32_t* token_of_row, const float* dh, const uint32_t* offsets,
                               const uint32_t* chunk_offsets, uint32_t experts, uint32_t din, uint32_t width,
                               uint32_t has_bias, uint32_t chunk_rows, float* partials, float* dweights,
                               float* dbias) {
-  __shared__ __align__(16) SimtShared s;
+  using Tile = moerec::experts::BackwardTile<T, false>;
+  __shared__ typename Tile::Shared s;
+  SimtShared& staged = Tile::staged(s);
   const uint32_t m_total = din + has_bias;
   const uint32_t m_tiles = (m_total + kSimtM - 1) / kSimtM, n_tiles = (width + kSimtN - 1) / kSimtN;
   const uint32_t col_tiles = m_tiles * n_tiles;
@@ -411,7 +419,7 @@ __device__ void dweights_simt(const T* x, const uint32_t* token_of_row, const fl
     float acc[4][4];
     // Both operands are contiguous along m / n: thread loads column tid % 64
     // of k rows tid / 64 + 4 j.
-    moerec::experts::simt_mainloop(s, rows.begin, rows.end, acc, [&](uint32_t k0) {
+    Tile::mainloop(s, rows.begin, rows.end, acc, [&](uint32_t k0) {
       const uint32_t mn = tid % 64, m = m0 + mn, n = n0 + mn;
 #pragma unroll
       for (uint32_t j = 0; j < 4; ++j) {
@@ -425,18 +433,17 @@ __device__ void dweights_simt(const T* x, const uint32_t* token_of_row, const fl
           }
           if (n < width) b = dh[static_cast<unsigned long long>(row) * width + n];
         }
-        s.a[kk][mn] = a;
-        s.b[kk][mn] = b;
+        staged.a[kk][mn] = a;
+        staged.b[kk][mn] = b;
       }
     });
 #pragma unroll
     for (uint32_t i = 0; i < 4; ++i) {
-      const uint32_t m = m0 + moerec::experts::simt_row(i);
-      if (m >= m_total) continue;
 #pragma unroll
       for (uint32_t j = 0; j < 4; ++j) {
-        const uint32_t n = n0 + moerec::experts::simt_col(j);
-        if (n >= width) continue;
+        const uint32_t m = m0 + Tile::row(i, j);
+        const uint32_t n = n0 + Tile::col(i, j);
+        if (m >= m_total || n >= width) continue;
         if (partials != nullptr) {
           partials[(static_cast<unsigned long long>(chunk) * m_total + m) * width + n] = acc[i][j];
         } else if (m < din) {
@@ -458,13 +465,13 @@ __device__ void dweights_simt(const T* x, const uint32_t* token_of_row, const fl
   extern "C" __global__ void experts_dx_rows_##suffix(const float* dh, const T* weights, const uint32_t* offsets,  \
                                                       const uint32_t* row_blocks, uint32_t experts, uint32_t din, \
                                                       uint32_t width, float* dx_rows) {                           \
-    dx_rows_simt<T>(dh, weights, offsets, row_blocks, experts, din, width, dx_rows);                              \
+    dx_rows_tile<T>(dh, weights, offsets, row_blocks, experts, din, width, dx_rows);                              \
   }                                                                                                                \
   extern "C" __global__ void experts_dweights_##suffix(                                                           \
       const T* x, const uint32_t* token_of_row, const float* dh, const uint32_t* offsets,                          \
       const uint32_t* chunk_offsets, uint32_t experts, uint32_t din, uint32_t width, uint32_t has_bias,           \
       uint32_t chunk_rows, float* partials, float* dweights, float* dbias) {                                      \
-    dweights_simt<T>(x, token_of_row, dh, offsets, chunk_offsets, experts, din, width, has_bias, chunk_rows,      \
+    dweights_tile<T>(x, token_of_row, dh, offsets, chunk_offsets, experts, din, width, has_bias, chunk_rows,      \
                      partials, dweights, dbias);                                                                  \
   }
 MOEREC_FOR_EACH_FLOAT(MOEREC_EXPERTS_BACKWARD)

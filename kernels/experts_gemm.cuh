@@ -10,6 +10,8 @@
 // of those offsets. The grid is sized by the upper bound
 // (ceil(R / rows per block) + E) x column tiles; surplus blocks exit.
 #pragma once
+#include <type_traits>
+
 #include "mma.cuh"
 
 namespace moerec {
@@ -129,6 +131,112 @@ __device__ __forceinline__ void simt_mainloop(SimtShared& s, uint32_t k_begin, u
     __syncthreads();
   }
 }
+
+// ------------------------------------------------------------ exact-split tensor-core tile
+
+// The backward's products have an f32 gradient operand (dh), which DESIGN 3
+// keeps in f32. The split tile keeps the SIMT tile's shape, loads and grid
+// (64 x 64, k in steps of 16, the loader fills SimtShared in f32), then
+// splits both staged operands exactly into bf16 pieces
+// (moerec::split_bf16_pieces: 3 for f32, kExactPieces<T> for stored values)
+// and sums every piece product with mma.sync in f32. Warp w owns rows
+// 16 (w % 4) .. + 15 and columns 32 (w / 4) .. + 31: acc[nt][c] is row
+// lane / 4 + 8 (c / 2), column 8 nt + 2 (lane % 4) + c % 2 of that block.
+constexpr uint32_t kSplitLd = kSimtN + 8;  // 144-byte rows: ldmatrix-aligned, conflict-free
+
+template <uint32_t kPiecesA, uint32_t kPiecesB>
+struct alignas(16) SplitShared {
+  SimtShared staged;
+  __nv_bfloat16 a[kPiecesA][kSimtK][kSplitLd];  // pieces of staged.a, [k][m]
+  __nv_bfloat16 b[kPiecesB][kSimtK][kSplitLd];  // pieces of staged.b, [k][n]
+};
+
+template <uint32_t kPiecesA, uint32_t kPiecesB, class Load>
+__device__ __forceinline__ void split_mainloop(SplitShared<kPiecesA, kPiecesB>& s, uint32_t k_begin, uint32_t k_end,
+                                               float (&acc)[4][4], Load load) {
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr uint32_t kPieceStride = kSimtK * kSplitLd;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+  }
+  for (uint32_t k0 = k_begin; k0 < k_end; k0 += kSimtK) {
+    load(k0);
+    __syncthreads();
+    for (uint32_t e = threadIdx.x; e < kSimtK * kSimtM; e += kSimtThreads) {
+      const uint32_t k = e / kSimtM, mn = e % kSimtM;
+      split_bf16_pieces(s.staged.a[k][mn], &s.a[0][k][mn], kPiecesA, kPieceStride);
+      split_bf16_pieces(s.staged.b[k][mn], &s.b[0][k][mn], kPiecesB, kPieceStride);
+    }
+    __syncthreads();
+    // A (m16 x k16) from [k][m] with .trans: matrix i = lane / 8 holds
+    // k (i / 2) * 8 .., m (i % 2) * 8 ..; B as in mma_stage.
+    uint32_t a[kPiecesA][4];
+#pragma unroll
+    for (uint32_t q = 0; q < kPiecesA; ++q) {
+      ldmatrix_x4_trans(a[q], &s.a[q][(lane / 16) * 8 + lane % 8][16 * (warp % 4) + ((lane / 8) % 2) * 8]);
+    }
+#pragma unroll
+    for (uint32_t np = 0; np < 2; ++np) {
+#pragma unroll
+      for (uint32_t qb = 0; qb < kPiecesB; ++qb) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, &s.b[qb][lane % 16][32 * (warp / 4) + 16 * np + (lane / 16) * 8]);
+#pragma unroll
+        for (uint32_t qa = 0; qa < kPiecesA; ++qa) {
+          mma_16816<__nv_bfloat16>(acc[2 * np], a[qa], b[0], b[1]);
+          mma_16816<__nv_bfloat16>(acc[2 * np + 1], a[qa], b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// The backward tile of element type T: f32 SIMT for f32 (splitting f32 x
+// f32 would take 9 products), the split tile for bf16/f16. kPiecesA /
+// kPiecesB: pieces of the operands when they are (A, B) = (gradient, stored)
+// or (stored, gradient); `Shared` is the shared memory, `staged(s)` the f32
+// stage the loader fills, and (row(i, j), col(i, j)) where acc[i][j] lies.
+template <typename T, bool kGradientIsA>
+struct BackwardTile {
+  static constexpr bool kSplit = !std::is_same<T, float>::value;
+  static constexpr uint32_t kPiecesA = kGradientIsA ? 3 : kExactPieces<T>;
+  static constexpr uint32_t kPiecesB = kGradientIsA ? kExactPieces<T> : 3;
+  using Shared = typename std::conditional<kSplit, SplitShared<kPiecesA, kPiecesB>, SimtShared>::type;
+
+  __device__ static __forceinline__ SimtShared& staged(Shared& s) {
+    if constexpr (kSplit) {
+      return s.staged;
+    } else {
+      return s;
+    }
+  }
+  template <class Load>
+  __device__ static __forceinline__ void mainloop(Shared& s, uint32_t k_begin, uint32_t k_end, float (&acc)[4][4],
+                                                  Load load) {
+    if constexpr (kSplit) {
+      split_mainloop(s, k_begin, k_end, acc, load);
+    } else {
+      simt_mainloop(s, k_begin, k_end, acc, load);
+    }
+  }
+  __device__ static __forceinline__ uint32_t row(uint32_t i, uint32_t j) {
+    if constexpr (kSplit) {
+      return 16 * (threadIdx.x / 32 % 4) + threadIdx.x % 32 / 4 + 8 * (j / 2);
+    } else {
+      return simt_row(i);
+    }
+  }
+  __device__ static __forceinline__ uint32_t col(uint32_t i, uint32_t j) {
+    if constexpr (kSplit) {
+      return 32 * (threadIdx.x / 128) + 8 * i + 2 * (threadIdx.x % 4) + j % 2;
+    } else {
+      return simt_col(j);
+    }
+  }
+};
 
 // ------------------------------------------------------------ bf16/f16 tensor-core tile
 

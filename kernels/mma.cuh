@@ -88,4 +88,28 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
 #endif
 }
 
+// Exact bf16 pieces of an f32 value, for tensor-core products in f32
+// arithmetic: x = pieces[0] + pieces[stride] + ... With `count` = 3 any f32
+// is exact (24 significant bits, 8 per bf16 piece); an f16 value needs 2
+// (11 bits), a bf16 value 1. Each bf16 x bf16 piece product is then exact in
+// f32 and mma.sync sums them in f32. A non-finite value stays whole in the
+// first piece (the rest are 0).
+__device__ __forceinline__ void split_bf16_pieces(float x, __nv_bfloat16* pieces, uint32_t count, uint32_t stride) {
+  float rest = x;
+  for (uint32_t q = 0; q < count; ++q) {
+    const __nv_bfloat16 piece = __float2bfloat16_rn(rest);
+    pieces[q * stride] = piece;
+    const float value = __bfloat162float(piece);
+    rest = isfinite(value) ? rest - value : 0.0f;
+  }
+}
+
+// Pieces split_bf16_pieces needs for an exact copy of a stored T.
+template <typename T>
+constexpr uint32_t kExactPieces = 3;
+template <>
+constexpr uint32_t kExactPieces<__nv_bfloat16> = 1;
+template <>
+constexpr uint32_t kExactPieces<__half> = 2;
+
 }  // namespace moerec

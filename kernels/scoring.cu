@@ -457,36 +457,21 @@ __device__ void backward_user_simt(const ScoringParams& p) {
 }
 
 // The tensor-core dA of bf16/f16: f32 ds and the stored X split exactly into
-// bf16 pieces (ds = hi + mid + lo: 24 significant bits in three 8-bit
-// pieces; an f16 X = hi + lo, a bf16 X is one piece), so that every
-// bf16 x bf16 product is exact in f32 and the products are summed in f32 by
-// mma.sync: f32 arithmetic (DESIGN 3) at kPieces * kItemPieces<T> tensor-core
-// products per multiply-add. Non-finite ds keep their value in hi.
+// bf16 pieces (moerec::split_bf16_pieces: ds in 3, an f16 X in 2, a bf16 X
+// in 1), so that the products are f32 arithmetic (DESIGN 3) at 3 or 6
+// tensor-core products per multiply-add.
 constexpr uint32_t kGradPieces = 3;
-template <typename T>
-constexpr uint32_t kItemPieces = std::is_same<T, __half>::value ? 2 : 1;
 // Rows of a piece tile: 64 + 8 bf16 (144 bytes), 16-byte aligned and
 // conflict-free for ldmatrix.
 constexpr uint32_t kPieceLd = kTile + 8;
 // Must equal MAX_GROUP_SLICES in src/ops/scoring/cuda/plan.rs.
 constexpr uint32_t kMaxGroupSlices = 3;
 
-__device__ __forceinline__ void split_into_pieces(float x, __nv_bfloat16* pieces, uint32_t count,
-                                                  uint32_t piece_stride) {
-  float rest = x;
-  for (uint32_t q = 0; q < count; ++q) {
-    const __nv_bfloat16 piece = __float2bfloat16_rn(rest);
-    pieces[q * piece_stride] = piece;
-    const float value = __bfloat162float(piece);
-    rest = isfinite(value) ? rest - value : 0.0f;
-  }
-}
-
 // backward_user for bf16/f16 (see backward_user_simt for what it computes).
 // Warp w owns rows 16 (w % 4) .. + 15 and columns 32 (w / 4) .. + 31 of each
 // slice, accumulated in registers over the chunk's items (items in
 // ascending k16 steps). Dynamic shared memory: the pieces of the grad tile
-// [kGradPieces][row][item] and of the X slice [kItemPieces][item][column].
+// [kGradPieces][row][item] and of the X slice [kExactPieces<T>][item][column].
 template <typename T>
 __device__ void backward_user_mma(const ScoringParams& p) {
   typedef __nv_bfloat16 PieceTile[kTile][kPieceLd];
@@ -520,7 +505,7 @@ __device__ void backward_user_mma(const ScoringParams& p) {
     for (uint32_t e = threadIdx.x; e < kTile * kTile; e += kThreads) {
       const uint32_t r = e / kTile;
       const uint32_t c = e % kTile;
-      split_into_pieces(grad[r][c], &grad_pieces[0][r][c], kGradPieces, kPieceStride);
+      moerec::split_bf16_pieces(grad[r][c], &grad_pieces[0][r][c], kGradPieces, kPieceStride);
     }
     if (bias_sum) add_bias_products(p, grad, item0, d_bias);
 #pragma unroll
@@ -533,7 +518,7 @@ __device__ void backward_user_mma(const ScoringParams& p) {
         const uint32_t v = item0 + c;
         const uint32_t k = k0 + kk;
         const float x = (v < p.num_items && k < p.k) ? to_f32(items[item_offset(p, j, v, k)]) : 0.0f;
-        split_into_pieces(x, &item_pieces[0][c][kk], kItemPieces<T>, kPieceStride);
+        moerec::split_bf16_pieces(x, &item_pieces[0][c][kk], moerec::kExactPieces<T>, kPieceStride);
       }
       __syncthreads();
 #pragma unroll
@@ -546,7 +531,7 @@ __device__ void backward_user_mma(const ScoringParams& p) {
 #pragma unroll
         for (uint32_t np = 0; np < 2; ++np) {
 #pragma unroll
-          for (uint32_t xq = 0; xq < kItemPieces<T>; ++xq) {
+          for (uint32_t xq = 0; xq < moerec::kExactPieces<T>; ++xq) {
             // Two n8 tiles of B (k = items, n = columns) from [item][column].
             uint32_t b[4];
             moerec::ldmatrix_x4_trans(b, &item_pieces[xq][ks + lane % 16][32 * (warp / 4) + 16 * np + (lane / 16) * 8]);
