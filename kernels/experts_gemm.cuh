@@ -113,12 +113,13 @@ __device__ __forceinline__ void simt_step(const SimtShared& s, float (&acc)[4][4
   }
 }
 
-// The k loop of one tile: `load(k0)` fills s.a and s.b for k0 .. k0 + 15
-// (zeros outside the problem), then every thread accumulates. Rows of k are
-// summed in ascending order, so the result depends on the shapes only.
-template <class Load>
-__device__ __forceinline__ void simt_mainloop(SimtShared& s, uint32_t k_begin, uint32_t k_end, float (&acc)[4][4],
-                                              Load load) {
+// The k loop of a 64 x 64 tile: acc = 0, then per 16-k step `load(k0)`
+// fills the stage (zeros outside the problem), a barrier, `step()` adds the
+// stage's products, a barrier. Rows of k are summed in ascending order, so
+// the result depends on the shapes only.
+template <class Load, class Step>
+__device__ __forceinline__ void tile_mainloop(uint32_t k_begin, uint32_t k_end, float (&acc)[4][4], Load load,
+                                              Step step) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
 #pragma unroll
@@ -127,9 +128,16 @@ __device__ __forceinline__ void simt_mainloop(SimtShared& s, uint32_t k_begin, u
   for (uint32_t k0 = k_begin; k0 < k_end; k0 += kSimtK) {
     load(k0);
     __syncthreads();
-    simt_step(s, acc);
+    step();
     __syncthreads();
   }
+}
+
+// The SIMT tile's k loop: `load(k0)` fills s.a and s.b for k0 .. k0 + 15.
+template <class Load>
+__device__ __forceinline__ void simt_mainloop(SimtShared& s, uint32_t k_begin, uint32_t k_end, float (&acc)[4][4],
+                                              Load load) {
+  tile_mainloop(k_begin, k_end, acc, load, [&] { simt_step(s, acc); });
 }
 
 // ------------------------------------------------------------ exact-split tensor-core tile
@@ -154,16 +162,9 @@ struct alignas(16) SplitShared {
 template <uint32_t kPiecesA, uint32_t kPiecesB, class Load>
 __device__ __forceinline__ void split_mainloop(SplitShared<kPiecesA, kPiecesB>& s, uint32_t k_begin, uint32_t k_end,
                                                float (&acc)[4][4], Load load) {
-  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  constexpr uint32_t kPieceStride = kSimtK * kSplitLd;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
-  }
-  for (uint32_t k0 = k_begin; k0 < k_end; k0 += kSimtK) {
-    load(k0);
-    __syncthreads();
+  tile_mainloop(k_begin, k_end, acc, load, [&] {
+    const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    constexpr uint32_t kPieceStride = kSimtK * kSplitLd;
     for (uint32_t e = threadIdx.x; e < kSimtK * kSimtM; e += kSimtThreads) {
       const uint32_t k = e / kSimtM, mn = e % kSimtM;
       split_bf16_pieces(s.staged.a[k][mn], &s.a[0][k][mn], kPiecesA, kPieceStride);
@@ -190,8 +191,7 @@ __device__ __forceinline__ void split_mainloop(SplitShared<kPiecesA, kPiecesB>& 
         }
       }
     }
-    __syncthreads();
-  }
+  });
 }
 
 // The backward tile of element type T: f32 SIMT for f32 (splitting f32 x
