@@ -163,6 +163,43 @@ impl CudaDevice {
         Ok(function)
     }
 
+    /// Lets `function` take `dynamic` bytes of dynamic shared memory per
+    /// block, beyond the 48 KB a block gets without opting in. The kernel's
+    /// static shared memory counts against the device's opt-in limit; past
+    /// it, `InvalidArgument` on `argument` saying that `what` needs more.
+    pub fn allow_dynamic_shared(
+        &self,
+        function: &CudaFunction,
+        dynamic: usize,
+        argument: &'static str,
+        what: &str,
+    ) -> Result<()> {
+        let limit = self
+            .context
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(driver_error("cuDeviceGetAttribute"))?
+            .max(0) as usize;
+        // Binds the context to this thread too, for set_attribute below.
+        let fixed = function
+            .shared_size_bytes()
+            .map_err(driver_error("cuFuncGetAttribute"))?
+            .max(0) as usize;
+        if fixed + dynamic > limit {
+            return Err(Error::invalid(
+                argument,
+                format!("{what} needs {fixed} + {dynamic} bytes of shared memory per block on CUDA; this device allows {limit}"),
+            ));
+        }
+        // Always all the function may take, so concurrent calls never lower
+        // it for each other.
+        function
+            .set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                (limit - fixed) as i32,
+            )
+            .map_err(driver_error("cuFuncSetAttribute"))
+    }
+
     /// A fresh status word (u64::MAX = clean) for the kernels' data checks.
     pub fn new_status(&self, stream: &Arc<CudaStream>) -> Result<CudaSlice<u64>> {
         stream

@@ -15,7 +15,7 @@ use crate::grouping::cuda::group_by_key;
 use crate::ops::{check_len, u32_arg};
 use crate::tensor::{alloc_uninit, alloc_zeros};
 use cudarc::driver::PushKernelArg;
-use cudarc::driver::{sys, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchArgs, LaunchConfig};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchArgs, LaunchConfig};
 use std::sync::Arc;
 
 const MODULE: &str = "routing";
@@ -121,30 +121,12 @@ impl RowLayout {
         let warps = (DEFAULT_SHARED_BYTES / warp_bytes).clamp(1, MAX_WARPS_PER_BLOCK);
         let shared_bytes = warps * warp_bytes;
         if shared_bytes > DEFAULT_SHARED_BYTES {
-            let limit = device
-                .context()
-                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-                .map_err(driver_error("cuDeviceGetAttribute"))?;
-            if shared_bytes > limit.max(0) as usize {
-                return Err(Error::invalid(
-                    "logits",
-                    format!(
-                        "{experts} experts need {shared_bytes} bytes of shared memory per row on CUDA; \
-                         this device allows {limit}"
-                    ),
-                ));
-            }
-            device
-                .context()
-                .bind_to_thread()
-                .map_err(driver_error("cuCtxSetCurrent"))?;
-            // Always the device's limit, so concurrent calls never lower it.
-            function
-                .set_attribute(
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    limit,
-                )
-                .map_err(driver_error("cuFuncSetAttribute"))?;
+            device.allow_dynamic_shared(
+                function,
+                shared_bytes,
+                "logits",
+                &format!("one row of {experts} experts"),
+            )?;
         }
         Ok(RowLayout {
             group_size: group_size as u32,

@@ -2,11 +2,11 @@
 //! cudarc hands out for them, and the launch sequences the ops share.
 
 use super::params::{Params, FLAG_REDUCE_DOT};
-use super::plan::{too_large, Plan};
-use crate::cuda::{driver_error, grid_stride_config, launched, CudaDevice};
+use super::plan::Plan;
+use crate::cuda::{grid_stride_config, launched, CudaDevice};
 use crate::dtype::DType;
 use crate::error::Result;
-use cudarc::driver::{sys, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop};
 use std::sync::Arc;
 
 pub(super) const MODULE: &str = "scoring";
@@ -91,29 +91,8 @@ impl<'a> Launcher<'a> {
         let function = self
             .device
             .function(MODULE, &format!("{name}_{}", self.dtype.kernel_suffix()))?;
-        let context = self.device.context();
-        let limit = context
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(driver_error("cuDeviceGetAttribute"))?
-            .max(0) as usize;
-        let fixed = function
-            .shared_size_bytes()
-            .map_err(driver_error("cuFuncGetAttribute"))?
-            .max(0) as usize;
-        if fixed + dynamic > limit {
-            return Err(too_large(
-                "items",
-                format!("the backward needs {fixed} + {dynamic} bytes of shared memory per block; this device allows {limit}"),
-            ));
-        }
-        // Always the same value (all the function may take), so concurrent
-        // calls never lower it for each other.
-        function
-            .set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                (limit - fixed) as i32,
-            )
-            .map_err(driver_error("cuFuncSetAttribute"))?;
+        self.device
+            .allow_dynamic_shared(&function, dynamic, "items", &format!("{name} (CUDA scoring limit)"))?;
         Ok(LaunchConfig {
             shared_mem_bytes: dynamic as u32,
             ..grid
