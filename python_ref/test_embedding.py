@@ -184,25 +184,29 @@ def test_golden_file_round_trips(name):
     assert table.shape == (case.heads, case.rows, case.width) and ids.shape == (case.tokens,)
     np.testing.assert_array_equal(golden.round_to(table, case.dtype), table)
 
+    # A gather is exact; the rest comes from NumPy sums, whose last bit is not
+    # portable across processors (golden.REGENERATION_RTOL).
+    tag = {"f32": "F32", "bf16": "BF16", "f16": "F16"}[case.dtype]
     y = golden.round_to(embedding.forward(table, ids, padding), case.dtype)
     np.testing.assert_array_equal(tensors["y"], y)
     rows, values = embedding.backward(tensors["dy"], ids, case.rows, padding)
     np.testing.assert_array_equal(tensors["grad_rows"], rows)
-    np.testing.assert_array_equal(tensors["grad_values"], values.astype(np.float32))
+    golden.assert_regenerated(tensors["grad_values"], values.astype(np.float32), "F32", "grad_values")
 
     grad = tensors["grad_values"]
     lr, eps = float(metadata["lr"]), float(metadata["eps"])
     sgd_table = embedding.sgd(table, rows, grad, lr)
-    np.testing.assert_array_equal(tensors["sgd_table"], golden.round_to(sgd_table, case.dtype))
+    golden.assert_regenerated(tensors["sgd_table"], golden.round_to(sgd_table, case.dtype), tag, "sgd_table")
     adagrad_table, state = embedding.adagrad(table, tensors["adagrad_state"], rows, grad, lr, eps)
-    np.testing.assert_array_equal(
-        tensors["adagrad_table"], golden.round_to(adagrad_table, case.dtype)
+    golden.assert_regenerated(
+        tensors["adagrad_table"], golden.round_to(adagrad_table, case.dtype), tag, "adagrad_table"
     )
-    np.testing.assert_array_equal(tensors["adagrad_state_out"], state.astype(np.float32))
+    golden.assert_regenerated(tensors["adagrad_state_out"], state.astype(np.float32), "F32", "adagrad_state_out")
 
 
 def test_golden_files_are_up_to_date():
-    """Regenerating every case reproduces the files on disk byte for byte."""
+    """Regenerating every case reproduces the files on disk (integers exactly,
+    floats within golden.REGENERATION_RTOL)."""
     for case in embedding_golden.CASES:
         on_disk = golden.case_path(embedding_golden.OUT_DIR, case)
-        assert golden.encode(*embedding_golden.case_tensors(case)) == on_disk.read_bytes(), case.name
+        golden.assert_file_matches(on_disk, *embedding_golden.case_tensors(case))
