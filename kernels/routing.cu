@@ -103,18 +103,45 @@ __device__ __forceinline__ unsigned long long candidate(uint32_t key, uint32_t e
   return key == 0 ? 0ull : (static_cast<unsigned long long>(key) << 32) | static_cast<uint32_t>(~expert);
 }
 
+// sigmoid(z) / sigmoid(anchor) for z <= anchor (anchor finite), exact where
+// both sigmoids underflow (sigmoid_ratio in src/ops/routing/cpu.rs): below 0,
+// sigmoid(z) = e^z / (1 + e^z).
+__device__ __forceinline__ float sigmoid_ratio(float z, float anchor) {
+  if (anchor >= 0.0f) return sigmoid_of(z) / sigmoid_of(anchor);
+  return expf(z - anchor) * (1.0f + expf(anchor)) / (1.0f + expf(z));
+}
+
+// The unnormalised score of z over that of anchor >= z: e^(z - anchor) or
+// sigmoid(z) / sigmoid(anchor); 1 at the anchor. Ratios of scores are taken
+// from these, so no sum of scores that may underflow is ever a divisor.
+__device__ __forceinline__ float relative_score(float z, float anchor, bool sigmoid) {
+  return sigmoid ? sigmoid_ratio(z, anchor) : expf(z - anchor);
+}
+
 struct RowStats {
-  float max;        // of the active logits
-  float sum_exp;    // sum of exp(z - max) over the active logits
-  float score_sum;  // sum of the scores: 1 for softmax, the sigmoids' sum
+  float max;           // of the active logits
+  float sum_exp;       // sum of exp(z - max) over the active logits
+  float relative_sum;  // sum of relative_score(z, max) over the active logits, >= 1
 
   __device__ float softmax(float z) const { return expf(z - max) / sum_exp; }
   __device__ float score(float z, bool sigmoid) const { return sigmoid ? sigmoid_of(z) : softmax(z); }
-  // q = p / sum of p, the row's share of expert z's load (0 when the sum is 0).
-  __device__ float share(float z, bool sigmoid) const {
-    return score_sum > 0.0f ? score(z, sigmoid) / score_sum : 0.0f;
-  }
+  // q = p / sum of p, the row's share of expert z's load.
+  __device__ float share(float z, bool sigmoid) const { return relative_score(z, max, sigmoid) / relative_sum; }
+  // d log(unnormalised score) / dz: 1 for e^z, 1 - p for a sigmoid.
+  __device__ float log_slope(float z, bool sigmoid) const { return sigmoid ? 1.0f - sigmoid_of(z) : 1.0f; }
   __device__ float lse() const { return max + logf(sum_exp); }
+};
+
+// Renormalisation over a row's selected experts: each score over the sum of
+// the selected scores, both relative to the largest selected logit, so the
+// sum is >= 1 (a valid row's best key has a finite logit). Every lane of the
+// group calls it with the logits of the slots it owns.
+struct Renormaliser {
+  float anchor;
+  float sum;
+  bool sigmoid;
+
+  __device__ float weight(float z) const { return relative_score(z, anchor, sigmoid) / sum; }
 };
 
 // Stages a row in z_row (this lane's experts), reports the lowest NaN/+inf
@@ -144,13 +171,14 @@ __device__ RowStats load_row(const T* row, const uint32_t* expert_mask, uint32_t
     moerec::report_position(status, row_position + first_active);
   }
   float sum_exp = 0.0f;
-  float score_sum = 0.0f;
+  float relative_sum = 0.0f;
   for (uint32_t c = group.lane; c < experts; c += group.size) {
     if (!is_active(expert_mask, c)) continue;
     sum_exp += expf(z_row[c] - row_max);
-    if (sigmoid) score_sum += sigmoid_of(z_row[c]);
+    if (sigmoid) relative_sum += sigmoid_ratio(z_row[c], row_max);
   }
-  return RowStats{row_max, group.sum(sum_exp), sigmoid ? group.sum(score_sum) : 1.0f};
+  sum_exp = group.sum(sum_exp);
+  return RowStats{row_max, sum_exp, sigmoid ? group.sum(relative_sum) : sum_exp};
 }
 
 // slots[c] = c's rank among the active keys when it is below k. Reads every
@@ -191,23 +219,32 @@ struct RowOutputs {
   uint32_t* expert_keys;  // the row's k grouping keys
 };
 
+// The renormaliser of the experts with slots[c] != kNone (this lane's c).
+__device__ Renormaliser renormaliser_of_slots(const float* z_row, const uint32_t* slots, uint32_t experts,
+                                              bool sigmoid, const Group& group) {
+  float anchor = -positive_infinity();
+  for (uint32_t c = group.lane; c < experts; c += group.size) {
+    if (slots[c] != kNone) anchor = fmaxf(anchor, z_row[c]);
+  }
+  anchor = group.max(anchor);
+  float sum = 0.0f;
+  for (uint32_t c = group.lane; c < experts; c += group.size) {
+    if (slots[c] != kNone) sum += relative_score(z_row[c], anchor, sigmoid);
+  }
+  return Renormaliser{anchor, group.sum(sum), sigmoid};
+}
+
 // Writes each selected expert into its slot and adds its weight to the group's
 // gate mass. Each lane handles its own experts.
 __device__ void write_selection(const float* z_row, const uint32_t* slots, const RowStats& stats, bool sigmoid,
                                 bool renormalize, uint32_t experts, const Group& group, const RowOutputs& out,
                                 float* gate) {
-  float selected_sum = 0.0f;
-  if (renormalize) {
-    for (uint32_t c = group.lane; c < experts; c += group.size) {
-      if (slots[c] != kNone) selected_sum += stats.score(z_row[c], sigmoid);
-    }
-    selected_sum = group.sum(selected_sum);
-  }
+  Renormaliser renormaliser{};
+  if (renormalize) renormaliser = renormaliser_of_slots(z_row, slots, experts, sigmoid, group);
   for (uint32_t c = group.lane; c < experts; c += group.size) {
     const uint32_t slot = slots[c];
     if (slot == kNone) continue;
-    const float p = stats.score(z_row[c], sigmoid);
-    const float weight = !renormalize ? p : (selected_sum > 0.0f ? p / selected_sum : 0.0f);
+    const float weight = renormalize ? renormaliser.weight(z_row[c]) : stats.score(z_row[c], sigmoid);
     out.indices[slot] = c;
     out.weights[slot] = weight;
     out.expert_keys[slot] = c;
@@ -300,38 +337,56 @@ __device__ void route_forward(const T* logits, const uint32_t* expert_mask, cons
   }
 }
 
-// grad[e] += dL/dp_e of sum_j dweights[j] * weights[j] (the row's selected
-// experts; renormalised weights w_j = p_j / S give (dw_j - <dw, w>) / S).
-__device__ void add_weight_gradient(const float* z_row, float* grad, const uint32_t* row_indices,
-                                    const float* row_dweights, uint32_t k, uint32_t experts, const RowStats& stats,
-                                    bool sigmoid, bool renormalize, const Group& group) {
-  float selected_sum = 0.0f;
-  float weighted = 0.0f;
+// grad[e] += dL/dv_e of sum_j dweights[j] * weights[j] over the row's selected
+// experts, v = log of the unnormalised score. Renormalised weights are a ratio
+// w = u / sum u over the selection: dL/dv_j = w_j (dw_j - <dw, w>). Plain
+// scores give dw_j p_j, and for softmax also -p_c <dw, p> for every active c,
+// which the caller subtracts: the returned <dw, p> (0 otherwise).
+__device__ float add_weight_gradient(const float* z_row, float* grad, const uint32_t* row_indices,
+                                     const float* row_dweights, uint32_t k, uint32_t experts, const RowStats& stats,
+                                     bool sigmoid, bool renormalize, const Group& group) {
   if (renormalize) {
+    float anchor = -positive_infinity();
     for (uint32_t j = group.lane; j < k; j += group.size) {
       const uint32_t e = row_indices[j];
-      if (e < experts) selected_sum += stats.score(z_row[e], sigmoid);
+      if (e < experts) anchor = fmaxf(anchor, z_row[e]);
     }
-    selected_sum = group.sum(selected_sum);
+    anchor = group.max(anchor);
+    float sum = 0.0f;
     for (uint32_t j = group.lane; j < k; j += group.size) {
       const uint32_t e = row_indices[j];
-      if (e < experts && selected_sum > 0.0f) {
-        weighted += row_dweights[j] * (stats.score(z_row[e], sigmoid) / selected_sum);
-      }
+      if (e < experts) sum += relative_score(z_row[e], anchor, sigmoid);
+    }
+    const Renormaliser renormaliser{anchor, group.sum(sum), sigmoid};
+    float weighted = 0.0f;
+    for (uint32_t j = group.lane; j < k; j += group.size) {
+      const uint32_t e = row_indices[j];
+      if (e < experts) weighted += row_dweights[j] * renormaliser.weight(z_row[e]);
     }
     weighted = group.sum(weighted);
+    for (uint32_t j = group.lane; j < k; j += group.size) {
+      const uint32_t e = row_indices[j];
+      if (e < experts) grad[e] += renormaliser.weight(z_row[e]) * (row_dweights[j] - weighted);
+    }
+    return 0.0f;
   }
+  float weighted = 0.0f;
   for (uint32_t j = group.lane; j < k; j += group.size) {
     const uint32_t e = row_indices[j];
     if (e >= experts) continue;
-    const float dw = row_dweights[j];
-    grad[e] += !renormalize ? dw : (selected_sum > 0.0f ? (dw - weighted) / selected_sum : 0.0f);
+    const float p = stats.score(z_row[e], sigmoid);
+    grad[e] += row_dweights[j] * p;
+    weighted += row_dweights[j] * p;
   }
+  return sigmoid ? 0.0f : group.sum(weighted);
 }
 
 // dZ of sum(dweights * weights) + lb_coef * lb_loss + z_coef * z_loss with the
 // selection and the load fractions held fixed. grad_scales [E + 1] holds
-// E' * f_e / T' per expert (0 when inactive) and 1 / T' last.
+// E' * f_e / T' per expert (0 when inactive) and 1 / T' last. Each term is
+// differentiated through v = log of the unnormalised score (z, or
+// log sigmoid(z)), so nothing is divided by a sum of scores: a ratio
+// y = u / sum u gives dL/dv_i = y_i (g_i - <g, y>), and dz = dv/dz * dL/dv.
 template <typename T>
 __device__ void route_backward(const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask,
                                const uint32_t* indices, const float* dweights, const float* grad_scales,
@@ -342,7 +397,7 @@ __device__ void route_backward(const T* logits, const uint32_t* expert_mask, con
   const uint32_t groups = blockDim.x / group_size;
   const uint32_t g = threadIdx.x / group_size;
   float* z_row = shared_words + g * kBackwardWords * experts;
-  float* grad = z_row + experts;  // dL/dp
+  float* grad = z_row + experts;  // dL/dv
   const bool sigmoid = (flags & kSigmoid) != 0;
   const bool renormalize = (flags & kRenormalize) != 0;
   const float inv_valid = grad_scales[experts];
@@ -357,28 +412,21 @@ __device__ void route_backward(const T* logits, const uint32_t* expert_mask, con
     }
     const RowStats stats = load_row(logits + t * experts, expert_mask, experts, first_active, sigmoid,
                                     t * experts, group, z_row, status);
-    // Load balance: with c_e = lb_coef * grad_scales[e] and q = p / score_sum,
-    // dL/dp_e = (c_e - <c, q>) / score_sum.
-    float scaled_scores = 0.0f;
+    // Load balance: sum_e c_e q_e with c_e = lb_coef * grad_scales[e] and q
+    // the shares, a ratio over the active experts.
+    float balance = 0.0f;
     for (uint32_t c = group.lane; c < experts; c += group_size) {
-      if (is_active(expert_mask, c)) scaled_scores += lb_coef * grad_scales[c] * stats.score(z_row[c], sigmoid);
+      if (is_active(expert_mask, c)) balance += lb_coef * grad_scales[c] * stats.share(z_row[c], sigmoid);
     }
-    scaled_scores = group.sum(scaled_scores);
+    balance = group.sum(balance);
     for (uint32_t c = group.lane; c < experts; c += group_size) {
-      const bool live = is_active(expert_mask, c) && stats.score_sum > 0.0f;
-      grad[c] = live ? (lb_coef * grad_scales[c] - scaled_scores / stats.score_sum) / stats.score_sum : 0.0f;
+      grad[c] = is_active(expert_mask, c) ? stats.share(z_row[c], sigmoid) * (lb_coef * grad_scales[c] - balance)
+                                          : 0.0f;
     }
     group.sync();  // grad[] and z_row[] of every lane are staged
-    add_weight_gradient(z_row, grad, indices + t * k, dweights + t * k, k, experts, stats, sigmoid, renormalize,
-                        group);
+    const float weighted = add_weight_gradient(z_row, grad, indices + t * k, dweights + t * k, k, experts, stats,
+                                               sigmoid, renormalize, group);
     group.sync();
-    float grad_dot = 0.0f;  // <p, dL/dp>, for the softmax Jacobian
-    if (!sigmoid) {
-      for (uint32_t c = group.lane; c < experts; c += group_size) {
-        if (is_active(expert_mask, c)) grad_dot += stats.softmax(z_row[c]) * grad[c];
-      }
-      grad_dot = group.sum(grad_dot);
-    }
     // z-loss: d lse^2 / dz = 2 lse softmax(z), averaged over the valid tokens.
     const float z_scale = z_coef * 2.0f * stats.lse() * inv_valid;
     for (uint32_t c = group.lane; c < experts; c += group_size) {
@@ -386,9 +434,9 @@ __device__ void route_backward(const T* logits, const uint32_t* expert_mask, con
         out[c] = 0.0f;
         continue;
       }
-      const float p = stats.score(z_row[c], sigmoid);
-      const float through_scores = sigmoid ? grad[c] * p * (1.0f - p) : p * (grad[c] - grad_dot);
-      out[c] = through_scores + z_scale * stats.softmax(z_row[c]);
+      const float z = z_row[c];
+      const float dv = grad[c] - weighted * stats.score(z, sigmoid);
+      out[c] = stats.log_slope(z, sigmoid) * dv + z_scale * stats.softmax(z);
     }
   }
 }

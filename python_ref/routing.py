@@ -21,10 +21,17 @@ Choices where DESIGN.md leaves room (the Rust side follows the same ones):
   valid, zero bias. Mask entries must be 0 or 1; anything else and a
   non-finite selection bias are ValueError (InvalidArgument on the Rust side).
 - Scores of invalid tokens are 0 (the row takes no part in anything).
-- In lb_loss, P_e normalises p over the active experts of the token; a token
-  whose active scores sum to 0 (sigmoid underflow) contributes 0 to every P_e.
-- With renormalize, a token whose selected scores sum to 0 gets weights 0 and
-  no gradient through the weight term.
+- The shares p / sum(p) of lb_loss (over the active experts) and the
+  renormalised weights (over the selected ones) are exact ratios even where
+  the scores underflow: each score is taken relative to the largest logit of
+  the set first (`_relative`). The sum is then at least 1, so a token's
+  selected scores never "sum to 0" (a lone renormalised weight is 1 for every
+  finite logit), and the functions are continuous in the logits. The Rust
+  backends compute the same ratios in f32, where the sigmoids of logits below
+  about -87 underflow.
+- The backward never divides by a sum of scores: a ratio y = u / sum(u) of
+  unnormalised scores u (e^z, or sigmoid(z)) has dL/dz_i = y_i l_i (g_i -
+  <g, y>) with l = d log u / dz (1, or 1 - sigmoid(z)).
 - With no valid token (T' = 0) both losses are 0 and the gradient is 0.
 """
 
@@ -131,6 +138,26 @@ def _scores(z, active, valid, score):
     return p
 
 
+def _relative(z, anchor, score):
+    """Unnormalised score of z relative to that of anchor >= z (broadcast):
+    exp(z - anchor), or sigmoid(z) / sigmoid(anchor), which below 0 is
+    exp(z - anchor) (1 + exp(anchor)) / (1 + exp(z)), exact where both
+    sigmoids underflow."""
+    if score == "softmax":
+        return np.exp(z - anchor)
+    anchor = np.broadcast_to(anchor, np.shape(z))
+    with np.errstate(over="ignore", invalid="ignore"):
+        low = np.exp(z - anchor) * (1.0 + np.exp(anchor)) / (1.0 + np.exp(z))
+        high = _sigmoid(np.array(z, dtype=np.float64)) / _sigmoid(np.array(anchor, dtype=np.float64))
+    return np.where(anchor >= 0, high, low)
+
+
+def _ratio(z, score):
+    """u / sum(u) along the last axis, u relative to the row's largest z."""
+    r = _relative(z, z.max(axis=-1, keepdims=True), score)
+    return r / r.sum(axis=-1, keepdims=True)
+
+
 def _select(z, k, active, valid, bias):
     """indices [T, k] uint32: the k largest keys among active experts."""
     t, _ = z.shape
@@ -170,11 +197,13 @@ def _plan(idx, valid, e):
     )
 
 
-def _safe_div(num, den):
-    """num / den (broadcast), with 0 where den == 0."""
-    out = np.zeros(np.broadcast_shapes(np.shape(num), np.shape(den)))
-    np.divide(num, den, out=out, where=np.asarray(den) != 0)
-    return out
+def _shares(z, active, valid, score):
+    """q [T, E] = p / sum(p) over the active experts of each valid token."""
+    q = np.zeros_like(z)
+    zv = z[np.ix_(valid, active)]
+    if zv.size:
+        q[np.ix_(valid, active)] = _ratio(zv, score)
+    return q
 
 
 def _lse(z, active, valid):
@@ -192,10 +221,12 @@ def _forward(z, k, score, renormalize, active, valid, bias):
     p = _scores(z, active, valid, score)
     idx = _select(z, k, active, valid, bias)
     vi = np.flatnonzero(valid)
-    sel_p = np.zeros((t, k))
-    sel_p[vi] = np.take_along_axis(p[vi], idx[vi].astype(np.int64), axis=1)
-    sel_sum = sel_p.sum(axis=1, keepdims=True)
-    weights = _safe_div(sel_p, sel_sum) if renormalize else sel_p
+    weights = np.zeros((t, k))
+    if renormalize:
+        weights[vi] = _ratio(np.take_along_axis(z[vi], idx[vi].astype(np.int64), axis=1), score)
+    else:
+        weights[vi] = np.take_along_axis(p[vi], idx[vi].astype(np.int64), axis=1)
+    q = _shares(z, active, valid, score)
     counts, offsets, token_of_row, row_of_slot = _plan(idx, valid, e)
 
     gate_mass = np.zeros(e)
@@ -203,8 +234,6 @@ def _forward(z, k, score, renormalize, active, valid, bias):
 
     if n_valid:
         f = counts / (n_valid * k)
-        p_sum = p.sum(axis=1, keepdims=True)  # inactive entries are 0
-        q = _safe_div(p, p_sum)
         P = q[vi].mean(axis=0)
         lb_loss = e_active * float((f * P).sum())
         z_loss = float(np.mean(_lse(z, active, valid) ** 2))
@@ -226,7 +255,7 @@ def _forward(z, k, score, renormalize, active, valid, bias):
         "gate_mass": gate_mass,
         "k": k,
     }
-    return out, {"f": f, "sel_p": sel_p, "sel_sum": sel_sum}
+    return out, {"f": f, "q": q}
 
 
 def forward(
@@ -289,29 +318,29 @@ def backward(
     pv = p[vi]  # [T', E], inactive columns 0
     dwv = dw[vi]
 
-    # dL/dp, built term by term.
-    gp = np.zeros_like(pv)
+    # dL/dv with v = log u, u the unnormalised scores, term by term.
+    h = np.zeros_like(pv)
     if renormalize:
-        # w_j = p_j / S: dL/dp_j = (dw_j - <dw, w>) / S, nothing when S = 0.
+        # w = u / sum(u) over the selected experts: dL/dv_j = w_j (dw_j - <dw, w>).
         wv = out["weights"][vi]
         inner = (dwv * wv).sum(axis=1, keepdims=True)
-        g_sel = _safe_div(dwv - inner, saved["sel_sum"][vi])
+        np.put_along_axis(h, idx, wv * (dwv - inner), axis=1)
     else:
-        g_sel = dwv
-    np.put_along_axis(gp, idx, g_sel, axis=1)
+        g = np.zeros_like(pv)
+        np.put_along_axis(g, idx, dwv, axis=1)
+        if score == "softmax":
+            h += pv * (g - (pv * g).sum(axis=1, keepdims=True))
+        else:
+            h += pv * g
 
-    # lb term: L = c_e * sum_t q[t, e] with c_e = lb_coef * E' * f_e / T' and
-    # q = p / sum_active(p), so dL/dp_e = (c_e - <c, q>) / sum_active(p).
+    # lb term: L = sum_e c_e sum_t q[t, e] with c_e = lb_coef * E' * f_e / T'
+    # and q = u / sum_active(u): dL/dv_e = q_e (c_e - <c, q>).
     e_active = int(active.sum())
     c = lb_coef * e_active * saved["f"] / n_valid * active
-    p_sum = pv.sum(axis=1, keepdims=True)
-    q = _safe_div(pv, p_sum)
-    gp += _safe_div(c[None, :] - (q * c[None, :]).sum(axis=1, keepdims=True), p_sum)
+    q = saved["q"][vi]
+    h += q * (c[None, :] - (q * c[None, :]).sum(axis=1, keepdims=True))
 
-    if score == "softmax":
-        dzv = pv * (gp - (pv * gp).sum(axis=1, keepdims=True))
-    else:
-        dzv = gp * pv * (1.0 - pv)
+    dzv = h if score == "softmax" else h * (1.0 - pv)
 
     # z-loss: d lse^2 / dz = 2 lse * softmax(z) over active experts.
     za = z[np.ix_(valid, active)]

@@ -34,7 +34,7 @@ class Case:
     logits: str = "normal"  # generator, see `_logits`
     expert_mask: bool = False
     token_mask: bool = False
-    bias: str = "none"  # "none" | "normal" | "ties"
+    bias: str = "none"  # "none" | "normal" | "ties" | "far"
     lb_coef: float = 0.0625
     z_coef: float = 0.0009765625
 
@@ -72,6 +72,12 @@ CASES = [
     Case("neginf_softmax_k3", 12, 6, 3, logits="neginf", lb_coef=0.25),
     Case("neginf_sigmoid_kall_renorm_f16", 12, 6, "all", score="sigmoid", renormalize=True,
          dtype="f16", logits="neginf"),
+    # Issue 14: sigmoids and selected softmax scores that underflow f32.
+    Case("underflow_sigmoid_k1", 8, 4, 1, score="sigmoid", logits="underflow", lb_coef=1.0),
+    Case("underflow_sigmoid_k2_renorm", 8, 4, 2, score="sigmoid", renormalize=True,
+         logits="underflow", lb_coef=1.0),
+    Case("underflow_bias_softmax_k2_renorm", 8, 5, 2, renormalize=True, logits="underflow",
+         bias="far"),
     Case("t0_softmax_k2", 0, 8, 2),
     Case("t1_sigmoid_k8", 1, 8, 8, score="sigmoid"),
     Case("no_valid_token_k2", 4, 8, 2, token_mask=True, logits="all_invalid"),
@@ -103,6 +109,11 @@ def _logits(case, rng):
         # Rows 0-1: near-equal large logits whose scores differ in the last bits.
         z[0, :] = 1.0e4 + np.arange(E) * 2.0**-10
         z[1, :] = -1.0e4 - np.arange(E)[::-1] * 2.0**-10
+    elif kind == "underflow":
+        # Below about -87 the sigmoids are subnormal or 0 in f32; every other
+        # row keeps one moderate logit.
+        z = rng.uniform(-120.0, -85.0, size=(T, E))
+        z[1::2, 0] = rng.normal(0.0, 2.0, size=len(z[1::2]))
     elif kind == "neginf":
         finite = z[np.arange(T), rng.integers(0, E, size=T)]
         z[rng.random((T, E)) < 0.4] = -np.inf
@@ -134,6 +145,9 @@ def _token_mask(case, rng):
 def _bias(case, rng, z):
     if case.bias == "normal":
         return rng.normal(0.0, 1.0, size=case.E).astype(np.float32)
+    if case.bias == "far":
+        # Large enough to select experts whose scores underflow.
+        return rng.normal(0.0, 60.0, size=case.E).astype(np.float32)
     if case.bias == "ties":
         # z + bias equal (exactly, in f32) across several experts per row.
         bias = (rng.integers(-4, 5, size=case.E) / 4).astype(np.float32)

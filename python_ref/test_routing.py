@@ -299,12 +299,41 @@ def test_backward_each_term_nonzero(term):
         assert np.abs(dz).max() > 1e-3
 
 
-def test_renormalize_zero_sum_has_zero_weights_and_gradient():
+def test_renormalised_weights_are_exact_ratios_where_the_scores_underflow():
+    # The sigmoids of -2000 and -1000 are 0 even in float64; their ratio is e^-1000.
     z = np.array([[-2000.0, -1000.0, -3000.0]])
     out = routing.forward(z, 2, score="sigmoid", renormalize=True)
-    assert out["weights"].tolist() == [[0.0, 0.0]]
+    assert out["weights"].tolist() == [[1.0, 0.0]]
     dz = routing.backward(z, np.ones((1, 2)), 1.0, 0.0, 2, score="sigmoid", renormalize=True)
     assert np.all(dz == 0)
+    for score in ("softmax", "sigmoid"):
+        for logit in (-90.0, -104.0, -2000.0):  # a lone renormalised weight is 1
+            assert routing.forward(np.array([[logit]]), 1, score=score, renormalize=True)["weights"][0, 0] == 1.0
+        # The bias selects two experts whose scores underflow: a softmax over [-800, -801].
+        z = np.array([[0.0, -800.0, -801.0]])
+        out = routing.forward(z, 2, score=score, renormalize=True, selection_bias=np.float32([0, 900, 900]))
+        np.testing.assert_allclose(out["weights"], [[1 / (1 + np.exp(-1)), 1 / (1 + np.exp(1))]], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "logits,kwargs,dweights,lb_coef,expected",
+    [
+        # Issue 14: dividing by a token's subnormal sum of sigmoids gave NaN / -inf.
+        ([[5, 0], [-100, -200]], dict(k=1), [[0], [0]], 1.0,
+         [[1.4906182315961641e-03, -1.1135898949934156e-01], [0.0, -3.7200759760208366e-44]]),
+        ([[5, 0], [-90, -95]], dict(k=1), [[0], [0]], 1.0,
+         [[1.4906182315961641e-03, -1.1135898949934156e-01], [6.64805667079025e-3, -6.64805667079015e-3]]),
+        ([[-200, -95]], dict(k="all", renormalize=True), [[1, 0]], 0.0, [[-2.5065674758999535e-46, 0.0]]),
+    ],
+)
+def test_sigmoid_gradient_where_the_scores_underflow(logits, kwargs, dweights, lb_coef, expected):
+    z = np.array(logits, dtype=np.float64)
+    dz = routing.backward(z, np.array(dweights, dtype=np.float64), lb_coef, 0.0, score="sigmoid", **kwargs)
+    np.testing.assert_allclose(dz, expected, rtol=1e-9, atol=1e-50)
+    # The same far below float64's underflow (e^-800 = 0): a shift of every
+    # logit by -700 changes sigmoid ratios by less than e^-89.
+    dz = routing.backward(z - 700, np.array(dweights, dtype=np.float64), lb_coef, 0.0, score="sigmoid", **kwargs)
+    assert np.all(np.isfinite(dz))
 
 
 # ---------------------------------------------------------------- errors

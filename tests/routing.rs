@@ -672,3 +672,114 @@ fn the_backend_checks_its_config() {
         "{error}"
     );
 }
+
+/// Forward and backward of a small f32 problem with no masks on `device`:
+/// (weights, dlogits).
+#[allow(clippy::too_many_arguments)]
+fn weights_and_gradient(
+    device: &Device,
+    logits: Vec<f32>,
+    shape: [usize; 2],
+    options: RoutingOptions<'_>,
+    dweights: Vec<f32>,
+    lb_coef: f32,
+    z_coef: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let logits = tensor(logits, &shape, device);
+    let (out, saved) = routing::forward(&logits, &options).unwrap();
+    let k = saved.config().k;
+    let dweights = tensor(dweights, &[shape[0], k], device);
+    let dlogits = routing::backward(&logits, &dweights, lb_coef, z_coef, &saved).unwrap();
+    (out.weights.to_vec().unwrap(), dlogits.to_vec().unwrap())
+}
+
+fn assert_close_f32(what: &str, actual: &[f32], expected: &[f64]) {
+    assert!(actual.iter().all(|x| x.is_finite()), "{what}: {actual:?}");
+    let actual: Vec<f64> = actual.iter().map(|&x| f64::from(x)).collect();
+    assert_close(what, &actual, expected, rtol::<f32>(true));
+}
+
+// Issue 14: the load-balance gradient divided by the sum of a token's
+// sigmoids, which is subnormal when all its logits are below about -87.
+#[test]
+fn the_sigmoid_load_balance_gradient_is_finite_where_the_sigmoids_underflow() {
+    // Float64: q_i (1 - p_i) (c_i - <c, q>) with c = E' f / T' = [1, 0].
+    let cases: [([f32; 4], [f64; 4]); 2] = [
+        (
+            [5.0, 0.0, -100.0, -200.0],
+            [1.490_618_231_596_164e-3, -1.1135898949934156e-1, 0.0, -3.72e-44],
+        ),
+        (
+            [5.0, 0.0, -90.0, -95.0],
+            [
+                1.490_618_231_596_164e-3,
+                -1.1135898949934156e-1,
+                6.64805667079025e-3,
+                -6.64805667079015e-3,
+            ],
+        ),
+    ];
+    for device in devices() {
+        for (logits, expected) in &cases {
+            let options = RoutingOptions::new(TopK::K(1)).with_score(Score::Sigmoid);
+            let (_, dlogits) = weights_and_gradient(&device, logits.to_vec(), [2, 2], options, vec![0.0; 2], 1.0, 0.0);
+            assert_close_f32(&format!("{device}: {logits:?}"), &dlogits, expected);
+        }
+    }
+}
+
+// Issue 14: the renormalised weights' gradient divided by the subnormal sum
+// of the selected sigmoids.
+#[test]
+fn the_renormalised_gradient_is_finite_where_the_selected_scores_underflow() {
+    for device in devices() {
+        let options = RoutingOptions::new(TopK::All)
+            .with_score(Score::Sigmoid)
+            .with_renormalize(true);
+        let (weights, dlogits) =
+            weights_and_gradient(&device, vec![-200.0, -95.0], [1, 2], options, vec![1.0, 0.0], 0.0, 0.0);
+        assert_close_f32(&format!("{device}: weights"), &weights, &[1.0, 0.0]);
+        // Exact: [-2.5e-46, 0], below the smallest f32.
+        assert!(dlogits.iter().all(|d| d.abs() < 1e-30), "{device}: {dlogits:?}");
+    }
+}
+
+// The decision for issue 14: renormalised weights and load-balance shares are
+// exact ratios even where the scores underflow f32, so they are continuous in
+// the logits (a lone renormalised weight was 1 at -90 and 0 at -104).
+#[test]
+fn renormalised_weights_are_exact_ratios_where_the_scores_underflow() {
+    for device in devices() {
+        for score in [Score::Sigmoid, Score::Softmax] {
+            let options = RoutingOptions::new(TopK::K(1)).with_score(score).with_renormalize(true);
+            let (weights, _) = weights_and_gradient(&device, vec![-104.0], [1, 1], options, vec![1.0], 0.0, 0.0);
+            assert_eq!(weights, vec![1.0], "{device} {score:?}");
+        }
+        // The bias selects two experts whose softmax scores underflow: the
+        // weights are the softmax over the selected logits, [-95, -96].
+        let bias = tensor(vec![0.0f32, 200.0, 200.0], &[3], &device);
+        for score in [Score::Sigmoid, Score::Softmax] {
+            let options = RoutingOptions::new(TopK::K(2))
+                .with_score(score)
+                .with_renormalize(true)
+                .with_selection_bias(&bias);
+            let (weights, dlogits) = weights_and_gradient(
+                &device,
+                vec![0.0, -95.0, -96.0],
+                [1, 3],
+                options,
+                vec![1.0, 0.0],
+                0.0,
+                0.0,
+            );
+            let (w1, w2) = (1.0 / (1.0 + (-1f64).exp()), 1.0 / (1.0 + 1f64.exp()));
+            assert_close_f32(&format!("{device} {score:?}: weights"), &weights, &[w1, w2]);
+            // d w1 / dz = w1 w2 (1 - p) for z1, -w1 w2 (1 - p) for z2; p ~ 0.
+            assert_close_f32(
+                &format!("{device} {score:?}: dlogits"),
+                &dlogits,
+                &[0.0, w1 * w2, -w1 * w2],
+            );
+        }
+    }
+}

@@ -44,12 +44,25 @@ fn sigmoid(z: f32) -> f32 {
     }
 }
 
+/// `sigmoid(z) / sigmoid(anchor)` for `z <= anchor` (anchor finite), exact
+/// where both sigmoids underflow f32 (as `sigmoid_ratio` in
+/// kernels/routing.cu): below 0, `sigmoid(z) = e^z / (1 + e^z)`, so the ratio
+/// is `e^(z - anchor) (1 + e^anchor) / (1 + e^z)`.
+fn sigmoid_ratio(z: f32, anchor: f32) -> f32 {
+    if anchor >= 0.0 {
+        sigmoid(z) / sigmoid(anchor)
+    } else {
+        (z - anchor).exp() * (1.0 + anchor.exp()) / (1.0 + z.exp())
+    }
+}
+
 /// A row's statistics over its active logits.
 struct RowStats {
     max: f32,
     sum_exp: f32,
-    /// The sum of the scores: 1 for softmax, the sigmoids' sum.
-    score_sum: f32,
+    /// The sum of the scores relative to the row's max (`relative`): at least
+    /// 1, so the shares `p / sum of p` never divide by an underflowed sum.
+    relative_sum: f32,
     score: Score,
 }
 
@@ -69,14 +82,14 @@ impl RowStats {
             return Err(active[0]);
         }
         let sum_exp = active.iter().map(|&c| (row[c].to_f32() - max).exp()).sum();
-        let score_sum = match score {
-            Score::Softmax => 1.0,
-            Score::Sigmoid => active.iter().map(|&c| sigmoid(row[c].to_f32())).sum(),
+        let relative_sum = match score {
+            Score::Softmax => sum_exp,
+            Score::Sigmoid => active.iter().map(|&c| sigmoid_ratio(row[c].to_f32(), max)).sum(),
         };
         Ok(RowStats {
             max,
             sum_exp,
-            score_sum,
+            relative_sum,
             score,
         })
     }
@@ -92,17 +105,52 @@ impl RowStats {
         }
     }
 
-    /// q = p / (sum of p), 0 when the sum is 0.
+    /// q = p / (sum of p), the row's share of z's expert.
     fn share(&self, z: f32) -> f32 {
-        if self.score_sum > 0.0 {
-            self.score(z) / self.score_sum
-        } else {
-            0.0
+        relative_score(self.score, z, self.max) / self.relative_sum
+    }
+
+    /// d log(unnormalised score) / dz: 1 for `e^z`, `1 - p` for a sigmoid.
+    fn log_slope(&self, z: f32) -> f32 {
+        match self.score {
+            Score::Softmax => 1.0,
+            Score::Sigmoid => 1.0 - sigmoid(z),
         }
     }
 
     fn lse(&self) -> f32 {
         self.max + self.sum_exp.ln()
+    }
+}
+
+/// The unnormalised score of z over that of `anchor >= z`: `e^(z - anchor)`
+/// or `sigmoid(z) / sigmoid(anchor)`; 1 at the anchor.
+fn relative_score(score: Score, z: f32, anchor: f32) -> f32 {
+    match score {
+        Score::Softmax => (z - anchor).exp(),
+        Score::Sigmoid => sigmoid_ratio(z, anchor),
+    }
+}
+
+/// Renormalisation over a row's selected experts: each score over the sum of
+/// the selected scores, both taken relative to the largest selected logit,
+/// so the sum is at least 1 (a valid row's best key has a finite logit) and
+/// the weights are exact where the scores underflow f32.
+struct Renormaliser {
+    anchor: f32,
+    sum: f32,
+    score: Score,
+}
+
+impl Renormaliser {
+    fn new(score: Score, selected: impl Iterator<Item = f32> + Clone) -> Renormaliser {
+        let anchor = selected.clone().fold(f32::NEG_INFINITY, f32::max);
+        let sum = selected.map(|z| relative_score(score, z, anchor)).sum();
+        Renormaliser { anchor, sum, score }
+    }
+
+    fn weight(&self, z: f32) -> f32 {
+        relative_score(self.score, z, self.anchor) / self.sum
     }
 }
 
@@ -207,14 +255,15 @@ impl<T: FloatElement> Forward<'_, T> {
             for (slot, &winner) in row_indices.iter_mut().zip(&candidates) {
                 *slot = !(winner as u32);
             }
-            let score_of = |e: u32| stats.score(row[e as usize].to_f32());
-            let selected_sum: f32 = row_indices.iter().map(|&e| score_of(e)).sum();
+            let z = |e: u32| row[e as usize].to_f32();
+            let renormaliser = self
+                .config
+                .renormalize
+                .then(|| Renormaliser::new(self.config.score, row_indices.iter().map(|&e| z(e))));
             for (weight, &e) in row_weights.iter_mut().zip(row_indices.iter()) {
-                let p = score_of(e);
-                *weight = match (self.config.renormalize, selected_sum > 0.0) {
-                    (false, _) => p,
-                    (true, true) => p / selected_sum,
-                    (true, false) => 0.0,
+                *weight = match &renormaliser {
+                    Some(renormaliser) => renormaliser.weight(z(e)),
+                    None => stats.score(z(e)),
                 };
                 sums.gate[e as usize] += *weight;
             }
@@ -374,7 +423,7 @@ pub fn backward<T: FloatElement>(
         .enumerate()
         .map_init(
             || RowScratch {
-                scores: vec![0.0; experts],
+                selected: Vec::with_capacity(k),
                 grad: vec![0.0; experts],
             },
             |scratch, (t, out)| {
@@ -415,72 +464,71 @@ struct BackwardRow<'a, T> {
 
 impl<T: FloatElement> BackwardRow<'_, T> {
     /// Writes the row's dZ into `out` (inactive entries stay 0), with
-    /// `scores` and `grad` (E each) as scratch for p and dL/dp;
-    /// Err(column) for a non-finite row.
+    /// `selected` and `grad` as scratch; Err(column) for a non-finite row.
+    ///
+    /// Each score-dependent term is differentiated through v = the log of
+    /// the unnormalised score (z, or log sigmoid(z)): a ratio y = u / sum of
+    /// u over a set gives dL/dv_i = y_i (g_i - <g, y>), and dz = dv/dz dL/dv.
+    /// Nothing is divided by a sum of scores, which may underflow.
     fn write(&self, score: Score, scratch: &mut RowScratch, out: &mut [f32]) -> std::result::Result<(), usize> {
         let stats = RowStats::of(self.row, self.active, score)?;
         let experts = self.row.len();
-        let RowScratch { scores, grad } = scratch;
-        for &c in self.active {
-            scores[c] = stats.score(self.row[c].to_f32());
-        }
-        let LossCoefficients { lb, z: z_coef } = self.coefficients;
-        // Load balance: with c_e = lb * grad_scales[e] and q = p / score_sum,
-        // dL/dp_e = (c_e - <c, q>) / score_sum.
-        let scaled_scores: f32 = self.active.iter().map(|&c| lb * self.grad_scales[c] * scores[c]).sum();
-        grad.fill(0.0);
-        if stats.score_sum > 0.0 {
-            for &c in self.active {
-                grad[c] = (lb * self.grad_scales[c] - scaled_scores / stats.score_sum) / stats.score_sum;
-            }
-        }
-        // The weights: w_j = p_j, or p_j / S renormalised, whose gradient is
-        // (dw_j - <dw, w>) / S.
-        let selected = || {
+        let z = |c: usize| self.row[c].to_f32();
+        let RowScratch { selected, grad } = scratch;
+        selected.clear();
+        selected.extend(
             self.indices
                 .iter()
                 .zip(self.dweights)
                 .filter(|(&e, _)| (e as usize) < experts)
-                .map(|(&e, &dw)| (e as usize, dw))
-        };
-        let selected_sum: f32 = if self.renormalize {
-            selected().map(|(e, _)| scores[e]).sum()
-        } else {
-            0.0
-        };
-        let weighted: f32 = if self.renormalize && selected_sum > 0.0 {
-            selected().map(|(e, dw)| dw * (scores[e] / selected_sum)).sum()
-        } else {
-            0.0
-        };
-        for (e, dw) in selected() {
-            grad[e] += match (self.renormalize, selected_sum > 0.0) {
-                (false, _) => dw,
-                (true, true) => (dw - weighted) / selected_sum,
-                (true, false) => 0.0,
-            };
+                .map(|(&e, &dw)| (e as usize, dw)),
+        );
+        let LossCoefficients { lb, z: z_coef } = self.coefficients;
+        // Load balance: sum_e c_e q_e with c_e = lb * grad_scales[e] and
+        // q = p / (sum of p) over the active experts.
+        let balance: f32 = self
+            .active
+            .iter()
+            .map(|&c| lb * self.grad_scales[c] * stats.share(z(c)))
+            .sum();
+        grad.fill(0.0);
+        for &c in self.active {
+            grad[c] = stats.share(z(c)) * (lb * self.grad_scales[c] - balance);
         }
-        let grad_dot: f32 = match score {
-            Score::Softmax => self.active.iter().map(|&c| scores[c] * grad[c]).sum(),
-            Score::Sigmoid => 0.0,
-        };
+        // The weights: renormalised, a ratio over the selected experts; else
+        // the scores, a ratio over the active experts for softmax and
+        // independent sigmoids.
+        if self.renormalize {
+            let renormaliser = Renormaliser::new(score, selected.iter().map(|&(e, _)| z(e)));
+            let weighted: f32 = selected.iter().map(|&(e, dw)| dw * renormaliser.weight(z(e))).sum();
+            for &(e, dw) in selected.iter() {
+                grad[e] += renormaliser.weight(z(e)) * (dw - weighted);
+            }
+        } else {
+            let weighted: f32 = match score {
+                Score::Softmax => selected.iter().map(|&(e, dw)| dw * stats.score(z(e))).sum(),
+                Score::Sigmoid => 0.0,
+            };
+            for &(e, dw) in selected.iter() {
+                grad[e] += dw * stats.score(z(e));
+            }
+            for &c in self.active {
+                grad[c] -= weighted * stats.score(z(c));
+            }
+        }
         // z-loss: d lse^2 / dz = 2 lse softmax(z), averaged over valid tokens.
         let z_scale = z_coef * 2.0 * stats.lse() * self.grad_scales[experts];
         for &c in self.active {
-            let p = scores[c];
-            let (through_scores, softmax) = match score {
-                Score::Softmax => (p * (grad[c] - grad_dot), p),
-                Score::Sigmoid => (grad[c] * p * (1.0 - p), stats.softmax(self.row[c].to_f32())),
-            };
-            out[c] = through_scores + z_scale * softmax;
+            out[c] = stats.log_slope(z(c)) * grad[c] + z_scale * stats.softmax(z(c));
         }
         Ok(())
     }
 }
 
-/// Per-thread scratch of the backward: a row's scores and dL/dp.
+/// Per-thread scratch of the backward: a row's selected (expert, dweight)
+/// pairs and dL/dv per expert.
 struct RowScratch {
-    scores: Vec<f32>,
+    selected: Vec<(usize, f32)>,
     grad: Vec<f32>,
 }
 

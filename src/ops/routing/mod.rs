@@ -8,6 +8,16 @@
 //! `row_of_slot` `u32::MAX`, weights 0, no rows, and stay out of every
 //! statistic.
 //!
+//! Where the scores underflow f32 (sigmoids of logits below about -87;
+//! softmax scores far below the row's best, for experts a selection bias
+//! picks): plain weights are the scores themselves, subnormal or 0. Ratios of
+//! scores — renormalised weights `p / sum of the selected p` and the
+//! load-balance shares `p / sum of the active p` — are exact: each score is
+//! taken relative to the largest logit of its set before the division. They
+//! are continuous in the logits (a lone renormalised weight is 1 for every
+//! finite logit; a valid token's selected scores never sum to 0), and the
+//! backward, their exact derivative, is finite for finite logits.
+//!
 //! ```
 //! use moerec::routing::{self, RoutingOptions, TopK};
 //! use moerec::{Device, Tensor};
@@ -67,7 +77,8 @@ pub enum Score {
 pub struct RoutingOptions<'a> {
     pub k: TopK,
     pub score: Score,
-    /// Divide the weights by the sum of the selected scores.
+    /// Divide the weights by the sum of the selected scores (computed as an
+    /// exact ratio where the scores underflow, so the weights sum to 1).
     pub renormalize: bool,
     /// `[E]` u32, 1 = active, 0 = inactive (takes no mass, never selected).
     pub expert_mask: Option<&'a Tensor<u32>>,
@@ -341,7 +352,9 @@ fn into_tensors<U: IntoTensor<u32>, F: IntoTensor<f32>>(
 pub struct Routing {
     /// `[T, k]` u32: the selected experts, best key first.
     pub indices: Tensor<u32>,
-    /// `[T, k]` f32: their scores, renormalised if asked.
+    /// `[T, k]` f32: their scores, or with `renormalize` their scores over
+    /// the sum of the selected scores (exact where the scores underflow; see
+    /// the module doc).
     pub weights: Tensor<f32>,
     pub plan: DispatchPlan,
     /// `[1]` f32: `E' * sum_e f_e * P_e`.
