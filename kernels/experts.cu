@@ -56,15 +56,26 @@ __device__ __forceinline__ bool plan_rejected(const unsigned long long* status) 
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// The activations at +-inf are their limits (x -> +inf: act = +inf and
+// act' = 1; x -> -inf: act = act' = 0), as on the CPU; the formulas alone
+// would give inf * 0 = NaN there.
+__device__ __forceinline__ float silu(float x) { return isinf(x) ? fmaxf(x, 0.0f) : x * sigmoid(x); }
+
+__device__ __forceinline__ float silu_grad(float x) {
+  if (isinf(x)) return x > 0.0f ? 1.0f : 0.0f;
+  const float s = sigmoid(x);
+  return s * (1.0f + x * (1.0f - s));
+}
+
 // act(h) for the element-wise activations (SwiGlu is handled in pairs).
 __device__ __forceinline__ float activate(uint32_t activation, float h) {
   switch (activation) {
     case kRelu:
       return fmaxf(h, 0.0f);
     case kGelu:
-      return h * 0.5f * (1.0f + erff(h * 0.70710678118654752f));
+      return isinf(h) ? fmaxf(h, 0.0f) : h * 0.5f * (1.0f + erff(h * 0.70710678118654752f));
     case kSilu:
-      return h * sigmoid(h);
+      return silu(h);
     default:
       return h;
   }
@@ -76,14 +87,13 @@ __device__ __forceinline__ float activate_grad(uint32_t activation, float h) {
     case kRelu:
       return h > 0.0f ? 1.0f : 0.0f;
     case kGelu: {
+      if (isinf(h)) return h > 0.0f ? 1.0f : 0.0f;
       const float cdf = 0.5f * (1.0f + erff(h * 0.70710678118654752f));
       const float pdf = expf(-0.5f * h * h) * 0.39894228040143268f;
       return cdf + h * pdf;
     }
-    case kSilu: {
-      const float s = sigmoid(h);
-      return s * (1.0f + h * (1.0f - s));
-    }
+    case kSilu:
+      return silu_grad(h);
     default:
       return 1.0f;
   }
@@ -114,7 +124,7 @@ __device__ __forceinline__ void store_forward(const ForwardCols& cols, uint32_t 
   if (cols.swiglu) {
     if (bias != nullptr) up += moerec::to_f32(bias[expert * width + cols.dout + col]);
     h[row * width + cols.dout + col] = moerec::from_f32<T>(up);
-    y[static_cast<unsigned long long>(row) * cols.dout + col] = moerec::from_f32<T>(gate * sigmoid(gate) * up);
+    y[static_cast<unsigned long long>(row) * cols.dout + col] = moerec::from_f32<T>(silu(gate) * up);
   } else {
     y[static_cast<unsigned long long>(row) * cols.dout + col] = moerec::from_f32<T>(activate(activation, gate));
   }
@@ -343,9 +353,8 @@ __device__ void activation_backward(const float* dy, const T* h, unsigned long l
     if (activation == kSwiGlu) {
       const unsigned long long gate_at = (i / dout) * 2 * dout + i % dout;
       const float gate = moerec::to_f32(h[gate_at]), up = moerec::to_f32(h[gate_at + dout]);
-      const float s = sigmoid(gate);
-      dh[gate_at] = dy[i] * up * (s * (1.0f + gate * (1.0f - s)));
-      dh[gate_at + dout] = dy[i] * gate * s;
+      dh[gate_at] = dy[i] * up * silu_grad(gate);
+      dh[gate_at + dout] = dy[i] * silu(gate);
     } else {
       dh[i] = dy[i] * activate_grad(activation, moerec::to_f32(h[i]));
     }

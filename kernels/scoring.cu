@@ -365,7 +365,7 @@ __device__ __forceinline__ void add_bias_products(const ScoringParams& p, const 
   for (int jj = 0; jj < 4; ++jj) {
     const uint32_t c = tx + kLanes * jj;
     const uint32_t v = item0 + c;
-    if (v >= p.num_items) continue;
+    if (!eligible(p, v)) continue;  // a non-finite bias there must not meet its zero ds
     const float bias = p.item_bias[v];
 #pragma unroll
     for (int i = 0; i < 4; ++i) d_bias[i] = fmaf(grad[ty + kLanes * i][c], bias, d_bias[i]);
@@ -425,7 +425,9 @@ __device__ void backward_user_simt(const ScoringParams& p) {
         const uint32_t kk = e % kTile;
         const uint32_t v = item0 + c;
         const uint32_t k = k0 + kk;
-        slice[c][kk] = (v < p.num_items && k < p.k) ? items[item_offset(p, j, v, k)] : 0.0f;
+        // Excluded items are skipped, not multiplied by their zero ds: a
+        // non-finite X there must not reach dA (DESIGN: exact zeros).
+        slice[c][kk] = (eligible(p, v) && k < p.k) ? items[item_offset(p, j, v, k)] : 0.0f;
       }
       __syncthreads();
       add_slice_product(
@@ -517,7 +519,7 @@ __device__ void backward_user_mma(const ScoringParams& p) {
         const uint32_t kk = e % kTile;
         const uint32_t v = item0 + c;
         const uint32_t k = k0 + kk;
-        const float x = (v < p.num_items && k < p.k) ? to_f32(items[item_offset(p, j, v, k)]) : 0.0f;
+        const float x = (eligible(p, v) && k < p.k) ? to_f32(items[item_offset(p, j, v, k)]) : 0.0f;
         moerec::split_bf16_pieces(x, &item_pieces[0][c][kk], moerec::kExactPieces<T>, kPieceStride);
       }
       __syncthreads();
@@ -604,7 +606,9 @@ __device__ void backward_items(const ScoringParams& p) {
           const uint32_t kk = e % kTile;
           const uint32_t b = row0 + r;
           const uint32_t k = k0 + kk;
-          slice[r][kk] = (b < p.batch && k < p.k) ? p.mixed_user[static_cast<u64>(b) * p.a_width + a_head + k] : 0.0f;
+          // Inactive (ignored) rows are skipped like excluded items in dA.
+          const bool active = b < p.batch && p.row_target[b] != kInactive;
+          slice[r][kk] = (active && k < p.k) ? p.mixed_user[static_cast<u64>(b) * p.a_width + a_head + k] : 0.0f;
         }
         __syncthreads();
         add_slice_product(
@@ -694,7 +698,11 @@ __device__ void backward_finish_gates(const ScoringParams& p) {
         const float* d_a = p.user_partials + b * p.a_width + (has(p, kShared) ? 0 : static_cast<u64>(h) * p.width);
         const T* u = user + (row + h) * p.width;
         float dot = 0.0f;
-        for (uint32_t d = 0; d < p.width; ++d) dot += to_f32(u[d]) * d_a[d];
+        // A zero dA (e.g. every item excluded) contributes an exact zero,
+        // as on the CPU, which sums ds * s over the eligible items only.
+        for (uint32_t d = 0; d < p.width; ++d) {
+          if (d_a[d] != 0.0f) dot += to_f32(u[d]) * d_a[d];
+        }
         d_gate = p.scale * dot + bias_sum;
       }
       p.d_gates[row + h] = d_gate;

@@ -33,6 +33,33 @@ pub(crate) fn element_count(argument: &'static str, shape: &[usize]) -> Result<u
         .ok_or_else(|| Error::invalid(argument, format!("shape {shape:?} has more elements than usize holds")))
 }
 
+/// `len` copies of `value` on the host, or [`Error::InvalidArgument`] naming
+/// `argument` when the allocation fails: the global allocator aborts the
+/// process on failure, so every host buffer sized from the caller's shapes
+/// goes through here.
+pub(crate) fn host_filled<T: Clone>(argument: &'static str, value: T, len: usize) -> Result<Vec<T>> {
+    let mut data = host_uninit(argument, len)?;
+    data.resize(len, value);
+    Ok(data)
+}
+
+/// An empty host vector with room for `len` elements (for a backend that
+/// writes every element), or [`Error::InvalidArgument`] as [`host_filled`].
+pub(crate) fn host_uninit<T>(argument: &'static str, len: usize) -> Result<Vec<T>> {
+    let mut data = Vec::new();
+    data.try_reserve_exact(len)
+        .map_err(|_| allocation_error::<T>(argument, len))?;
+    Ok(data)
+}
+
+fn allocation_error<T>(argument: &'static str, len: usize) -> Error {
+    let bytes = (len as u128) * std::mem::size_of::<T>() as u128;
+    Error::invalid(
+        argument,
+        format!("{len} elements ({bytes} bytes) cannot be allocated on the host"),
+    )
+}
+
 impl<T: Element> Tensor<T> {
     /// A tensor holding `data` with `shape` on `device` (a copy to the GPU for
     /// CUDA devices).
@@ -63,11 +90,12 @@ impl<T: Element> Tensor<T> {
         Self::from_vec(data.to_vec(), shape, device)
     }
 
-    /// A tensor of zeros.
+    /// A tensor of zeros. A shape whose bytes the host cannot allocate is
+    /// [`Error::InvalidArgument`], not an abort.
     pub fn zeros(shape: &[usize], device: &Device) -> Result<Self> {
         let count = element_count("shape", shape)?;
         let storage = match device {
-            Device::Cpu => Storage::Cpu(vec![T::default(); count]),
+            Device::Cpu => Storage::Cpu(host_filled("shape", T::default(), count)?),
             Device::Cuda(cuda) => Storage::Cuda {
                 data: alloc_zeros(cuda, count)?,
                 device: cuda.clone(),

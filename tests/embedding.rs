@@ -471,3 +471,59 @@ fn handles_are_send_and_sync() {
     send_sync::<embedding::Saved>();
     send_sync::<SparseGrad>();
 }
+
+// Issue 14, item 3: eps = 0 turned an all-zero gradient row into NaN
+// (`lr / (sqrt(0) + 0) * 0`). Rates that cannot give a finite update are
+// refused before anything is written.
+#[test]
+fn adagrad_and_sgd_refuse_rates_that_give_nan() {
+    for device in devices() {
+        let shape = TableShape {
+            heads: 1,
+            num_rows: 2,
+            width: 2,
+        };
+        let grad = || {
+            SparseGrad::new(
+                tensor(vec![0u32, 1], &[2], &device),
+                tensor(vec![0.0f32, 0.0, 0.5, 0.5], &[1, 2, 2], &device),
+                shape,
+            )
+            .unwrap()
+        };
+        let mut table = tensor(vec![1.0f32; 4], &[1, 2, 2], &device);
+        let mut state = tensor(vec![0.0f32; 2], &[1, 2], &device);
+        for (lr, eps, argument) in [
+            (0.1, 0.0, "eps"),
+            (0.1, -1e-8, "eps"),
+            (0.1, f32::NAN, "eps"),
+            (0.1, f32::INFINITY, "eps"),
+            (f32::NAN, 1e-8, "lr"),
+            (f32::INFINITY, 1e-8, "lr"),
+        ] {
+            let error = embedding::adagrad(&mut table, &mut state, &grad(), lr, eps).unwrap_err();
+            assert!(
+                matches!(error, Error::InvalidArgument { argument: a, .. } if a == argument),
+                "{device:?} lr {lr} eps {eps}: {error}"
+            );
+        }
+        for lr in [f32::NAN, f32::NEG_INFINITY] {
+            let error = embedding::sgd(&mut table, &grad(), lr).unwrap_err();
+            assert!(
+                matches!(error, Error::InvalidArgument { argument: "lr", .. }),
+                "{error}"
+            );
+        }
+        assert_eq!(
+            table.to_vec().unwrap(),
+            vec![1.0; 4],
+            "{device:?}: a refused update wrote"
+        );
+        assert_eq!(state.to_vec().unwrap(), vec![0.0; 2]);
+        // The smallest valid eps keeps the zero row finite (and unchanged).
+        embedding::adagrad(&mut table, &mut state, &grad(), 0.1, f32::MIN_POSITIVE).unwrap();
+        let table = table.to_vec().unwrap();
+        assert_eq!(&table[..2], &[1.0, 1.0], "{device:?}");
+        assert!(table.iter().all(|v| v.is_finite()), "{device:?}: {table:?}");
+    }
+}

@@ -917,3 +917,43 @@ fn handles_are_send_and_sync() {
     send_sync::<experts::LayerGrads>();
     send_sync::<experts::CombineGrads>();
 }
+
+// Issue 14, item 4: at +-inf every activation takes its limit (act(+inf) =
+// +inf, act'(+inf) = 1, act(-inf) = act'(-inf) = 0) on both backends; the
+// formulas alone give inf * 0 = NaN, which CUDA returned where the CPU
+// returned -inf.
+#[test]
+fn activations_take_their_limits_at_infinity() {
+    for device in devices() {
+        let logits = tensor(vec![1.0f32, 0.0, 0.0, 1.0], &[2, 2], &device);
+        let (routed, _) = routing::forward(&logits, &RoutingOptions::new(TopK::K(1))).unwrap();
+        // Finite inputs whose product overflows: token 0 (expert 0) has
+        // h = +inf, token 1 (expert 1) h = -inf.
+        let x = tensor(vec![3e38f32, -3e38], &[2, 1], &device);
+        let dy = tensor(vec![1.0f32; 2], &[2, 1], &device);
+        for activation in [Activation::Relu, Activation::Gelu, Activation::Silu] {
+            let w = tensor(vec![10.0f32, 10.0], &[2, 1, 1], &device);
+            let (y, saved) = experts::layer_forward(&x, &routed.plan, &w, None, activation).unwrap();
+            assert_eq!(
+                y.to_vec().unwrap(),
+                vec![f32::INFINITY, 0.0],
+                "{device:?} {activation:?}"
+            );
+            let grads = experts::layer_backward(&dy, &x, &routed.plan, &w, &saved).unwrap();
+            // dx = dh W^T = 10 act'(h): 10 at +inf, 0 at -inf.
+            assert_eq!(grads.dx.to_vec().unwrap(), vec![10.0, 0.0], "{device:?} {activation:?}");
+        }
+        // SwiGlu: gate +-inf, up 2: y = silu(gate) * up, dgate = dy up silu'(gate),
+        // dup = dy silu(gate).
+        let w = tensor(vec![10.0f32, 0.0, 10.0, 0.0], &[2, 1, 2], &device);
+        let bias = tensor(vec![0.0f32, 2.0, 0.0, 2.0], &[2, 2], &device);
+        let (y, saved) = experts::layer_forward(&x, &routed.plan, &w, Some(&bias), Activation::SwiGlu).unwrap();
+        assert_eq!(y.to_vec().unwrap(), vec![f32::INFINITY, 0.0], "{device:?} SwiGlu");
+        let grads = experts::layer_backward(&dy, &x, &routed.plan, &w, &saved).unwrap();
+        // dx = dgate * 1 + dup * 0: dup * 0 is NaN at +inf (dup = inf), 0 at -inf.
+        let dx = grads.dx.to_vec().unwrap();
+        assert_eq!(dx[1], 0.0, "{device:?} SwiGlu dx {dx:?}");
+        let dbias = grads.dbias.unwrap().to_vec().unwrap();
+        assert_eq!(dbias, vec![2.0, f32::INFINITY, 0.0, 0.0], "{device:?} SwiGlu dbias");
+    }
+}

@@ -821,3 +821,145 @@ fn cuda_data_errors_equal_the_cpu_errors() {
         assert_eq!(case(&cuda), case(&Device::cpu()), "{what}");
     }
 }
+
+// Issue 14, item 2: a huge n used to size the `[B, n]` outputs before the
+// "fewer than n eligible items" check, and the allocation aborted.
+#[test]
+fn a_huge_n_is_refused_before_anything_is_allocated() {
+    for device in devices() {
+        let (user, gates, items) = small(&device);
+        let inputs = Scoring::new(&user, &gates, &items);
+        for n in [1usize << 33, usize::MAX] {
+            let error = scoring::topk(&inputs, n, None).unwrap_err();
+            assert!(
+                matches!(error, Error::InvalidArgument { argument: "n", .. }),
+                "{device:?} n = {n}: {error}"
+            );
+        }
+        // The data checks still come first, as for any n.
+        let excluded = tensor(vec![0u32, 99], &[2], &device);
+        let error = scoring::topk(&inputs.with_excluded(&excluded), 1 << 33, None).unwrap_err();
+        assert_eq!(
+            error,
+            Error::IndexOutOfRange {
+                argument: "excluded",
+                position: 1,
+                index: 99,
+                bound: 5
+            },
+            "{device:?}"
+        );
+        // An empty batch has no row to refuse: empty outputs.
+        let user0 = tensor(Vec::<f32>::new(), &[0, 2, 3], &device);
+        let gates0 = tensor(Vec::<f32>::new(), &[0, 2], &device);
+        let best = scoring::topk(&Scoring::new(&user0, &gates0, &items), 1 << 33, None).unwrap();
+        assert_eq!(best.ids.shape(), &[0, 1 << 33]);
+    }
+}
+
+fn all_zero(what: &str, values: &[f32]) {
+    assert!(values.iter().all(|&v| v == 0.0), "{what}: {values:?}");
+}
+
+// Issue 14, item 4: ignored rows and excluded items contribute exact zeros,
+// whatever they hold (DESIGN 4.4); CUDA multiplied their zero gradients by
+// their non-finite values.
+#[test]
+fn non_finite_values_in_ignored_rows_and_excluded_items_contribute_nothing() {
+    for device in devices() {
+        // An ignored row whose user state is inf (bf16, Probabilities mixing).
+        let user = tensor(vec![bf16::INFINITY, bf16::from_f32(0.113)], &[1, 1, 2], &device);
+        let gates = tensor(vec![bf16::ZERO], &[1, 1], &device);
+        let items = tensor(
+            (0..10).map(|i| bf16::from_f32(i as f32 * 0.1)).collect(),
+            &[1, 5, 2],
+            &device,
+        );
+        let excluded = tensor(vec![3u32, 1, 3], &[3], &device);
+        let inputs = Scoring::new(&user, &gates, &items)
+            .with_mixing(Mixing::Probabilities)
+            .with_scale(5.0)
+            .with_excluded(&excluded);
+        let targets = tensor(vec![u32::MAX], &[1], &device);
+        let (loss, saved) = scoring::cross_entropy(&inputs, &targets, Some(u32::MAX)).unwrap();
+        all_zero("loss", &loss.to_vec().unwrap());
+        let grads = scoring::cross_entropy_backward(&inputs, &tensor(vec![1.0f32], &[1], &device), &saved).unwrap();
+        for (name, values) in ["dU", "dG", "dX", "d item_bias"]
+            .into_iter()
+            .zip(host_gradients(&grads))
+        {
+            all_zero(&format!("{device:?} ignored row: {name}"), &values);
+        }
+
+        // Every item excluded, a user value inf: nothing is scored.
+        let user = tensor(vec![f32::INFINITY, 0.5], &[1, 1, 2], &device);
+        let gates = tensor(vec![0.0f32], &[1, 1], &device);
+        let items = tensor((0..6).map(|i| i as f32 * 0.1).collect(), &[3, 2], &device);
+        let excluded = tensor(vec![0u32, 1, 2], &[3], &device);
+        let inputs = Scoring::new(&user, &gates, &items).with_excluded(&excluded);
+        let grads = scoring::scores_backward(&inputs, &tensor(vec![1.0f32; 3], &[1, 3], &device)).unwrap();
+        for (name, values) in ["dU", "dG", "dX", "d item_bias"]
+            .into_iter()
+            .zip(host_gradients(&grads))
+        {
+            all_zero(&format!("{device:?} all excluded: {name}"), &values);
+        }
+
+        // Non-finite items and item bias at excluded items, finite elsewhere.
+        let user = tensor(vec![0.3f32, -0.2, 0.5, 0.1], &[2, 1, 2], &device);
+        let gates = tensor(vec![0.0f32, 0.0], &[2, 1], &device);
+        let items = tensor(vec![0.1f32, 0.2, f32::INFINITY, f32::NAN, -0.3, 0.4], &[3, 2], &device);
+        let bias = tensor(vec![0.0f32, f32::NEG_INFINITY, 0.5], &[3], &device);
+        let excluded = tensor(vec![1u32], &[1], &device);
+        for mixing in [Mixing::Logits, Mixing::Probabilities] {
+            let inputs = Scoring::new(&user, &gates, &items)
+                .with_item_bias(&bias)
+                .with_excluded(&excluded)
+                .with_mixing(mixing);
+            let grads = scoring::scores_backward(
+                &inputs,
+                &tensor(vec![1.0f32, 2.0, -1.0, 0.5, 3.0, 1.0], &[2, 3], &device),
+            )
+            .unwrap();
+            for (name, values) in ["dU", "dG", "dX", "d item_bias"]
+                .into_iter()
+                .zip(host_gradients(&grads))
+            {
+                assert!(
+                    values.iter().all(|v| v.is_finite()),
+                    "{device:?} {mixing:?} excluded non-finite item: {name} {values:?}"
+                );
+            }
+            let targets = tensor(vec![0u32, 2], &[2], &device);
+            let (loss, saved) = scoring::cross_entropy(&inputs, &targets, None).unwrap();
+            assert!(loss.to_vec().unwrap().iter().all(|v| v.is_finite()));
+            let grads =
+                scoring::cross_entropy_backward(&inputs, &tensor(vec![1.0f32; 2], &[2], &device), &saved).unwrap();
+            for (name, values) in ["dU", "dG", "dX", "d item_bias"]
+                .into_iter()
+                .zip(host_gradients(&grads))
+            {
+                assert!(
+                    values.iter().all(|v| v.is_finite()),
+                    "{device:?} {mixing:?} excluded non-finite item, cross-entropy: {name} {values:?}"
+                );
+            }
+        }
+    }
+}
+
+// Issue 14, item 4: with Logits mixing d item_bias is dL/dS (the gates sum
+// to 1), so a non-finite gate logit does not reach it on either backend.
+#[test]
+fn logits_mixing_item_bias_gradient_does_not_depend_on_the_gates() {
+    for device in devices() {
+        let user = tensor(vec![0.3f32, 0.5, -0.2, 0.1], &[1, 2, 2], &device);
+        let gates = tensor(vec![f32::INFINITY, 0.0], &[1, 2], &device);
+        let items = tensor((0..6).map(|i| i as f32 * 0.1).collect(), &[3, 2], &device);
+        let bias = tensor(vec![0.1f32, 0.2, 0.3], &[3], &device);
+        let inputs = Scoring::new(&user, &gates, &items).with_item_bias(&bias);
+        let dscores = vec![1.0f32, -2.0, 0.5];
+        let grads = scoring::scores_backward(&inputs, &tensor(dscores.clone(), &[1, 3], &device)).unwrap();
+        assert_eq!(grads.item_bias.to_vec().unwrap(), dscores, "{device:?}");
+    }
+}

@@ -1,6 +1,6 @@
 //! The lookup on the host, on borrowed slices (rayon across tokens / rows).
 
-use super::{row_error, TableShape};
+use super::{check_rates, row_error, TableShape};
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
 use crate::grouping::cpu::group_by_key;
@@ -142,6 +142,7 @@ pub fn densify(rows: &[u32], values: &[f32], shape: TableShape, dense: &mut [f32
 /// `table[h, rows[u], :] -= lr * values[h, u, :]`, rounded to nearest even.
 pub fn sgd<T: FloatElement>(table: &mut [T], rows: &[u32], values: &[f32], shape: TableShape, lr: f32) -> Result<()> {
     check_len("table", table.len(), shape.table_len())?;
+    check_rates(lr, None)?;
     check_sparse(rows, values, shape)?;
     for_each_row(table, rows, values, shape, |_, _, target, g| {
         for (w, &g) in target.iter_mut().zip(g) {
@@ -164,6 +165,7 @@ pub fn adagrad<T: FloatElement>(
 ) -> Result<()> {
     check_len("table", table.len(), shape.table_len())?;
     check_len("state", state.len(), shape.heads * shape.num_rows)?;
+    check_rates(lr, Some(eps))?;
     check_sparse(rows, values, shape)?;
     let TableShape { num_rows, width, .. } = shape;
     let unique = rows.len();

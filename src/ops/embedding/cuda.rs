@@ -2,7 +2,7 @@
 //! (kernels/embedding.cu). Data errors (bad ids, bad sparse rows) go to the
 //! device-side status word and stay there: nothing here synchronises.
 
-use super::TableShape;
+use super::{check_rates, TableShape};
 use crate::cuda::{grid_stride_config, launched, tiled_config, CudaDevice};
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
@@ -207,6 +207,11 @@ pub fn apply_sparse<T: FloatElement>(
     let unique = u32_arg("rows length", rows.len())?;
     let num_rows_arg = u32_arg("num_rows", num_rows)?;
     let (heads_arg, width_arg) = (u32_arg("heads", heads)?, u32_arg("width", width)?);
+    match update {
+        Update::Densify { .. } => {}
+        Update::Sgd { lr, .. } => check_rates(lr, None)?,
+        Update::Adagrad { lr, eps, .. } => check_rates(lr, Some(eps))?,
+    }
     if unique == 0 {
         return Ok(());
     }

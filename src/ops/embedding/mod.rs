@@ -33,7 +33,7 @@ use crate::cuda::{read_element, read_status, CudaDevice};
 use crate::device::Device;
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
-use crate::tensor::{alloc_uninit, Tensor};
+use crate::tensor::{alloc_uninit, element_count, host_filled, Tensor};
 use cudarc::driver::{CudaSlice, CudaStream};
 use std::sync::Arc;
 
@@ -82,6 +82,24 @@ pub(crate) fn row_error(position: usize, row: u32, num_rows: usize) -> Error {
             "grad.rows",
             format!("rows must be strictly ascending; row {row} at position {position} is not"),
         )
+    }
+}
+
+/// The optimiser's rates, checked by both backends before any update: a
+/// finite `lr` and, for Adagrad, a finite `eps > 0` (`eps = 0` turns an
+/// all-zero gradient row into `lr / 0 * 0 = NaN`).
+pub(crate) fn check_rates(lr: f32, eps: Option<f32>) -> Result<()> {
+    if !lr.is_finite() {
+        return Err(Error::invalid(
+            "lr",
+            format!("expected a finite learning rate, got {lr}"),
+        ));
+    }
+    match eps {
+        Some(eps) if !(eps.is_finite() && eps > 0.0) => {
+            Err(Error::invalid("eps", format!("expected a finite eps > 0, got {eps}")))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -201,15 +219,16 @@ pub fn forward<T: FloatElement>(
     check_token_count(ids.len())?;
     let mut out_shape = ids.shape().to_vec();
     out_shape.extend([shape.heads, shape.width]);
+    let out_len = element_count("ids", &out_shape)?;
     let out = match &device {
         Device::Cpu => {
-            let mut out = vec![T::default(); ids.len() * shape.heads * shape.width];
+            let mut out = host_filled("ids", T::default(), out_len)?;
             cpu::forward(table.host()?, ids.host()?, padding, shape, &mut out)?;
             Tensor::from_vec(out, &out_shape, &device)?
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
-            let mut out = alloc_uninit::<T>(cuda_device, ids.len() * shape.heads * shape.width)?;
+            let mut out = alloc_uninit::<T>(cuda_device, out_len)?;
             let mut status = cuda_device.new_status(stream)?;
             let id_slice = ids.device_slice()?;
             cuda::forward(
@@ -314,7 +333,8 @@ pub fn backward(dy: &Tensor<f32>, saved: &Saved) -> Result<SparseGrad> {
 }
 
 /// SGD on the gradient's rows, in place: `W[h, n, :] -= lr * g[h, n, :]`
-/// (bf16/f16 round to nearest even). Other rows are untouched.
+/// (bf16/f16 round to nearest even). Other rows are untouched. A non-finite
+/// `lr` is [`Error::InvalidArgument`].
 pub fn sgd<T: FloatElement>(table: &mut Tensor<T>, grad: &SparseGrad, lr: f32) -> Result<()> {
     grad.expect_table(table)?;
     match table.device() {
@@ -340,6 +360,10 @@ pub fn sgd<T: FloatElement>(table: &mut Tensor<T>, grad: &SparseGrad, lr: f32) -
 
 /// Row-wise Adagrad on the gradient's rows, in place, with `state: [H, V]`
 /// f32: `A[h, n] += mean_d g^2`, then `W[h, n, :] -= lr * g / (sqrt(A[h, n]) + eps)`.
+/// `lr` must be finite and `eps` finite and > 0, else
+/// [`Error::InvalidArgument`] (checked before the rows, nothing is
+/// written): with `eps = 0` a row whose gradient and state are zero would
+/// become NaN.
 pub fn adagrad<T: FloatElement>(
     table: &mut Tensor<T>,
     state: &mut Tensor<f32>,

@@ -76,9 +76,8 @@ fn swiglu_backward_rows(dy: &[f32], h: &[f32], dh: &mut [f32], dout: usize) {
         let (gate, up) = h_row.split_at(dout);
         let columns = dgate.iter_mut().zip(dup).zip(gate.iter().zip(up));
         for (((dg, du), (&g, &u)), &d) in columns.zip(dy_row) {
-            let s = sigmoid(g);
-            *dg = d * u * (s * (1.0 + g * (1.0 - s)));
-            *du = d * g * s;
+            *dg = d * u * silu_grad(g);
+            *du = d * silu(g);
         }
     }
 }
@@ -88,7 +87,7 @@ fn swiglu_rows(h: &[f32], act: &mut [f32], dout: usize) {
     for (row, act_row) in h.chunks_exact(2 * dout).zip(act.chunks_exact_mut(dout)) {
         let (gate, up) = row.split_at(dout);
         for ((a, &g), &u) in act_row.iter_mut().zip(gate).zip(up) {
-            *a = g * sigmoid(g) * u;
+            *a = silu(g) * u;
         }
     }
 }
@@ -304,6 +303,40 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+// The activations at +-inf are their limits (x -> +inf: act = +inf and
+// act' = 1; x -> -inf: act = act' = 0), on both backends; the formulas
+// alone would give inf * 0 = NaN there.
+
+/// `x sigmoid(x)`.
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    if x.is_infinite() {
+        x.max(0.0)
+    } else {
+        x * sigmoid(x)
+    }
+}
+
+/// `silu'(x) = s (1 + x (1 - s))`, s = sigmoid(x).
+#[inline(always)]
+fn silu_grad(x: f32) -> f32 {
+    if x.is_infinite() {
+        f32::from(x > 0.0)
+    } else {
+        let s = sigmoid(x);
+        s * (1.0 + x * (1.0 - s))
+    }
+}
+
+/// `x Phi(x)`, exact (erf).
+fn gelu(x: f32) -> f32 {
+    if x.is_infinite() {
+        x.max(0.0)
+    } else {
+        x * normal_cdf(x)
+    }
+}
+
 /// Phi(x), the standard normal CDF.
 fn normal_cdf(x: f32) -> f32 {
     0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
@@ -314,8 +347,8 @@ fn normal_cdf(x: f32) -> f32 {
 fn activate(activation: Activation, h: &mut [f32]) {
     match activation {
         Activation::Relu => h.iter_mut().for_each(|v| *v = v.max(0.0)),
-        Activation::Gelu => h.iter_mut().for_each(|v| *v *= normal_cdf(*v)),
-        Activation::Silu => h.iter_mut().for_each(|v| *v *= sigmoid(*v)),
+        Activation::Gelu => h.iter_mut().for_each(|v| *v = gelu(*v)),
+        Activation::Silu => h.iter_mut().for_each(|v| *v = silu(*v)),
         Activation::None | Activation::SwiGlu => {}
     }
 }
@@ -324,14 +357,12 @@ fn activate(activation: Activation, h: &mut [f32]) {
 fn activate_grad(activation: Activation, h: f32) -> f32 {
     match activation {
         Activation::Relu => f32::from(h > 0.0),
+        Activation::Gelu if h.is_infinite() => f32::from(h > 0.0),
         Activation::Gelu => {
             let pdf = (-0.5 * h * h).exp() * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2);
             normal_cdf(h) + h * pdf
         }
-        Activation::Silu => {
-            let s = sigmoid(h);
-            s * (1.0 + h * (1.0 - s))
-        }
+        Activation::Silu => silu_grad(h),
         Activation::None | Activation::SwiGlu => 1.0,
     }
 }

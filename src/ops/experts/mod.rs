@@ -52,7 +52,7 @@ use crate::device::Device;
 use crate::dtype::{Element, FloatElement};
 use crate::error::{Error, Result};
 use crate::ops::routing::DispatchPlan;
-use crate::tensor::{alloc_uninit, Tensor};
+use crate::tensor::{alloc_uninit, element_count, host_filled, host_uninit, Tensor};
 use cudarc::driver::{CudaSlice, CudaView};
 pub use plan::PlanParts;
 use plan::{await_plan_check, check_plan_shapes, device_plan, host_plan, u32_count};
@@ -296,8 +296,11 @@ fn forward_variant<T: FloatElement>(
     let (rows, width) = (shape.rows, shape.width());
     let (h, y) = match &device {
         Device::Cpu => {
-            let (h_len, y_len) = (rows * width, rows * shape.dout);
-            let (mut h, mut y) = (Vec::with_capacity(h_len), Vec::with_capacity(y_len));
+            let (h_len, y_len) = (
+                element_count("h", &[rows, width])?,
+                element_count("y", &[rows, shape.dout])?,
+            );
+            let (mut h, mut y) = (host_uninit::<T>("h", h_len)?, host_uninit::<T>("y", y_len)?);
             cpu::layer_forward_uninit(
                 x.host()?,
                 &host_plan(plan)?,
@@ -385,9 +388,12 @@ pub fn layer_backward<T: FloatElement>(
     let bias_len = shape.experts * width;
     let (dx, dweights, dbias) = match &device {
         Device::Cpu => {
-            let mut dx = vec![0f32; dx_len];
-            let mut dweights = vec![0f32; weight_len];
-            let mut dbias = saved.has_bias.then(|| vec![0f32; bias_len]);
+            let mut dx = host_filled("dx", 0f32, dx_len)?;
+            let mut dweights = host_filled("dweights", 0f32, weight_len)?;
+            let mut dbias = saved
+                .has_bias
+                .then(|| host_filled("dbias", 0f32, bias_len))
+                .transpose()?;
             cpu::layer_backward(
                 dy.host()?,
                 x.host()?,
@@ -510,8 +516,8 @@ pub fn combine<T: FloatElement>(
     let out_shape = [shape.tokens, shape.dout];
     match &device {
         Device::Cpu => {
-            let mut out = vec![T::default(); shape.tokens * shape.dout];
-            let mut util = vec![0f32; shape.experts];
+            let mut out = host_filled("out", T::default(), element_count("out", &out_shape)?)?;
+            let mut util = host_filled("util", 0f32, shape.experts)?;
             cpu::combine(
                 y.host()?,
                 weights.host()?,
@@ -572,10 +578,10 @@ pub fn combine_backward<T: FloatElement>(
     let (dy_shape, slot_shape) = ([shape.rows, shape.dout], [shape.tokens, shape.k]);
     let (dy, dweights, dres, drho) = match &device {
         Device::Cpu => {
-            let mut dy = vec![0f32; shape.rows * shape.dout];
-            let mut dweights = vec![0f32; shape.tokens * shape.k];
-            let mut dres = res.map(|_| vec![0f32; token_len]);
-            let mut drho = rho.map(|_| vec![0f32; shape.tokens]);
+            let mut dy = host_filled("dy", 0f32, element_count("dy", &dy_shape)?)?;
+            let mut dweights = host_filled("dweights", 0f32, element_count("dweights", &slot_shape)?)?;
+            let mut dres = res.map(|_| host_filled("dres", 0f32, token_len)).transpose()?;
+            let mut drho = rho.map(|_| host_filled("drho", 0f32, shape.tokens)).transpose()?;
             cpu::combine_backward(
                 dout.host()?,
                 y.host()?,

@@ -75,6 +75,22 @@ impl LogSumExp {
     }
 }
 
+/// `[V]` flags, false at the excluded items; an id >= V is
+/// [`Error::IndexOutOfRange`] at its position.
+pub(crate) fn eligible_items(excluded: &[u32], num_items: usize) -> Result<Vec<bool>> {
+    let mut eligible = vec![true; num_items];
+    for (position, &id) in excluded.iter().enumerate() {
+        let slot = eligible.get_mut(id as usize).ok_or(Error::IndexOutOfRange {
+            argument: "excluded",
+            position: position as u64,
+            index: u64::from(id),
+            bound: num_items as u64,
+        })?;
+        *slot = false;
+    }
+    Ok(eligible)
+}
+
 /// Validated operands with the per-row constants every pass needs.
 struct Prepared<'a, T> {
     operands: Operands<'a, T>,
@@ -93,16 +109,7 @@ impl<'a, T: FloatElement> Prepared<'a, T> {
             operands.items.len(),
             operands.item_bias.map(<[f32]>::len),
         )?;
-        let mut eligible = vec![true; num_items];
-        for (position, &id) in operands.excluded.iter().enumerate() {
-            let slot = eligible.get_mut(id as usize).ok_or(Error::IndexOutOfRange {
-                argument: "excluded",
-                position: position as u64,
-                index: u64::from(id),
-                bound: num_items as u64,
-            })?;
-            *slot = false;
-        }
+        let eligible = eligible_items(operands.excluded, num_items)?;
         let user = operands.user.iter().map(|x| x.to_f32()).collect();
         let mut log_gates: Vec<f32> = operands.gate_logits.iter().map(|x| x.to_f32()).collect();
         for row in log_gates.chunks_mut(heads) {
@@ -459,6 +466,7 @@ impl<'a, T: FloatElement> Backward<'a, T> {
 
         // dX and ditem_bias: items in parallel, rows in order.
         let table_heads = if shared { 1 } else { heads };
+        let logits = prepared.operands.mixing == Mixing::Logits;
         let dx = SharedRows(grads.items.as_mut_ptr());
         grads.items.fill(0.0);
         grads.item_bias.par_iter_mut().enumerate().for_each(|(v, dbias)| {
@@ -470,9 +478,17 @@ impl<'a, T: FloatElement> Backward<'a, T> {
             let mut dx_v = vec![0f32; table_heads * width];
             for b in (0..prepared.shape().batch).filter(|&b| self.rows[b].active) {
                 prepared.head_logits(b, v, &mut s);
-                self.head_grads(b, v, &s, &mut ds);
+                let d_mixed = self.head_grads(b, v, &s, &mut ds);
+                // Logits mixing: d item_bias is dL/dS itself (the gates sum
+                // to 1), as the CUDA kernels take it; summing g_h * dS would
+                // turn a non-finite gate into NaN where the gradient has none.
+                if logits {
+                    *dbias += d_mixed;
+                }
                 for (h, &ds_h) in ds.iter().enumerate() {
-                    *dbias += ds_h;
+                    if !logits {
+                        *dbias += ds_h;
+                    }
                     let target = if shared { 0 } else { h };
                     let coef = scale * ds_h;
                     for (acc, u) in dx_v[target * width..(target + 1) * width]
@@ -725,6 +741,30 @@ fn history_rows(history: Option<HistoryRef<'_>>, batch: usize, num_items: usize)
         .collect())
 }
 
+/// The checks of a top-n request that need no scores, after the excluded
+/// ids (`eligible` from [`eligible_items`]): the history's structure and
+/// ids, then at least n eligible items in every row. Returns each row's
+/// sorted history.
+pub(crate) fn topk_rows(
+    eligible: &[bool],
+    n: usize,
+    history: Option<HistoryRef<'_>>,
+    batch: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let history = history_rows(history, batch, eligible.len())?;
+    let eligible_count = eligible.iter().filter(|&&e| e).count();
+    for (row, seen) in history.iter().enumerate() {
+        let available = eligible_count - seen.iter().filter(|&&id| eligible[id as usize]).count();
+        if available < n {
+            return Err(Error::invalid(
+                "n",
+                format!("row {row} has {available} eligible items, fewer than n = {n}"),
+            ));
+        }
+    }
+    Ok(history)
+}
+
 /// The n best eligible items of every row by score (best first, ties to the
 /// lower id, NaN below every number), skipping excluded items and the row's
 /// history. `ids` and `values` are `[B, n]`.
@@ -745,19 +785,12 @@ pub fn topk<T: FloatElement>(
     if n == 0 {
         return Err(Error::invalid("n", "expected n >= 1, got 0"));
     }
-    check_len("ids", ids.len(), batch * n)?;
-    check_len("values", values.len(), batch * n)?;
-    let history = history_rows(history, batch, num_items)?;
-    let eligible_count = prepared.eligible.iter().filter(|&&e| e).count();
-    for (row, seen) in history.iter().enumerate() {
-        let available = eligible_count - seen.iter().filter(|&&id| prepared.eligible[id as usize]).count();
-        if available < n {
-            return Err(Error::invalid(
-                "n",
-                format!("row {row} has {available} eligible items, fewer than n = {n}"),
-            ));
-        }
-    }
+    let output_len = batch
+        .checked_mul(n)
+        .ok_or_else(|| Error::invalid("n", format!("B * n = {batch} * {n} overflows")))?;
+    check_len("ids", ids.len(), output_len)?;
+    check_len("values", values.len(), output_len)?;
+    let history = topk_rows(&prepared.eligible, n, history, batch)?;
     ids.par_chunks_mut(n)
         .zip(values.par_chunks_mut(n))
         .enumerate()

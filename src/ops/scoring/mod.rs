@@ -402,6 +402,13 @@ pub fn topk<T: FloatElement>(inputs: &Scoring<'_, T>, n: usize, history: Option<
         history.offsets.expect_device("history.offsets", &device)?;
         history.ids.expect_device("history.ids", &device)?;
     }
+    if n > shape.num_items {
+        check_unreachable_topk(inputs, shape, n, history)?;
+        return Ok(TopK {
+            ids: Tensor::zeros(&[0, n], &device)?,
+            values: Tensor::zeros(&[0, n], &device)?,
+        });
+    }
     let mut ids = Tensor::zeros(&[shape.batch, n], &device)?;
     let mut values = Tensor::zeros(&[shape.batch, n], &device)?;
     match &device {
@@ -558,6 +565,27 @@ pub fn workspace_bytes_on(device: &Device, shape: ScoringShape, mixing: Mixing) 
         Device::Cpu => Ok(workspace_bytes(shape)),
         Device::Cuda(_) => cuda::cross_entropy_workspace_bytes(shape, mixing),
     }
+}
+
+/// The checks of a top-n request no row can meet (n > V), made before any
+/// `[B, n]` buffer is allocated: the CPU's checks (excluded ids, history,
+/// eligible items) on host copies of the operands they read, so both
+/// devices give the error the CPU gives for the same input. Ok only for an
+/// empty batch.
+fn check_unreachable_topk<T: FloatElement>(
+    inputs: &Scoring<'_, T>,
+    shape: ScoringShape,
+    n: usize,
+    history: Option<History<'_>>,
+) -> Result<()> {
+    let excluded = inputs.excluded.map(Tensor::to_vec).transpose()?.unwrap_or_default();
+    let eligible = cpu::eligible_items(&excluded, shape.num_items)?;
+    let history = history
+        .map(|h| -> Result<(Vec<u32>, Vec<u32>)> { Ok((h.offsets.to_vec()?, h.ids.to_vec()?)) })
+        .transpose()?;
+    let history = history.as_ref().map(|(offsets, ids)| cpu::HistoryRef { offsets, ids });
+    cpu::topk_rows(&eligible, n, history, shape.batch)?;
+    Ok(())
 }
 
 fn cuda_topk<T: FloatElement>(
