@@ -1,11 +1,17 @@
 // Top-k routing (DESIGN 4.2) over logits Z [T, E]: scores, selection, weights,
 // the dispatch plan, the statistics, and the backward.
 //
-// Layout: a group of G lanes (G = min(32, next power of two >= E): a warp, or
-// part of one for small E) owns one token row at a time, and lane l owns the
-// experts c = l, l + G, ... The row is staged in shared memory, so each logit
+// Expert groups: the E experts form G groups of N = E / G, and each token
+// routes once within each group, so the kernels route the T * G routing rows
+// r = t * G + g of Z viewed as [T * G, N]; row r's columns are the experts
+// g * N + c (their mask, bias, statistics and global index). G = 1 is plain
+// routing.
+//
+// Layout: a group of S lanes (S = min(32, next power of two >= N): a warp, or
+// part of one for small N) owns one routing row at a time, and lane l owns the
+// columns c = l, l + S, ... The row is staged in shared memory, so each logit
 // is read from global memory once; src/ops/routing/cuda.rs sizes the blocks so
-// that their groups' rows fit.
+// that their lane groups' rows fit.
 //
 // routing_forward_<dtype>   one pass over Z: the non-finite check, max and sum
 //     of exponentials (softmax) or sum of sigmoids, the k largest selection
@@ -32,10 +38,12 @@ constexpr uint32_t kNone = 0xffffffffu;  // u32::MAX: no expert, no row, no slot
 constexpr uint32_t kSigmoid = 1u;
 constexpr uint32_t kRenormalize = 2u;
 constexpr uint32_t kRankSelection = 4u;
-// 4-byte words per expert in each group's shared memory (FORWARD_ROW_WORDS and
-// BACKWARD_ROW_WORDS in src/ops/routing/cuda.rs).
-constexpr uint32_t kForwardWords = 5;   // logit, key, slot, share, gate
-constexpr uint32_t kBackwardWords = 2;  // logit, dL/dp
+// 4-byte words of each lane group's shared memory (forward_words and
+// BACKWARD_ROW_WORDS in src/ops/routing/cuda.rs): per column of a row, and
+// per expert (all groups).
+constexpr uint32_t kForwardRowWords = 3;     // logit, key, slot
+constexpr uint32_t kForwardExpertWords = 2;  // share, gate
+constexpr uint32_t kBackwardWords = 2;       // logit, dL/dv
 constexpr int kFinalizeThreads = 256;
 
 extern __shared__ float shared_words[];
@@ -60,6 +68,13 @@ struct Group {
   __device__ float max(float value) const {
     for (uint32_t offset = size / 2; offset > 0; offset >>= 1) {
       value = fmaxf(value, __shfl_xor_sync(mask, value, offset, size));
+    }
+    return value;
+  }
+  __device__ uint32_t min(uint32_t value) const {
+    for (uint32_t offset = size / 2; offset > 0; offset >>= 1) {
+      const uint32_t other = __shfl_xor_sync(mask, value, offset, size);
+      value = other < value ? other : value;
     }
     return value;
   }
@@ -144,13 +159,14 @@ struct Renormaliser {
   __device__ float weight(float z) const { return relative_score(z, anchor, sigmoid) / sum; }
 };
 
-// Stages a row in z_row (this lane's experts), reports the lowest NaN/+inf
-// active logit, or the first active column of a row whose active logits are
-// all -inf, at flat position row_position + column, and returns the row's
-// statistics (garbage, but harmless, for a reported row).
+// Stages a row of `experts` columns in z_row (this lane's columns), reports the
+// lowest NaN/+inf active logit, or the first active column of a row whose
+// active logits are all -inf, at flat position row_position + column, and
+// returns the row's statistics (garbage, but harmless, for a reported row).
+// expert_mask is the row's group's part of the mask (or null).
 template <typename T>
-__device__ RowStats load_row(const T* row, const uint32_t* expert_mask, uint32_t experts, uint32_t first_active,
-                             bool sigmoid, unsigned long long row_position, const Group& group, float* z_row,
+__device__ RowStats load_row(const T* row, const uint32_t* expert_mask, uint32_t experts, bool sigmoid,
+                             unsigned long long row_position, const Group& group, float* z_row,
                              unsigned long long* status) {
   float row_max = -positive_infinity();
   bool non_finite = false;
@@ -167,8 +183,13 @@ __device__ RowStats load_row(const T* row, const uint32_t* expert_mask, uint32_t
   }
   row_max = group.max(row_max);
   non_finite = group.any(non_finite);
-  if (!non_finite && row_max == -positive_infinity() && group.lane == 0) {
-    moerec::report_position(status, row_position + first_active);
+  if (!non_finite && row_max == -positive_infinity()) {
+    uint32_t first_active = kNone;  // a lane's first active column is its lowest
+    for (uint32_t c = group.lane; c < experts && first_active == kNone; c += group.size) {
+      if (is_active(expert_mask, c)) first_active = c;
+    }
+    first_active = group.min(first_active);
+    if (group.lane == 0) moerec::report_position(status, row_position + first_active);
   }
   float sum_exp = 0.0f;
   float relative_sum = 0.0f;
@@ -234,57 +255,62 @@ __device__ Renormaliser renormaliser_of_slots(const float* z_row, const uint32_t
   return Renormaliser{anchor, group.sum(sum), sigmoid};
 }
 
-// Writes each selected expert into its slot and adds its weight to the group's
-// gate mass. Each lane handles its own experts.
+// Writes each selected column's expert (base + c) into its slot and adds its
+// weight to the lane group's gate mass. Each lane handles its own columns.
 __device__ void write_selection(const float* z_row, const uint32_t* slots, const RowStats& stats, bool sigmoid,
-                                bool renormalize, uint32_t experts, const Group& group, const RowOutputs& out,
-                                float* gate) {
+                                bool renormalize, uint32_t experts, uint32_t base, const Group& group,
+                                const RowOutputs& out, float* gate) {
   Renormaliser renormaliser{};
   if (renormalize) renormaliser = renormaliser_of_slots(z_row, slots, experts, sigmoid, group);
   for (uint32_t c = group.lane; c < experts; c += group.size) {
     const uint32_t slot = slots[c];
     if (slot == kNone) continue;
     const float weight = renormalize ? renormaliser.weight(z_row[c]) : stats.score(z_row[c], sigmoid);
-    out.indices[slot] = c;
+    out.indices[slot] = base + c;
     out.weights[slot] = weight;
-    out.expert_keys[slot] = c;
-    gate[c] += weight;
+    out.expert_keys[slot] = base + c;
+    gate[base + c] += weight;
   }
 }
 
-// Group g of block b routes rows b * groups * rows_per_group + g + i * groups
-// for i < rows_per_group, so how the statistics are summed depends on the
-// shapes only. Partial row b: [share sums (E), gate sums (E), z-loss sum].
+// Lane group g of block b routes rows b * lane_groups * rows_per_group + g +
+// i * lane_groups for i < rows_per_group, so how the statistics are summed
+// depends on the shapes only. Partial row b: [share sums (E), gate sums (E),
+// z-loss sum].
 template <typename T>
 __device__ void route_forward(const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask,
-                              const float* selection_bias, unsigned long long tokens, uint32_t experts, uint32_t k,
-                              uint32_t first_active, uint32_t flags, uint32_t group_size, uint32_t rows_per_group,
-                              uint32_t* indices, float* weights, uint32_t* expert_keys, float* partials,
-                              unsigned long long* status) {
+                              const float* selection_bias, unsigned long long rows, uint32_t experts,
+                              uint32_t groups, uint32_t group_experts, uint32_t k, uint32_t flags,
+                              uint32_t group_size, uint32_t rows_per_group, uint32_t* indices, float* weights,
+                              uint32_t* expert_keys, float* partials, unsigned long long* status) {
   const Group group = make_group(group_size);
-  const uint32_t groups = blockDim.x / group_size;
+  const uint32_t lane_groups = blockDim.x / group_size;
   const uint32_t g = threadIdx.x / group_size;
-  const uint32_t group_words = kForwardWords * experts;
+  const uint32_t n = group_experts;
+  const uint32_t group_words = kForwardRowWords * n + kForwardExpertWords * experts;
   float* z_row = shared_words + g * group_words;
-  uint32_t* keys = reinterpret_cast<uint32_t*>(z_row + experts);
-  uint32_t* slots = keys + experts;
-  float* share = z_row + 3 * experts;
-  float* gate = z_row + 4 * experts;
-  float* group_z = shared_words + groups * group_words;
+  uint32_t* keys = reinterpret_cast<uint32_t*>(z_row + n);
+  uint32_t* slots = keys + n;
+  float* share = z_row + kForwardRowWords * n;
+  float* gate = share + experts;
+  float* group_z = shared_words + lane_groups * group_words;
   const bool sigmoid = (flags & kSigmoid) != 0;
   const bool renormalize = (flags & kRenormalize) != 0;
 
-  for (uint32_t c = group.lane; c < experts; c += group_size) {
-    share[c] = 0.0f;
-    gate[c] = 0.0f;
+  for (uint32_t e = group.lane; e < experts; e += group_size) {
+    share[e] = 0.0f;
+    gate[e] = 0.0f;
   }
   float z_sum = 0.0f;
-  const unsigned long long first_row = static_cast<unsigned long long>(blockIdx.x) * groups * rows_per_group + g;
+  const unsigned long long first_row =
+      static_cast<unsigned long long>(blockIdx.x) * lane_groups * rows_per_group + g;
   for (uint32_t i = 0; i < rows_per_group; ++i) {
-    const unsigned long long t = first_row + static_cast<unsigned long long>(i) * groups;
-    if (t >= tokens) break;
+    const unsigned long long r = first_row + static_cast<unsigned long long>(i) * lane_groups;
+    if (r >= rows) break;
     group.sync();  // the previous row's readers of keys[] are done
-    const RowOutputs out{indices + t * k, weights + t * k, expert_keys + t * k};
+    const unsigned long long t = r / groups;
+    const uint32_t base = static_cast<uint32_t>(r % groups) * n;
+    const RowOutputs out{indices + r * k, weights + r * k, expert_keys + r * k};
     const uint32_t token_flag = token_mask == nullptr ? 1u : token_mask[t];
     if (token_flag > 1u && group.lane == 0) moerec::report_position(status + 1, t);
     if (token_flag != 1u) {
@@ -295,24 +321,24 @@ __device__ void route_forward(const T* logits, const uint32_t* expert_mask, cons
       }
       continue;
     }
-    const RowStats stats = load_row(logits + t * experts, expert_mask, experts, first_active, sigmoid,
-                                    t * experts, group, z_row, status);
+    const uint32_t* group_mask = expert_mask == nullptr ? nullptr : expert_mask + base;
+    const RowStats stats = load_row(logits + r * n, group_mask, n, sigmoid, r * n, group, z_row, status);
     const float lse = stats.lse();
     z_sum += lse * lse;
-    for (uint32_t c = group.lane; c < experts; c += group_size) {
+    for (uint32_t c = group.lane; c < n; c += group_size) {
       slots[c] = kNone;
       keys[c] = 0u;
-      if (!is_active(expert_mask, c)) continue;
-      keys[c] = selection_key(z_row[c], selection_bias == nullptr ? 0.0f : selection_bias[c]);
-      share[c] += stats.share(z_row[c], sigmoid);
+      if (!is_active(group_mask, c)) continue;
+      keys[c] = selection_key(z_row[c], selection_bias == nullptr ? 0.0f : selection_bias[base + c]);
+      share[base + c] += stats.share(z_row[c], sigmoid);
     }
     if (flags & kRankSelection) {
       group.sync();  // every lane's keys are staged
-      select_by_rank(keys, slots, experts, k, group);
+      select_by_rank(keys, slots, n, k, group);
     } else {
-      select_by_rounds(keys, slots, experts, k, group);
+      select_by_rounds(keys, slots, n, k, group);
     }
-    write_selection(z_row, slots, stats, sigmoid, renormalize, experts, group, out, gate);
+    write_selection(z_row, slots, stats, sigmoid, renormalize, n, base, group, out, gate);
   }
 
   __syncthreads();
@@ -323,56 +349,58 @@ __device__ void route_forward(const T* logits, const uint32_t* expert_mask, cons
   for (uint32_t e = threadIdx.x; e < experts; e += blockDim.x) {
     float share_sum = 0.0f;
     float gate_sum = 0.0f;
-    for (uint32_t h = 0; h < groups; ++h) {
-      share_sum += shared_words[h * group_words + 3 * experts + e];
-      gate_sum += shared_words[h * group_words + 4 * experts + e];
+    for (uint32_t h = 0; h < lane_groups; ++h) {
+      const float* words = shared_words + h * group_words + kForwardRowWords * n;
+      share_sum += words[e];
+      gate_sum += words[experts + e];
     }
     partial[e] = share_sum;
     partial[experts + e] = gate_sum;
   }
   if (threadIdx.x == 0) {
     float z_total = 0.0f;
-    for (uint32_t h = 0; h < groups; ++h) z_total += group_z[h];
+    for (uint32_t h = 0; h < lane_groups; ++h) z_total += group_z[h];
     partial[2 * experts] = z_total;
   }
 }
 
-// grad[e] += dL/dv_e of sum_j dweights[j] * weights[j] over the row's selected
-// experts, v = log of the unnormalised score. Renormalised weights are a ratio
+// grad[c] += dL/dv_c of sum_j dweights[j] * weights[j] over the row's selected
+// experts (global indices; column c = index - base), v = log of the
+// unnormalised score. Renormalised weights are a ratio
 // w = u / sum u over the selection: dL/dv_j = w_j (dw_j - <dw, w>). Plain
 // scores give dw_j p_j, and for softmax also -p_c <dw, p> for every active c,
 // which the caller subtracts: the returned <dw, p> (0 otherwise).
 __device__ float add_weight_gradient(const float* z_row, float* grad, const uint32_t* row_indices,
-                                     const float* row_dweights, uint32_t k, uint32_t experts, const RowStats& stats,
-                                     bool sigmoid, bool renormalize, const Group& group) {
+                                     const float* row_dweights, uint32_t k, uint32_t experts, uint32_t base,
+                                     const RowStats& stats, bool sigmoid, bool renormalize, const Group& group) {
   if (renormalize) {
     float anchor = -positive_infinity();
     for (uint32_t j = group.lane; j < k; j += group.size) {
-      const uint32_t e = row_indices[j];
+      const uint32_t e = row_indices[j] - base;  // an index outside the group wraps to >= experts
       if (e < experts) anchor = fmaxf(anchor, z_row[e]);
     }
     anchor = group.max(anchor);
     float sum = 0.0f;
     for (uint32_t j = group.lane; j < k; j += group.size) {
-      const uint32_t e = row_indices[j];
+      const uint32_t e = row_indices[j] - base;
       if (e < experts) sum += relative_score(z_row[e], anchor, sigmoid);
     }
     const Renormaliser renormaliser{anchor, group.sum(sum), sigmoid};
     float weighted = 0.0f;
     for (uint32_t j = group.lane; j < k; j += group.size) {
-      const uint32_t e = row_indices[j];
+      const uint32_t e = row_indices[j] - base;
       if (e < experts) weighted += row_dweights[j] * renormaliser.weight(z_row[e]);
     }
     weighted = group.sum(weighted);
     for (uint32_t j = group.lane; j < k; j += group.size) {
-      const uint32_t e = row_indices[j];
+      const uint32_t e = row_indices[j] - base;
       if (e < experts) grad[e] += renormaliser.weight(z_row[e]) * (row_dweights[j] - weighted);
     }
     return 0.0f;
   }
   float weighted = 0.0f;
   for (uint32_t j = group.lane; j < k; j += group.size) {
-    const uint32_t e = row_indices[j];
+    const uint32_t e = row_indices[j] - base;
     if (e >= experts) continue;
     const float p = stats.score(z_row[e], sigmoid);
     grad[e] += row_dweights[j] * p;
@@ -382,55 +410,60 @@ __device__ float add_weight_gradient(const float* z_row, float* grad, const uint
 }
 
 // dZ of sum(dweights * weights) + lb_coef * lb_loss + z_coef * z_loss with the
-// selection and the load fractions held fixed. grad_scales [E + 1] holds
-// E' * f_e / T' per expert (0 when inactive) and 1 / T' last. Each term is
+// selection and the load fractions held fixed, one routing row r = t G + g
+// per lane group, over its group's columns. grad_scales [E + 1] holds
+// N'_g / G * f_e / T' per expert (0 when inactive) and 1 / (T' G) last
+// (routing_finalize). Each term is
 // differentiated through v = log of the unnormalised score (z, or
 // log sigmoid(z)), so nothing is divided by a sum of scores: a ratio
 // y = u / sum u gives dL/dv_i = y_i (g_i - <g, y>), and dz = dv/dz * dL/dv.
 template <typename T>
 __device__ void route_backward(const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask,
                                const uint32_t* indices, const float* dweights, const float* grad_scales,
-                               float lb_coef, float z_coef, unsigned long long tokens, uint32_t experts, uint32_t k,
-                               uint32_t first_active, uint32_t flags, uint32_t group_size, float* dlogits,
-                               unsigned long long* status) {
+                               float lb_coef, float z_coef, unsigned long long rows, uint32_t experts,
+                               uint32_t groups, uint32_t group_experts, uint32_t k, uint32_t flags,
+                               uint32_t group_size, float* dlogits, unsigned long long* status) {
   const Group group = make_group(group_size);
-  const uint32_t groups = blockDim.x / group_size;
+  const uint32_t lane_groups = blockDim.x / group_size;
   const uint32_t g = threadIdx.x / group_size;
-  float* z_row = shared_words + g * kBackwardWords * experts;
-  float* grad = z_row + experts;  // dL/dv
+  const uint32_t n = group_experts;
+  float* z_row = shared_words + g * kBackwardWords * n;
+  float* grad = z_row + n;  // dL/dv
   const bool sigmoid = (flags & kSigmoid) != 0;
   const bool renormalize = (flags & kRenormalize) != 0;
-  const float inv_valid = grad_scales[experts];
-  const unsigned long long group_stride = static_cast<unsigned long long>(gridDim.x) * groups;
-  for (unsigned long long t = static_cast<unsigned long long>(blockIdx.x) * groups + g; t < tokens;
-       t += group_stride) {
+  const float inv_valid_rows = grad_scales[experts];
+  const unsigned long long group_stride = static_cast<unsigned long long>(gridDim.x) * lane_groups;
+  for (unsigned long long r = static_cast<unsigned long long>(blockIdx.x) * lane_groups + g; r < rows;
+       r += group_stride) {
     group.sync();  // the previous row's readers of z_row[] and grad[] are done
-    float* out = dlogits + t * experts;
-    if (token_mask != nullptr && token_mask[t] != 1u) {
-      for (uint32_t c = group.lane; c < experts; c += group_size) out[c] = 0.0f;
+    float* out = dlogits + r * n;
+    if (token_mask != nullptr && token_mask[r / groups] != 1u) {
+      for (uint32_t c = group.lane; c < n; c += group_size) out[c] = 0.0f;
       continue;
     }
-    const RowStats stats = load_row(logits + t * experts, expert_mask, experts, first_active, sigmoid,
-                                    t * experts, group, z_row, status);
+    const uint32_t base = static_cast<uint32_t>(r % groups) * n;
+    const uint32_t* group_mask = expert_mask == nullptr ? nullptr : expert_mask + base;
+    const float* group_scales = grad_scales + base;
+    const RowStats stats = load_row(logits + r * n, group_mask, n, sigmoid, r * n, group, z_row, status);
     // Load balance: sum_e c_e q_e with c_e = lb_coef * grad_scales[e] and q
     // the shares, a ratio over the active experts.
     float balance = 0.0f;
-    for (uint32_t c = group.lane; c < experts; c += group_size) {
-      if (is_active(expert_mask, c)) balance += lb_coef * grad_scales[c] * stats.share(z_row[c], sigmoid);
+    for (uint32_t c = group.lane; c < n; c += group_size) {
+      if (is_active(group_mask, c)) balance += lb_coef * group_scales[c] * stats.share(z_row[c], sigmoid);
     }
     balance = group.sum(balance);
-    for (uint32_t c = group.lane; c < experts; c += group_size) {
-      grad[c] = is_active(expert_mask, c) ? stats.share(z_row[c], sigmoid) * (lb_coef * grad_scales[c] - balance)
-                                          : 0.0f;
+    for (uint32_t c = group.lane; c < n; c += group_size) {
+      grad[c] = is_active(group_mask, c) ? stats.share(z_row[c], sigmoid) * (lb_coef * group_scales[c] - balance)
+                                         : 0.0f;
     }
     group.sync();  // grad[] and z_row[] of every lane are staged
-    const float weighted = add_weight_gradient(z_row, grad, indices + t * k, dweights + t * k, k, experts, stats,
+    const float weighted = add_weight_gradient(z_row, grad, indices + r * k, dweights + r * k, k, n, base, stats,
                                                sigmoid, renormalize, group);
     group.sync();
-    // z-loss: d lse^2 / dz = 2 lse softmax(z), averaged over the valid tokens.
-    const float z_scale = z_coef * 2.0f * stats.lse() * inv_valid;
-    for (uint32_t c = group.lane; c < experts; c += group_size) {
-      if (!is_active(expert_mask, c)) {
+    // z-loss: d lse^2 / dz = 2 lse softmax(z), averaged over the valid rows.
+    const float z_scale = z_coef * 2.0f * stats.lse() * inv_valid_rows;
+    for (uint32_t c = group.lane; c < n; c += group_size) {
+      if (!is_active(group_mask, c)) {
         out[c] = 0.0f;
         continue;
       }
@@ -445,19 +478,19 @@ __device__ void route_backward(const T* logits, const uint32_t* expert_mask, con
 #define MOEREC_ROUTING(suffix, T)                                                                                  \
   extern "C" __global__ void routing_forward_##suffix(                                                             \
       const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask, const float* selection_bias,       \
-      unsigned long long tokens, uint32_t experts, uint32_t k, uint32_t first_active, uint32_t flags,              \
-      uint32_t group_size, uint32_t rows_per_group, uint32_t* indices, float* weights, uint32_t* expert_keys,     \
-      float* partials, unsigned long long* status) {                                                                \
-    route_forward<T>(logits, expert_mask, token_mask, selection_bias, tokens, experts, k, first_active, flags,      \
-                     group_size, rows_per_group, indices, weights, expert_keys, partials, status);                 \
+      unsigned long long rows, uint32_t experts, uint32_t groups, uint32_t group_experts, uint32_t k,              \
+      uint32_t flags, uint32_t group_size, uint32_t rows_per_group, uint32_t* indices, float* weights,            \
+      uint32_t* expert_keys, float* partials, unsigned long long* status) {                                        \
+    route_forward<T>(logits, expert_mask, token_mask, selection_bias, rows, experts, groups, group_experts, k,      \
+                     flags, group_size, rows_per_group, indices, weights, expert_keys, partials, status);          \
   }                                                                                                                 \
   extern "C" __global__ void routing_backward_##suffix(                                                            \
       const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask, const uint32_t* indices,           \
-      const float* dweights, const float* grad_scales, float lb_coef, float z_coef, unsigned long long tokens,     \
-      uint32_t experts, uint32_t k, uint32_t first_active, uint32_t flags, uint32_t group_size, float* dlogits,    \
-      unsigned long long* status) {                                                                                 \
-    route_backward<T>(logits, expert_mask, token_mask, indices, dweights, grad_scales, lb_coef, z_coef, tokens,    \
-                      experts, k, first_active, flags, group_size, dlogits, status);                               \
+      const float* dweights, const float* grad_scales, float lb_coef, float z_coef, unsigned long long rows,       \
+      uint32_t experts, uint32_t groups, uint32_t group_experts, uint32_t k, uint32_t flags, uint32_t group_size,  \
+      float* dlogits, unsigned long long* status) {                                                                 \
+    route_backward<T>(logits, expert_mask, token_mask, indices, dweights, grad_scales, lb_coef, z_coef, rows,      \
+                      experts, groups, group_experts, k, flags, group_size, dlogits, status);                      \
   }
 MOEREC_FOR_EACH_FLOAT(MOEREC_ROUTING)
 
@@ -483,37 +516,52 @@ extern "C" __global__ void routing_reduce_partials(const float* partials, uint32
   }
 }
 
-// One block. From the summed statistics totals [2E + 1] and the plan: the gate
-// mass, lb_loss = E' * sum_e f_e * P_e with f_e = counts_e / R and
-// P_e = share_e / T', z_loss = (sum of lse^2) / T', and grad_scales [E + 1]
-// for the backward (E' * f_e / T' per active expert, then 1 / T'). T' = R / k.
+// One block. From the summed statistics totals [2E + 1] and the plan, with
+// T' = R / (k G) valid tokens: the gate mass, lb_loss = sum_e N'_g(e) / G *
+// f_e * P_e (the mean over the expert groups of each group's loss) with
+// f_e = counts_e / (T' k) and P_e = share_e / T', z_loss = (sum of lse^2) /
+// (T' G), and grad_scales [E + 1] for the backward (N'_g / G * f_e / T' per
+// active expert, then 1 / (T' G)). Warp w counts the active experts N'_g of
+// groups w, w + 8, ... and handles their experts (as Losses in
+// src/ops/routing/cpu.rs).
 extern "C" __global__ void routing_finalize(const float* totals, const uint32_t* counts, const uint32_t* offsets,
-                                            const uint32_t* expert_mask, uint32_t experts, uint32_t k,
-                                            uint32_t active_experts, float* gate_mass, float* lb_loss,
+                                            const uint32_t* expert_mask, uint32_t experts, uint32_t groups,
+                                            uint32_t group_experts, uint32_t k, float* gate_mass, float* lb_loss,
                                             float* z_loss, float* grad_scales) {
-  __shared__ float warp_sums[kFinalizeThreads / 32];
+  constexpr uint32_t kWarps = kFinalizeThreads / 32;
+  __shared__ float warp_sums[kWarps];
   const uint32_t rows = offsets[experts];
-  const float valid_tokens = static_cast<float>(rows / k);
+  const uint32_t valid_rows = rows / k;
+  const float valid_tokens = static_cast<float>(valid_rows / groups);
+  const uint32_t lane = threadIdx.x & 31;
   float balance = 0.0f;
-  for (uint32_t e = threadIdx.x; e < experts; e += kFinalizeThreads) {
-    gate_mass[e] = totals[experts + e];
-    const float fraction = rows > 0 ? static_cast<float>(counts[e]) / static_cast<float>(rows) : 0.0f;
-    const float mean_share = valid_tokens > 0.0f ? totals[e] / valid_tokens : 0.0f;
-    balance += fraction * mean_share;
-    const bool live = is_active(expert_mask, e) && valid_tokens > 0.0f;
-    grad_scales[e] = live ? static_cast<float>(active_experts) * fraction / valid_tokens : 0.0f;
+  for (uint32_t g = threadIdx.x / 32; g < groups; g += kWarps) {
+    const uint32_t base = g * group_experts;
+    uint32_t active = 0;
+    for (uint32_t c = lane; c < group_experts; c += 32) active += is_active(expert_mask, base + c) ? 1u : 0u;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) active += __shfl_xor_sync(0xffffffffu, active, offset);
+    const float scale = static_cast<float>(active) / static_cast<float>(groups);
+    for (uint32_t c = lane; c < group_experts; c += 32) {
+      const uint32_t e = base + c;
+      gate_mass[e] = totals[experts + e];
+      const bool live = is_active(expert_mask, e) && valid_tokens > 0.0f;
+      const float fraction = live ? static_cast<float>(counts[e]) / (valid_tokens * static_cast<float>(k)) : 0.0f;
+      balance += live ? scale * fraction * (totals[e] / valid_tokens) : 0.0f;
+      grad_scales[e] = live ? scale * fraction / valid_tokens : 0.0f;
+    }
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) balance += __shfl_xor_sync(0xffffffffu, balance, offset);
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = balance;
+  if (lane == 0) warp_sums[threadIdx.x / 32] = balance;
   __syncthreads();
   if (threadIdx.x == 0) {
     float total = 0.0f;
-    for (int w = 0; w < kFinalizeThreads / 32; ++w) total += warp_sums[w];
-    const bool any_valid = valid_tokens > 0.0f;
-    *lb_loss = any_valid ? static_cast<float>(active_experts) * total : 0.0f;
-    *z_loss = any_valid ? totals[2 * experts] / valid_tokens : 0.0f;
-    grad_scales[experts] = any_valid ? 1.0f / valid_tokens : 0.0f;
+    for (uint32_t w = 0; w < kWarps; ++w) total += warp_sums[w];
+    const bool any_valid = valid_rows > 0;
+    *lb_loss = any_valid ? total : 0.0f;
+    *z_loss = any_valid ? totals[2 * experts] / static_cast<float>(valid_rows) : 0.0f;
+    grad_scales[experts] = any_valid ? 1.0f / static_cast<float>(valid_rows) : 0.0f;
   }
 }
 
@@ -545,8 +593,9 @@ extern "C" __global__ void routing_plan_counts(const uint32_t* group_keys, const
   }
 }
 
-// order is the grouped permutation of the T*k (token, slot) positions: its
-// first R entries are the dispatched rows, the rest the invalid tokens' slots.
+// order is the grouped permutation of the T*G*k (routing row, slot) positions:
+// its first R entries are the dispatched rows, the rest the invalid tokens'
+// slots.
 extern "C" __global__ void routing_plan_rows(const uint32_t* order, uint32_t slots, uint32_t k,
                                              const uint32_t* offsets, uint32_t experts, uint32_t* token_of_row,
                                              uint32_t* row_of_slot) {

@@ -1,5 +1,17 @@
 """Float64 reference of top-k routing (`routing`, DESIGN.md 4.2).
 
+Grouped routing (`groups=G`, FAME's per-head routers): the E experts form G
+groups of N = E / G consecutive experts and each token routes once within
+each group. The reference composes G independent ungrouped routers over the
+column blocks of the logits (the Rust kernels generalise one router
+instead): indices are global (g * N + n), the routing rows are the (token,
+group) pairs r = t * G + g, so indices, weights, row_of_slot and dweights are
+[T * G, k] and token_of_row names routing rows; one plan covers all E
+experts. lb_loss and z_loss are the means over the groups of each group's
+losses (every group sees the same T' valid tokens), so their gradients are
+each group's scaled by 1 / G. k counts experts per group; "all" needs the
+same number of active experts in every group.
+
 `forward` computes scores, the top-k selection, routing weights, the dispatch
 plan and the statistics (load-balance loss, z-loss, gate mass); `backward`
 gives the exact gradient of
@@ -66,7 +78,7 @@ def _mask(mask, n, name):
     return m == 1
 
 
-def _check(logits, k, score, expert_mask, token_mask, selection_bias):
+def _check(logits, k, score, expert_mask, token_mask, selection_bias, groups):
     """Validate arguments; return (Z, k, active, valid, bias32)."""
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 2:
@@ -76,18 +88,23 @@ def _check(logits, k, score, expert_mask, token_mask, selection_bias):
         raise ValueError("logits: expected E >= 1 experts, got 0")
     if score not in SCORES:
         raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1 or e % groups:
+        raise ValueError(f"groups: expected a divisor of E = {e}, got {groups!r}")
     active = _mask(expert_mask, e, "expert_mask")
     valid = _mask(token_mask, t, "token_mask")
-    e_active = int(active.sum())
+    per_group = active.reshape(groups, e // groups).sum(axis=1)
     if isinstance(k, str):
         if k != "all":
             raise ValueError(f"k: expected an int or 'all', got {k!r}")
-        k = e_active
+        if np.any(per_group != per_group[0]):
+            raise ValueError(f"k: 'all' needs as many active experts in every group, got {per_group.tolist()}")
+        k = int(per_group[0])
     elif isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ValueError(f"k: expected an int or 'all', got {k!r}")
     k = int(k)
-    if not 1 <= k <= e_active:
-        raise ValueError(f"k: expected 1..={e_active} (active experts), got {k}")
+    fewest = int(per_group.min())
+    if not 1 <= k <= fewest:
+        raise ValueError(f"k: expected 1..={fewest} (active experts of a group), got {k}")
     if selection_bias is None:
         bias = np.zeros(e, dtype=np.float32)
     else:
@@ -96,22 +113,25 @@ def _check(logits, k, score, expert_mask, token_mask, selection_bias):
             raise ValueError(f"selection_bias: expected shape ({e},), got {bias.shape}")
         if not np.all(np.isfinite(bias)):
             raise ValueError("selection_bias: expected finite values")
-    _check_finite(z, active, valid)
+    _check_finite(z, active, valid, groups)
     return z, k, active, valid, bias
 
 
-def _check_finite(z, active, valid):
-    """Raise NonFinite at the lowest offending position in row-major order."""
-    cols = np.flatnonzero(active)
+def _check_finite(z, active, valid, groups):
+    """Raise NonFinite at the lowest offending position in row-major order;
+    an all -inf row of a group reports the group's first active column."""
+    n = z.shape[1] // groups
     for row in np.flatnonzero(valid):
-        zr = z[row, cols]
-        bad = np.isnan(zr) | (zr == np.inf)
-        if bad.any():
-            j = int(np.argmax(bad))
-            what = "NaN" if np.isnan(zr[j]) else "+inf"
-            raise NonFinite(int(row), int(cols[j]), what)
-        if np.all(zr == -np.inf):
-            raise NonFinite(int(row), int(cols[0]), "-inf in a row whose active logits are all -inf")
+        for g in range(groups):
+            cols = g * n + np.flatnonzero(active[g * n : (g + 1) * n])
+            zr = z[row, cols]
+            bad = np.isnan(zr) | (zr == np.inf)
+            if bad.any():
+                j = int(np.argmax(bad))
+                what = "NaN" if np.isnan(zr[j]) else "+inf"
+                raise NonFinite(int(row), int(cols[j]), what)
+            if np.all(zr == -np.inf):
+                raise NonFinite(int(row), int(cols[0]), "-inf in a group whose active logits are all -inf")
 
 
 def _sigmoid(x):
@@ -258,6 +278,12 @@ def _forward(z, k, score, renormalize, active, valid, bias):
     return out, {"f": f, "q": q}
 
 
+def _grouped(z, groups):
+    """The column slices of the G groups."""
+    n = z.shape[1] // groups
+    return [slice(g * n, (g + 1) * n) for g in range(groups)]
+
+
 def forward(
     logits,
     k,
@@ -266,23 +292,45 @@ def forward(
     expert_mask=None,
     token_mask=None,
     selection_bias=None,
+    groups=1,
 ):
     """Top-k routing forward in float64 (DESIGN.md 4.2).
 
     logits [T, E] (already rounded to the element type by the caller); k an int
-    in 1..=E' or "all" (= E', the number of active experts); score "softmax" or
-    "sigmoid"; expert_mask [E] and token_mask [T] with 1 = active / valid;
-    selection_bias [E] (float32), added to the selection key only.
+    in 1..=E' or "all" (= E', the number of active experts; per group with
+    groups); score "softmax" or "sigmoid"; expert_mask [E] and token_mask [T]
+    with 1 = active / valid; selection_bias [E] (float32), added to the
+    selection key only; groups G dividing E (see the module docstring).
 
-    Returns a dict: scores [T, E], indices [T, k] uint32, weights [T, k],
-    counts [E], offsets [E+1], token_of_row [R], row_of_slot [T, k] (uint32),
-    lb_loss, z_loss (floats), gate_mass [E], and k (the resolved int).
-    Invalid tokens get indices / row_of_slot U32_MAX and zero scores and
-    weights. Raises ValueError on bad arguments, NonFinite on bad logits.
+    Returns a dict: scores [T, E], indices [T * G, k] uint32, weights
+    [T * G, k], counts [E], offsets [E+1], token_of_row [R], row_of_slot
+    [T * G, k] (uint32), lb_loss, z_loss (floats), gate_mass [E], and k (the
+    resolved int). Invalid tokens get indices / row_of_slot U32_MAX and zero
+    scores and weights. Raises ValueError on bad arguments, NonFinite on bad
+    logits.
     """
-    z, k, active, valid, bias = _check(logits, k, score, expert_mask, token_mask, selection_bias)
-    out, _ = _forward(z, k, score, renormalize, active, valid, bias)
-    return out
+    z, k, active, valid, bias = _check(logits, k, score, expert_mask, token_mask, selection_bias, groups)
+    t, e = z.shape
+    parts = [_forward(z[:, g], k, score, renormalize, active[g], valid, bias[g])[0] for g in _grouped(z, groups)]
+    n = e // groups
+    indices = np.stack(
+        [np.where(part["indices"] == U32_MAX, U32_MAX, part["indices"] + np.uint32(g * n)) for g, part in enumerate(parts)],
+        axis=1,
+    ).reshape(t * groups, k).astype(np.uint32)
+    counts, offsets, token_of_row, row_of_slot = _plan(indices, np.repeat(valid, groups), e)
+    return {
+        "scores": np.concatenate([part["scores"] for part in parts], axis=1),
+        "indices": indices,
+        "weights": np.stack([part["weights"] for part in parts], axis=1).reshape(t * groups, k),
+        "counts": counts,
+        "offsets": offsets,
+        "token_of_row": token_of_row,
+        "row_of_slot": row_of_slot,
+        "lb_loss": float(np.mean([part["lb_loss"] for part in parts])),
+        "z_loss": float(np.mean([part["z_loss"] for part in parts])),
+        "gate_mass": np.concatenate([part["gate_mass"] for part in parts]),
+        "k": k,
+    }
 
 
 def backward(
@@ -296,17 +344,32 @@ def backward(
     expert_mask=None,
     token_mask=None,
     selection_bias=None,
+    groups=1,
 ):
     """dZ [T, E] (float64): gradient of
     sum(dweights * weights) + lb_coef * lb_loss + z_coef * z_loss
-    w.r.t. logits, with the selection and f fixed. Options as in `forward`.
-    Inactive experts and invalid tokens get exact zeros.
+    w.r.t. logits, with the selection and f fixed; dweights [T * G, k].
+    Options as in `forward`. Inactive experts and invalid tokens get exact
+    zeros.
     """
-    z, k, active, valid, bias = _check(logits, k, score, expert_mask, token_mask, selection_bias)
+    z, k, active, valid, bias = _check(logits, k, score, expert_mask, token_mask, selection_bias, groups)
     t, e = z.shape
     dw = np.asarray(dweights, dtype=np.float64)
-    if dw.shape != (t, k):
-        raise ValueError(f"dweights: expected shape ({t}, {k}), got {dw.shape}")
+    if dw.shape != (t * groups, k):
+        raise ValueError(f"dweights: expected shape ({t * groups}, {k}), got {dw.shape}")
+    dw = dw.reshape(t, groups, k)
+    return np.concatenate(
+        [
+            _backward(z[:, g], dw[:, i], lb_coef / groups, z_coef / groups, k, score, renormalize, active[g], valid, bias[g])
+            for i, g in enumerate(_grouped(z, groups))
+        ],
+        axis=1,
+    ).reshape(t, e)
+
+
+def _backward(z, dw, lb_coef, z_coef, k, score, renormalize, active, valid, bias):
+    """dZ of one ungrouped router on validated arguments."""
+    t, e = z.shape
     out, saved = _forward(z, k, score, renormalize, active, valid, bias)
     dz = np.zeros((t, e))
     n_valid = int(valid.sum())

@@ -4,11 +4,11 @@ Writes `tests/golden/routing/<case>.safetensors`, one per case below, each
 seeded from its own name so adding a case never changes the others. Inputs:
 `logits` [T, E] in the case dtype, optional `expert_mask` [E] U32,
 `token_mask` [T] U32, `selection_bias` [E] F32 (omitted when absent),
-`dweights` [T, k] F32. Expected outputs (from the float64 reference on the
+`dweights` [T * G, k] F32. Expected outputs (from the float64 reference on the
 dtype-rounded logits): `indices`, `weights`, `scores`, `counts`, `offsets`,
 `token_of_row`, `row_of_slot`, `gate_mass`, `lb_loss` [1], `z_loss` [1],
 `dlogits`. Metadata: `dtype`, `k` (resolved), `k_all`, `score`,
-`renormalize`, `lb_coef`, `z_coef` (dyadic, so exact in f32).
+`renormalize`, `lb_coef`, `z_coef` (dyadic, so exact in f32), `groups`.
 """
 
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ class Case:
     bias: str = "none"  # "none" | "normal" | "ties" | "far"
     lb_coef: float = 0.0625
     z_coef: float = 0.0009765625
+    groups: int = 1
 
 
 CASES = [
@@ -78,6 +79,15 @@ CASES = [
          logits="underflow", lb_coef=1.0),
     Case("underflow_bias_softmax_k2_renorm", 8, 5, 2, renormalize=True, logits="underflow",
          bias="far"),
+    # Grouped routing: FAME's per-head routers (k = all), and every option per group.
+    Case("grouped_fame_h4_n4_kall", 12, 16, "all", groups=4, lb_coef=0.5, z_coef=0.125),
+    Case("grouped_h3_k2_sigmoid_renorm_masks_bias_bf16", 16, 18, 2, score="sigmoid",
+         renormalize=True, dtype="bf16", expert_mask=True, token_mask=True, bias="normal", groups=3),
+    Case("grouped_h2_kall_masked_renorm_f16", 10, 10, "all", renormalize=True, dtype="f16",
+         expert_mask=True, groups=2),
+    Case("grouped_h5_n1_k1", 6, 5, 1, groups=5, lb_coef=1.0),
+    Case("grouped_h2_n40_k3_neginf", 9, 80, 3, logits="neginf", groups=2),
+    Case("grouped_t0_h2", 0, 8, 2, groups=2),
     Case("t0_softmax_k2", 0, 8, 2),
     Case("t1_sigmoid_k8", 1, 8, 8, score="sigmoid"),
     Case("no_valid_token_k2", 4, 8, 2, token_mask=True, logits="all_invalid"),
@@ -120,17 +130,20 @@ def _logits(case, rng):
         # Every row keeps at least one finite logit (else NonFinite).
         z[np.arange(T), rng.integers(0, E, size=T)] = finite
         if T:
-            z[0, :] = -np.inf  # a row with a single finite logit
-            z[0, E // 2] = 0.75
+            z[0, :] = -np.inf  # a row with a single finite logit per group
+            n = E // case.groups
+            z[0, n // 2 :: n] = 0.75
     return z
 
 
 def _expert_mask(case, rng):
-    m = np.ones(case.E, dtype=np.uint32)
+    """With groups, the same number off in every group (so k = "all" works)."""
+    n = case.E // case.groups
+    m = np.ones((case.groups, n), dtype=np.uint32)
     if case.expert_mask:
-        off = rng.choice(case.E, size=max(1, case.E // 3), replace=False)
-        m[off] = 0
-    return m
+        for row in m:
+            row[rng.choice(n, size=max(1, n // 3), replace=False)] = 0
+    return m.ravel()
 
 
 def _token_mask(case, rng):
@@ -177,10 +190,11 @@ def build(case):
         expert_mask=emask if case.expert_mask else None,
         token_mask=tmask if case.token_mask else None,
         selection_bias=bias,
+        groups=case.groups,
     )
     out = routing.forward(zr, **opts)
     k = out["k"]
-    dweights = rng.normal(0.0, 1.0, size=(case.T, k)).astype(np.float32)
+    dweights = rng.normal(0.0, 1.0, size=(case.T * case.groups, k)).astype(np.float32)
     dz = routing.backward(zr, dweights, case.lb_coef, case.z_coef, **opts)
 
     tensors = {
@@ -212,6 +226,7 @@ def build(case):
         "renormalize": golden.flag(case.renormalize),
         "lb_coef": repr(float(case.lb_coef)),
         "z_coef": repr(float(case.z_coef)),
+        "groups": str(case.groups),
     }
     return tensors, metadata
 

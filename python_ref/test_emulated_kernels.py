@@ -454,16 +454,17 @@ def routing_inputs(z_bits, dtype, k, score, renormalize, emask, tmask, bias, dwe
 
 
 def check_routing(emu, z, k, score="softmax", renormalize=False, emask=None, tmask=None, bias=None, dtype="f32",
-                  schedule="forward", seed=0, **extra):
+                  schedule="forward", seed=0, groups=1, **extra):
     z_bits = to_bits(z, dtype).reshape(z.shape)
     z = from_bits(z_bits, dtype)  # the reference rounds inputs to the element type first
-    ref = routing.forward(z, k, score, renormalize, emask, tmask, bias)
-    dw = np.random.default_rng(seed).normal(size=(z.shape[0], ref["k"])).astype(np.float32)
-    dz = routing.backward(z, dw, 0.5, 0.125, k, score, renormalize, emask, tmask, bias)
-    out = emu("routing", routing_inputs(z_bits, dtype, k, score, renormalize, emask, tmask, bias, dw, **extra), schedule)
+    ref = routing.forward(z, k, score, renormalize, emask, tmask, bias, groups)
+    dw = np.random.default_rng(seed).normal(size=(z.shape[0] * groups, ref["k"])).astype(np.float32)
+    dz = routing.backward(z, dw, 0.5, 0.125, k, score, renormalize, emask, tmask, bias, groups)
+    inputs = routing_inputs(z_bits, dtype, k, score, renormalize, emask, tmask, bias, dw, groups=u64(groups), **extra)
+    out = emu("routing", inputs, schedule)
     assert "error_kind" not in out, out.get("error_message")
     assert (out["report"][:2] == CLEAN).all() and out["backward_status"][0] == CLEAN
-    tokens, kk = z.shape[0], ref["k"]
+    tokens, kk = z.shape[0] * groups, ref["k"]
     for name in ("indices", "row_of_slot"):
         np.testing.assert_array_equal(out[name].reshape(tokens, kk), ref[name], err_msg=name)
     for name in ("counts", "offsets", "token_of_row"):
@@ -547,6 +548,33 @@ def test_routing_edges(emu, name, tokens, experts, k):
     out = check_routing(emu, z, k, "softmax", False, schedule=schedule_of(name))
     if name == "opt-in shared memory":
         assert out["forward_shared_bytes"][0] > 48 * 1024
+
+
+# Grouped routing (FAME's per-head routers): (T, G, N), k per group.
+GROUPED_ROUTING_CASES = [
+    ((13, 4, 4), "all", "softmax", False), ((11, 3, 6), 2, "sigmoid", True), ((9, 5, 1), 1, "softmax", True),
+    ((7, 2, 40), 3, "softmax", True), ((10, 3, 5), "all", "sigmoid", False),
+]
+
+
+@pytest.mark.parametrize("shape, k, score, renormalize", GROUPED_ROUTING_CASES, ids=map(repr, GROUPED_ROUTING_CASES))
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_routing_matches_reference(emu, shape, k, score, renormalize, masked):
+    tokens, groups, n = shape
+    rng = np.random.default_rng(zlib.crc32(repr((shape, k, score, renormalize, masked)).encode()))
+    z = rng.normal(0, 2, size=(tokens, groups * n))
+    z[rng.random(z.shape) < 0.05] = -np.inf
+    z[:, ::n] = rng.normal(size=(tokens, groups))  # every group of every row keeps a finite logit
+    emask = tmask = bias = None
+    if masked:
+        pattern = (rng.random(n) < 0.75).astype(np.uint32)
+        pattern[0] = 1
+        emask = np.tile(pattern, groups)
+        tmask = (rng.random(tokens) < 0.8).astype(np.uint32)
+        bias = rng.normal(size=groups * n).astype(np.float32)
+        if k != "all":
+            k = min(k, int(pattern.sum()))
+    check_routing(emu, z, k, score, renormalize, emask, tmask, bias, groups=groups, schedule=schedule_of(*shape))
 
 
 def test_routing_all_tokens_masked(emu):
@@ -662,7 +690,8 @@ def test_routing_golden_file(emu, path):
     z_bits = to_bits(t["logits"], dtype).reshape(t["logits"].shape)
     inputs = routing_inputs(z_bits, dtype, k, meta["score"], meta["renormalize"] == "true", t.get("expert_mask"),
                             t.get("token_mask"), t.get("selection_bias"), t["dweights"],
-                            lb_coef=np.float32(float(meta["lb_coef"])), z_coef=np.float32(float(meta["z_coef"])))
+                            lb_coef=np.float32(float(meta["lb_coef"])), z_coef=np.float32(float(meta["z_coef"])),
+                            groups=u64(int(meta["groups"])))
     out = emu("routing", inputs, schedule_of(path.stem))
     assert "error_kind" not in out, out.get("error_message")
     for name in ("indices", "counts", "offsets", "token_of_row", "row_of_slot"):

@@ -241,6 +241,26 @@ def _separated_logits(rng, t, e, bias):
     return z
 
 
+def _assert_finite_differences(z, dw, lb_coef, z_coef, opts, dz):
+    """dz equals central differences of the loss at every finite logit, with
+    steps too small to change the selection."""
+    _, base = _loss(z, dw, lb_coef, z_coef, opts)
+    h = 1e-5
+    fd = np.zeros_like(z)
+    for i, j in np.ndindex(*z.shape):
+        if not np.isfinite(z[i, j]):
+            continue
+        zp, zm = z.copy(), z.copy()
+        zp[i, j] += h
+        zm[i, j] -= h
+        lp, outp = _loss(zp, dw, lb_coef, z_coef, opts)
+        lm, outm = _loss(zm, dw, lb_coef, z_coef, opts)
+        np.testing.assert_array_equal(outp["indices"], base["indices"])  # selection held
+        np.testing.assert_array_equal(outm["indices"], base["indices"])
+        fd[i, j] = (lp - lm) / (2 * h)
+    np.testing.assert_allclose(dz, fd, atol=1e-7, rtol=1e-6)
+
+
 OPTION_GRID = list(
     itertools.product(
         ["softmax", "sigmoid"], [False, True], [1, 2, "all"], ["none", "expert", "token", "both"], [False, True]
@@ -266,21 +286,7 @@ def test_backward_matches_finite_differences(score, renormalize, k, masks, with_
     dz = routing.backward(z, dw, lb_coef, z_coef, **opts)
     assert np.all(np.isfinite(dz))
 
-    _, base = _loss(z, dw, lb_coef, z_coef, opts)
-    h = 1e-5
-    fd = np.zeros_like(z)
-    for i, j in np.ndindex(*z.shape):
-        if not np.isfinite(z[i, j]):
-            continue
-        zp, zm = z.copy(), z.copy()
-        zp[i, j] += h
-        zm[i, j] -= h
-        lp, outp = _loss(zp, dw, lb_coef, z_coef, opts)
-        lm, outm = _loss(zm, dw, lb_coef, z_coef, opts)
-        np.testing.assert_array_equal(outp["indices"], base["indices"])  # selection held
-        np.testing.assert_array_equal(outm["indices"], base["indices"])
-        fd[i, j] = (lp - lm) / (2 * h)
-    np.testing.assert_allclose(dz, fd, atol=1e-7, rtol=1e-6)
+    _assert_finite_differences(z, dw, lb_coef, z_coef, opts, dz)
     if emask is not None:
         assert np.all(dz[:, emask == 0] == 0)
     if tmask is not None:
@@ -334,6 +340,78 @@ def test_sigmoid_gradient_where_the_scores_underflow(logits, kwargs, dweights, l
     # logit by -700 changes sigmoid ratios by less than e^-89.
     dz = routing.backward(z - 700, np.array(dweights, dtype=np.float64), lb_coef, 0.0, score="sigmoid", **kwargs)
     assert np.all(np.isfinite(dz))
+
+
+# ---------------------------------------------------------------- groups
+
+
+def test_grouped_hand_checked():
+    z = np.array([[0.0, 1.0, 2.0, 2.0], [3.0, 0.0, 0.0, 0.0]])
+    out = routing.forward(z, "all", groups=2)
+    assert out["k"] == 2
+    assert out["indices"].tolist() == [[1, 0], [2, 3], [0, 1], [2, 3]]
+    assert out["token_of_row"].tolist() == [0, 2, 0, 2, 1, 3, 1, 3]
+    assert out["row_of_slot"].tolist() == [[2, 0], [4, 6], [1, 3], [5, 7]]
+    assert out["weights"][1].tolist() == [0.5, 0.5]
+    np.testing.assert_allclose(out["weights"].sum(axis=1), 1.0, rtol=1e-12)
+    assert out["lb_loss"] == pytest.approx(1.0)  # k = all: balanced in every group
+    lse = [np.log(np.exp(0) + np.exp(1)), 2 + np.log(2), 3 + np.log(1 + np.exp(-3)), np.log(2)]
+    assert out["z_loss"] == pytest.approx(np.mean(np.square(lse)))
+
+
+def test_one_group_is_plain_routing():
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(7, 6))
+    for k in (2, "all"):
+        plain, grouped = routing.forward(z, k), routing.forward(z, k, groups=1)
+        for name, value in plain.items():
+            np.testing.assert_array_equal(np.asarray(grouped[name]), np.asarray(value))
+
+
+def test_grouped_load_balance_is_the_mean_over_groups():
+    # Group 0 all on its expert 0 (loss 2 * f . P), group 1 balanced (loss 1).
+    z = np.array([[2.0, 0.0, 3.0, 0.0], [2.0, 0.0, 0.0, 3.0]])
+    out = routing.forward(z, 1, groups=2)
+    p0 = 1 / (1 + np.exp(-2.0))
+    assert out["lb_loss"] == pytest.approx((2 * p0 + 1.0) / 2)
+    assert out["counts"].tolist() == [2, 0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "score,renormalize,k,masks",
+    [("softmax", False, "all", False), ("sigmoid", True, 2, True), ("softmax", True, 1, True), ("sigmoid", False, 1, False)],
+)
+def test_grouped_backward_matches_finite_differences(score, renormalize, k, masks):
+    rng = np.random.default_rng(zlib.crc32(repr((score, renormalize, k, masks)).encode()))
+    t, groups, n = 4, 3, 4
+    z = np.concatenate([_separated_logits(rng, t, n, None) for _ in range(groups)], axis=1)
+    emask = np.array([1, 0, 1, 1, 1, 1, 0, 1, 0, 1, 1, 1]) if masks else None
+    tmask = np.array([1, 1, 0, 1]) if masks else None
+    opts = dict(k=k, score=score, renormalize=renormalize, expert_mask=emask, token_mask=tmask, groups=groups)
+    k_res = routing.forward(z, **opts)["k"]
+    dw = rng.normal(size=(t * groups, k_res))
+    lb_coef, z_coef = 0.7, 0.3
+    dz = routing.backward(z, dw, lb_coef, z_coef, **opts)
+    _assert_finite_differences(z, dw, lb_coef, z_coef, opts, dz)
+    assert np.any(dz != 0)
+
+
+def test_grouped_errors():
+    z = np.zeros((2, 6))
+    for groups in (0, 4, 2.0, True):
+        with pytest.raises(ValueError, match="groups"):
+            routing.forward(z, 1, groups=groups)
+    with pytest.raises(ValueError, match="k"):
+        routing.forward(z, 4, groups=2)
+    with pytest.raises(ValueError, match="k"):  # groups of 3 and 2 active experts
+        routing.forward(z, "all", groups=2, expert_mask=[1, 1, 1, 0, 1, 1])
+    assert routing.forward(z, 2, groups=2, expert_mask=[1, 1, 1, 0, 1, 1])["k"] == 2
+    with pytest.raises(ValueError, match="dweights"):
+        routing.backward(z, np.zeros((2, 1)), 0.0, 0.0, 1, groups=2)
+    z[1, 3:] = -np.inf  # token 1's second group: all -inf
+    with pytest.raises(NonFinite) as err:
+        routing.forward(z, 1, groups=2, expert_mask=[1, 1, 1, 0, 1, 1])
+    assert (err.value.row, err.value.column) == (1, 4)
 
 
 # ---------------------------------------------------------------- errors

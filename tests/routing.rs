@@ -54,6 +54,7 @@ struct Problem<T> {
     dweights: Vec<f32>,
     lb_coef: f32,
     z_coef: f32,
+    groups: usize,
 }
 
 impl<T: FloatElement> Problem<T> {
@@ -64,15 +65,16 @@ impl<T: FloatElement> Problem<T> {
         let bias = self.selection_bias.clone().map(|b| tensor(b, &[self.experts], device));
         let mut options = RoutingOptions::new(self.k)
             .with_score(self.score)
-            .with_renormalize(self.renormalize);
+            .with_renormalize(self.renormalize)
+            .with_groups(self.groups);
         options.expert_mask = expert_mask.as_ref();
         options.token_mask = token_mask.as_ref();
         options.selection_bias = bias.as_ref();
         let (out, saved) = routing::forward(&logits, &options)?;
-        let k = saved.config().k;
-        let dweights = tensor(self.dweights[..self.tokens * k].to_vec(), &[self.tokens, k], device);
+        let (k, rows) = (saved.config().k, self.tokens * self.groups);
+        let dweights = tensor(self.dweights[..rows * k].to_vec(), &[rows, k], device);
         let dlogits = routing::backward(&logits, &dweights, self.lb_coef, self.z_coef, &saved)?;
-        assert_eq!(out.indices.shape(), &[self.tokens, k]);
+        assert_eq!(out.indices.shape(), &[rows, k]);
         assert_eq!(dlogits.shape(), &[self.tokens, self.experts]);
         Ok(Outputs {
             indices: out.indices.to_vec()?,
@@ -89,8 +91,23 @@ impl<T: FloatElement> Problem<T> {
     }
 
     /// Fresh logits N(0, 2)-ish with a few exact ties and -inf entries, and
-    /// the options asked for.
+    /// the options asked for; one group.
     fn random(seed: u64, tokens: usize, experts: usize, k: TopK, score: Score, masked: bool) -> Problem<T> {
+        Self::random_grouped(seed, tokens, experts, 1, k, score, masked)
+    }
+
+    /// As `random`, with `groups` groups of experts (the expert mask repeats
+    /// one group's pattern, so every group has as many active experts).
+    fn random_grouped(
+        seed: u64,
+        tokens: usize,
+        experts: usize,
+        groups: usize,
+        k: TopK,
+        score: Score,
+        masked: bool,
+    ) -> Problem<T> {
+        let group_experts = experts / groups;
         let mut rng = Rng::new(seed);
         let mut logits: Vec<T> = (0..tokens * experts)
             .map(|_| match rng.below(40) {
@@ -99,15 +116,17 @@ impl<T: FloatElement> Problem<T> {
                 _ => T::from_f32(2.0 * rng.signed_unit()),
             })
             .collect();
-        for row in logits.chunks_mut(experts) {
+        for row in logits.chunks_mut(group_experts) {
             row[0] = T::from_f32(rng.signed_unit()); // never an all -inf row
         }
         let expert_mask = masked.then(|| {
-            let mut mask: Vec<u32> = (0..experts).map(|_| u32::from(rng.below(4) != 0)).collect();
+            let mut mask: Vec<u32> = (0..group_experts).map(|_| u32::from(rng.below(4) != 0)).collect();
             mask[0] = 1;
-            mask
+            mask.repeat(groups)
         });
-        let active = expert_mask.as_ref().map_or(experts, |m| m.iter().sum::<u32>() as usize);
+        let active = expert_mask
+            .as_ref()
+            .map_or(group_experts, |m| m[..group_experts].iter().sum::<u32>() as usize);
         let k = match k {
             TopK::K(k) => TopK::K(k.min(active)),
             all => all,
@@ -125,6 +144,7 @@ impl<T: FloatElement> Problem<T> {
             dweights: (0..tokens * experts).map(|_| rng.signed_unit()).collect(),
             lb_coef: 0.5,
             z_coef: 0.125,
+            groups,
         }
     }
 }
@@ -153,6 +173,7 @@ fn golden_problem<T: FloatElement>(golden: &Golden) -> Problem<T> {
         dweights: golden.tensor("dweights").f32(),
         lb_coef: golden.meta("lb_coef").parse().unwrap(),
         z_coef: golden.meta("z_coef").parse().unwrap(),
+        groups: golden.meta("groups").parse().unwrap(),
     }
 }
 
@@ -282,18 +303,41 @@ fn cpu_and_cuda_agree_on_fresh_inputs() {
     // an expert count that opts in to more shared memory.
     parity_case::<bf16>(&cuda, 70_000, 8, TopK::K(2), true);
     parity_case::<f32>(&cuda, 64, 4096, TopK::K(4), false);
+    // Grouped: FAME's heads, groups of one expert, and rows wider than a warp.
+    for &(tokens, experts, groups, k) in &[
+        (300, 32, 4, TopK::All),
+        (300, 24, 3, TopK::K(2)),
+        (200, 6, 6, TopK::K(1)),
+        (100, 200, 2, TopK::K(8)),
+    ] {
+        for masked in [false, true] {
+            for score in [Score::Softmax, Score::Sigmoid] {
+                let seed = (tokens * 31 + experts * 7 + groups) as u64 + score as u64;
+                let problem = Problem::<bf16>::random_grouped(seed, tokens, experts, groups, k, score, masked);
+                let what = format!("T{tokens} E{experts} G{groups} {k:?} {score:?} masked {masked}");
+                assert_parity(
+                    &what,
+                    &problem.run(&Device::cpu()).unwrap(),
+                    &problem.run(&cuda).unwrap(),
+                );
+            }
+        }
+    }
 }
 
 #[test]
 fn outputs_are_bitwise_identical_across_runs_and_thread_counts() {
-    let problem = Problem::<bf16>::random(42, 3000, 96, TopK::K(4), Score::Softmax, true);
-    for device in devices() {
-        let first = problem.run(&device).unwrap();
-        let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        let second = single.install(|| problem.run(&device).unwrap());
-        assert_eq!(first.indices, second.indices, "{device}");
-        assert_eq!(first.token_of_row, second.token_of_row, "{device}");
-        assert_eq!(first.float_bits(), second.float_bits(), "{device}: floats");
+    let plain = Problem::<bf16>::random(42, 3000, 96, TopK::K(4), Score::Softmax, true);
+    let grouped = Problem::<bf16>::random_grouped(43, 1000, 96, 4, TopK::K(3), Score::Sigmoid, true);
+    for problem in [plain, grouped] {
+        for device in devices() {
+            let first = problem.run(&device).unwrap();
+            let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let second = single.install(|| problem.run(&device).unwrap());
+            assert_eq!(first.indices, second.indices, "{device}");
+            assert_eq!(first.token_of_row, second.token_of_row, "{device}");
+            assert_eq!(first.float_bits(), second.float_bits(), "{device}: floats");
+        }
     }
 }
 
@@ -781,5 +825,155 @@ fn renormalised_weights_are_exact_ratios_where_the_scores_underflow() {
                 &[0.0, w1 * w2, -w1 * w2],
             );
         }
+    }
+}
+
+/// Grouped routing is G routers side by side: each group's indices (offset to
+/// global experts), weights, counts and gate mass are those of an ungrouped
+/// router over its columns; the losses are the means over the groups, so the
+/// gradients are each group's with coefficients / G; the plan's rows name
+/// routing rows t * G + g.
+#[test]
+fn grouped_routing_is_each_group_routed_alone() {
+    let (tokens, groups, group_experts) = (37, 3, 5);
+    let experts = groups * group_experts;
+    let tolerance = rtol::<f32>(true);
+    let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+    for device in devices() {
+        for (seed, k) in [(1, TopK::K(1)), (2, TopK::K(2)), (3, TopK::All)] {
+            for score in [Score::Softmax, Score::Sigmoid] {
+                let grouped = Problem::<f32>::random_grouped(seed, tokens, experts, groups, k, score, true);
+                let out = grouped.run(&device).unwrap();
+                let kk = out.indices.len() / (tokens * groups);
+                let what = format!("{device} {k:?} {score:?}");
+                let mut token_of_row = Vec::new();
+                let mut losses = [0f64; 2];
+                for g in 0..groups {
+                    let columns = g * group_experts..(g + 1) * group_experts;
+                    let alone = Problem::<f32> {
+                        tokens,
+                        experts: group_experts,
+                        logits: grouped
+                            .logits
+                            .chunks(group_experts)
+                            .skip(g)
+                            .step_by(groups)
+                            .flatten()
+                            .copied()
+                            .collect(),
+                        expert_mask: grouped.expert_mask.as_ref().map(|m| m[columns.clone()].to_vec()),
+                        selection_bias: grouped.selection_bias.as_ref().map(|b| b[columns.clone()].to_vec()),
+                        dweights: grouped.dweights[..tokens * groups * kk]
+                            .chunks(kk)
+                            .skip(g)
+                            .step_by(groups)
+                            .flatten()
+                            .copied()
+                            .collect(),
+                        lb_coef: grouped.lb_coef / groups as f32,
+                        z_coef: grouped.z_coef / groups as f32,
+                        groups: 1,
+                        token_mask: grouped.token_mask.clone(),
+                        ..grouped
+                    }
+                    .run(&device)
+                    .unwrap();
+                    for t in 0..tokens {
+                        let (row, slots) = (t * groups + g, t * kk..(t + 1) * kk);
+                        let global: Vec<u32> = alone.indices[slots.clone()]
+                            .iter()
+                            .map(|&e| if e == u32::MAX { e } else { e + columns.start as u32 })
+                            .collect();
+                        assert_eq!(out.indices[row * kk..(row + 1) * kk], global, "{what}: indices");
+                        assert_eq!(
+                            out.weights[row * kk..(row + 1) * kk],
+                            alone.weights[slots],
+                            "{what}: weights"
+                        );
+                        let dlogits: Vec<f32> = (0..group_experts)
+                            .map(|c| out.dlogits[t * experts + columns.start + c])
+                            .collect();
+                        assert_close(
+                            &format!("{what}: dlogits"),
+                            &f64s(&dlogits),
+                            &f64s(&alone.dlogits[t * group_experts..(t + 1) * group_experts]),
+                            tolerance,
+                        );
+                    }
+                    assert_eq!(out.counts[columns.clone()], alone.counts[..], "{what}: counts");
+                    assert_close(
+                        &format!("{what}: gate mass"),
+                        &f64s(&out.gate_mass[columns.clone()]),
+                        &f64s(&alone.gate_mass),
+                        tolerance,
+                    );
+                    token_of_row.push(
+                        alone
+                            .token_of_row
+                            .iter()
+                            .map(|&t| t * groups as u32 + g as u32)
+                            .collect::<Vec<_>>(),
+                    );
+                    losses[0] += f64::from(alone.lb_loss) / groups as f64;
+                    losses[1] += f64::from(alone.z_loss) / groups as f64;
+                }
+                let actual = f64s(&[out.lb_loss, out.z_loss]);
+                assert_close(&format!("{what}: losses"), &actual, &losses, tolerance);
+                // Rows grouped by expert: group 0's experts first.
+                assert_eq!(out.token_of_row, token_of_row.concat(), "{what}: token_of_row");
+            }
+        }
+    }
+}
+
+#[test]
+fn grouped_routing_refuses_what_plain_routing_refuses() {
+    for device in devices() {
+        let logits = zeros(&[2, 6], &device);
+        for groups in [0, 4] {
+            let options = RoutingOptions::new(TopK::K(1)).with_groups(groups);
+            let error = routing::forward(&logits, &options).unwrap_err();
+            assert!(
+                matches!(error, Error::InvalidArgument { argument: "groups", .. }),
+                "{device}: {error}"
+            );
+        }
+        let mask = tensor(vec![1u32, 1, 1, 0, 1, 1], &[6], &device);
+        for k in [TopK::K(3), TopK::All] {
+            let options = RoutingOptions::new(k).with_groups(2).with_expert_mask(&mask);
+            let error = routing::forward(&logits, &options).unwrap_err();
+            assert!(
+                matches!(error, Error::InvalidArgument { argument: "k", .. }),
+                "{device} {k:?}: {error}"
+            );
+        }
+        let options = RoutingOptions::new(TopK::K(2)).with_groups(2).with_expert_mask(&mask);
+        let (out, saved) = routing::forward(&logits, &options).unwrap();
+        assert_eq!(out.indices.shape(), &[4, 2], "{device}");
+        let error = routing::backward(&logits, &zeros(&[2, 2], &device), 0.0, 0.0, &saved).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                Error::ShapeMismatch {
+                    argument: "dweights",
+                    ..
+                }
+            ),
+            "{device}: {error}"
+        );
+
+        // Token 1's second group is all -inf: its first active column, 4.
+        let mut values = vec![0f32; 12];
+        values[9..].fill(f32::NEG_INFINITY);
+        let bad = tensor(values, &[2, 6], &device);
+        let expected = Error::NonFinite {
+            argument: "logits",
+            row: 1,
+            column: 4,
+        };
+        assert_eq!(routing::forward(&bad, &options).unwrap_err(), expected, "{device}");
+        let dweights = zeros(&[4, 2], &device);
+        let error = routing::backward(&bad, &dweights, 0.0, 0.0, &saved).unwrap_err();
+        assert_eq!(error, expected, "{device}: backward");
     }
 }

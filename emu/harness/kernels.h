@@ -54,23 +54,24 @@ EMU_EMBEDDING_UPDATES(f16, __half)
 // kernels/routing.cu
 #define EMU_ROUTING(suffix, T)                                                                              \
   void routing_forward_##suffix(const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask,   \
-                                const float* selection_bias, unsigned long long tokens, uint32_t experts,   \
-                                uint32_t k, uint32_t first_active, uint32_t flags, uint32_t group_size,     \
-                                uint32_t rows_per_group, uint32_t* indices, float* weights,                 \
-                                uint32_t* expert_keys, float* partials, unsigned long long* status);        \
+                                const float* selection_bias, unsigned long long rows, uint32_t experts,     \
+                                uint32_t groups, uint32_t group_experts, uint32_t k, uint32_t flags,        \
+                                uint32_t group_size, uint32_t rows_per_group, uint32_t* indices,            \
+                                float* weights, uint32_t* expert_keys, float* partials,                     \
+                                unsigned long long* status);                                                \
   void routing_backward_##suffix(const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask,  \
                                  const uint32_t* indices, const float* dweights, const float* grad_scales,  \
-                                 float lb_coef, float z_coef, unsigned long long tokens, uint32_t experts,  \
-                                 uint32_t k, uint32_t first_active, uint32_t flags, uint32_t group_size,    \
-                                 float* dlogits, unsigned long long* status);
+                                 float lb_coef, float z_coef, unsigned long long rows, uint32_t experts,    \
+                                 uint32_t groups, uint32_t group_experts, uint32_t k, uint32_t flags,       \
+                                 uint32_t group_size, float* dlogits, unsigned long long* status);
 EMU_ROUTING(f32, float)
 EMU_ROUTING(bf16, __nv_bfloat16)
 EMU_ROUTING(f16, __half)
 #undef EMU_ROUTING
 void routing_reduce_partials(const float* partials, uint32_t blocks, uint32_t columns, float* totals);
 void routing_finalize(const float* totals, const uint32_t* counts, const uint32_t* offsets,
-                      const uint32_t* expert_mask, uint32_t experts, uint32_t k, uint32_t active_experts,
-                      float* gate_mass, float* lb_loss, float* z_loss, float* grad_scales);
+                      const uint32_t* expert_mask, uint32_t experts, uint32_t groups, uint32_t group_experts,
+                      uint32_t k, float* gate_mass, float* lb_loss, float* z_loss, float* grad_scales);
 void routing_plan_counts(const uint32_t* group_keys, const uint32_t* group_starts, const uint32_t* group_count,
                          uint32_t experts, uint32_t* counts, uint32_t* offsets, unsigned long long* rows_out);
 void routing_plan_rows(const uint32_t* order, uint32_t slots, uint32_t k, const uint32_t* offsets,

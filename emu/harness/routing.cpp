@@ -1,4 +1,4 @@
-// src/ops/routing/{mod,cuda}.rs on the emulator: RoutingConfig::new, the
+// src/ops/routing/{mod,cuda}.rs on the emulator: RoutingConfig::new_grouped, the
 // fused forward kernel (RowLayout, rows per group, rank or rounds), the plan
 // through the grouping primitive, the fixed-order statistics, the report ->
 // errors, then the backward with its own status word.
@@ -22,9 +22,7 @@
 namespace harness {
 namespace {
 
-constexpr uint64_t kForwardRowWords = 5;   // FORWARD_ROW_WORDS
 constexpr uint64_t kBackwardRowWords = 2;  // BACKWARD_ROW_WORDS
-constexpr uint64_t kForwardGroupWords = 1;
 constexpr uint64_t kDefaultSharedBytes = 48 * 1024;
 constexpr uint64_t kMaxWarpsPerBlock = 8;
 constexpr uint32_t kFinalizeThreads = 256;
@@ -32,34 +30,38 @@ constexpr uint32_t kFlagSigmoid = 1, kFlagRenormalize = 2, kFlagRankSelection = 
 constexpr uint64_t kNullPointer = 0;  // NULL_POINTER, pushed for an absent operand
 
 struct RoutingConfig {
-  uint64_t tokens, experts, k, active_experts, first_active;
+  uint64_t tokens, experts, groups, k;
   bool sigmoid, renormalize;
-  uint64_t slots() const { return tokens * k; }
+  uint64_t group_experts() const { return experts / groups; }
+  uint64_t routing_rows() const { return tokens * groups; }
+  uint64_t slots() const { return routing_rows() * k; }
 };
 
-// RoutingConfig::new (k == 0 stands for TopK::All).
-RoutingConfig make_config(uint64_t tokens, uint64_t experts, uint64_t k, bool sigmoid, bool renormalize,
-                          const std::optional<std::vector<uint32_t>>& expert_mask) {
+// RoutingConfig::new_grouped (k == 0 stands for TopK::All).
+RoutingConfig make_config(uint64_t tokens, uint64_t experts, uint64_t groups, uint64_t k, bool sigmoid,
+                          bool renormalize, const std::optional<std::vector<uint32_t>>& expert_mask) {
   if (experts == 0 || experts >= 0xffffffffull) throw invalid("logits", "expected 1 <= E < 2^32 - 1 experts");
-  uint64_t active = experts, first_active = 0;
+  if (groups == 0 || experts % groups != 0) throw invalid("groups", "expected a divisor of E");
+  const uint64_t n = experts / groups;
+  std::vector<uint64_t> active(groups, n);
   if (expert_mask) {
     check_len("expert_mask", expert_mask->size(), experts);
-    active = 0;
-    bool found = false;
     for (size_t e = 0; e < experts; ++e) {
       const uint32_t m = (*expert_mask)[e];
       if (m > 1) throw invalid("expert_mask", "expected entries 0 or 1, got " + std::to_string(m) + " at position " + std::to_string(e));
-      if (m == 1) {
-        ++active;
-        if (!found) first_active = e;
-        found = true;
-      }
+      if (m == 0) --active[e / n];
     }
   }
-  if (k == 0) k = active;
-  if (k == 0 || k > active) throw invalid("k", "expected 1..=" + std::to_string(active) + ", got " + std::to_string(k));
-  if (tokens * k >= 0xffffffffull) throw invalid("logits", "T * k must be < 2^32 - 1");
-  return RoutingConfig{tokens, experts, k, active, first_active, sigmoid, renormalize};
+  const uint64_t fewest = *std::min_element(active.begin(), active.end());
+  if (k == 0) {
+    if (std::any_of(active.begin(), active.end(), [&](uint64_t a) { return a != active[0]; })) {
+      throw invalid("k", "TopK::All needs as many active experts in every group");
+    }
+    k = fewest;
+  }
+  if (k == 0 || k > fewest) throw invalid("k", "expected 1..=" + std::to_string(fewest) + ", got " + std::to_string(k));
+  if (tokens * groups * k >= 0xffffffffull) throw invalid("logits", "T * G * k must be < 2^32 - 1");
+  return RoutingConfig{tokens, experts, groups, k, sigmoid, renormalize};
 }
 
 struct RowLayout {
@@ -78,19 +80,24 @@ uint64_t next_power_of_two(uint64_t x) {
   return p;
 }
 
+// forward_words: per lane group, 3 words per column, 2 per expert, 1.
+uint64_t forward_words(const RoutingConfig& c) { return 3 * c.group_experts() + 2 * c.experts + 1; }
+
 // RowLayout::new; `opt_in` is cuFuncSetAttribute on the launched function.
 template <class OptIn>
-RowLayout row_layout(uint64_t experts, uint64_t words_per_expert, uint64_t words_per_group, OptIn opt_in) {
-  const uint64_t group_size = std::min<uint64_t>(next_power_of_two(experts), 32);
+RowLayout row_layout(const RoutingConfig& c, uint64_t words, OptIn opt_in) {
+  const uint64_t columns = c.group_experts(), experts = c.experts;
+  const uint64_t group_size = std::min<uint64_t>(next_power_of_two(columns), 32);
   const uint64_t groups_per_warp = 32 / group_size;
-  const uint64_t warp_bytes = groups_per_warp * (words_per_expert * experts + words_per_group) * 4;
+  const uint64_t warp_bytes = groups_per_warp * words * 4;
   const uint64_t warps = std::clamp<uint64_t>(kDefaultSharedBytes / warp_bytes, 1, kMaxWarpsPerBlock);
   const uint64_t shared_bytes = warps * warp_bytes;
   if (shared_bytes > kDefaultSharedBytes) {
     const uint64_t limit = emu::kMaxDynamicSharedBytes;  // CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
     if (shared_bytes > limit) {
       // CudaDevice::allow_dynamic_shared; the emulator has no static shared memory to count.
-      throw invalid("logits", "one row of " + std::to_string(experts) + " experts needs 0 + " +
+      throw invalid("logits", "one row of " + std::to_string(columns) + " experts (of " + std::to_string(experts) +
+                                  ") needs 0 + " +
                                   std::to_string(shared_bytes) +
                                   " bytes of shared memory per block on CUDA; this device allows " +
                                   std::to_string(limit));
@@ -102,9 +109,9 @@ RowLayout row_layout(uint64_t experts, uint64_t words_per_expert, uint64_t words
 
 // row_flags, with the selection override.
 uint32_t row_flags(const RoutingConfig& c, uint32_t group_size, const std::string& selection) {
-  const uint64_t experts_per_lane = (c.experts + group_size - 1) / group_size;
-  const uint64_t round_cost = c.k * (experts_per_lane + 2 * __builtin_ctz(group_size));
-  const uint64_t rank_cost = experts_per_lane * c.experts;
+  const uint64_t columns_per_lane = (c.group_experts() + group_size - 1) / group_size;
+  const uint64_t round_cost = c.k * (columns_per_lane + 2 * __builtin_ctz(group_size));
+  const uint64_t rank_cost = columns_per_lane * c.group_experts();
   uint32_t flags = 0;
   if (c.sigmoid) flags |= kFlagSigmoid;
   if (c.renormalize) flags |= kFlagRenormalize;
@@ -165,8 +172,10 @@ void routing(const Bundle& in, Bundle& out) {
   const std::vector<T> logits_host = bits_vector<T>(in, "logits");
   check_len("logits", logits_host.size(), tokens * experts);
   if (token_mask_host) check_len("token_mask", token_mask_host->size(), tokens);
-  const RoutingConfig config = make_config(tokens, experts, in.scalar<uint64_t>("k"), score == "sigmoid",
-                                           in.scalar<uint32_t>("renormalize", 0) != 0, expert_mask_host);
+  const RoutingConfig config = make_config(tokens, experts, in.scalar<uint64_t>("groups", 1), in.scalar<uint64_t>("k"),
+                                           score == "sigmoid", in.scalar<uint32_t>("renormalize", 0) != 0,
+                                           expert_mask_host);
+  const uint64_t rows = config.routing_rows();
   if (bias_host) {
     check_len("selection_bias", bias_host->size(), experts);
     for (size_t e = 0; e < experts; ++e) {
@@ -184,6 +193,8 @@ void routing(const Bundle& in, Bundle& out) {
   const uint32_t experts_arg = u32_arg("experts", experts);
   const uint32_t k_arg = u32_arg("k", config.k);
   const uint32_t slots_arg = u32_arg("T * k", slots);
+  const uint32_t groups_arg = u32_arg("groups", config.groups);
+  const uint32_t group_experts_arg = u32_arg("N", config.group_experts());
   DeviceBuffer<uint32_t> indices = alloc_uninit<uint32_t>(slots);
   DeviceBuffer<float> weights = alloc_uninit<float>(slots);
   DeviceBuffer<uint32_t> counts = alloc_zeros<uint32_t>(experts);
@@ -199,23 +210,22 @@ void routing(const Bundle& in, Bundle& out) {
   } else {
     // 1. The fused row kernel.
     const auto forward_kernel = Kernels<T>::forward;
-    const RowLayout layout = row_layout(experts, kForwardRowWords, kForwardGroupWords,
+    const RowLayout layout = row_layout(config, forward_words(config),
                                         [&](unsigned limit) { emu::set_max_dynamic_shared(forward_kernel, limit); });
-    const uint64_t rows_per_group = (tokens + layout.groups_per_block * forward_blocks - 1) /
+    const uint64_t rows_per_group = (rows + layout.groups_per_block * forward_blocks - 1) /
                                     (layout.groups_per_block * forward_blocks);
-    const uint64_t blocks = (tokens + layout.groups_per_block * rows_per_group - 1) /
+    const uint64_t blocks = (rows + layout.groups_per_block * rows_per_group - 1) /
                             (layout.groups_per_block * rows_per_group);
     const uint64_t columns = 2 * experts + 1;
     DeviceBuffer<uint32_t> expert_keys = alloc_uninit<uint32_t>(slots);
     DeviceBuffer<float> partials = alloc_uninit<float>(blocks * columns);
-    const uint64_t tokens_arg = tokens;
-    const uint32_t first_active_arg = u32_arg("first_active", config.first_active);
+    const uint64_t rows_arg = rows;
     const uint32_t flags = row_flags(config, layout.group_size, selection);
     const uint32_t rows_per_group_arg = u32_arg("rows", rows_per_group);
     emu::launch_kernel(Kernels<T>::forward_name, layout.launch_config(blocks), forward_kernel, logits.ptr(),
-                       expert_mask.pushed(), token_mask.pushed(), bias.pushed(), tokens_arg, experts_arg, k_arg,
-                       first_active_arg, flags, layout.group_size, rows_per_group_arg, indices.ptr(), weights.ptr(),
-                       expert_keys.ptr(), partials.ptr(), report.ptr());
+                       expert_mask.pushed(), token_mask.pushed(), bias.pushed(), rows_arg, experts_arg, groups_arg,
+                       group_experts_arg, k_arg, flags, layout.group_size, rows_per_group_arg, indices.ptr(),
+                       weights.ptr(), expert_keys.ptr(), partials.ptr(), report.ptr());
     out.put_scalar<uint64_t>("forward_group_size", layout.group_size);
     out.put_scalar<uint64_t>("forward_groups_per_block", layout.groups_per_block);
     out.put_scalar<uint64_t>("forward_shared_bytes", layout.shared_bytes);
@@ -223,7 +233,7 @@ void routing(const Bundle& in, Bundle& out) {
     out.put_scalar<uint64_t>("rows_per_group", rows_per_group);
     out.put_scalar<uint64_t>("flags", flags);
 
-    // 2. The plan: (token, slot) positions grouped by expert, E = no group.
+    // 2. The plan: (routing row, slot) positions grouped by expert, E = no group.
     DeviceGroups groups = group_by_key(expert_keys.ptr(), slots, experts + 1, experts_arg);
     unsigned long long* rows_word = report.ptr() + 2;
     EMU_LAUNCH(routing_plan_counts, grid_stride_config(experts + 1), static_cast<const uint32_t*>(groups.keys.ptr()),
@@ -239,12 +249,11 @@ void routing(const Bundle& in, Bundle& out) {
     const emu::LaunchConfig reduce_config{dim3(u32_arg("columns", (columns + 31) / 32)), dim3(32, 32, 1), 0};
     EMU_LAUNCH(routing_reduce_partials, reduce_config, static_cast<const float*>(partials.ptr()), blocks_arg,
                columns_arg, totals.ptr());
-    const uint32_t active_arg = u32_arg("active_experts", config.active_experts);
     const emu::LaunchConfig finalize_config{dim3(1), dim3(kFinalizeThreads), 0};
     EMU_LAUNCH(routing_finalize, finalize_config, static_cast<const float*>(totals.ptr()),
                static_cast<const uint32_t*>(counts.ptr()), static_cast<const uint32_t*>(offsets.ptr()),
-               expert_mask.pushed(), experts_arg, k_arg, active_arg, gate_mass.ptr(), lb_loss.ptr(), z_loss.ptr(),
-               grad_scales.ptr());
+               expert_mask.pushed(), experts_arg, groups_arg, group_experts_arg, k_arg, gate_mass.ptr(),
+               lb_loss.ptr(), z_loss.ptr(), grad_scales.ptr());
   }
 
   // routing::forward (op API): the one synchronisation.
@@ -286,17 +295,16 @@ void routing(const Bundle& in, Bundle& out) {
   DeviceBuffer<unsigned long long> status = new_status();
   if (tokens > 0) {
     const auto backward_kernel = Kernels<T>::backward;
-    const RowLayout layout = row_layout(experts, kBackwardRowWords, 0,
+    const RowLayout layout = row_layout(config, kBackwardRowWords * config.group_experts(),
                                         [&](unsigned limit) { emu::set_max_dynamic_shared(backward_kernel, limit); });
-    const uint64_t blocks = std::min((tokens + layout.groups_per_block - 1) / layout.groups_per_block, max_backward_blocks);
-    const uint64_t tokens_arg = tokens;
-    const uint32_t first_active_arg = u32_arg("first_active", config.first_active);
+    const uint64_t blocks = std::min((rows + layout.groups_per_block - 1) / layout.groups_per_block, max_backward_blocks);
+    const uint64_t rows_arg = rows;
     const uint32_t flags = row_flags(config, layout.group_size, selection);
     emu::launch_kernel(Kernels<T>::backward_name, layout.launch_config(blocks), backward_kernel,
                        static_cast<const T*>(logits.ptr()), expert_mask.pushed(), token_mask.pushed(),
                        static_cast<const uint32_t*>(indices.ptr()), static_cast<const float*>(dweights.ptr()),
-                       static_cast<const float*>(grad_scales.ptr()), lb_coef, z_coef, tokens_arg, experts_arg, k_arg,
-                       first_active_arg, flags, layout.group_size, dlogits.ptr(), status.ptr());
+                       static_cast<const float*>(grad_scales.ptr()), lb_coef, z_coef, rows_arg, experts_arg,
+                       groups_arg, group_experts_arg, k_arg, flags, layout.group_size, dlogits.ptr(), status.ptr());
     out.put_scalar<uint64_t>("backward_blocks", blocks);
   }
   out.put("backward_status", status.to_host());

@@ -154,10 +154,15 @@ impl Renormaliser {
     }
 }
 
-/// The active experts, ascending.
-fn active_list(expert_mask: Option<&[u32]>, experts: usize) -> Vec<usize> {
-    (0..experts)
-        .filter(|&c| expert_mask.map_or(true, |mask| mask[c] == 1))
+/// The active experts of each group, as columns within the group, ascending.
+fn active_lists(expert_mask: Option<&[u32]>, config: &RoutingConfig) -> Vec<Vec<usize>> {
+    let group_experts = config.group_experts();
+    (0..config.groups)
+        .map(|g| {
+            (0..group_experts)
+                .filter(|&c| expert_mask.map_or(true, |mask| mask[g * group_experts + c] == 1))
+                .collect()
+        })
         .collect()
 }
 
@@ -169,9 +174,10 @@ fn check_operands<T>(
     token_mask: Option<&[u32]>,
     config: &RoutingConfig,
 ) -> Result<()> {
-    let checked = RoutingConfig::new(
+    let checked = RoutingConfig::new_grouped(
         config.tokens,
         config.experts,
+        config.groups,
         TopK::K(config.k),
         config.score,
         config.renormalize,
@@ -193,7 +199,7 @@ fn check_operands<T>(
     Ok(())
 }
 
-/// Per-expert sums over one chunk of rows.
+/// Per-expert sums over one chunk of routing rows.
 struct ChunkSums {
     /// Sum over the rows of q = p / (sum of p), per expert.
     share: Vec<f32>,
@@ -201,8 +207,8 @@ struct ChunkSums {
     gate: Vec<f32>,
     /// Sum of lse^2.
     z: f32,
-    /// The chunk's first non-finite (row, column).
-    non_finite: Option<(usize, usize)>,
+    /// The chunk's first non-finite flat position in the logits.
+    non_finite: Option<usize>,
 }
 
 /// The operands of one forward, borrowed.
@@ -210,41 +216,46 @@ struct Forward<'a, T> {
     logits: &'a [T],
     token_mask: Option<&'a [u32]>,
     selection_bias: Option<&'a [f32]>,
-    active: &'a [usize],
+    /// Per group.
+    active: &'a [Vec<usize>],
     config: &'a RoutingConfig,
 }
 
 impl<T: FloatElement> Forward<'_, T> {
-    /// Routes rows `first..` into the chunk's `indices` and `weights`.
+    /// Routes routing rows `first..` (row r: token r / G within group r % G)
+    /// into the chunk's `indices` and `weights`.
     fn chunk(&self, first: usize, indices: &mut [u32], weights: &mut [f32]) -> ChunkSums {
-        let RoutingConfig { experts, k, .. } = *self.config;
+        let RoutingConfig { experts, groups, k, .. } = *self.config;
+        let group_experts = self.config.group_experts();
         let mut sums = ChunkSums {
             share: vec![0.0; experts],
             gate: vec![0.0; experts],
             z: 0.0,
             non_finite: None,
         };
-        let mut candidates = Vec::with_capacity(self.active.len());
+        let mut candidates = Vec::with_capacity(group_experts);
         for (i, (row_indices, row_weights)) in indices.chunks_mut(k).zip(weights.chunks_mut(k)).enumerate() {
-            let t = first + i;
-            if self.token_mask.is_some_and(|mask| mask[t] != 1) {
+            let r = first + i;
+            if self.token_mask.is_some_and(|mask| mask[r / groups] != 1) {
                 continue; // indices u32::MAX and weights 0 already
             }
-            let row = &self.logits[t * experts..(t + 1) * experts];
-            let stats = match RowStats::of(row, self.active, self.config.score) {
+            let base = (r % groups) * group_experts;
+            let active = &self.active[r % groups];
+            let row = &self.logits[r * group_experts..(r + 1) * group_experts];
+            let stats = match RowStats::of(row, active, self.config.score) {
                 Ok(stats) => stats,
                 Err(column) => {
-                    sums.non_finite = Some((t, column));
+                    sums.non_finite = Some(r * group_experts + column);
                     return sums;
                 }
             };
             sums.z += stats.lse() * stats.lse();
-            for &c in self.active {
-                sums.share[c] += stats.share(row[c].to_f32());
+            for &c in active {
+                sums.share[base + c] += stats.share(row[c].to_f32());
             }
             candidates.clear();
-            candidates.extend(self.active.iter().map(|&c| {
-                let bias = self.selection_bias.map_or(0.0, |b| b[c]);
+            candidates.extend(active.iter().map(|&c| {
+                let bias = self.selection_bias.map_or(0.0, |b| b[base + c]);
                 candidate(selection_key(row[c].to_f32(), bias), c)
             }));
             if k < candidates.len() {
@@ -252,29 +263,29 @@ impl<T: FloatElement> Forward<'_, T> {
                 candidates.truncate(k);
             }
             candidates.sort_unstable_by(|a, b| b.cmp(a));
-            for (slot, &winner) in row_indices.iter_mut().zip(&candidates) {
-                *slot = !(winner as u32);
-            }
-            let z = |e: u32| row[e as usize].to_f32();
+            let z = |c: u32| row[c as usize].to_f32();
+            let local = || candidates.iter().map(|&winner| !(winner as u32));
             let renormaliser = self
                 .config
                 .renormalize
-                .then(|| Renormaliser::new(self.config.score, row_indices.iter().map(|&e| z(e))));
-            for (weight, &e) in row_weights.iter_mut().zip(row_indices.iter()) {
+                .then(|| Renormaliser::new(self.config.score, local().map(z)));
+            for ((index, weight), c) in row_indices.iter_mut().zip(row_weights.iter_mut()).zip(local()) {
+                *index = (base + c as usize) as u32;
                 *weight = match &renormaliser {
-                    Some(renormaliser) => renormaliser.weight(z(e)),
-                    None => stats.score(z(e)),
+                    Some(renormaliser) => renormaliser.weight(z(c)),
+                    None => stats.score(z(c)),
                 };
-                sums.gate[e as usize] += *weight;
+                sums.gate[*index as usize] += *weight;
             }
         }
         sums
     }
 }
 
-/// Routes `logits: [T, E]`: indices, weights, the plan (grouped by expert
-/// with the grouping primitive) and the statistics. Checks every operand
-/// against `config`; the lowest non-finite logit is [`Error::NonFinite`].
+/// Routes `logits: [T, E]` within each of the config's groups: indices,
+/// weights, the plan (grouped by expert with the grouping primitive) and the
+/// statistics. Checks every operand against `config`; the lowest non-finite
+/// logit is [`Error::NonFinite`].
 pub fn forward<T: FloatElement>(
     logits: &[T],
     expert_mask: Option<&[u32]>,
@@ -285,7 +296,7 @@ pub fn forward<T: FloatElement>(
     check_operands(logits, expert_mask, token_mask, config)?;
     check_selection_bias(selection_bias, config.experts)?;
     let RoutingConfig { experts, k, .. } = *config;
-    let active = active_list(expert_mask, experts);
+    let active = active_lists(expert_mask, config);
     let routing = Forward {
         logits,
         token_mask,
@@ -301,8 +312,8 @@ pub fn forward<T: FloatElement>(
         .enumerate()
         .map(|(chunk, (indices, weights))| routing.chunk(chunk * CHUNK_ROWS, indices, weights))
         .collect();
-    if let Some((row, column)) = chunks.iter().find_map(|chunk| chunk.non_finite) {
-        return Err(non_finite((row * experts + column) as u64, experts));
+    if let Some(position) = chunks.iter().find_map(|chunk| chunk.non_finite) {
+        return Err(non_finite(position as u64, experts));
     }
     let mut share = vec![0f32; experts];
     let mut gate_mass = vec![0f32; experts];
@@ -313,8 +324,8 @@ pub fn forward<T: FloatElement>(
         z_sum += chunk.z;
     }
 
-    // Grouping keys: the expert of each (token, slot), E (no group) for the
-    // slots of invalid tokens; grouped stably, so ascending token per expert.
+    // Grouping keys: the expert of each (routing row, slot), E (no group) for
+    // the slots of invalid tokens; grouped stably, so ascending row per expert.
     let keys: Vec<u32> = indices
         .iter()
         .map(|&e| if e == u32::MAX { experts as u32 } else { e })
@@ -337,7 +348,7 @@ pub fn forward<T: FloatElement>(
         row_of_slot[slot as usize] = row as u32;
     }
 
-    let losses = Losses::new(&share, z_sum, &counts, rows, expert_mask, config);
+    let losses = Losses::new(&share, z_sum, &counts, rows, &active, config);
     Ok(HostRouting {
         indices,
         weights,
@@ -361,17 +372,20 @@ struct Losses {
 }
 
 impl Losses {
+    /// With T' valid tokens, `lb_loss = sum_e N'_g(e) / G * f_e * P_e`
+    /// (`f_e = counts_e / (T' k)`, `P_e = share_e / T'`), the mean over the
+    /// groups of each group's loss; `grad_scales[e] = N'_g / G * f_e / T'`
+    /// for active experts, then `1 / (T' G)`, over which z_loss averages.
     fn new(
         share: &[f32],
         z_sum: f32,
         counts: &[u32],
         rows: usize,
-        expert_mask: Option<&[u32]>,
+        active: &[Vec<usize>],
         config: &RoutingConfig,
     ) -> Losses {
-        let experts = config.experts;
-        let active_experts = config.active_experts as f32;
-        let valid_tokens = (rows / config.k) as f32;
+        let RoutingConfig { experts, groups, k, .. } = *config;
+        let group_experts = config.group_experts();
         let mut grad_scales = vec![0f32; experts + 1];
         if rows == 0 {
             return Losses {
@@ -380,26 +394,30 @@ impl Losses {
                 grad_scales,
             };
         }
-        let mut balance = 0f32;
-        for e in 0..experts {
-            let fraction = counts[e] as f32 / rows as f32;
-            balance += fraction * (share[e] / valid_tokens);
-            if expert_mask.map_or(true, |mask| mask[e] == 1) {
-                grad_scales[e] = active_experts * fraction / valid_tokens;
+        let valid_rows = (rows / k) as f32;
+        let valid_tokens = (rows / k / groups) as f32;
+        let mut lb_loss = 0f32;
+        for (g, active) in active.iter().enumerate() {
+            let scale = active.len() as f32 / groups as f32;
+            for &c in active {
+                let e = g * group_experts + c;
+                let fraction = counts[e] as f32 / (valid_tokens * k as f32);
+                lb_loss += scale * fraction * (share[e] / valid_tokens);
+                grad_scales[e] = scale * fraction / valid_tokens;
             }
         }
-        grad_scales[experts] = 1.0 / valid_tokens;
+        grad_scales[experts] = 1.0 / valid_rows;
         Losses {
-            lb_loss: active_experts * balance,
-            z_loss: z_sum / valid_tokens,
+            lb_loss,
+            z_loss: z_sum / valid_rows,
             grad_scales,
         }
     }
 }
 
 /// `dZ [T, E]`: the gradient of `sum(dweights * weights) + lb * lb_loss +
-/// z * z_loss` with the forward's `indices [T, k]` and `grad_scales [E + 1]`
-/// held fixed (rows in parallel; each row is independent).
+/// z * z_loss` with the forward's `indices [T * G, k]` and `grad_scales
+/// [E + 1]` held fixed (routing rows in parallel; each is independent).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: FloatElement>(
     logits: &[T],
@@ -412,52 +430,62 @@ pub fn backward<T: FloatElement>(
     config: &RoutingConfig,
 ) -> Result<Vec<f32>> {
     check_operands(logits, expert_mask, token_mask, config)?;
-    let RoutingConfig { experts, k, .. } = *config;
+    let RoutingConfig { experts, groups, k, .. } = *config;
+    let group_experts = config.group_experts();
     check_len("indices", indices.len(), config.slots())?;
     check_len("dweights", dweights.len(), config.slots())?;
     check_len("grad_scales", grad_scales.len(), experts + 1)?;
-    let active = active_list(expert_mask, experts);
+    let active = active_lists(expert_mask, config);
     let mut dlogits = vec![0f32; config.tokens * experts];
     let first_bad = dlogits
-        .par_chunks_mut(experts)
+        .par_chunks_mut(group_experts)
         .enumerate()
         .map_init(
             || RowScratch {
                 selected: Vec::with_capacity(k),
-                grad: vec![0.0; experts],
+                grad: vec![0.0; group_experts],
             },
-            |scratch, (t, out)| {
-                if token_mask.is_some_and(|mask| mask[t] != 1) {
+            |scratch, (r, out)| {
+                if token_mask.is_some_and(|mask| mask[r / groups] != 1) {
                     return None; // zeros already
                 }
-                let row = &logits[t * experts..(t + 1) * experts];
-                let slots = t * k..(t + 1) * k;
+                let base = (r % groups) * group_experts;
+                let slots = r * k..(r + 1) * k;
                 let inputs = BackwardRow {
-                    row,
-                    active: &active,
+                    row: &logits[r * group_experts..(r + 1) * group_experts],
+                    active: &active[r % groups],
+                    base,
                     indices: &indices[slots.clone()],
                     dweights: &dweights[slots],
-                    grad_scales,
+                    grad_scales: &grad_scales[base..base + group_experts],
+                    inv_valid_rows: grad_scales[experts],
                     coefficients,
                     renormalize: config.renormalize,
                 };
-                inputs.write(config.score, scratch, out).err().map(|column| (t, column))
+                inputs
+                    .write(config.score, scratch, out)
+                    .err()
+                    .map(|column| r * group_experts + column)
             },
         )
         .find_map_first(|bad| bad);
     match first_bad {
-        Some((row, column)) => Err(non_finite((row * experts + column) as u64, experts)),
+        Some(position) => Err(non_finite(position as u64, experts)),
         None => Ok(dlogits),
     }
 }
 
-/// One valid row's backward operands.
+/// One valid routing row's backward operands; columns within its group.
 struct BackwardRow<'a, T> {
     row: &'a [T],
     active: &'a [usize],
+    /// The group's first expert: `indices` are global.
+    base: usize,
     indices: &'a [u32],
     dweights: &'a [f32],
+    /// The group's.
     grad_scales: &'a [f32],
+    inv_valid_rows: f32,
     coefficients: LossCoefficients,
     renormalize: bool,
 }
@@ -472,7 +500,7 @@ impl<T: FloatElement> BackwardRow<'_, T> {
     /// Nothing is divided by a sum of scores, which may underflow.
     fn write(&self, score: Score, scratch: &mut RowScratch, out: &mut [f32]) -> std::result::Result<(), usize> {
         let stats = RowStats::of(self.row, self.active, score)?;
-        let experts = self.row.len();
+        let group_experts = self.row.len();
         let z = |c: usize| self.row[c].to_f32();
         let RowScratch { selected, grad } = scratch;
         selected.clear();
@@ -480,8 +508,8 @@ impl<T: FloatElement> BackwardRow<'_, T> {
             self.indices
                 .iter()
                 .zip(self.dweights)
-                .filter(|(&e, _)| (e as usize) < experts)
-                .map(|(&e, &dw)| (e as usize, dw)),
+                .map(|(&e, &dw)| ((e as usize).wrapping_sub(self.base), dw))
+                .filter(|&(c, _)| c < group_experts),
         );
         let LossCoefficients { lb, z: z_coef } = self.coefficients;
         // Load balance: sum_e c_e q_e with c_e = lb * grad_scales[e] and
@@ -517,7 +545,7 @@ impl<T: FloatElement> BackwardRow<'_, T> {
             }
         }
         // z-loss: d lse^2 / dz = 2 lse softmax(z), averaged over valid tokens.
-        let z_scale = z_coef * 2.0 * stats.lse() * self.grad_scales[experts];
+        let z_scale = z_coef * 2.0 * stats.lse() * self.inv_valid_rows;
         for &c in self.active {
             out[c] = stats.log_slope(z(c)) * grad[c] + z_scale * stats.softmax(z(c));
         }
@@ -525,8 +553,8 @@ impl<T: FloatElement> BackwardRow<'_, T> {
     }
 }
 
-/// Per-thread scratch of the backward: a row's selected (expert, dweight)
-/// pairs and dL/dv per expert.
+/// Per-thread scratch of the backward: a row's selected (column, dweight)
+/// pairs and dL/dv per column.
 struct RowScratch {
     selected: Vec<(usize, f32)>,
     grad: Vec<f32>,

@@ -19,11 +19,9 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut,
 use std::sync::Arc;
 
 const MODULE: &str = "routing";
-/// 4-byte words per expert in a row group's shared memory (kForwardWords,
-/// kBackwardWords), and per group (the forward's z-loss sum).
-const FORWARD_ROW_WORDS: usize = 5;
+/// 4-byte words per column of a routing row in a lane group's shared memory
+/// (kBackwardWords).
 const BACKWARD_ROW_WORDS: usize = 2;
-const FORWARD_GROUP_WORDS: usize = 1;
 /// Shared memory a block may use without opting in.
 const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 const MAX_WARPS_PER_BLOCK: usize = 8;
@@ -97,8 +95,14 @@ pub fn first_rows(device: &CudaDevice, token_of_row: CudaSlice<u32>, rows: usize
     Ok(exact)
 }
 
-/// How the row kernels are launched: groups of `group_size` lanes, each with
-/// `words_per_expert * E + words_per_group` words of shared memory.
+/// The forward's shared words per lane group (kForwardRowWords per column,
+/// kForwardExpertWords per expert, one for the z-loss sum).
+fn forward_words(config: &RoutingConfig) -> usize {
+    3 * config.group_experts() + 2 * config.experts + 1
+}
+
+/// How the row kernels are launched: lane groups of `group_size` lanes, each
+/// routing one row of N columns at a time with `words` words of shared memory.
 struct RowLayout {
     group_size: u32,
     groups_per_block: usize,
@@ -106,18 +110,13 @@ struct RowLayout {
 }
 
 impl RowLayout {
-    /// Fills a block with as many groups as fit in the default shared memory
-    /// (at most 8 warps); one warp that needs more opts the function in.
-    fn new(
-        device: &CudaDevice,
-        function: &CudaFunction,
-        experts: usize,
-        words_per_expert: usize,
-        words_per_group: usize,
-    ) -> Result<RowLayout> {
-        let group_size = experts.next_power_of_two().min(32);
+    /// Fills a block with as many lane groups as fit in the default shared
+    /// memory (at most 8 warps); one warp that needs more opts the function in.
+    fn new(device: &CudaDevice, function: &CudaFunction, config: &RoutingConfig, words: usize) -> Result<RowLayout> {
+        let (columns, experts) = (config.group_experts(), config.experts);
+        let group_size = columns.next_power_of_two().min(32);
         let groups_per_warp = 32 / group_size;
-        let warp_bytes = groups_per_warp * (words_per_expert * experts + words_per_group) * 4;
+        let warp_bytes = groups_per_warp * words * 4;
         let warps = (DEFAULT_SHARED_BYTES / warp_bytes).clamp(1, MAX_WARPS_PER_BLOCK);
         let shared_bytes = warps * warp_bytes;
         if shared_bytes > DEFAULT_SHARED_BYTES {
@@ -125,7 +124,7 @@ impl RowLayout {
                 function,
                 shared_bytes,
                 "logits",
-                &format!("one row of {experts} experts"),
+                &format!("one row of {columns} experts (of {experts})"),
             )?;
         }
         Ok(RowLayout {
@@ -144,12 +143,13 @@ impl RowLayout {
     }
 }
 
-/// The row kernels' flags; rank selection when its E comparisons per expert
-/// cost less than k group arg-maxes.
+/// The row kernels' flags; rank selection when its N comparisons per column
+/// cost less than k lane-group arg-maxes.
 fn row_flags(config: &RoutingConfig, group_size: u32) -> u32 {
-    let experts_per_lane = config.experts.div_ceil(group_size as usize);
-    let round_cost = config.k * (experts_per_lane + 2 * group_size.trailing_zeros() as usize);
-    let rank_cost = experts_per_lane * config.experts;
+    let columns = config.group_experts();
+    let columns_per_lane = columns.div_ceil(group_size as usize);
+    let round_cost = config.k * (columns_per_lane + 2 * group_size.trailing_zeros() as usize);
+    let rank_cost = columns_per_lane * columns;
     let mut flags = 0;
     if config.score == Score::Sigmoid {
         flags |= FLAG_SIGMOID;
@@ -204,6 +204,7 @@ pub fn forward<T: FloatElement>(
     report: &mut CudaViewMut<u64>,
 ) -> Result<DeviceRouting> {
     let RoutingConfig { tokens, experts, .. } = *config;
+    let rows = config.routing_rows();
     check_operands(logits, expert_mask, token_mask, config)?;
     if let Some(bias) = selection_bias {
         check_len("selection_bias", bias.len(), experts)?;
@@ -234,24 +235,26 @@ pub fn forward<T: FloatElement>(
 
     // 1. The fused row kernel: indices, weights, grouping keys, partial sums.
     let function = device.function(MODULE, &format!("routing_forward_{}", T::DTYPE.kernel_suffix()))?;
-    let layout = RowLayout::new(device, &function, experts, FORWARD_ROW_WORDS, FORWARD_GROUP_WORDS)?;
-    let rows_per_group = tokens.div_ceil(layout.groups_per_block * FORWARD_BLOCKS);
-    let blocks = tokens.div_ceil(layout.groups_per_block * rows_per_group);
+    let layout = RowLayout::new(device, &function, config, forward_words(config))?;
+    let rows_per_group = rows.div_ceil(layout.groups_per_block * FORWARD_BLOCKS);
+    let blocks = rows.div_ceil(layout.groups_per_block * rows_per_group);
     let columns = 2 * experts + 1;
     let mut expert_keys = alloc_uninit::<u32>(device, slots)?;
     let mut partials = alloc_uninit::<f32>(device, blocks * columns)?;
-    let (tokens_arg, first_active_arg) = (tokens as u64, u32_arg("first_active", config.first_active)?);
+    let (groups_arg, group_experts_arg) = (u32_arg("groups", config.groups)?, u32_arg("N", config.group_experts())?);
     let (flags, rows_per_group_arg) = (row_flags(config, layout.group_size), u32_arg("rows", rows_per_group)?);
     let mut launch = stream.launch_builder(&function);
     launch.arg(logits);
     push_optional(&mut launch, expert_mask);
     push_optional(&mut launch, token_mask);
     push_optional(&mut launch, selection_bias);
+    let rows_arg = rows as u64;
     launch
-        .arg(&tokens_arg)
+        .arg(&rows_arg)
         .arg(&experts_arg)
+        .arg(&groups_arg)
+        .arg(&group_experts_arg)
         .arg(&k_arg)
-        .arg(&first_active_arg)
         .arg(&flags)
         .arg(&layout.group_size)
         .arg(&rows_per_group_arg)
@@ -260,16 +263,19 @@ pub fn forward<T: FloatElement>(
         .arg(&mut expert_keys)
         .arg(&mut partials)
         .arg(&mut *report);
-    // SAFETY: logits hold T*E elements, the masks E and T, the bias E (checked
-    // above); indices, weights and expert_keys hold T*k, partials
-    // blocks * (2E + 1), report 3 words. Block b routes rows below T only, and
-    // each selected slot is < k. The dynamic shared memory holds every
-    // group's words (RowLayout), opted in when above the default.
+    // SAFETY: logits hold T*E = (T*G)*N elements, the masks E and T, the bias
+    // E (checked above); indices, weights and expert_keys hold T*G*k,
+    // partials blocks * (2E + 1), report 3 words. Block b routes rows below
+    // T*G only (token r / G < T, experts (r % G) * N + c < E), and each
+    // selected slot is < k. The dynamic shared memory holds every lane
+    // group's words (forward_words, RowLayout), opted in when above the
+    // default.
     launched("routing_forward", unsafe {
         launch.launch(layout.launch_config(blocks)?)
     })?;
 
-    // 2. The plan: (token, slot) positions grouped by expert, E = no group.
+    // 2. The plan: (routing row, slot) positions grouped by expert, E = no
+    // group.
     let groups = group_by_key(
         device,
         stream,
@@ -289,7 +295,7 @@ pub fn forward<T: FloatElement>(
         .arg(&mut out.offsets)
         .arg(&mut rows_word);
     // SAFETY: the first `count` group keys and `count + 1` starts are valid
-    // (T*k and T*k + 1 allocated), the binary search stays in 0..=count;
+    // (T*G*k and T*G*k + 1 allocated), the binary search stays in 0..=count;
     // counts holds E, offsets E + 1 entries, rows_word one.
     launched("routing_plan_counts", unsafe {
         launch.launch(grid_stride_config(experts as u64 + 1))
@@ -304,8 +310,8 @@ pub fn forward<T: FloatElement>(
         .arg(&experts_arg)
         .arg(&mut out.token_of_row)
         .arg(&mut out.row_of_slot);
-    // SAFETY: order is a permutation of 0..T*k, and R = offsets[E] <= T*k, so
-    // every write lands in token_of_row or row_of_slot (T*k each).
+    // SAFETY: order is a permutation of 0..T*G*k, and R = offsets[E] <=
+    // T*G*k, so every write lands in token_of_row or row_of_slot (T*G*k each).
     launched("routing_plan_rows", unsafe {
         launch.launch(grid_stride_config(slots as u64))
     })?;
@@ -328,15 +334,15 @@ pub fn forward<T: FloatElement>(
     // SAFETY: partials holds blocks * columns floats, totals columns; block x
     // covers columns 32x..32x + 31 and checks each against columns.
     launched("routing_reduce_partials", unsafe { launch.launch(reduce_config) })?;
-    let active_arg = u32_arg("active_experts", config.active_experts)?;
     let finalize = device.function(MODULE, "routing_finalize")?;
     let mut launch = stream.launch_builder(&finalize);
     launch.arg(&totals).arg(&out.counts).arg(&out.offsets);
     push_optional(&mut launch, expert_mask);
     launch
         .arg(&experts_arg)
+        .arg(&groups_arg)
+        .arg(&group_experts_arg)
         .arg(&k_arg)
-        .arg(&active_arg)
         .arg(&mut out.gate_mass)
         .arg(&mut out.lb_loss)
         .arg(&mut out.z_loss)
@@ -347,13 +353,14 @@ pub fn forward<T: FloatElement>(
         shared_mem_bytes: 0,
     };
     // SAFETY: one block; totals holds 2E + 1 floats, counts and gate_mass E,
-    // offsets and grad_scales E + 1, the losses one each; k >= 1.
+    // offsets and grad_scales E + 1, the losses one each, the mask E = G*N;
+    // k >= 1 and G >= 1.
     launched("routing_finalize", unsafe { launch.launch(finalize_config) })?;
     Ok(out)
 }
 
-/// `dlogits [T, E]` from the forward's `indices [T, k]` and `grad_scales
-/// [E + 1]`, `dweights [T, k]` and the loss coefficients. The lowest
+/// `dlogits [T, E]` from the forward's `indices [T * G, k]` and `grad_scales
+/// [E + 1]`, `dweights [T * G, k]` and the loss coefficients. The lowest
 /// non-finite logit position goes to `status` (one word).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: FloatElement>(
@@ -381,10 +388,11 @@ pub fn backward<T: FloatElement>(
         return Ok(());
     }
     let function = device.function(MODULE, &format!("routing_backward_{}", T::DTYPE.kernel_suffix()))?;
-    let layout = RowLayout::new(device, &function, experts, BACKWARD_ROW_WORDS, 0)?;
-    let blocks = tokens.div_ceil(layout.groups_per_block).min(MAX_BACKWARD_BLOCKS);
-    let (tokens_arg, experts_arg, k_arg) = (tokens as u64, u32_arg("experts", experts)?, u32_arg("k", config.k)?);
-    let first_active_arg = u32_arg("first_active", config.first_active)?;
+    let rows = config.routing_rows();
+    let layout = RowLayout::new(device, &function, config, BACKWARD_ROW_WORDS * config.group_experts())?;
+    let blocks = rows.div_ceil(layout.groups_per_block).min(MAX_BACKWARD_BLOCKS);
+    let (rows_arg, experts_arg, k_arg) = (rows as u64, u32_arg("experts", experts)?, u32_arg("k", config.k)?);
+    let (groups_arg, group_experts_arg) = (u32_arg("groups", config.groups)?, u32_arg("N", config.group_experts())?);
     let flags = row_flags(config, layout.group_size);
     let mut launch = stream.launch_builder(&function);
     launch.arg(logits);
@@ -396,17 +404,19 @@ pub fn backward<T: FloatElement>(
         .arg(grad_scales)
         .arg(&coefficients.lb)
         .arg(&coefficients.z)
-        .arg(&tokens_arg)
+        .arg(&rows_arg)
         .arg(&experts_arg)
+        .arg(&groups_arg)
+        .arg(&group_experts_arg)
         .arg(&k_arg)
-        .arg(&first_active_arg)
         .arg(&flags)
         .arg(&layout.group_size)
         .arg(dlogits)
         .arg(status);
-    // SAFETY: logits and dlogits hold T*E elements, indices and dweights T*k,
-    // grad_scales E + 1, the masks E and T, status one word (checked above);
-    // groups stride over rows below T, and an index >= E is skipped.
+    // SAFETY: logits and dlogits hold T*E = (T*G)*N elements, indices and
+    // dweights T*G*k, grad_scales E + 1, the masks E and T, status one word
+    // (checked above); lane groups stride over routing rows below T*G, and an
+    // index outside the row's group is skipped.
     launched("routing_backward", unsafe {
         launch.launch(layout.launch_config(blocks)?)
     })

@@ -86,6 +86,9 @@ pub struct RoutingOptions<'a> {
     pub token_mask: Option<&'a Tensor<u32>>,
     /// `[E]` f32, finite, added to the selection key only.
     pub selection_bias: Option<&'a Tensor<f32>>,
+    /// G, the expert groups: each token routes once within each group of
+    /// `N = E / G` consecutive experts (see [`RoutingOptions::with_groups`]).
+    pub groups: usize,
 }
 
 impl<'a> RoutingOptions<'a> {
@@ -99,6 +102,7 @@ impl<'a> RoutingOptions<'a> {
             expert_mask: None,
             token_mask: None,
             selection_bias: None,
+            groups: 1,
         }
     }
 
@@ -126,6 +130,53 @@ impl<'a> RoutingOptions<'a> {
         self.selection_bias = Some(selection_bias);
         self
     }
+
+    /// Grouped routing (FAME: group = head): the E experts form G groups of
+    /// `N = E / G` consecutive experts (expert `e` is in group `e / N`), and
+    /// each token routes once within each group, as if each group were a
+    /// router of its own — scores, selection, renormalisation, masks and bias
+    /// restricted to the group; `k` counts experts per group (`TopK::All`:
+    /// every active expert of the group, which needs the same number active
+    /// in every group). One dispatch plan covers all E experts.
+    ///
+    /// Logits stay `[T, E]` (`[T, G, N]` row-major); the masks and the bias
+    /// stay `[E]` and `[T]`. The routing rows are the (token, group) pairs
+    /// `r = t * G + g`: `indices`, `weights`, `row_of_slot` and `dweights` are
+    /// `[T * G, k]`, and `token_of_row` names routing rows, so the expert
+    /// layer takes `x: [T * G, Din]` (the per-group inputs, `[T, G, Din]`)
+    /// and combine gives `[T * G, Dout]`, one output per token and group.
+    ///
+    /// Statistics: `lb_loss` is the mean over the groups of each group's
+    /// load-balance loss (`N'_g * sum over its experts of f_e * P_e`, with
+    /// `f_e = counts_e / (T' k)`), so 1.0 when every group is balanced;
+    /// `z_loss` is the mean of `lse^2` over the valid (token, group) rows,
+    /// each over its group's active logits. `G = 1` is plain routing.
+    ///
+    /// ```
+    /// use moerec::routing::{self, RoutingOptions, TopK};
+    /// use moerec::{Device, Tensor};
+    ///
+    /// let device = Device::auto()?;
+    /// // Two tokens, two heads of two experts each (a FAME router, k = all).
+    /// let logits = Tensor::from_vec(vec![0.0f32, 1.0, 2.0, 2.0, 3.0, 0.0, 0.0, 0.0], &[2, 4], &device)?;
+    /// let options = RoutingOptions::new(TopK::All).with_groups(2);
+    /// let (routing, saved) = routing::forward(&logits, &options)?;
+    /// // Rows (token 0, head 0), (0, 1), (1, 0), (1, 1); experts 2 and 3 are head 1's.
+    /// assert_eq!(routing.indices.shape(), &[4, 2]);
+    /// assert_eq!(routing.indices.to_vec()?, vec![1, 0, 2, 3, 0, 1, 2, 3]);
+    /// assert_eq!(routing.plan.token_of_row.to_vec()?, vec![0, 2, 0, 2, 1, 3, 1, 3]);
+    /// let weights = routing.weights.to_vec()?;
+    /// assert_eq!(&weights[2..4], &[0.5, 0.5]); // head 1 of token 0: a tie
+    ///
+    /// let dweights = Tensor::from_vec(vec![1.0f32; 8], &[4, 2], &device)?;
+    /// let dlogits = routing::backward(&logits, &dweights, 0.01, 0.0, &saved)?;
+    /// assert_eq!(dlogits.shape(), &[2, 4]);
+    /// # Ok::<(), moerec::Error>(())
+    /// ```
+    pub fn with_groups(mut self, groups: usize) -> Self {
+        self.groups = groups;
+        self
+    }
 }
 
 /// The weights of the two auxiliary losses in the objective the backward
@@ -139,29 +190,45 @@ pub struct LossCoefficients {
 }
 
 /// The sizes and resolved options of one routing call, for the backend
-/// layer. Build it with [`RoutingConfig::new`], which checks them.
+/// layer. Build it with [`RoutingConfig::new`] or
+/// [`RoutingConfig::new_grouped`], which check them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoutingConfig {
     /// T, token rows.
     pub tokens: usize,
-    /// E, experts.
+    /// E, experts (all groups).
     pub experts: usize,
-    /// Experts per valid token (`TopK::All` resolved).
+    /// G, expert groups; each token routes once within each group.
+    pub groups: usize,
+    /// Experts per valid token and group (`TopK::All` resolved).
     pub k: usize,
-    /// E', the experts the mask leaves active.
+    /// E', the experts the mask leaves active (all groups).
     pub active_experts: usize,
-    /// The lowest active expert (the column an all -inf row reports).
-    pub first_active: usize,
     pub score: Score,
     pub renormalize: bool,
 }
 
 impl RoutingConfig {
     /// Checks the sizes and the expert mask (length E, entries 0 or 1) and
-    /// resolves k against the active experts.
+    /// resolves k against the active experts; one group.
     pub fn new(
         tokens: usize,
         experts: usize,
+        k: TopK,
+        score: Score,
+        renormalize: bool,
+        expert_mask: Option<&[u32]>,
+    ) -> Result<RoutingConfig> {
+        Self::new_grouped(tokens, experts, 1, k, score, renormalize, expert_mask)
+    }
+
+    /// As [`RoutingConfig::new`], with the experts in `groups` groups of
+    /// `E / groups` (see [`RoutingOptions::with_groups`]): `groups` must
+    /// divide E, and k must fit the group with the fewest active experts.
+    pub fn new_grouped(
+        tokens: usize,
+        experts: usize,
+        groups: usize,
         k: TopK,
         score: Score,
         renormalize: bool,
@@ -173,21 +240,50 @@ impl RoutingConfig {
                 format!("expected 1 <= E < 2^32 - 1 experts, got {experts}"),
             ));
         }
-        let (active_experts, first_active) = active_experts(expert_mask, experts)?;
-        let k = match k {
-            TopK::All => active_experts,
-            TopK::K(k) => k,
-        };
-        if k == 0 || k > active_experts {
+        if groups == 0 || experts % groups != 0 {
             return Err(Error::invalid(
-                "k",
-                format!("expected 1..={active_experts} (the active experts), got {k}"),
+                "groups",
+                format!("expected a divisor of E = {experts} (the experts), got {groups}"),
             ));
         }
-        if !tokens.checked_mul(k).is_some_and(|slots| slots < u32::MAX as usize) {
+        let active = active_per_group(expert_mask, experts, groups)?;
+        let (fewest_group, fewest) = active
+            .iter()
+            .copied()
+            .enumerate()
+            .min_by_key(|&(_, count)| count)
+            .unwrap_or((0, 0));
+        let of_group = if groups == 1 {
+            String::new()
+        } else {
+            format!(" of group {fewest_group}, the fewest")
+        };
+        let k = match k {
+            TopK::All => match active.iter().position(|&count| count != active[0]) {
+                Some(group) => {
+                    return Err(Error::invalid(
+                        "k",
+                        format!(
+                        "TopK::All needs as many active experts in every group: group 0 has {}, group {group} has {}",
+                        active[0], active[group]
+                    ),
+                    ))
+                }
+                None => fewest,
+            },
+            TopK::K(k) => k,
+        };
+        if k == 0 || k > fewest {
+            return Err(Error::invalid(
+                "k",
+                format!("expected 1..={fewest} (the active experts{of_group}), got {k}"),
+            ));
+        }
+        let slots = tokens.checked_mul(groups).and_then(|rows| rows.checked_mul(k));
+        if !slots.is_some_and(|slots| slots < u32::MAX as usize) {
             return Err(Error::invalid(
                 "logits",
-                format!("T * k = {tokens} * {k} dispatched rows: must be < 2^32 - 1"),
+                format!("T * G * k = {tokens} * {groups} * {k} dispatched rows: must be < 2^32 - 1"),
             ));
         }
         if tokens.checked_mul(experts).is_none() {
@@ -199,24 +295,36 @@ impl RoutingConfig {
         Ok(RoutingConfig {
             tokens,
             experts,
+            groups,
             k,
-            active_experts,
-            first_active,
+            active_experts: active.iter().sum(),
             score,
             renormalize,
         })
     }
 
-    /// T * k, the (token, slot) positions.
+    /// N = E / G, the experts of one group.
+    pub fn group_experts(&self) -> usize {
+        self.experts / self.groups
+    }
+
+    /// T * G, the routing rows: (token, group) pairs, `r = t * G + g`.
+    pub fn routing_rows(&self) -> usize {
+        self.tokens * self.groups
+    }
+
+    /// T * G * k, the (routing row, slot) positions.
     pub fn slots(&self) -> usize {
-        self.tokens * self.k
+        self.routing_rows() * self.k
     }
 }
 
-/// (active experts, lowest active expert) of a mask of E entries 0 or 1.
-fn active_experts(expert_mask: Option<&[u32]>, experts: usize) -> Result<(usize, usize)> {
+/// The active experts of each of `groups` groups, checking a mask of E
+/// entries 0 or 1.
+fn active_per_group(expert_mask: Option<&[u32]>, experts: usize, groups: usize) -> Result<Vec<usize>> {
+    let group_experts = experts / groups;
     let Some(mask) = expert_mask else {
-        return Ok((experts, 0));
+        return Ok(vec![group_experts; groups]);
     };
     if mask.len() != experts {
         return Err(Error::shape("expert_mask", format!("[{experts}]"), &[mask.len()]));
@@ -224,8 +332,10 @@ fn active_experts(expert_mask: Option<&[u32]>, experts: usize) -> Result<(usize,
     if let Some(position) = mask.iter().position(|&m| m > 1) {
         return Err(mask_value_error("expert_mask", position, mask[position]));
     }
-    let active = mask.iter().filter(|&&m| m == 1).count();
-    Ok((active, mask.iter().position(|&m| m == 1).unwrap_or(0)))
+    Ok(mask
+        .chunks(group_experts)
+        .map(|group| group.iter().filter(|&&m| m == 1).count())
+        .collect())
 }
 
 fn mask_value_error(argument: &'static str, position: usize, value: u32) -> Error {
@@ -271,10 +381,11 @@ pub struct DispatchPlan {
     pub counts: Tensor<u32>,
     /// `[E + 1]`: expert e's rows are `offsets[e]..offsets[e + 1]`.
     pub offsets: Tensor<u32>,
-    /// `[R]`: the token of each row; rows grouped by expert, ascending token
-    /// within an expert.
+    /// `[R]`: the token of each row (with groups, the routing row
+    /// `t * G + g`); rows grouped by expert, ascending token within an expert.
     pub token_of_row: Tensor<u32>,
-    /// `[T, k]`: the row of each (token, slot); `u32::MAX` for invalid tokens.
+    /// `[T, k]` (`[T * G, k]` with groups): the row of each (token, slot);
+    /// `u32::MAX` for invalid tokens.
     pub row_of_slot: Tensor<u32>,
 }
 
@@ -286,8 +397,8 @@ pub struct RoutingBuffers<U, F> {
     pub weights: F,
     pub counts: U,
     pub offsets: U,
-    /// The R dispatched rows (on CUDA, room for T * k until the op API trims
-    /// it to R).
+    /// The R dispatched rows (on CUDA, room for T * G * k until the op API
+    /// trims it to R).
     pub token_of_row: U,
     pub row_of_slot: U,
     pub gate_mass: F,
@@ -329,7 +440,8 @@ fn into_tensors<U: IntoTensor<u32>, F: IntoTensor<f32>>(
     rows: usize,
     device: &Device,
 ) -> Result<(Routing, Tensor<f32>)> {
-    let RoutingConfig { tokens, experts, k, .. } = *config;
+    let RoutingConfig { experts, k, .. } = *config;
+    let tokens = config.routing_rows();
     let plan = DispatchPlan {
         counts: buffers.counts.into_tensor(&[experts], device)?,
         offsets: buffers.offsets.into_tensor(&[experts + 1], device)?,
@@ -350,16 +462,18 @@ fn into_tensors<U: IntoTensor<u32>, F: IntoTensor<f32>>(
 /// The outputs of [`forward`].
 #[derive(Debug)]
 pub struct Routing {
-    /// `[T, k]` u32: the selected experts, best key first.
+    /// `[T, k]` u32 (`[T * G, k]` with groups, global expert indices): the
+    /// selected experts, best key first.
     pub indices: Tensor<u32>,
-    /// `[T, k]` f32: their scores, or with `renormalize` their scores over
+    /// `[T, k]` f32 (`[T * G, k]` with groups): their scores, or with `renormalize` their scores over
     /// the sum of the selected scores (exact where the scores underflow; see
     /// the module doc).
     pub weights: Tensor<f32>,
     pub plan: DispatchPlan,
-    /// `[1]` f32: `E' * sum_e f_e * P_e`.
+    /// `[1]` f32: `E' * sum_e f_e * P_e` (with groups, its mean over the
+    /// groups).
     pub lb_loss: Tensor<f32>,
-    /// `[1]` f32: the mean over valid tokens of `lse(z)^2`.
+    /// `[1]` f32: the mean over valid tokens (and groups) of `lse(z)^2`.
     pub z_loss: Tensor<f32>,
     /// `[E]` f32: the sum of the weights routed to each expert.
     pub gate_mass: Tensor<f32>,
@@ -385,15 +499,17 @@ impl Saved {
     }
 }
 
-/// Routes `logits: [T, E]` (f32, bf16 or f16; arithmetic in f32).
+/// Routes `logits: [T, E]` (f32, bf16 or f16; arithmetic in f32), within
+/// each of `options.groups` expert groups ([`RoutingOptions::with_groups`]).
 ///
 /// Errors: [`Error::ShapeMismatch`] / [`Error::DeviceMismatch`] for operands
-/// that do not fit the logits; [`Error::InvalidArgument`] for k outside
-/// `1..=E'`, mask entries other than 0 and 1, or a non-finite bias (all
-/// checked before the logits); [`Error::NonFinite`] with the lowest
-/// (row, column) for a NaN or +inf active logit of a valid token, or a valid
-/// token whose active logits are all -inf (reported at its first active
-/// column). On CUDA the expert mask and the bias are read to the host first
+/// that do not fit the logits; [`Error::InvalidArgument`] for a group count
+/// that does not divide E, k outside `1..=E'` (the fewest active experts of a
+/// group), `TopK::All` with groups of different active counts, mask entries
+/// other than 0 and 1, or a non-finite bias (all checked before the logits);
+/// [`Error::NonFinite`] with the lowest (row, column) for a NaN or +inf active
+/// logit of a valid token, or a valid token whose active logits in a group
+/// are all -inf (reported at the group's first active column). On CUDA the expert mask and the bias are read to the host first
 /// when given, and the op waits once for the data checks; each row is staged
 /// in shared memory, which bounds E there (about 11,000 experts on an H100;
 /// beyond the device's limit, [`Error::InvalidArgument`]).
@@ -416,9 +532,10 @@ pub fn forward<T: FloatElement>(logits: &Tensor<T>, options: &RoutingOptions<'_>
         bias.expect_shape("selection_bias", &[experts])?;
     }
     let expert_mask = options.expert_mask.map(Tensor::to_vec).transpose()?;
-    let config = RoutingConfig::new(
+    let config = RoutingConfig::new_grouped(
         tokens,
         experts,
+        options.groups,
         options.k,
         options.score,
         options.renormalize,
@@ -487,7 +604,8 @@ pub fn forward<T: FloatElement>(logits: &Tensor<T>, options: &RoutingOptions<'_>
 /// `dZ [T, E]` f32: the exact gradient of
 /// `sum(dweights * weights) + lb_coef * lb_loss + z_coef * z_loss` with
 /// respect to the logits, the selection and the load fractions `f` held
-/// fixed. `logits` are the forward's, passed again; `dweights` is `[T, k]`.
+/// fixed. `logits` are the forward's, passed again; `dweights` is `[T, k]`
+/// (`[T * G, k]` with groups).
 /// Inactive experts and invalid tokens get exact zeros. The logits are
 /// checked again ([`Error::NonFinite`]); on CUDA the op waits once for that
 /// check.
@@ -510,7 +628,7 @@ pub fn backward<T: FloatElement>(
     logits.expect_device("logits", &device)?;
     logits.expect_shape("logits", &[config.tokens, config.experts])?;
     dweights.expect_device("dweights", &device)?;
-    dweights.expect_shape("dweights", &[config.tokens, config.k])?;
+    dweights.expect_shape("dweights", &[config.routing_rows(), config.k])?;
     for (argument, coefficient) in [("lb_coef", lb_coef), ("z_coef", z_coef)] {
         if !coefficient.is_finite() {
             return Err(Error::invalid(
