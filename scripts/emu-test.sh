@@ -11,6 +11,9 @@
 # takes read malloc's fill pattern, which the fake driver reports.
 # EMU_SCHEDULE=reverse|random:SEED changes the order threads run between
 # barriers (emu/README.md).
+#
+# It tests the kernel crate (the workspace's root package): the models crate
+# (models/) runs on candle's CPU device and has no CUDA path to emulate.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 lib=$(bash emu/libcuda/build.sh)

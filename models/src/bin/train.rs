@@ -1,0 +1,183 @@
+//! Trains a seed model on an interaction file and prints validation and test
+//! HR/NDCG@10; `--help` lists the options.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use candle_core::Device;
+use moerec_models::data::{self, MAX_LEN};
+use moerec_models::error::{Error, Result};
+use moerec_models::fame::{Fame, FameConfig};
+use moerec_models::record::{self, RunRecord};
+use moerec_models::sasrec::{EncoderConfig, SasRec};
+use moerec_models::scoring::Mixing;
+use moerec_models::train::{train, TrainConfig};
+use moerec_models::Recommender;
+
+const HELP: &str = "\
+train: trains a seed model and prints validation and test HR/NDCG@10
+
+usage: train [options]
+  --model fame|sasrec      the model (default fame)
+  --data PATH              interaction file (default data/Beauty.txt)
+  --num-items N            declared catalog size (default: the largest id)
+  --seed N                 initialisation, shuffling and dropout seed (default 42)
+  --time-budget SECONDS    stop training after this long; 0 = no limit (default 180)
+  --max-epochs N           (default 200)
+  --patience N             epochs without a better validation NDCG@10 (default 10)
+  --batch-size N           (default 256)
+  --lr X                   AdamW learning rate (default 0.001)
+  --dim N --heads N --blocks N --dropout X   SASRec shape (64, 2, 2, 0.2)
+  --facets N --experts N   FAME's heads H and query experts per head N (4, 4)
+  --mixing logits|probabilities   FAME's mixing of the heads (default logits)
+  --max-steps-per-epoch N  cap every epoch (smoke runs)
+  --checkpoint PATH        save after every epoch (refuses to replace an existing file)
+  --resume                 continue from --checkpoint
+  --overwrite              replace an existing --checkpoint
+  --results PATH           append a JSON-lines record of the run
+  --note TEXT              free text stored in the record (e.g. the machine's load)
+  --quiet                  no progress bar
+";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bad(name: &str, expected: &str, actual: &str) -> Error {
+    Error::InvalidArgument {
+        name: name.into(),
+        expected: expected.into(),
+        actual: actual.into(),
+    }
+}
+
+fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T> {
+    value.parse().map_err(|_| bad(name, "a number", value))
+}
+
+fn run() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut model_name = "fame".to_string();
+    let mut data_path = PathBuf::from("data/Beauty.txt");
+    let mut num_items = None;
+    let mut seed = 42u64;
+    let mut budget = 180u64;
+    let mut config = TrainConfig::default();
+    let (mut dim, mut heads, mut blocks, mut dropout) = (64usize, 2usize, 2usize, 0.2f32);
+    let (mut facets, mut experts, mut mixing) = (4usize, 4usize, Mixing::Logits);
+    let mut results = None;
+    let mut note = String::new();
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| bad(&flag, "a value after it", "end of arguments"))
+        };
+        match flag.as_str() {
+            "--help" | "-h" => {
+                print!("{HELP}");
+                return Ok(());
+            }
+            "--model" => model_name = value()?,
+            "--data" => data_path = PathBuf::from(value()?),
+            "--num-items" => num_items = Some(number(&flag, &value()?)?),
+            "--seed" => seed = number(&flag, &value()?)?,
+            "--time-budget" => budget = number(&flag, &value()?)?,
+            "--max-epochs" => config.max_epochs = number(&flag, &value()?)?,
+            "--patience" => config.patience = number(&flag, &value()?)?,
+            "--batch-size" => config.batch_size = number(&flag, &value()?)?,
+            "--lr" => config.adam.lr = number(&flag, &value()?)?,
+            "--dim" => dim = number(&flag, &value()?)?,
+            "--heads" => heads = number(&flag, &value()?)?,
+            "--blocks" => blocks = number(&flag, &value()?)?,
+            "--dropout" => dropout = number(&flag, &value()?)?,
+            "--facets" => facets = number(&flag, &value()?)?,
+            "--experts" => experts = number(&flag, &value()?)?,
+            "--mixing" => {
+                mixing = match value()?.as_str() {
+                    "logits" => Mixing::Logits,
+                    "probabilities" => Mixing::Probabilities,
+                    other => return Err(bad("--mixing", "logits or probabilities", other)),
+                }
+            }
+            "--max-steps-per-epoch" => config.max_steps_per_epoch = Some(number(&flag, &value()?)?),
+            "--checkpoint" => config.checkpoint = Some(PathBuf::from(value()?)),
+            "--resume" => config.resume = true,
+            "--overwrite" => config.overwrite = true,
+            "--results" => results = Some(PathBuf::from(value()?)),
+            "--note" => note = value()?,
+            "--quiet" => config.progress = false,
+            other => return Err(bad("option", "one listed by --help", other)),
+        }
+    }
+    config.seed = seed;
+    config.time_budget = (budget > 0).then(|| Duration::from_secs(budget));
+    let device = Device::Cpu;
+    let dataset = data::load(&data_path, num_items)?;
+    let split = data::split(&dataset, MAX_LEN)?;
+    let encoder = EncoderConfig {
+        num_items: dataset.num_items,
+        dim,
+        heads,
+        blocks,
+        max_len: MAX_LEN,
+        dropout,
+    };
+    let model: Box<dyn Recommender> = match model_name.as_str() {
+        "sasrec" => Box::new(SasRec::new(encoder, seed, &device)?),
+        "fame" => Box::new(Fame::new(
+            FameConfig {
+                encoder,
+                facets,
+                experts,
+                mixing,
+            },
+            seed,
+            &device,
+        )?),
+        other => return Err(bad("--model", "fame or sasrec", other)),
+    };
+    eprintln!(
+        "{model_name} on {} ({} users, {} items, {} training sequences), {} parameters, {} thread(s)",
+        data_path.display(),
+        dataset.sequences.len(),
+        dataset.num_items,
+        split.train.len(),
+        model.params().count(),
+        candle_core::utils::get_num_threads(),
+    );
+    let report = train(model.as_ref(), &split, &config, &device)?;
+    println!(
+        "{model_name}: best epoch {} of {} ({})",
+        report.best_epoch, report.epochs_total, report.stopped_by
+    );
+    println!(
+        "validation  HR@10 {:.4}  NDCG@10 {:.4}",
+        report.best_valid.hr10(),
+        report.best_valid.ndcg10()
+    );
+    println!(
+        "test        HR@10 {:.4}  NDCG@10 {:.4}",
+        report.test.hr10(),
+        report.test.ndcg10()
+    );
+    if let Some(path) = results {
+        let record = RunRecord {
+            model: &model_name,
+            dataset: &data_path.display().to_string(),
+            seed,
+            report: &report,
+            note: &note,
+            command: &std::env::args().collect::<Vec<_>>().join(" "),
+        };
+        record::append(&path, &record)?;
+        eprintln!("appended the run to {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! FAME (Liu et al., "Facet-Aware Multi-Head Mixture-of-Experts Model for
+//! Sequential Recommendation", WSDM 2025): SASRec whose last block treats
+//! every attention head as a facet with its own prediction.
+//!
+//! The last block, per head h (width dh = D / H):
+//! - N query experts `Q_{h,n} = LN(x) W_q^{h,n}` each attend causally over the
+//!   head's shared `K_h = LN(x) W_k^h`, `V_h = LN(x) W_v^h`;
+//! - a dense router (softmax over the N experts, k = All) reads the
+//!   concatenation of the N expert outputs and mixes them: `o_h`;
+//! - `r_h = x_h + Drop(o_h)` (`x_h` the head's slice of the block input), then
+//!   a per-head FFN `r_h + Drop(FFN_h(LN_h(r_h)))` and a per-head final norm give
+//!   the head state `F_h`;
+//! - item sub-embeddings `X_h = E W_f^h` (`E` the shared item table);
+//!   `s_h(v) = <F_h, X_h(v)>`;
+//! - a softmax gate over heads from `[F_1; ...; F_H] W_g + b_g` mixes the heads'
+//!   scores: Logits mixing by default (the paper mixes probabilities; that is
+//!   [`Mixing::Probabilities`]).
+//!
+//! Choices where the paper is silent (the PyTorch twin makes the same): the
+//! residual from the head's slice of the block input, the per-head pre-norm
+//! FFN of width dh with ReLU, the per-head final norm, the router reading the
+//! concatenated expert outputs through one linear layer per head, and no
+//! load-balancing loss (routing is dense). The first L-1 blocks, embeddings
+//! and attention masking are SASRec's (see `sasrec`).
+
+use candle_core::{Device, Tensor, D};
+
+use crate::batch::Batch;
+use crate::error::{invalid, Result};
+use crate::nn::{softmax_last_dim, Dropout, Linear, Params, INIT_STD, LAYER_NORM_EPS};
+use crate::rng::Rng;
+use crate::sasrec::{Encoder, EncoderConfig};
+use crate::scoring::{CatalogQuery, Mixing};
+use crate::Recommender;
+
+/// FAME's hyperparameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FameConfig {
+    /// The shared part: `blocks` counts all L blocks, the last being FAME's.
+    pub encoder: EncoderConfig,
+    /// Facet heads H in the last block (4).
+    pub facets: usize,
+    /// Query experts N per head (4).
+    pub experts: usize,
+    /// How the heads' scores are mixed.
+    pub mixing: Mixing,
+}
+
+impl FameConfig {
+    /// Defaults: SASRec's shape (D = 64, 2 blocks, 2 heads in the first), H = 4, N = 4, Logits mixing.
+    pub fn new(num_items: u32) -> Self {
+        Self {
+            encoder: EncoderConfig::sasrec(num_items),
+            facets: 4,
+            experts: 4,
+            mixing: Mixing::Logits,
+        }
+    }
+}
+
+/// Per-head parameters stacked over heads: `[H, ...]`, applied with batched matmuls.
+struct PerHead {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl PerHead {
+    /// `[H, fan_in, fan_out]` weights, `[H, 1, fan_out]` bias.
+    fn new(
+        params: &mut Params,
+        name: &str,
+        shape: (usize, usize, usize),
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: params.normal(
+                &format!("{name}.weight"),
+                &[shape.0, shape.1, shape.2],
+                INIT_STD,
+                rng,
+                device,
+            )?,
+            bias: params.constant(&format!("{name}.bias"), &[shape.0, 1, shape.2], 0.0, device)?,
+        })
+    }
+
+    /// `x: [H, R, fan_in]` -> `[H, R, fan_out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Layer norm over the last dimension with per-head gain and bias `[H, 1, dh]`.
+struct PerHeadNorm {
+    gain: Tensor,
+    bias: Tensor,
+}
+
+impl PerHeadNorm {
+    fn new(params: &mut Params, name: &str, heads: usize, dim: usize, device: &Device) -> Result<Self> {
+        Ok(Self {
+            gain: params.constant(&format!("{name}.gain"), &[heads, 1, dim], 1.0, device)?,
+            bias: params.constant(&format!("{name}.bias"), &[heads, 1, dim], 0.0, device)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&self.gain)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// The FAME model.
+pub struct Fame {
+    params: Params,
+    encoder: Encoder,
+    norm: crate::nn::LayerNorm,
+    queries: Linear,
+    key: Linear,
+    value: Linear,
+    router: PerHead,
+    ffn_norm: PerHeadNorm,
+    ffn_inner: PerHead,
+    ffn_outer: PerHead,
+    final_norm: PerHeadNorm,
+    item_facets: Tensor,
+    gate: Linear,
+    config: FameConfig,
+}
+
+impl Fame {
+    /// A freshly initialised model; the same seed gives the same weights.
+    pub fn new(config: FameConfig, seed: u64, device: &Device) -> Result<Self> {
+        let (dim, h, n) = (config.encoder.dim, config.facets, config.experts);
+        if config.encoder.blocks == 0 {
+            return Err(invalid("blocks", "at least 1 (the last is FAME's)", 0));
+        }
+        if h == 0 || dim % h != 0 {
+            return Err(invalid("facets", format!("a divisor of the width {dim}"), h));
+        }
+        if n == 0 {
+            return Err(invalid("experts", "at least 1", 0));
+        }
+        let dh = dim / h;
+        let mut params = Params::new();
+        let mut rng = Rng::new(seed);
+        let shared = EncoderConfig {
+            blocks: config.encoder.blocks - 1,
+            ..config.encoder.clone()
+        };
+        let encoder = Encoder::new(&mut params, &shared, &mut rng, device)?;
+        let r = &mut rng;
+        let p = &mut params;
+        Ok(Self {
+            norm: crate::nn::LayerNorm::new(p, "fame.attn_norm", dim, device)?,
+            queries: Linear::new(p, "fame.query_experts", (dim, h * n * dh), r, device)?,
+            key: Linear::new(p, "fame.key", (dim, dim), r, device)?,
+            value: Linear::new(p, "fame.value", (dim, dim), r, device)?,
+            router: PerHead::new(p, "fame.router", (h, n * dh, n), r, device)?,
+            ffn_norm: PerHeadNorm::new(p, "fame.ffn_norm", h, dh, device)?,
+            ffn_inner: PerHead::new(p, "fame.ffn_inner", (h, dh, dh), r, device)?,
+            ffn_outer: PerHead::new(p, "fame.ffn_outer", (h, dh, dh), r, device)?,
+            final_norm: PerHeadNorm::new(p, "fame.final_norm", h, dh, device)?,
+            item_facets: p.normal("fame.item_facets", &[h, dim, dh], INIT_STD, r, device)?,
+            gate: Linear::new(p, "fame.gate", (dim, h), r, device)?,
+            encoder,
+            params,
+            config,
+        })
+    }
+
+    /// The hyperparameters.
+    pub fn config(&self) -> &FameConfig {
+        &self.config
+    }
+
+    /// `[H, R, dh]` head states at `rows` of the block input `x: [B, T, D]`.
+    fn head_states(&self, x: &Tensor, batch: &Batch, rows: &Tensor, dropout: &mut Dropout) -> Result<Tensor> {
+        let (b, t, dim) = x.dims3()?;
+        let (h, n) = (self.config.facets, self.config.experts);
+        let dh = dim / h;
+        let normed = self.norm.forward(x)?;
+        // Queries [B, H, N*T, dh]: the N experts of a head share its keys, so
+        // they are stacked along time and attend in one matmul.
+        let q = self
+            .queries
+            .forward(&normed)?
+            .reshape((b, t, h, n, dh))?
+            .permute((0, 2, 3, 1, 4))?;
+        let q = q.reshape((b, h, n * t, dh))?.contiguous()?;
+        let k = self
+            .key
+            .forward(&normed)?
+            .reshape((b, t, h, dh))?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?;
+        let v = self
+            .value
+            .forward(&normed)?
+            .reshape((b, t, h, dh))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let scores = (q.matmul(&k)? * (1.0 / (dh as f64).sqrt()))?.reshape((b, h, n, t, t))?;
+        let weights = softmax_last_dim(&scores.broadcast_add(&batch.attention_bias.unsqueeze(1)?)?)?;
+        let weights = dropout.apply(&weights)?.reshape((b, h, n * t, t))?;
+        // Expert outputs at the requested rows, laid out [H, R, N, dh].
+        let experts = weights
+            .matmul(&v)?
+            .reshape((b, h, n, t, dh))?
+            .permute((1, 0, 3, 2, 4))?;
+        let experts = experts.reshape((h, b * t, n, dh))?.index_select(rows, 1)?;
+        let r = experts.dim(1)?;
+        let route = softmax_last_dim(&self.router.forward(&experts.reshape((h, r, n * dh))?)?)?;
+        let mixed = route.unsqueeze(2)?.matmul(&experts)?.squeeze(2)?;
+        let residual = x.reshape((b * t, h, dh))?.index_select(rows, 0)?.transpose(0, 1)?;
+        let state = (residual + dropout.apply(&mixed)?)?;
+        let ffn = self
+            .ffn_outer
+            .forward(&dropout.apply(&self.ffn_inner.forward(&self.ffn_norm.forward(&state)?)?.relu()?)?)?;
+        self.final_norm.forward(&(state + dropout.apply(&ffn)?)?)
+    }
+}
+
+impl Recommender for Fame {
+    fn params(&self) -> &Params {
+        &self.params
+    }
+
+    fn dropout_rate(&self) -> f32 {
+        self.config.encoder.dropout
+    }
+
+    fn query(&self, batch: &Batch, rows: &Tensor, dropout: &mut Dropout) -> Result<CatalogQuery> {
+        let x = self.encoder.forward(batch, dropout)?;
+        let states = self.head_states(&x, batch, rows, dropout)?;
+        let (h, r, dh) = states.dims3()?;
+        let user = states.transpose(0, 1)?.contiguous()?;
+        let gate_logits = self.gate.forward(&user.reshape((r, h * dh))?)?;
+        // X_h = E W_f^h for all heads in one product: [V+1, D] x [D, H*dh].
+        let table = &self.encoder.items;
+        let facets = self.item_facets.permute((1, 0, 2))?.reshape((table.dim(1)?, h * dh))?;
+        let items = table
+            .matmul(&facets)?
+            .reshape((table.dim(0)?, h, dh))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        Ok(CatalogQuery {
+            user,
+            gate_logits: Some(gate_logits),
+            items,
+            mixing: self.config.mixing,
+        })
+    }
+}

@@ -1,0 +1,36 @@
+//! moerec's seed models — SASRec and FAME — on candle, with the data
+//! pipeline, full-catalog evaluation and the trainer behind the `train` binary.
+//!
+//! Layout by concern: [`data`] (files, leave-one-out split), [`batch`],
+//! [`nn`] (layers with a backward), [`scoring`] (catalog cross-entropy and
+//! top-n), [`eval`], one module per model, [`optim`], [`checkpoint`], [`train`].
+
+#![warn(missing_docs)]
+
+pub mod batch;
+pub mod checkpoint;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod fame;
+pub mod nn;
+pub mod optim;
+pub mod record;
+pub mod rng;
+pub mod sasrec;
+pub mod scoring;
+pub mod train;
+
+use candle_core::Tensor;
+
+pub use error::{Error, Result};
+
+/// A next-item model: encodes a batch and hands user states to the catalog scorer.
+pub trait Recommender {
+    /// Every trainable parameter.
+    fn params(&self) -> &nn::Params;
+    /// The dropout rate training uses.
+    fn dropout_rate(&self) -> f32;
+    /// The scoring inputs at `rows` (`[R]` u32 flat `b * T + t` indices).
+    fn query(&self, batch: &batch::Batch, rows: &Tensor, dropout: &mut nn::Dropout) -> Result<scoring::CatalogQuery>;
+}

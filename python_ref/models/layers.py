@@ -1,0 +1,87 @@
+"""The layers of models/src/nn.rs and the scorer of models/src/scoring.rs in PyTorch.
+
+Parameters live in a dict `p` keyed by the Rust names; every function reads
+what it needs from it.
+"""
+
+import math
+
+import torch
+
+LAYER_NORM_EPS = 1e-8
+
+
+def linear(p, name, x):
+    """`x W + b` with `W: [in, out]`."""
+    return x @ p[f"{name}.weight"] + p[f"{name}.bias"]
+
+
+def layer_norm(x, gain, bias):
+    """Layer norm over the last dimension (biased variance, eps 1e-8)."""
+    centred = x - x.mean(-1, keepdim=True)
+    var = centred.pow(2).mean(-1, keepdim=True)
+    return centred / torch.sqrt(var + LAYER_NORM_EPS) * gain + bias
+
+
+def attention_bias(inputs):
+    """`[B, 1, T, T]`: 0 where query t may see key s (s <= t and s is an item,
+    or s == t), -inf elsewhere (models/src/batch.rs)."""
+    b, t = inputs.shape
+    causal = torch.tril(torch.ones(t, t, dtype=torch.bool))
+    allowed = causal & (inputs != 0)[:, None, :]
+    allowed = allowed | torch.eye(t, dtype=torch.bool)
+    bias = torch.zeros(b, t, t)
+    bias[~allowed] = float("-inf")
+    return bias[:, None]
+
+
+def positions(width, max_len):
+    """Positional rows counted back from the newest item."""
+    return torch.arange(max_len - width, max_len)
+
+
+def block(p, name, x, bias, heads):
+    """Pre-norm causal self-attention block (models/src/nn.rs `AttentionBlock`)."""
+    b, t, d = x.shape
+    h = layer_norm(x, p[f"{name}.attn_norm.gain"], p[f"{name}.attn_norm.bias"])
+
+    def split(y):
+        return y.reshape(b, t, heads, d // heads).transpose(1, 2)
+
+    q, k, v = (split(linear(p, f"{name}.{w}", h)) for w in ("query", "key", "value"))
+    scores = q @ k.transpose(2, 3) / math.sqrt(d // heads) + bias
+    attended = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, t, d)
+    x = x + linear(p, f"{name}.output", attended)
+    f = layer_norm(x, p[f"{name}.ffn_norm.gain"], p[f"{name}.ffn_norm.bias"])
+    f = linear(p, f"{name}.ffn.outer", torch.relu(linear(p, f"{name}.ffn.inner", f)))
+    return x + f
+
+
+def encode(p, inputs, blocks, heads, max_len):
+    """Embeddings and the SASRec blocks: `[B, T, D]`."""
+    d = p["items"].shape[1]
+    x = p["items"][inputs] * math.sqrt(d) + p["positions"][positions(inputs.shape[1], max_len)]
+    bias = attention_bias(inputs)
+    for i in range(blocks):
+        x = block(p, f"block{i}", x, bias, heads)
+    return x, bias
+
+
+def cross_entropy(user, gate_logits, items, targets, mixing):
+    """Mean `-log P[target]` over the catalog 1..V (row 0 is padding, excluded).
+
+    user `[R, H, D]`; gate_logits `[R, H]` or None (H = 1); items `[V+1, D]`
+    shared or `[H, V+1, D]` per head; mixing "logits" or "probabilities".
+    """
+    if items.dim() == 2:
+        s = torch.einsum("rhd,vd->rhv", user, items[1:])
+    else:
+        s = torch.einsum("rhd,hvd->rhv", user, items[:, 1:])
+    column = (targets - 1)[:, None]
+    if gate_logits is None:
+        return -torch.log_softmax(s[:, 0], -1).gather(1, column).mean()
+    if mixing == "logits":
+        mixed = (torch.softmax(gate_logits, -1)[:, :, None] * s).sum(1)
+        return -torch.log_softmax(mixed, -1).gather(1, column).mean()
+    terms = torch.log_softmax(s, -1) + torch.log_softmax(gate_logits, -1)[:, :, None]
+    return -torch.logsumexp(terms, 1).gather(1, column).mean()

@@ -1,0 +1,90 @@
+"""One-step parity of the Rust models and their PyTorch twins.
+
+The Rust example `parity_dump` writes each model's initial weights, one
+training batch, and its loss and gradients; here the twin runs the same
+forward and backward from those weights, and the loss and every parameter's
+gradient must agree within 1e-4 relative (f32). Perturbing one weight must
+break the agreement, so the comparison can fail.
+
+Needs torch (scripts/torch-env.sh) and cargo. Without torch the tests skip,
+unless MOEREC_REQUIRE_TORCH=1 (CI), which turns a missing torch into a failure.
+"""
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import golden
+
+if os.environ.get("MOEREC_REQUIRE_TORCH") == "1":
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+
+from models import fame, sasrec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+RTOL = 1e-4
+# Gradients that are zero in exact arithmetic (a key bias shifts every score of
+# a softmax row equally) come out as rounding noise of ~1e-13 on both sides:
+# relative error is measured against at least this magnitude.
+GRAD_FLOOR = 1e-7
+MODELS = {"sasrec": sasrec.loss, "fame_logits": fame.loss, "fame_probabilities": fame.loss}
+
+
+@pytest.fixture(scope="module")
+def dumps(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parity")
+    subprocess.run(
+        ["cargo", "run", "--release", "--quiet", "-p", "moerec-models", "--example", "parity_dump", "--", str(out)],
+        cwd=ROOT,
+        check=True,
+    )
+    return out
+
+
+def load(path):
+    tensors, _ = golden.read(path)
+    names = [k[len("param.") :] for k in tensors if k.startswith("param.")]
+    params = {n: torch.tensor(np.asarray(tensors[f"param.{n}"], dtype=np.float32), requires_grad=True) for n in names}
+    grads = {n: np.asarray(tensors[f"grad.{n}"], dtype=np.float32) for n in names}
+    c = [int(v) for v in np.asarray(tensors["config"]).ravel()]
+    config = dict(dim=c[0], heads=c[1], blocks=c[2], max_len=c[3], facets=c[4], experts=c[5], mixing=c[6])
+    batch = [torch.tensor(np.asarray(tensors[f"batch.{k}"]).astype(np.int64)) for k in ("inputs", "rows", "targets")]
+    return params, grads, float(np.asarray(tensors["loss"]).ravel()[0]), batch, config
+
+
+def mismatches(params, rust_grads, rust_loss, batch, config, model):
+    """Names (and the loss) where the twin disagrees with Rust beyond RTOL."""
+    for p in params.values():
+        p.grad = None
+    loss = MODELS[model](params, *batch, config)
+    loss.backward()
+    bad = []
+    if abs(loss.item() - rust_loss) > RTOL * abs(rust_loss):
+        bad.append(f"loss: torch {loss.item()} rust {rust_loss}")
+    for name, p in params.items():
+        want = p.grad.numpy() if p.grad is not None else np.zeros_like(rust_grads[name])
+        scale = max(float(np.abs(want).max()), GRAD_FLOOR)
+        err = float(np.abs(rust_grads[name] - want).max())
+        if err > RTOL * scale:
+            bad.append(f"{name}: max |diff| {err:.3e} vs max |grad| {scale:.3e}")
+    return bad
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_loss_and_every_gradient_match(dumps, model):
+    params, grads, loss, batch, config = load(dumps / f"{model}.safetensors")
+    assert not mismatches(params, grads, loss, batch, config, model)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_a_perturbed_weight_breaks_parity(dumps, model):
+    params, grads, loss, batch, config = load(dumps / f"{model}.safetensors")
+    with torch.no_grad():
+        params["block0.query.weight"][3, 5] += 0.05
+    bad = mismatches(params, grads, loss, batch, config, model)
+    assert bad, "parity still held after perturbing a weight: the comparison cannot fail"
