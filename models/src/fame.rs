@@ -23,11 +23,11 @@
 //! load-balancing loss (routing is dense). The first L-1 blocks, embeddings
 //! and attention masking are SASRec's (see `sasrec`).
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use crate::batch::Batch;
 use crate::error::{invalid, Result};
-use crate::nn::{softmax_last_dim, Dropout, Linear, Params, INIT_STD, LAYER_NORM_EPS};
+use crate::nn::{layer_norm, softmax_last_dim, Dropout, Linear, Params, INIT_STD};
 use crate::rng::Rng;
 use crate::sasrec::{Encoder, EncoderConfig};
 use crate::scoring::{CatalogQuery, Mixing};
@@ -106,10 +106,7 @@ impl PerHeadNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?;
-        Ok(normed.broadcast_mul(&self.gain)?.broadcast_add(&self.bias)?)
+        layer_norm(x, &self.gain, &self.bias)
     }
 }
 

@@ -109,11 +109,17 @@ impl LayerNorm {
 
     /// Normalises the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?;
-        Ok(normed.broadcast_mul(&self.gain)?.broadcast_add(&self.bias)?)
+        layer_norm(x, &self.gain, &self.bias)
     }
+}
+
+/// Layer norm over the last dimension (biased variance, eps [`LAYER_NORM_EPS`]),
+/// then `* gain + bias` (broadcast).
+pub fn layer_norm(x: &Tensor, gain: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?;
+    Ok(normed.broadcast_mul(gain)?.broadcast_add(bias)?)
 }
 
 /// The layer-norm epsilon.
