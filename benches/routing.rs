@@ -10,6 +10,13 @@
 //! The CPU takes T in {4096, 65536}, E in {8, 64, 160} (the GPU grid with
 //! `MOEREC_BENCH_FULL=1`); CUDA takes T in {4096, 65536, 262144},
 //! E in {4, 8, 16, 64, 160, 256}, bf16 (and f32 with `MOEREC_BENCH_FULL=1`).
+//!
+//! `routing_fame/<backend>/<dtype>`: FAME's per-head dense routers (k = all
+//! of a head's N experts), forward and backward together, T = 256 x 200
+//! tokens, H heads: `grouped` ([`RoutingOptions::with_groups`], logits
+//! `[T, H*N]`) against `masked`, the workaround it replaces (one router over
+//! all H*N experts per (token, head) row, -inf for the other heads' experts,
+//! k = N: logits `[T*H, H*N]`).
 
 mod common;
 
@@ -75,6 +82,42 @@ fn bench_dtype<T: FloatElement>(c: &mut Criterion, backend: &str, device: &Devic
     backward.finish();
 }
 
+fn bench_fame<T: FloatElement>(c: &mut Criterion, backend: &str, device: &Device) {
+    let tokens = 256 * 200;
+    let mut group = c.benchmark_group(format!("routing_fame/{backend}/{}", T::DTYPE));
+    for (heads, n) in [(4, 8), (8, 4)] {
+        let experts = heads * n;
+        let grouped_logits = logits::<T>(tokens * experts);
+        let grouped = Tensor::from_vec(grouped_logits.clone(), &[tokens, experts], device).unwrap();
+        let masked_logits: Vec<T> = grouped_logits
+            .chunks(n)
+            .enumerate()
+            .flat_map(|(row, own)| {
+                let head = row % heads;
+                (0..experts).map(move |e| match e / n == head {
+                    true => own[e % n],
+                    false => T::from_f32(f32::NEG_INFINITY),
+                })
+            })
+            .collect();
+        let masked = Tensor::from_vec(masked_logits, &[tokens * heads, experts], device).unwrap();
+        let dweights = Tensor::from_vec(vec![0.5f32; tokens * experts], &[tokens * heads, n], device).unwrap();
+        for (name, data, options) in [
+            ("grouped", &grouped, RoutingOptions::new(TopK::All).with_groups(heads)),
+            ("masked", &masked, RoutingOptions::new(TopK::K(n))),
+        ] {
+            let id = format!("T{tokens}_H{heads}_N{n}/{name}");
+            group.bench_function(BenchmarkId::from_parameter(id), |b| {
+                b.iter(|| {
+                    let (_, saved) = routing::forward(data, &options).unwrap();
+                    routing::backward(data, &dweights, 0.01, 0.001, &saved).unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 fn grid(tokens: &[usize], experts: &[usize]) -> Vec<(usize, usize)> {
     tokens
         .iter()
@@ -93,6 +136,7 @@ fn main() {
             _ => gpu_grid.clone(),
         };
         bench_dtype::<bf16>(&mut c, backend, &device, &shapes);
+        bench_fame::<bf16>(&mut c, backend, &device);
         if device.is_cuda() && full {
             bench_dtype::<f32>(&mut c, backend, &device, &shapes);
         }

@@ -977,3 +977,64 @@ fn grouped_routing_refuses_what_plain_routing_refuses() {
         assert_eq!(error, expected, "{device}: backward");
     }
 }
+
+/// Grouped routing computes what issue 10's workaround computed with one
+/// router: each (token, head) row over all H*N experts, -inf at the other
+/// heads' experts, k = N — the same plan, weights, losses and gradients, from
+/// H times fewer logits.
+#[test]
+fn grouped_routing_equals_one_router_with_other_groups_at_negative_infinity() {
+    let (tokens, heads, n) = (45, 4, 3);
+    let experts = heads * n;
+    for device in devices() {
+        for score in [Score::Softmax, Score::Sigmoid] {
+            let mut grouped = Problem::<f32>::random_grouped(11, tokens, experts, heads, TopK::All, score, false);
+            // The workaround cannot tell a -inf of its own head from the others'.
+            grouped
+                .logits
+                .iter_mut()
+                .filter(|z| z.is_infinite())
+                .for_each(|z| *z = -3.0);
+            let masked_logits: Vec<f32> = grouped
+                .logits
+                .chunks(n)
+                .enumerate()
+                .flat_map(|(row, own)| {
+                    (0..experts).map(move |e| {
+                        if e / n == row % heads {
+                            own[e % n]
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            let masked = Problem::<f32> {
+                tokens: tokens * heads,
+                logits: masked_logits,
+                k: TopK::K(n),
+                groups: 1,
+                dweights: grouped.dweights.clone(),
+                token_mask: None,
+                expert_mask: None,
+                selection_bias: None,
+                ..grouped
+            };
+            let (a, b) = (grouped.run(&device).unwrap(), masked.run(&device).unwrap());
+            let own_columns: Vec<f32> = b
+                .dlogits
+                .chunks(experts)
+                .enumerate()
+                .flat_map(|(row, all)| all[(row % heads) * n..(row % heads + 1) * n].to_vec())
+                .collect();
+            assert_parity(
+                &format!("{device} {score:?}"),
+                &a,
+                &Outputs {
+                    dlogits: own_columns,
+                    ..b
+                },
+            );
+        }
+    }
+}
