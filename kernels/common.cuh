@@ -29,6 +29,12 @@ __device__ __forceinline__ void report_position(unsigned long long* status, unsi
   }
 }
 
+// The block of every grid-stride and tiled launch (BLOCK_THREADS in
+// src/cuda/mod.rs). Every kernel states its block in __launch_bounds__, so no
+// compiler or driver JIT gives it more registers than that block can hold;
+// emu/libcuda refuses a kernel without one, and a launch past it.
+constexpr int kBlockThreads = 256;
+
 __device__ __forceinline__ unsigned long long global_thread_index() {
   return static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x;
 }

@@ -53,11 +53,11 @@ __device__ void gather_rows(const Unit* table, const uint32_t* ids, unsigned lon
 }
 }  // namespace
 
-#define MOEREC_EMBEDDING_FORWARD(name, Unit)                                                             \
-  extern "C" __global__ void embedding_forward_##name(                                                   \
-      const Unit* table, const uint32_t* ids, unsigned long long padding, unsigned long long num_tokens, \
+#define MOEREC_EMBEDDING_FORWARD(name, Unit)                                                              \
+  extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads) embedding_forward_##name(           \
+      const Unit* table, const uint32_t* ids, unsigned long long padding, unsigned long long num_tokens,  \
       uint32_t heads, uint32_t num_rows, uint32_t units_per_row, Unit* out, unsigned long long* status) { \
-    gather_rows<Unit>(table, ids, padding, num_tokens, heads, num_rows, units_per_row, out, status);     \
+    gather_rows<Unit>(table, ids, padding, num_tokens, heads, num_rows, units_per_row, out, status);      \
   }
 MOEREC_EMBEDDING_FORWARD(u128, uint4)
 MOEREC_EMBEDDING_FORWARD(u64, uint2)
@@ -67,8 +67,9 @@ MOEREC_EMBEDDING_FORWARD(u16, uint16_t)
 // Grouping key of each token: its id, or num_rows (the sentinel, sorted last and
 // in no group) for the padding id and for an out-of-range id, which is reported.
 // `padding` is 64-bit so that "no padding" (u64::MAX) equals no u32 id.
-extern "C" __global__ void embedding_backward_keys(const uint32_t* ids, uint32_t num_tokens, unsigned long long padding,
-                                                   uint32_t num_rows, uint32_t* keys, unsigned long long* status) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    embedding_backward_keys(const uint32_t* ids, uint32_t num_tokens, unsigned long long padding,
+                            uint32_t num_rows, uint32_t* keys, unsigned long long* status) {
   for (unsigned long long t = moerec::global_thread_index(); t < num_tokens; t += moerec::global_thread_count()) {
     const uint32_t id = ids[t];
     const bool in_table = id < num_rows && id != padding;
@@ -79,9 +80,10 @@ extern "C" __global__ void embedding_backward_keys(const uint32_t* ids, uint32_t
 
 // values[h, u, d] = sum over the tokens of group u, in ascending position, of
 // dy[t, h, d]. One thread per output element, d fastest so reads of dy coalesce.
-extern "C" __global__ void embedding_backward_values(const float* dy, const uint32_t* token_order,
-                                                     const uint32_t* group_starts, uint32_t heads, uint32_t width,
-                                                     uint32_t unique_rows, float* values) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    embedding_backward_values(const float* dy, const uint32_t* token_order,
+                              const uint32_t* group_starts, uint32_t heads, uint32_t width,
+                              uint32_t unique_rows, float* values) {
   const unsigned long long total = static_cast<unsigned long long>(heads) * unique_rows * width;
   for (unsigned long long e = moerec::global_thread_index(); e < total; e += moerec::global_thread_count()) {
     const uint32_t d = static_cast<uint32_t>(e % width);
@@ -99,8 +101,9 @@ extern "C" __global__ void embedding_backward_values(const float* dy, const uint
 
 // Sparse rows must be strictly ascending and inside the table: a repeated row
 // would race in the in-place updates. Reports the lowest bad position.
-extern "C" __global__ void embedding_check_rows(const uint32_t* rows, uint32_t unique_rows, uint32_t num_rows,
-                                                unsigned long long* status) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    embedding_check_rows(const uint32_t* rows, uint32_t unique_rows, uint32_t num_rows,
+                         unsigned long long* status) {
   for (unsigned long long u = moerec::global_thread_index(); u < unique_rows; u += moerec::global_thread_count()) {
     if (rows[u] >= num_rows || (u > 0 && rows[u] <= rows[u - 1])) moerec::report_position(status, u);
   }
@@ -169,19 +172,22 @@ __device__ void adagrad_rows(T* table, float* state, const uint32_t* rows, const
 }
 }  // namespace
 
-extern "C" __global__ void embedding_densify(const uint32_t* rows, const float* values, uint32_t heads,
-                                             uint32_t unique_rows, uint32_t num_rows, uint32_t width, float* dense,
-                                             const unsigned long long* status) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    embedding_densify(const uint32_t* rows, const float* values, uint32_t heads,
+                      uint32_t unique_rows, uint32_t num_rows, uint32_t width, float* dense,
+                      const unsigned long long* status) {
   densify_rows(rows, values, heads, unique_rows, num_rows, width, dense, status);
 }
 
-#define MOEREC_EMBEDDING_UPDATES(suffix, T)                                                                      \
-  extern "C" __global__ void embedding_sgd_##suffix(T* table, const uint32_t* rows, const float* values,       \
-                                                    uint32_t heads, uint32_t unique_rows, uint32_t num_rows,  \
-                                                    uint32_t width, float lr, const unsigned long long* status) { \
+#define MOEREC_EMBEDDING_UPDATES(suffix, T)                                                                    \
+  extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)                                          \
+      embedding_sgd_##suffix(T* table, const uint32_t* rows, const float* values,                              \
+                             uint32_t heads, uint32_t unique_rows, uint32_t num_rows,                          \
+                             uint32_t width, float lr, const unsigned long long* status) {                     \
     sgd_rows<T>(table, rows, values, heads, unique_rows, num_rows, width, lr, status);                         \
-  }                                                                                                             \
-  extern "C" __global__ void embedding_adagrad_##suffix(                                                       \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)                                          \
+      embedding_adagrad_##suffix(                                                                              \
       T* table, float* state, const uint32_t* rows, const float* values, uint32_t heads, uint32_t unique_rows, \
       uint32_t num_rows, uint32_t width, float lr, float eps, const unsigned long long* status) {              \
     adagrad_rows<T>(table, state, rows, values, heads, unique_rows, num_rows, width, lr, eps, status);         \

@@ -35,9 +35,11 @@ using moerec::experts::ForwardCols;
 using moerec::experts::kMmaK;
 using moerec::experts::kMmaM;
 using moerec::experts::kMmaN;
+using moerec::experts::kMmaThreads;
 using moerec::experts::kSimtK;
 using moerec::experts::kSimtM;
 using moerec::experts::kSimtN;
+using moerec::experts::kSimtThreads;
 using moerec::experts::MmaShared;
 using moerec::experts::RowTile;
 using moerec::experts::SimtShared;
@@ -135,9 +137,10 @@ __device__ __forceinline__ void store_forward(const ForwardCols& cols, uint32_t 
 
 // offsets[0] = 0, offsets[e + 1] = offsets[e] + counts[e], offsets[E] = R; and,
 // when check_tokens, token_of_row[r] < tokens.
-extern "C" __global__ void experts_check_plan(const uint32_t* counts, const uint32_t* offsets,
-                                              const uint32_t* token_of_row, uint32_t experts, uint32_t rows,
-                                              uint32_t tokens, uint32_t check_tokens, unsigned long long* status) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    experts_check_plan(const uint32_t* counts, const uint32_t* offsets,
+                       const uint32_t* token_of_row, uint32_t experts, uint32_t rows,
+                       uint32_t tokens, uint32_t check_tokens, unsigned long long* status) {
   const unsigned long long items = max(static_cast<unsigned long long>(experts) + 1, static_cast<unsigned long long>(rows));
   for (unsigned long long i = moerec::global_thread_index(); i < items; i += moerec::global_thread_count()) {
     if (i <= experts) {
@@ -151,9 +154,10 @@ extern "C" __global__ void experts_check_plan(const uint32_t* counts, const uint
 
 // row_slot[r] = 1 + the slot naming row r (row_slot zeroed before). A slot
 // naming a row out of range, of another token, or already named is reported.
-extern "C" __global__ void experts_index_slots(const uint32_t* row_of_slot, const uint32_t* token_of_row,
-                                               unsigned long long slots, uint32_t k, uint32_t rows,
-                                               uint32_t* row_slot, unsigned long long* status) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    experts_index_slots(const uint32_t* row_of_slot, const uint32_t* token_of_row,
+                        unsigned long long slots, uint32_t k, uint32_t rows,
+                        uint32_t* row_slot, unsigned long long* status) {
   for (unsigned long long s = moerec::global_thread_index(); s < slots; s += moerec::global_thread_count()) {
     const uint32_t row = row_of_slot[s];
     if (row == kEmptySlot) continue;
@@ -165,7 +169,8 @@ extern "C" __global__ void experts_index_slots(const uint32_t* row_of_slot, cons
 }
 
 // Every row must be named by a slot.
-extern "C" __global__ void experts_check_named(const uint32_t* row_slot, uint32_t rows, unsigned long long* status) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    experts_check_named(const uint32_t* row_slot, uint32_t rows, unsigned long long* status) {
   for (unsigned long long r = moerec::global_thread_index(); r < rows; r += moerec::global_thread_count()) {
     if (row_slot[r] == 0u) moerec::report_position(status, r);
   }
@@ -173,8 +178,9 @@ extern "C" __global__ void experts_check_named(const uint32_t* row_slot, uint32_
 
 // blocks[e] = ceil(count_e / rows_per_block), blocks[E] = 0 (the grouping scan
 // turns them into row-block offsets); all zero when the plan was rejected.
-extern "C" __global__ void experts_row_blocks(const uint32_t* offsets, uint32_t experts, uint32_t rows_per_block,
-                                              const unsigned long long* status, uint32_t* blocks) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    experts_row_blocks(const uint32_t* offsets, uint32_t experts, uint32_t rows_per_block,
+                       const unsigned long long* status, uint32_t* blocks) {
   const bool rejected = plan_rejected(status);
   for (unsigned long long e = moerec::global_thread_index(); e <= experts; e += moerec::global_thread_count()) {
     const unsigned long long count = (rejected || e == experts) ? 0u : offsets[e + 1] - offsets[e];
@@ -189,7 +195,7 @@ template <typename T>
 __device__ void forward_simt(const T* x, const uint32_t* token_of_row, const T* weights, const T* bias,
                              const uint32_t* offsets, const uint32_t* row_blocks, uint32_t experts, uint32_t din,
                              uint32_t dout, uint32_t activation, T* h, T* y) {
-  __shared__ __align__(16) SimtShared s;
+  __shared__ SimtShared s;
   const ForwardCols cols{dout, activation == kSwiGlu ? kSimtN / 2 : kSimtN, activation == kSwiGlu};
   const unsigned long long width = cols.swiglu ? 2ull * dout : dout;
   const uint32_t col_tiles = cols.tiles();
@@ -328,18 +334,20 @@ __device__ void forward_mma(const T* x, const uint32_t* token_of_row, const T* w
 }
 }  // namespace
 
-#define MOEREC_EXPERTS_FORWARD(engine, suffix, T)                                                                \
-  extern "C" __global__ void experts_forward_##engine##_##suffix(                                              \
-      const T* x, const uint32_t* token_of_row, const T* weights, const T* bias, const uint32_t* offsets,      \
-      const uint32_t* row_blocks, uint32_t experts, uint32_t din, uint32_t dout, uint32_t activation, T* h,    \
-      T* y) {                                                                                                  \
+#define MOEREC_EXPERTS_FORWARD(engine, bounds, suffix, T)                                                       \
+  extern "C" __global__ void __launch_bounds__ bounds experts_forward_##engine##_##suffix(                      \
+      const T* x, const uint32_t* token_of_row, const T* weights, const T* bias, const uint32_t* offsets,       \
+      const uint32_t* row_blocks, uint32_t experts, uint32_t din, uint32_t dout, uint32_t activation, T* h,     \
+      T* y) {                                                                                                   \
     forward_##engine<T>(x, token_of_row, weights, bias, offsets, row_blocks, experts, din, dout, activation, h, \
-                        y);                                                                                    \
+                        y);                                                                                     \
   }
-#define MOEREC_EXPERTS_FORWARD_SIMT(suffix, T) MOEREC_EXPERTS_FORWARD(simt, suffix, T)
+// A bare bound lets ptxas cap the SIMT tile at 64 registers, which spills; 2
+// blocks per SM allow 128.
+#define MOEREC_EXPERTS_FORWARD_SIMT(suffix, T) MOEREC_EXPERTS_FORWARD(simt, (kSimtThreads, 2), suffix, T)
 MOEREC_FOR_EACH_FLOAT(MOEREC_EXPERTS_FORWARD_SIMT)
-MOEREC_EXPERTS_FORWARD(mma, bf16, __nv_bfloat16)
-MOEREC_EXPERTS_FORWARD(mma, f16, __half)
+MOEREC_EXPERTS_FORWARD(mma, (kMmaThreads), bf16, __nv_bfloat16)
+MOEREC_EXPERTS_FORWARD(mma, (kMmaThreads), f16, __half)
 
 // ------------------------------------------------------------ backward
 
@@ -466,29 +474,33 @@ __device__ void dweights_tile(const T* x, const uint32_t* token_of_row, const fl
 }
 }  // namespace
 
-#define MOEREC_EXPERTS_BACKWARD(suffix, T)                                                                         \
-  extern "C" __global__ void experts_dh_##suffix(const float* dy, const T* h, unsigned long long rows,             \
-                                                 uint32_t dout, uint32_t activation, float* dh) {                 \
-    activation_backward<T>(dy, h, rows, dout, activation, dh);                                                    \
-  }                                                                                                                \
-  extern "C" __global__ void experts_dx_rows_##suffix(const float* dh, const T* weights, const uint32_t* offsets,  \
-                                                      const uint32_t* row_blocks, uint32_t experts, uint32_t din, \
-                                                      uint32_t width, float* dx_rows) {                           \
-    dx_rows_tile<T>(dh, weights, offsets, row_blocks, experts, din, width, dx_rows);                              \
-  }                                                                                                                \
-  extern "C" __global__ void experts_dweights_##suffix(                                                           \
-      const T* x, const uint32_t* token_of_row, const float* dh, const uint32_t* offsets,                          \
-      const uint32_t* chunk_offsets, uint32_t experts, uint32_t din, uint32_t width, uint32_t has_bias,           \
-      uint32_t chunk_rows, float* partials, float* dweights, float* dbias) {                                      \
-    dweights_tile<T>(x, token_of_row, dh, offsets, chunk_offsets, experts, din, width, has_bias, chunk_rows,      \
-                     partials, dweights, dbias);                                                                  \
+#define MOEREC_EXPERTS_BACKWARD(suffix, T)                                                                   \
+  extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)                                        \
+      experts_dh_##suffix(const float* dy, const T* h, unsigned long long rows,                              \
+                          uint32_t dout, uint32_t activation, float* dh) {                                   \
+    activation_backward<T>(dy, h, rows, dout, activation, dh);                                               \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(kSimtThreads)                                                 \
+      experts_dx_rows_##suffix(const float* dh, const T* weights, const uint32_t* offsets,                   \
+                               const uint32_t* row_blocks, uint32_t experts, uint32_t din,                   \
+                               uint32_t width, float* dx_rows) {                                             \
+    dx_rows_tile<T>(dh, weights, offsets, row_blocks, experts, din, width, dx_rows);                         \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(kSimtThreads)                                                 \
+      experts_dweights_##suffix(                                                                             \
+      const T* x, const uint32_t* token_of_row, const float* dh, const uint32_t* offsets,                    \
+      const uint32_t* chunk_offsets, uint32_t experts, uint32_t din, uint32_t width, uint32_t has_bias,      \
+      uint32_t chunk_rows, float* partials, float* dweights, float* dbias) {                                 \
+    dweights_tile<T>(x, token_of_row, dh, offsets, chunk_offsets, experts, din, width, has_bias, chunk_rows, \
+                     partials, dweights, dbias);                                                             \
   }
 MOEREC_FOR_EACH_FLOAT(MOEREC_EXPERTS_BACKWARD)
 
 // dx[t] = sum over t's slots in order of dx_rows[row_of_slot[t, j]].
-extern "C" __global__ void experts_gather_dx(const float* dx_rows, const uint32_t* row_of_slot, uint32_t tokens,
-                                             uint32_t k, uint32_t din, uint32_t rows,
-                                             const unsigned long long* status, float* dx) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    experts_gather_dx(const float* dx_rows, const uint32_t* row_of_slot, uint32_t tokens,
+                      uint32_t k, uint32_t din, uint32_t rows,
+                      const unsigned long long* status, float* dx) {
   if (plan_rejected(status)) return;
   const unsigned long long total = static_cast<unsigned long long>(tokens) * din;
   for (unsigned long long i = moerec::global_thread_index(); i < total; i += moerec::global_thread_count()) {
@@ -504,9 +516,10 @@ extern "C" __global__ void experts_gather_dx(const float* dx_rows, const uint32_
 
 // dweights[e] (and db[e], the last of the M = Din + has_bias partial rows) =
 // the sum of the expert's chunk partials in chunk order; zero without chunks.
-extern "C" __global__ void experts_merge_dweights(const float* partials, const uint32_t* chunk_offsets,
-                                                  uint32_t experts, uint32_t din, uint32_t width, uint32_t has_bias,
-                                                  float* dweights, float* dbias) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    experts_merge_dweights(const float* partials, const uint32_t* chunk_offsets,
+                           uint32_t experts, uint32_t din, uint32_t width, uint32_t has_bias,
+                           float* dweights, float* dbias) {
   const unsigned long long m_total = din + has_bias;
   const unsigned long long total = experts * m_total * width;
   for (unsigned long long i = moerec::global_thread_index(); i < total; i += moerec::global_thread_count()) {
@@ -603,35 +616,40 @@ __device__ void combine_backward_tokens(const float* dout, const T* res, const f
 }
 }  // namespace
 
-#define MOEREC_EXPERTS_COMBINE(suffix, T)                                                                          \
-  extern "C" __global__ void experts_combine_##suffix(const T* y, const float* weights, const uint32_t* row_of_slot, \
-                                                      const T* res, const float* rho, uint32_t tokens, uint32_t k,  \
-                                                      uint32_t dout, uint32_t rows,                                 \
-                                                      const unsigned long long* status, T* out) {                   \
-    combine_tokens<T>(y, weights, row_of_slot, res, rho, tokens, k, dout, rows, status, out);                     \
-  }                                                                                                                \
-  extern "C" __global__ void experts_row_norms_##suffix(const T* y, const float* weights, const uint32_t* row_slot, \
-                                                        uint32_t rows, uint32_t dout,                               \
-                                                        const unsigned long long* status, float* norms) {           \
-    row_norms<T>(y, weights, row_slot, rows, dout, status, norms);                                                \
-  }                                                                                                                \
-  extern "C" __global__ void experts_combine_backward_slots_##suffix(                                             \
-      const float* dout, const T* y, const uint32_t* row_of_slot, unsigned long long slots, uint32_t k,           \
-      uint32_t width, uint32_t rows, const unsigned long long* status, float* dweights) {                         \
-    combine_backward_slots<T>(dout, y, row_of_slot, slots, k, width, rows, status, dweights);                     \
-  }                                                                                                                \
-  extern "C" __global__ void experts_combine_backward_tokens_##suffix(                                            \
-      const float* dout, const T* res, const float* rho, uint32_t tokens, uint32_t width, float* dres,            \
-      float* drho) {                                                                                               \
-    combine_backward_tokens<T>(dout, res, rho, tokens, width, dres, drho);                                        \
+#define MOEREC_EXPERTS_COMBINE(suffix, T)                                                               \
+  extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)                                   \
+      experts_combine_##suffix(const T* y, const float* weights, const uint32_t* row_of_slot,           \
+                               const T* res, const float* rho, uint32_t tokens, uint32_t k,             \
+                               uint32_t dout, uint32_t rows,                                            \
+                               const unsigned long long* status, T* out) {                              \
+    combine_tokens<T>(y, weights, row_of_slot, res, rho, tokens, k, dout, rows, status, out);           \
+  }                                                                                                     \
+  extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)                                   \
+      experts_row_norms_##suffix(const T* y, const float* weights, const uint32_t* row_slot,            \
+                                 uint32_t rows, uint32_t dout,                                          \
+                                 const unsigned long long* status, float* norms) {                      \
+    row_norms<T>(y, weights, row_slot, rows, dout, status, norms);                                      \
+  }                                                                                                     \
+  extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)                                   \
+      experts_combine_backward_slots_##suffix(                                                          \
+      const float* dout, const T* y, const uint32_t* row_of_slot, unsigned long long slots, uint32_t k, \
+      uint32_t width, uint32_t rows, const unsigned long long* status, float* dweights) {               \
+    combine_backward_slots<T>(dout, y, row_of_slot, slots, k, width, rows, status, dweights);           \
+  }                                                                                                     \
+  extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)                                   \
+      experts_combine_backward_tokens_##suffix(                                                         \
+      const float* dout, const T* res, const float* rho, uint32_t tokens, uint32_t width, float* dres,  \
+      float* drho) {                                                                                    \
+    combine_backward_tokens<T>(dout, res, rho, tokens, width, dres, drho);                              \
   }
 MOEREC_FOR_EACH_FLOAT(MOEREC_EXPERTS_COMBINE)
 
 // dy[r] = weights[s] dout[t] for the slot s = (t, j) naming row r.
-extern "C" __global__ void experts_combine_backward_rows(const float* dout, const float* weights,
-                                                         const uint32_t* row_slot, uint32_t rows, uint32_t k,
-                                                         uint32_t width, const unsigned long long* status,
-                                                         float* dy) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    experts_combine_backward_rows(const float* dout, const float* weights,
+                                  const uint32_t* row_slot, uint32_t rows, uint32_t k,
+                                  uint32_t width, const unsigned long long* status,
+                                  float* dy) {
   if (plan_rejected(status)) return;
   const unsigned long long total = static_cast<unsigned long long>(rows) * width;
   for (unsigned long long i = moerec::global_thread_index(); i < total; i += moerec::global_thread_count()) {
@@ -643,8 +661,9 @@ extern "C" __global__ void experts_combine_backward_rows(const float* dout, cons
 // util[e] = the sum over e's rows of norms[r]: one block per expert, each
 // thread's rows in order, then a fixed tree, so the order depends on the
 // count only.
-extern "C" __global__ void experts_util(const float* norms, const uint32_t* offsets, uint32_t experts,
-                                        const unsigned long long* status, float* util) {
+extern "C" __global__ void __launch_bounds__(kUtilThreads)
+    experts_util(const float* norms, const uint32_t* offsets, uint32_t experts,
+                 const unsigned long long* status, float* util) {
   __shared__ float partial[kUtilThreads];
   if (plan_rejected(status)) return;
   for (uint32_t e = blockIdx.x; e < experts; e += gridDim.x) {

@@ -85,7 +85,9 @@ constexpr uint32_t kSimtK = 16;
 // and rows stay 16-byte aligned for the float4 reads.
 constexpr uint32_t kSimtLd = 68;
 
-struct SimtShared {
+// alignas(16): simt_step reads it with float4/float2 (ld.shared.v4/.v2),
+// which need the struct itself 16-byte aligned wherever it is declared.
+struct alignas(16) SimtShared {
   float a[kSimtK][kSimtLd];  // a[k][m]
   float b[kSimtK][kSimtLd];  // b[k][n]
 };

@@ -35,7 +35,7 @@ __device__ __forceinline__ unsigned long long tile_base() {
 }
 }  // namespace
 
-extern "C" __global__ void grouping_iota(uint32_t* positions, uint32_t n) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads) grouping_iota(uint32_t* positions, uint32_t n) {
   for (unsigned long long i = moerec::global_thread_index(); i < n; i += moerec::global_thread_count()) {
     positions[i] = static_cast<uint32_t>(i);
   }
@@ -44,8 +44,9 @@ extern "C" __global__ void grouping_iota(uint32_t* positions, uint32_t n) {
 // Counts each digit in each tile. `hist` is bin-major, hist[bin * tiles + tile],
 // so its exclusive scan is, for every (bin, tile), the first destination of that
 // tile's keys with that digit.
-extern "C" __global__ void grouping_digit_histogram(const uint32_t* keys, uint32_t n, uint32_t shift,
-                                                    uint32_t* hist) {
+extern "C" __global__ void __launch_bounds__(kThreads)
+    grouping_digit_histogram(const uint32_t* keys, uint32_t n, uint32_t shift,
+                             uint32_t* hist) {
   __shared__ uint32_t counts[kBins];
   for (uint32_t b = threadIdx.x; b < kBins; b += kThreads) counts[b] = 0;
   __syncthreads();
@@ -62,9 +63,10 @@ extern "C" __global__ void grouping_digit_histogram(const uint32_t* keys, uint32
 // keeping the input order among equal digits: keys are taken in rounds of one
 // per thread, ranked inside the warp with __match_any_sync, then across warps
 // from per-warp counts, then across rounds from a running count per digit.
-extern "C" __global__ void grouping_digit_scatter(const uint32_t* keys_in, const uint32_t* positions_in,
-                                                  uint32_t n, uint32_t shift, const uint32_t* tile_offsets,
-                                                  uint32_t* keys_out, uint32_t* positions_out) {
+extern "C" __global__ void __launch_bounds__(kThreads)
+    grouping_digit_scatter(const uint32_t* keys_in, const uint32_t* positions_in,
+                           uint32_t n, uint32_t shift, const uint32_t* tile_offsets,
+                           uint32_t* keys_out, uint32_t* positions_out) {
   __shared__ uint32_t next_of_digit[kBins];
   __shared__ uint32_t warp_counts[kWarps][kBins];
   const uint32_t lane = threadIdx.x & 31;
@@ -102,7 +104,8 @@ extern "C" __global__ void grouping_digit_scatter(const uint32_t* keys_in, const
 
 // Exclusive scan of one tile, in place (each thread reads its own elements
 // before it writes them), and the tile's total for the next level.
-extern "C" __global__ void scan_exclusive_tiles(uint32_t* data, uint32_t n, uint32_t* tile_totals) {
+extern "C" __global__ void __launch_bounds__(kThreads)
+    scan_exclusive_tiles(uint32_t* data, uint32_t n, uint32_t* tile_totals) {
   __shared__ uint32_t warp_sums[kWarps];
   const uint32_t lane = threadIdx.x & 31;
   const uint32_t warp = threadIdx.x >> 5;
@@ -141,7 +144,8 @@ extern "C" __global__ void scan_exclusive_tiles(uint32_t* data, uint32_t n, uint
   if (threadIdx.x == kThreads - 1) tile_totals[blockIdx.x] = warp_sums[kWarps - 1];
 }
 
-extern "C" __global__ void scan_add_tile_offsets(uint32_t* data, uint32_t n, const uint32_t* tile_offsets) {
+extern "C" __global__ void __launch_bounds__(kThreads)
+    scan_add_tile_offsets(uint32_t* data, uint32_t n, const uint32_t* tile_offsets) {
   const uint32_t offset = tile_offsets[blockIdx.x];
   for (int j = 0; j < kItems; ++j) {
     const unsigned long long i = tile_base() + j * kThreads + threadIdx.x;
@@ -157,9 +161,10 @@ __device__ __forceinline__ bool starts_segment(const uint32_t* sorted_keys, unsi
   return key != sentinel_key && (i == 0 || sorted_keys[i - 1] != key);
 }
 
-extern "C" __global__ void grouping_segment_heads(const uint32_t* sorted_keys, uint32_t n, uint32_t sentinel_key,
-                                                  uint32_t* heads, uint32_t* segment_starts,
-                                                  uint32_t* segment_count) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    grouping_segment_heads(const uint32_t* sorted_keys, uint32_t n, uint32_t sentinel_key,
+                           uint32_t* heads, uint32_t* segment_starts,
+                           uint32_t* segment_count) {
   const unsigned long long first = moerec::global_thread_index();
   // Defaults for a list with no segment at all; grouping_segment_write
   // overwrites both when there is one.
@@ -174,9 +179,10 @@ extern "C" __global__ void grouping_segment_heads(const uint32_t* sorted_keys, u
 
 // `head_ranks` is the exclusive scan of the heads: the segment index of each
 // head. The last non-sentinel entry closes the last segment.
-extern "C" __global__ void grouping_segment_write(const uint32_t* sorted_keys, const uint32_t* head_ranks,
-                                                  uint32_t n, uint32_t sentinel_key, uint32_t* segment_keys,
-                                                  uint32_t* segment_starts, uint32_t* segment_count) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    grouping_segment_write(const uint32_t* sorted_keys, const uint32_t* head_ranks,
+                           uint32_t n, uint32_t sentinel_key, uint32_t* segment_keys,
+                           uint32_t* segment_starts, uint32_t* segment_count) {
   for (unsigned long long i = moerec::global_thread_index(); i < n; i += moerec::global_thread_count()) {
     const uint32_t key = sorted_keys[i];
     if (key == sentinel_key) continue;

@@ -45,6 +45,8 @@ constexpr uint32_t kForwardRowWords = 3;     // logit, key, slot
 constexpr uint32_t kForwardExpertWords = 2;  // share, gate
 constexpr uint32_t kBackwardWords = 2;       // logit, dL/dv
 constexpr int kFinalizeThreads = 256;
+// The row kernels' largest block (MAX_WARPS_PER_BLOCK in src/ops/routing/cuda.rs).
+constexpr int kMaxRowThreads = 8 * 32;
 
 extern __shared__ float shared_words[];
 
@@ -475,30 +477,33 @@ __device__ void route_backward(const T* logits, const uint32_t* expert_mask, con
 }
 }  // namespace
 
-#define MOEREC_ROUTING(suffix, T)                                                                                  \
-  extern "C" __global__ void routing_forward_##suffix(                                                             \
-      const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask, const float* selection_bias,       \
-      unsigned long long rows, uint32_t experts, uint32_t groups, uint32_t group_experts, uint32_t k,              \
+#define MOEREC_ROUTING(suffix, T)                                                                                 \
+  extern "C" __global__ void __launch_bounds__(kMaxRowThreads)                                                    \
+      routing_forward_##suffix(                                                                                   \
+      const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask, const float* selection_bias,      \
+      unsigned long long rows, uint32_t experts, uint32_t groups, uint32_t group_experts, uint32_t k,             \
       uint32_t flags, uint32_t group_size, uint32_t rows_per_group, uint32_t* indices, float* weights,            \
-      uint32_t* expert_keys, float* partials, unsigned long long* status) {                                        \
-    route_forward<T>(logits, expert_mask, token_mask, selection_bias, rows, experts, groups, group_experts, k,      \
-                     flags, group_size, rows_per_group, indices, weights, expert_keys, partials, status);          \
-  }                                                                                                                 \
-  extern "C" __global__ void routing_backward_##suffix(                                                            \
-      const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask, const uint32_t* indices,           \
-      const float* dweights, const float* grad_scales, float lb_coef, float z_coef, unsigned long long rows,       \
-      uint32_t experts, uint32_t groups, uint32_t group_experts, uint32_t k, uint32_t flags, uint32_t group_size,  \
-      float* dlogits, unsigned long long* status) {                                                                 \
-    route_backward<T>(logits, expert_mask, token_mask, indices, dweights, grad_scales, lb_coef, z_coef, rows,      \
-                      experts, groups, group_experts, k, flags, group_size, dlogits, status);                      \
+      uint32_t* expert_keys, float* partials, unsigned long long* status) {                                       \
+    route_forward<T>(logits, expert_mask, token_mask, selection_bias, rows, experts, groups, group_experts, k,    \
+                     flags, group_size, rows_per_group, indices, weights, expert_keys, partials, status);         \
+  }                                                                                                               \
+  extern "C" __global__ void __launch_bounds__(kMaxRowThreads)                                                    \
+      routing_backward_##suffix(                                                                                  \
+      const T* logits, const uint32_t* expert_mask, const uint32_t* token_mask, const uint32_t* indices,          \
+      const float* dweights, const float* grad_scales, float lb_coef, float z_coef, unsigned long long rows,      \
+      uint32_t experts, uint32_t groups, uint32_t group_experts, uint32_t k, uint32_t flags, uint32_t group_size, \
+      float* dlogits, unsigned long long* status) {                                                               \
+    route_backward<T>(logits, expert_mask, token_mask, indices, dweights, grad_scales, lb_coef, z_coef, rows,     \
+                      experts, groups, group_experts, k, flags, group_size, dlogits, status);                     \
   }
 MOEREC_FOR_EACH_FLOAT(MOEREC_ROUTING)
 
 // totals[c] = sum over the forward's blocks b of partials[b, c], b in a fixed
 // order: row y of the 32x32 block sums b = y, y + 32, ..., then row 0 adds
 // the 32 partial sums in order.
-extern "C" __global__ void routing_reduce_partials(const float* partials, uint32_t blocks, uint32_t columns,
-                                                   float* totals) {
+extern "C" __global__ void __launch_bounds__(32 * 32)
+    routing_reduce_partials(const float* partials, uint32_t blocks, uint32_t columns,
+                            float* totals) {
   __shared__ float sums[32][33];
   const uint32_t column = blockIdx.x * 32 + threadIdx.x;
   float sum = 0.0f;
@@ -524,10 +529,11 @@ extern "C" __global__ void routing_reduce_partials(const float* partials, uint32
 // active expert, then 1 / (T' G)). Warp w counts the active experts N'_g of
 // groups w, w + 8, ... and handles their experts (as Losses in
 // src/ops/routing/cpu.rs).
-extern "C" __global__ void routing_finalize(const float* totals, const uint32_t* counts, const uint32_t* offsets,
-                                            const uint32_t* expert_mask, uint32_t experts, uint32_t groups,
-                                            uint32_t group_experts, uint32_t k, float* gate_mass, float* lb_loss,
-                                            float* z_loss, float* grad_scales) {
+extern "C" __global__ void __launch_bounds__(kFinalizeThreads)
+    routing_finalize(const float* totals, const uint32_t* counts, const uint32_t* offsets,
+                     const uint32_t* expert_mask, uint32_t experts, uint32_t groups,
+                     uint32_t group_experts, uint32_t k, float* gate_mass, float* lb_loss,
+                     float* z_loss, float* grad_scales) {
   constexpr uint32_t kWarps = kFinalizeThreads / 32;
   __shared__ float warp_sums[kWarps];
   const uint32_t rows = offsets[experts];
@@ -568,9 +574,10 @@ extern "C" __global__ void routing_finalize(const float* totals, const uint32_t*
 // counts [E] and offsets [E + 1] from the groups (keys ascending, starts into
 // the grouped order): offsets[e] is the start of the first group whose key is
 // >= e. rows_out receives R = offsets[E], the number of dispatched rows.
-extern "C" __global__ void routing_plan_counts(const uint32_t* group_keys, const uint32_t* group_starts,
-                                               const uint32_t* group_count, uint32_t experts, uint32_t* counts,
-                                               uint32_t* offsets, unsigned long long* rows_out) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    routing_plan_counts(const uint32_t* group_keys, const uint32_t* group_starts,
+                        const uint32_t* group_count, uint32_t experts, uint32_t* counts,
+                        uint32_t* offsets, unsigned long long* rows_out) {
   const uint32_t count = *group_count;
   for (unsigned long long i = moerec::global_thread_index(); i <= experts; i += moerec::global_thread_count()) {
     const uint32_t e = static_cast<uint32_t>(i);
@@ -596,9 +603,10 @@ extern "C" __global__ void routing_plan_counts(const uint32_t* group_keys, const
 // order is the grouped permutation of the T*G*k (routing row, slot) positions:
 // its first R entries are the dispatched rows, the rest the invalid tokens'
 // slots.
-extern "C" __global__ void routing_plan_rows(const uint32_t* order, uint32_t slots, uint32_t k,
-                                             const uint32_t* offsets, uint32_t experts, uint32_t* token_of_row,
-                                             uint32_t* row_of_slot) {
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    routing_plan_rows(const uint32_t* order, uint32_t slots, uint32_t k,
+                      const uint32_t* offsets, uint32_t experts, uint32_t* token_of_row,
+                      uint32_t* row_of_slot) {
   const uint32_t rows = offsets[experts];
   for (unsigned long long r = moerec::global_thread_index(); r < slots; r += moerec::global_thread_count()) {
     const uint32_t slot = order[r];

@@ -713,30 +713,29 @@ __device__ void backward_finish_gates(const ScoringParams& p) {
 }
 }  // namespace
 
-extern "C" __global__ void scoring_flag_excluded(const ScoringParams p) { flag_excluded(p); }
-extern "C" __global__ void scoring_row_merge(const ScoringParams p) { row_merge(p); }
-extern "C" __global__ void scoring_backward_finish_user(const ScoringParams p) { backward_finish_user(p); }
+// Grid-stride kernels take moerec::kBlockThreads blocks, tile kernels kThreads
+// (TILE_THREADS in src/ops/scoring/cuda/plan.rs). Under a bare bound ptxas
+// spills scoring_scores_f32 (64 registers) and scoring_backward_items_bf16/f16
+// (128); 2 blocks per SM let them take up to 128 without spilling.
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    scoring_flag_excluded(const ScoringParams p) { flag_excluded(p); }
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    scoring_row_merge(const ScoringParams p) { row_merge(p); }
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    scoring_backward_finish_user(const ScoringParams p) {
+  backward_finish_user(p);
+}
 
-#define MOEREC_SCORING_KERNELS(suffix, T)                                                                      \
-  extern "C" __global__ void scoring_gates_##suffix(const ScoringParams p) { gate_softmax<T>(p); }            \
-  extern "C" __global__ void scoring_mixed_user_##suffix(const ScoringParams p) { mixed_user<T>(p); }         \
-  extern "C" __global__ void scoring_row_reduce_##suffix(const ScoringParams p) { \
-    row_reduce<T>(p);                                                                                          \
-  }                                                                                                            \
-  extern "C" __global__ void scoring_scores_##suffix(const ScoringParams p) {     \
-    scores_tile<T>(p);                                                                                         \
-  }                                                                                                            \
-  extern "C" __global__ void scoring_ce_loss_##suffix(const ScoringParams p) { ce_loss<T>(p); }               \
-  extern "C" __global__ void scoring_backward_rows_##suffix(const ScoringParams p) { backward_rows<T>(p); }   \
-  extern "C" __global__ void                                                       \
-      scoring_backward_user_##suffix(const ScoringParams p) {                                                  \
-    backward_user<T>(p);                                                                                       \
-  }                                                                                                            \
-  extern "C" __global__ void                                                       \
-      scoring_backward_items_##suffix(const ScoringParams p) {                                                 \
-    backward_items<T>(p);                                                                                      \
-  }                                                                                                            \
-  extern "C" __global__ void scoring_backward_finish_gates_##suffix(const ScoringParams p) {                  \
-    backward_finish_gates<T>(p);                                                                               \
-  }
+#define MOEREC_SCORING_KERNEL(bounds, name, body, suffix, T) \
+  extern "C" __global__ void __launch_bounds__ bounds name##_##suffix(const ScoringParams p) { body<T>(p); }
+#define MOEREC_SCORING_KERNELS(suffix, T)                                                         \
+  MOEREC_SCORING_KERNEL((moerec::kBlockThreads), scoring_gates, gate_softmax, suffix, T)          \
+  MOEREC_SCORING_KERNEL((moerec::kBlockThreads), scoring_mixed_user, mixed_user, suffix, T)       \
+  MOEREC_SCORING_KERNEL((kThreads), scoring_row_reduce, row_reduce, suffix, T)                    \
+  MOEREC_SCORING_KERNEL((kThreads, 2), scoring_scores, scores_tile, suffix, T)                    \
+  MOEREC_SCORING_KERNEL((moerec::kBlockThreads), scoring_ce_loss, ce_loss, suffix, T)             \
+  MOEREC_SCORING_KERNEL((moerec::kBlockThreads), scoring_backward_rows, backward_rows, suffix, T) \
+  MOEREC_SCORING_KERNEL((kThreads), scoring_backward_user, backward_user, suffix, T)              \
+  MOEREC_SCORING_KERNEL((kThreads, 2), scoring_backward_items, backward_items, suffix, T)          \
+  MOEREC_SCORING_KERNEL((moerec::kBlockThreads), scoring_backward_finish_gates, backward_finish_gates, suffix, T)
 MOEREC_FOR_EACH_FLOAT(MOEREC_SCORING_KERNELS)

@@ -212,11 +212,14 @@ __device__ void topk_merge(const ScoringParams& p) {
 }
 }  // namespace
 
-extern "C" __global__ void scoring_topk_check_history(const ScoringParams p) { check_history(p); }
-extern "C" __global__ void scoring_topk_merge(const ScoringParams p) { topk_merge(p); }
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads) scoring_topk_check_history(const ScoringParams p) {
+  check_history(p);
+}
+extern "C" __global__ void __launch_bounds__(moerec::kBlockThreads)
+    scoring_topk_merge(const ScoringParams p) { topk_merge(p); }
 
-#define MOEREC_SCORING_TOPK_KERNELS(suffix, T)                                                              \
-  extern "C" __global__ void scoring_topk_chunks_##suffix(const ScoringParams p) { \
-    topk_chunks<T>(p);                                                                                       \
+#define MOEREC_SCORING_TOPK_KERNELS(suffix, T)                                                                 \
+  extern "C" __global__ void __launch_bounds__(kThreads) scoring_topk_chunks_##suffix(const ScoringParams p) { \
+    topk_chunks<T>(p);                                                                                         \
   }
 MOEREC_FOR_EACH_FLOAT(MOEREC_SCORING_TOPK_KERNELS)

@@ -9,7 +9,17 @@
 //   - cuModuleLoadData takes the PTX build.rs embedded, reads its .entry
 //     names and parameter sizes, and binds it to the emulated module (one per
 //     kernels/*.cu, registered by the generated translation units) with
-//     exactly those kernels, each parameter the size the PTX declares.
+//     exactly those kernels, each parameter the size the PTX declares. It
+//     refuses a module whose PTX breaks a rule of ptx.h (a vector access to
+//     a shared variable aligned below its width, a kernel without
+//     __launch_bounds__), which the emulator's own memory cannot show.
+//   - Shared memory and block size as a driver sees them: each kernel's
+//     static shared bytes and __launch_bounds__ come from its PTX
+//     (cuFuncGetAttribute SHARED_SIZE_BYTES, MAX_THREADS_PER_BLOCK); dynamic
+//     shared memory is capped at 48 KB minus the static bytes until
+//     cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) raises it, at most to
+//     the opt-in limit minus the static bytes; a launch past either limit
+//     fails with CUDA_ERROR_INVALID_VALUE, as on the GPU.
 //   - cuLaunchKernel copies sizeof(parameter) bytes from each kernelParams
 //     slot, as the driver does, and runs the kernel on the fiber runtime.
 //     Launches are serialised (one runtime).
@@ -32,6 +42,7 @@
 #include <vector>
 
 #include "kernel.h"
+#include "ptx.h"
 
 #define EMU_API extern "C" __attribute__((visibility("default")))
 
@@ -40,8 +51,10 @@ typedef unsigned long long CUdeviceptr;
 
 namespace {
 
-// kMaxDynamicSharedBytes (cuda_emu.h): the H100's opt-in limit.
+// kMaxDynamicSharedBytes (cuda_emu.h): the H100's opt-in limit, for static
+// and dynamic shared memory together; a block gets 48 KB without opting in.
 constexpr unsigned kMaxDynamicSharedBytes = 232448;
+constexpr unsigned kDefaultSharedBytes = 48 * 1024;
 
 enum : CUresult {
   OK = 0,
@@ -98,48 +111,19 @@ std::vector<emu::libcuda::Kernel>& kernels() {
   return k;
 }
 
-struct Module {
-  std::string name;
-  std::vector<const emu::libcuda::Kernel*> kernels;
+// One kernel of a loaded module (a CUfunction), with what the driver knows
+// of it from the PTX.
+struct Function {
+  const emu::libcuda::Kernel* kernel;
+  unsigned static_shared;  // bytes
+  unsigned max_threads;    // __launch_bounds__
+  unsigned max_dynamic;    // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 };
 
-// The PTX of one module: entry name -> parameter sizes.
-std::map<std::string, std::vector<size_t>> parse_ptx(const char* ptx) {
-  std::map<std::string, std::vector<size_t>> entries;
-  const char* p = ptx;
-  while ((p = std::strstr(p, ".entry ")) != nullptr) {
-    p += 7;
-    const char* open = std::strchr(p, '(');
-    const char* close = open ? std::strchr(open, ')') : nullptr;
-    if (open == nullptr || close == nullptr) break;
-    std::string name(p, open);
-    while (!name.empty() && (name.back() == ' ' || name.back() == '\t')) name.pop_back();
-    std::vector<size_t> sizes;
-    const std::string params(open + 1, close);
-    size_t at = 0;
-    while ((at = params.find(".param", at)) != std::string::npos) {
-      const size_t end = params.find_first_of(",\n", at + 6) == std::string::npos ? params.size()
-                                                                                  : params.find_first_of(",\n", at + 6);
-      const std::string decl = params.substr(at, end - at);
-      size_t bytes = 0;
-      const size_t bracket = decl.find('[');
-      auto width_of = [&](const std::string& d) -> size_t {
-        for (const char* t : {".u64", ".s64", ".b64", ".f64"}) if (d.find(t) != std::string::npos) return 8;
-        for (const char* t : {".u32", ".s32", ".b32", ".f32"}) if (d.find(t) != std::string::npos) return 4;
-        for (const char* t : {".u16", ".s16", ".b16", ".f16"}) if (d.find(t) != std::string::npos) return 2;
-        for (const char* t : {".u8", ".s8", ".b8"}) if (d.find(t) != std::string::npos) return 1;
-        return 0;
-      };
-      bytes = width_of(decl);
-      if (bracket != std::string::npos) bytes *= std::strtoull(decl.c_str() + bracket + 1, nullptr, 10);
-      sizes.push_back(bytes);
-      at = end;
-    }
-    entries[name] = sizes;
-    p = close;
-  }
-  return entries;
-}
+struct Module {
+  std::string name;
+  std::vector<Function> functions;
+};
 
 std::vector<Module*>& modules() {
   static std::vector<Module*> m;
@@ -246,10 +230,6 @@ void install_fault_handler() {
 // ------------------------------------------------------------ handles
 int context_token, stream_token, event_token;
 bool initialised = false;
-
-struct Function {
-  const emu::libcuda::Kernel* kernel;
-};
 
 bool readable(const void* p, size_t n) {
   char buffer[64];
@@ -491,7 +471,8 @@ EMU_API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned value, size_t n, voi
 
 EMU_API CUresult cuModuleLoadData(void** module, const void* image) {
   std::lock_guard<std::recursive_mutex> guard(lock());
-  const auto entries = parse_ptx(static_cast<const char*>(image));
+  std::vector<std::string> problems;
+  const auto entries = emu::libcuda::ptx::parse(static_cast<const char*>(image), problems);
   // The emulated module with exactly these entry points.
   std::map<std::string, std::vector<const emu::libcuda::Kernel*>> by_module;
   for (const auto& k : kernels()) by_module[k.module].push_back(&k);
@@ -499,18 +480,22 @@ EMU_API CUresult cuModuleLoadData(void** module, const void* image) {
     bool same = list.size() == entries.size();
     for (const auto* k : list) same = same && entries.count(k->name) != 0;
     if (!same) continue;
+    for (const auto& problem : problems) std::fprintf(stderr, "emu: error: module %s: %s\n", name.c_str(), problem.c_str());
+    if (!problems.empty()) die("module %s: its PTX breaks %zu rule(s) a GPU enforces (above)", name.c_str(), problems.size());
+    auto* m = new Module{name, {}};
     for (const auto* k : list) {
-      const auto& ptx_sizes = entries.at(k->name);
-      if (ptx_sizes != k->param_bytes) {
+      const auto& entry = entries.at(k->name);
+      if (entry.param_bytes != k->param_bytes) {
         std::string text;
-        for (size_t i = 0; i < std::max(ptx_sizes.size(), k->param_bytes.size()); ++i) {
-          text += " " + std::to_string(i < ptx_sizes.size() ? ptx_sizes[i] : 0) + "/" +
+        for (size_t i = 0; i < std::max(entry.param_bytes.size(), k->param_bytes.size()); ++i) {
+          text += " " + std::to_string(i < entry.param_bytes.size() ? entry.param_bytes[i] : 0) + "/" +
                   std::to_string(i < k->param_bytes.size() ? k->param_bytes[i] : 0);
         }
         die("module %s: kernel %s: parameter bytes (PTX/emulated):%s differ", name.c_str(), k->name, text.c_str());
       }
+      const unsigned fixed = entry.static_shared_bytes;
+      m->functions.push_back(Function{k, fixed, entry.max_threads, fixed < kDefaultSharedBytes ? kDefaultSharedBytes - fixed : 0});
     }
-    auto* m = new Module{name, list};
     modules().push_back(m);
     *module = m;
     return OK;
@@ -527,40 +512,66 @@ EMU_API CUresult cuModuleUnload(void*) { return OK; }
 EMU_API CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
   std::lock_guard<std::recursive_mutex> guard(lock());
   auto* m = static_cast<Module*>(module);
-  for (const auto* k : m->kernels) {
-    if (std::strcmp(k->name, name) == 0) {
-      *function = new Function{k};
+  for (auto& f : m->functions) {
+    if (std::strcmp(f.kernel->name, name) == 0) {
+      *function = &f;
       return OK;
     }
   }
   return ERR_NOT_FOUND;
 }
-EMU_API CUresult cuFuncGetAttribute(int* value, int attribute, void*) {
+EMU_API CUresult cuFuncGetAttribute(int* value, int attribute, void* function) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  const auto& f = *static_cast<Function*>(function);
   switch (attribute) {
-    case 0: *value = 1024; break;  // MAX_THREADS_PER_BLOCK
-    case 4: *value = 32; break;    // NUM_REGS
-    default: *value = 0;
+    case 0: *value = static_cast<int>(f.max_threads); break;    // MAX_THREADS_PER_BLOCK
+    case 1: *value = static_cast<int>(f.static_shared); break;  // SHARED_SIZE_BYTES
+    case 4: *value = 32; break;                                 // NUM_REGS
+    case 8: *value = static_cast<int>(f.max_dynamic); break;    // MAX_DYNAMIC_SHARED_SIZE_BYTES
+    default:
+      std::fprintf(stderr, "emu: warning: cuFuncGetAttribute(%s, %d) is not modelled; answering 0\n", f.kernel->name,
+                   attribute);
+      *value = 0;
   }
   return OK;
 }
 EMU_API CUresult cuFuncSetAttribute(void* function, int attribute, int value) {
   std::lock_guard<std::recursive_mutex> guard(lock());
-  const auto* k = static_cast<Function*>(function)->kernel;
+  auto& f = *static_cast<Function*>(function);
   if (attribute == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    if (value < 0 || static_cast<unsigned>(value) > kMaxDynamicSharedBytes) return ERR_INVALID_VALUE;
-    emu::set_max_dynamic_shared_bytes(k->function, static_cast<unsigned>(value));
+    // The driver's rule: static + dynamic within the device's opt-in limit.
+    if (value < 0 || f.static_shared + static_cast<unsigned>(value) > kMaxDynamicSharedBytes) {
+      std::fprintf(stderr,
+                   "emu: cuFuncSetAttribute(%s, MAX_DYNAMIC_SHARED_SIZE_BYTES, %d): CUDA_ERROR_INVALID_VALUE (%u "
+                   "static bytes, opt-in limit %u)\n",
+                   f.kernel->name, value, f.static_shared, kMaxDynamicSharedBytes);
+      return ERR_INVALID_VALUE;
+    }
+    f.max_dynamic = static_cast<unsigned>(value);
+    emu::set_max_dynamic_shared_bytes(f.kernel->function, f.max_dynamic);
     return OK;
   }
   if (attribute == 9) return OK;  // PREFERRED_SHARED_MEMORY_CARVEOUT: a hint
-  std::fprintf(stderr, "emu: warning: cuFuncSetAttribute(%s, %d) is not modelled\n", k->name, attribute);
+  std::fprintf(stderr, "emu: warning: cuFuncSetAttribute(%s, %d) is not modelled\n", f.kernel->name, attribute);
   return OK;
 }
 
 EMU_API CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                 unsigned bz, unsigned shared, void*, void** params, void** extra) {
   std::lock_guard<std::recursive_mutex> guard(lock());
-  const auto& k = *static_cast<Function*>(function)->kernel;
+  const auto& f = *static_cast<Function*>(function);
+  const auto& k = *f.kernel;
   if (extra != nullptr) die("cuLaunchKernel(%s): `extra` is not modelled (kernelParams only)", k.name);
+  // Refused as the driver refuses them, before anything runs.
+  const unsigned long long threads = static_cast<unsigned long long>(bx) * by * bz;
+  if (threads > f.max_threads || shared > f.max_dynamic) {
+    std::fprintf(stderr,
+                 "emu: cuLaunchKernel(%s): CUDA_ERROR_INVALID_VALUE: %llu threads per block (__launch_bounds__ "
+                 "%u), %u bytes of dynamic shared memory (%u allowed: %u static bytes, %s)\n",
+                 k.name, threads, f.max_threads, shared, f.max_dynamic, f.static_shared,
+                 f.max_dynamic + f.static_shared > kDefaultSharedBytes ? "opted in" : "48 KB without the opt-in");
+    return ERR_INVALID_VALUE;
+  }
   check_params(k, params);
   install_fault_handler();
   launching = k.name;
