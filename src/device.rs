@@ -58,6 +58,7 @@ impl Device {
         }
     }
 
+    /// Whether this is a CUDA device.
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_))
     }

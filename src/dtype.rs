@@ -7,9 +7,13 @@ use std::fmt;
 /// The element type of a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// `f32`.
     F32,
+    /// `half::bf16`.
     BF16,
+    /// `half::f16`.
     F16,
+    /// `u32` (ids, indices, plans).
     U32,
 }
 
@@ -61,11 +65,13 @@ pub trait Element:
     + ValidAsZeroBits
     + 'static
 {
+    /// The [`DType`] tag of this element type.
     const DTYPE: DType;
 }
 
 /// A floating-point element; all arithmetic happens in f32.
 pub trait FloatElement: Element {
+    /// The value widened to f32 (exact for every element type).
     fn to_f32(self) -> f32;
     /// Rounds to nearest even.
     fn from_f32(value: f32) -> Self;

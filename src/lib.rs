@@ -19,6 +19,8 @@
 //! # Ok::<(), moerec::Error>(())
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod cuda;
 pub mod device;
 mod dtype;

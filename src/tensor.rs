@@ -126,6 +126,7 @@ impl<T: Element> Tensor<T> {
         })
     }
 
+    /// The dimensions, outermost first.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -138,14 +139,17 @@ impl<T: Element> Tensor<T> {
         }
     }
 
+    /// Whether the tensor has no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The element type's tag.
     pub fn dtype(&self) -> DType {
         T::DTYPE
     }
 
+    /// The device the elements live on.
     pub fn device(&self) -> Device {
         match &self.storage {
             Storage::Cpu(_) => Device::Cpu,
@@ -192,6 +196,7 @@ impl<T: Element> Tensor<T> {
         }
     }
 
+    /// The host elements, mutable, when the tensor lives on the CPU.
     pub fn as_mut_slice(&mut self) -> Option<&mut [T]> {
         match &mut self.storage {
             Storage::Cpu(data) => Some(data),
@@ -207,6 +212,7 @@ impl<T: Element> Tensor<T> {
         }
     }
 
+    /// The device buffer, mutable, when the tensor lives on a CUDA device.
     pub fn as_cuda_slice_mut(&mut self) -> Option<&mut CudaSlice<T>> {
         match &mut self.storage {
             Storage::Cuda { data, .. } => Some(data),

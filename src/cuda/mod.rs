@@ -127,6 +127,7 @@ impl CudaDevice {
         Ok(device)
     }
 
+    /// The device's ordinal (`cuda:N`).
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }
@@ -136,10 +137,12 @@ impl CudaDevice {
         &self.name
     }
 
+    /// The compute capability, (major, minor).
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
     }
 
+    /// The cudarc context, for crates that allocate or launch on it themselves.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.context
     }

@@ -177,14 +177,26 @@ pub fn backward_values(
 /// Which in-place update a sparse gradient drives.
 pub enum Update<'a, 'b, T> {
     /// `dense[h, rows[u], :] = values[h, u, :]`; `dense` must be zeroed.
-    Densify { dense: &'a mut CudaViewMut<'b, f32> },
+    Densify {
+        /// `[H, V, D]` f32, zeroed.
+        dense: &'a mut CudaViewMut<'b, f32>,
+    },
     /// `table -= lr * g` on the rows.
-    Sgd { table: &'a mut CudaViewMut<'b, T>, lr: f32 },
+    Sgd {
+        /// `[H, V, D]`, updated in place.
+        table: &'a mut CudaViewMut<'b, T>,
+        /// The learning rate, finite.
+        lr: f32,
+    },
     /// Row-wise Adagrad with `state: [H, V]`.
     Adagrad {
+        /// `[H, V, D]`, updated in place.
         table: &'a mut CudaViewMut<'b, T>,
+        /// `[H, V]` f32, the accumulated mean squares.
         state: &'a mut CudaViewMut<'b, f32>,
+        /// The learning rate, finite.
         lr: f32,
+        /// Added to the root of the state, finite and > 0.
         eps: f32,
     },
 }

@@ -40,8 +40,11 @@ use std::sync::Arc;
 /// The sizes of a table `[H, V, D]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableShape {
+    /// H, the number of tables (heads).
     pub heads: usize,
+    /// V, the rows (items) of each table.
     pub num_rows: usize,
+    /// D, the width of a row.
     pub width: usize,
 }
 
@@ -134,14 +137,17 @@ impl SparseGrad {
         Ok(SparseGrad { rows, values, shape })
     }
 
+    /// `[U]`: the sorted unique rows.
     pub fn rows(&self) -> &Tensor<u32> {
         &self.rows
     }
 
+    /// `[H, U, D]`: their summed gradients.
     pub fn values(&self) -> &Tensor<f32> {
         &self.values
     }
 
+    /// The shape of the table this gradient belongs to.
     pub fn shape(&self) -> TableShape {
         self.shape
     }

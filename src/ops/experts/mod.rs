@@ -63,9 +63,13 @@ pub(crate) use plan::{check_plan, index_slots};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Activation {
     #[default]
+    /// The identity: `y = h`.
     None,
+    /// `max(h, 0)`.
     Relu,
+    /// The exact GELU, `h * Phi(h)` (erf).
     Gelu,
+    /// `h * sigmoid(h)`.
     Silu,
     /// Needs `W: [E, Din, 2 Dout]` (and a bias `[E, 2 Dout]`).
     SwiGlu,
@@ -112,7 +116,9 @@ pub struct LayerShape {
     /// Dout, the width of y; h, W's last dim and the bias are
     /// [`LayerShape::width`] wide.
     pub dout: usize,
+    /// The activation applied to `h`.
     pub activation: Activation,
+    /// Whether the input is token-major (gathered) or already in plan order.
     pub variant: Variant,
     /// Rows of x: T for [`Variant::Tokens`], R for [`Variant::Rows`].
     pub inputs: usize,
@@ -167,6 +173,7 @@ impl<T: Element> LayerSaved<T> {
         &self.h
     }
 
+    /// The sizes and options of the forward that saved this.
     pub fn shape(&self) -> &LayerShape {
         &self.shape
     }

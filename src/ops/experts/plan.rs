@@ -15,9 +15,13 @@ use std::sync::Arc;
 /// host, `CudaView<u32>` on a device); layouts as in [`DispatchPlan`].
 #[derive(Debug, Clone, Copy)]
 pub struct PlanParts<B> {
+    /// `[E]`: rows per expert.
     pub counts: B,
+    /// `[E + 1]`: expert e's rows are `offsets[e]..offsets[e + 1]`.
     pub offsets: B,
+    /// `[R]`: the token of each row.
     pub token_of_row: B,
+    /// `[T, k]`: the row of each (token, slot), `u32::MAX` for an empty slot.
     pub row_of_slot: B,
 }
 

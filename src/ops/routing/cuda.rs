@@ -57,8 +57,11 @@ pub fn new_report(device: &CudaDevice) -> Result<CudaSlice<u64>> {
 /// A report read back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Report {
+    /// The lowest flat position of a non-finite logit the kernel reported.
     pub non_finite: Option<u64>,
+    /// The lowest position of a token mask entry that is not 0 or 1.
     pub bad_token_mask: Option<u64>,
+    /// R, the dispatched rows.
     pub rows: u64,
 }
 

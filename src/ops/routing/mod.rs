@@ -75,7 +75,9 @@ pub enum Score {
 /// device.
 #[derive(Debug, Clone, Copy)]
 pub struct RoutingOptions<'a> {
+    /// Experts per valid token.
     pub k: TopK,
+    /// The score function.
     pub score: Score,
     /// Divide the weights by the sum of the selected scores (computed as an
     /// exact ratio where the scores underflow, so the weights sum to 1).
@@ -106,26 +108,31 @@ impl<'a> RoutingOptions<'a> {
         }
     }
 
+    /// Sets the score function.
     pub fn with_score(mut self, score: Score) -> Self {
         self.score = score;
         self
     }
 
+    /// Divides the weights by the sum of the selected scores.
     pub fn with_renormalize(mut self, renormalize: bool) -> Self {
         self.renormalize = renormalize;
         self
     }
 
+    /// Sets the expert mask `[E]` (1 = active).
     pub fn with_expert_mask(mut self, expert_mask: &'a Tensor<u32>) -> Self {
         self.expert_mask = Some(expert_mask);
         self
     }
 
+    /// Sets the token mask `[T]` (1 = valid).
     pub fn with_token_mask(mut self, token_mask: &'a Tensor<u32>) -> Self {
         self.token_mask = Some(token_mask);
         self
     }
 
+    /// Sets the selection bias `[E]` f32, added to the selection key only.
     pub fn with_selection_bias(mut self, selection_bias: &'a Tensor<f32>) -> Self {
         self.selection_bias = Some(selection_bias);
         self
@@ -204,7 +211,9 @@ pub struct RoutingConfig {
     pub k: usize,
     /// E', the experts the mask leaves active (all groups).
     pub active_experts: usize,
+    /// The score function.
     pub score: Score,
+    /// Whether the weights are divided by the sum of the selected scores.
     pub renormalize: bool,
 }
 
@@ -393,14 +402,20 @@ pub struct DispatchPlan {
 /// `CudaSlice` on a device); layouts as in [`Routing`].
 #[derive(Debug)]
 pub struct RoutingBuffers<U, F> {
+    /// `[T, k]`: the selected experts.
     pub indices: U,
+    /// `[T, k]`: their weights.
     pub weights: F,
+    /// `[E]`: rows per expert.
     pub counts: U,
+    /// `[E + 1]`: the experts' row ranges.
     pub offsets: U,
     /// The R dispatched rows (on CUDA, room for T * G * k until the op API
     /// trims it to R).
     pub token_of_row: U,
+    /// `[T, k]`: the row of each (token, slot).
     pub row_of_slot: U,
+    /// `[E]`: the weights routed to each expert, summed.
     pub gate_mass: F,
     /// One element.
     pub lb_loss: F,
@@ -469,6 +484,7 @@ pub struct Routing {
     /// the sum of the selected scores (exact where the scores underflow; see
     /// the module doc).
     pub weights: Tensor<f32>,
+    /// The dispatch plan the expert layer takes.
     pub plan: DispatchPlan,
     /// `[1]` f32: `E' * sum_e f_e * P_e` (with groups, its mean over the
     /// groups).

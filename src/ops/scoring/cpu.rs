@@ -23,8 +23,11 @@ pub struct Operands<'a, T> {
     pub item_bias: Option<&'a [f32]>,
     /// Item ids left out of every softmax and every top-n; duplicates allowed.
     pub excluded: &'a [u32],
+    /// 1 / temperature.
     pub scale: f32,
+    /// How the heads are fused.
     pub mixing: Mixing,
+    /// The sizes the buffers must match.
     pub shape: ScoringShape,
 }
 
@@ -700,7 +703,9 @@ impl Ord for Candidate {
 /// `ids[offsets[b]..offsets[b + 1]]`.
 #[derive(Clone, Copy)]
 pub struct HistoryRef<'a> {
+    /// `[B + 1]`: row b's ids are `ids[offsets[b]..offsets[b + 1]]`.
     pub offsets: &'a [u32],
+    /// The history item ids, each below V.
     pub ids: &'a [u32],
 }
 

@@ -38,8 +38,11 @@ pub struct Operands<'a, T> {
     pub item_bias: Option<CudaView<'a, f32>>,
     /// Item ids left out of every softmax and every top-n; duplicates allowed.
     pub excluded: Option<CudaView<'a, u32>>,
+    /// 1 / temperature.
     pub scale: f32,
+    /// How the heads are fused.
     pub mixing: Mixing,
+    /// The sizes the buffers must match.
     pub shape: ScoringShape,
 }
 
@@ -347,6 +350,7 @@ pub fn check_excluded<T: FloatElement>(
 pub struct DeviceHistory<'a> {
     /// `[B + 1]`
     pub offsets: CudaView<'a, u32>,
+    /// The history item ids, each below V.
     pub ids: CudaView<'a, u32>,
 }
 

@@ -143,6 +143,7 @@ pub struct Scoring<'a, T: FloatElement> {
     pub scale: f32,
     /// `[V]` f32, e.g. `-log popularity`.
     pub item_bias: Option<&'a Tensor<f32>>,
+    /// How the heads' scores are fused.
     pub mixing: Mixing,
     /// Item ids left out of every softmax and top-n (duplicates allowed).
     pub excluded: Option<&'a Tensor<u32>>,
@@ -162,21 +163,25 @@ impl<'a, T: FloatElement> Scoring<'a, T> {
         }
     }
 
+    /// Sets `scale` (1 / temperature).
     pub fn with_scale(mut self, scale: f32) -> Self {
         self.scale = scale;
         self
     }
 
+    /// Adds `item_bias: [V]` f32 to every head's logits.
     pub fn with_item_bias(mut self, item_bias: &'a Tensor<f32>) -> Self {
         self.item_bias = Some(item_bias);
         self
     }
 
+    /// Sets how the heads are fused.
     pub fn with_mixing(mut self, mixing: Mixing) -> Self {
         self.mixing = mixing;
         self
     }
 
+    /// Leaves these item ids out of every softmax and top-n.
     pub fn with_excluded(mut self, excluded: &'a Tensor<u32>) -> Self {
         self.excluded = Some(excluded);
         self
@@ -292,7 +297,9 @@ impl Saved {
 /// best first.
 #[derive(Debug)]
 pub struct TopK {
+    /// `[B, n]` u32: the items, best first.
     pub ids: Tensor<u32>,
+    /// `[B, n]` f32: their scores (S or P).
     pub values: Tensor<f32>,
 }
 

@@ -92,16 +92,32 @@ unsafe impl DeviceRepr for Params {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataError {
     /// `excluded[position]` is >= V.
-    Excluded { position: u64 },
+    Excluded {
+        /// The lowest offending position.
+        position: u64,
+    },
     /// The history offsets do not start at 0, decrease, or do not end at the
     /// number of history ids.
     HistoryOffsets,
     /// `history.ids[position]` is >= V.
-    HistoryId { position: u64 },
+    HistoryId {
+        /// The lowest offending position.
+        position: u64,
+    },
     /// `targets[row]` is >= V (`excluded` false) or an excluded item.
-    Target { row: u64, excluded: bool },
+    Target {
+        /// The lowest offending row.
+        row: u64,
+        /// Whether the target is excluded (else >= V).
+        excluded: bool,
+    },
     /// Row `row` has only `available` eligible items, fewer than n.
-    TooFew { row: u64, available: u64 },
+    TooFew {
+        /// The lowest such row.
+        row: u64,
+        /// Its eligible items.
+        available: u64,
+    },
 }
 
 /// What a status word other than clean means.

@@ -77,11 +77,19 @@ pub struct Plan {
 /// The passes, for their workspace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
+    /// The materialised scores.
     Scores,
+    /// Their backward.
     ScoresBackward,
+    /// The cross-entropy forward.
     CrossEntropy,
+    /// Its backward.
     CrossEntropyBackward,
-    TopK { n: usize },
+    /// The top-n.
+    TopK {
+        /// Items per row.
+        n: usize,
+    },
 }
 
 /// Element counts of the workspace buffers of one pass (0 = not needed).
