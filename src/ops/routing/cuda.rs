@@ -191,9 +191,10 @@ fn check_operands<T>(
     Ok(())
 }
 
-/// Routes `logits: [T, E]`. `config` must come from [`RoutingConfig::new`]
-/// with this expert mask (entries 0 or 1), and the bias must be finite: the
-/// op API checks both on the host. `report` is a fresh [`new_report`]; a bad
+/// Routes `logits: [T, E]` within the config's expert groups. `config` must
+/// come from [`RoutingConfig::new`] or [`RoutingConfig::new_grouped`] with
+/// this expert mask (entries 0 or 1: k fits every group), and the bias must
+/// be finite: the op API checks both on the host. `report` is a fresh [`new_report`]; a bad
 /// token-mask entry or a non-finite logit is recorded there, not returned.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: FloatElement>(
