@@ -16,7 +16,16 @@ const WIDTH: usize = 64;
 const TOKENS: usize = 256 * 200;
 const PADDING: u32 = 0;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// Errors print with Display (what went wrong, for which argument), not
+/// the Debug form a `main` returning `Result` would print.
+fn main() {
+    if let Err(error) = run() {
+        eprintln!("error: {error}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::auto()?;
     println!("device: {device}");
 

@@ -214,6 +214,22 @@ fn id_error(stream: &Arc<CudaStream>, ids: &CudaSlice<u32>, position: u64, num_r
 /// `[T, H, D]` (`ids.shape() ++ [H, D]`) in the table's type, and what the
 /// backward needs. A `padding` id (which may be >= V) yields zero rows; any
 /// other id >= V is [`Error::IndexOutOfRange`] with the lowest position.
+///
+/// ```
+/// use moerec::{embedding, Device, Error, Tensor};
+///
+/// let device = Device::cpu();
+/// let table = Tensor::from_vec((0..12).map(|x| x as f32).collect(), &[2, 3, 2], &device)?;
+/// let ids = Tensor::from_vec(vec![2u32, 7], &[2], &device)?;
+/// // 7 is the padding id (>= V, only a sentinel): its rows are zeros.
+/// let (rows, _saved) = embedding::forward(&table, &ids, Some(7))?;
+/// assert_eq!(rows.to_vec()?, vec![4.0, 5.0, 10.0, 11.0, 0.0, 0.0, 0.0, 0.0]);
+/// // Without padding 7 is out of range; errors print with Display.
+/// let error = embedding::forward(&table, &ids, None).unwrap_err();
+/// println!("{error}");
+/// assert!(matches!(error, Error::IndexOutOfRange { position: 1, index: 7, bound: 3, .. }));
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn forward<T: FloatElement>(
     table: &Tensor<T>,
     ids: &Tensor<u32>,
@@ -274,6 +290,21 @@ fn check_token_count(tokens: usize) -> Result<()> {
 /// The sparse table gradient from `dy: [T, H, D]` f32: each unique id's rows
 /// summed over its tokens in ascending position (deterministic), the padding
 /// left out.
+///
+/// ```
+/// use moerec::{embedding, Device, Tensor};
+///
+/// let device = Device::cpu();
+/// let table = Tensor::from_vec(vec![0.0f32; 8], &[1, 4, 2], &device)?;
+/// let ids = Tensor::from_vec(vec![3u32, 1, 3], &[3], &device)?;
+/// let (_, saved) = embedding::forward(&table, &ids, None)?;
+/// let dy = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 1, 2], &device)?;
+/// let grad = embedding::backward(&dy, &saved)?;
+/// assert_eq!(grad.rows().to_vec()?, vec![1, 3]); // sorted unique ids
+/// // Id 3's two tokens summed in ascending order.
+/// assert_eq!(grad.values().to_vec()?, vec![3.0, 4.0, 6.0, 8.0]);
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn backward(dy: &Tensor<f32>, saved: &Saved) -> Result<SparseGrad> {
     let shape = saved.shape;
     let device = saved.ids.device();
@@ -341,6 +372,22 @@ pub fn backward(dy: &Tensor<f32>, saved: &Saved) -> Result<SparseGrad> {
 /// SGD on the gradient's rows, in place: `W[h, n, :] -= lr * g[h, n, :]`
 /// (bf16/f16 round to nearest even). Other rows are untouched. A non-finite
 /// `lr` is [`Error::InvalidArgument`].
+///
+/// ```
+/// use moerec::{embedding, Device, Tensor};
+///
+/// let device = Device::cpu();
+/// let mut table = Tensor::from_vec(vec![1.0f32; 4], &[1, 2, 2], &device)?;
+/// let ids = Tensor::from_vec(vec![1u32], &[1], &device)?;
+/// let (_, saved) = embedding::forward(&table, &ids, None)?;
+/// let dy = Tensor::from_vec(vec![1.0f32, -1.0], &[1, 1, 2], &device)?;
+/// let grad = embedding::backward(&dy, &saved)?;
+/// embedding::sgd(&mut table, &grad, 0.5)?;
+/// assert_eq!(table.to_vec()?, vec![1.0, 1.0, 0.5, 1.5]);
+/// // A non-finite learning rate is refused before anything is written.
+/// println!("{}", embedding::sgd(&mut table, &grad, f32::NAN).unwrap_err());
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn sgd<T: FloatElement>(table: &mut Tensor<T>, grad: &SparseGrad, lr: f32) -> Result<()> {
     grad.expect_table(table)?;
     match table.device() {
@@ -370,6 +417,26 @@ pub fn sgd<T: FloatElement>(table: &mut Tensor<T>, grad: &SparseGrad, lr: f32) -
 /// [`Error::InvalidArgument`] (checked before the rows, nothing is
 /// written): with `eps = 0` a row whose gradient and state are zero would
 /// become NaN.
+///
+/// ```
+/// use moerec::{embedding, Device, Tensor};
+///
+/// let device = Device::cpu();
+/// let mut table = Tensor::from_vec(vec![1.0f32; 4], &[1, 2, 2], &device)?;
+/// let ids = Tensor::from_vec(vec![1u32], &[1], &device)?;
+/// let (_, saved) = embedding::forward(&table, &ids, None)?;
+/// let dy = Tensor::from_vec(vec![1.0f32, -1.0], &[1, 1, 2], &device)?;
+/// let grad = embedding::backward(&dy, &saved)?;
+/// let mut state = Tensor::zeros(&[1, 2], &device)?;
+/// embedding::adagrad(&mut table, &mut state, &grad, 0.5, 1e-8)?;
+/// // state[0, 1] = mean(1^2, (-1)^2); the step is 0.5 / (sqrt(1) + 1e-8).
+/// assert_eq!(state.to_vec()?, vec![0.0, 1.0]);
+/// let updated = table.to_vec()?;
+/// assert!((updated[2] - 0.5).abs() < 1e-6 && (updated[3] - 1.5).abs() < 1e-6);
+/// // eps = 0 would turn an all-zero row into NaN: refused.
+/// println!("{}", embedding::adagrad(&mut table, &mut state, &grad, 0.5, 0.0).unwrap_err());
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn adagrad<T: FloatElement>(
     table: &mut Tensor<T>,
     state: &mut Tensor<f32>,

@@ -264,6 +264,25 @@ fn layer_shape<T: FloatElement>(
 /// [`Error::InvalidArgument`] on `plan.offsets`, and
 /// [`Error::IndexOutOfRange`] for the lowest `token_of_row` entry >= T. On
 /// CUDA the op waits once, for the plan check.
+///
+/// ```
+/// use moerec::experts::{self, Activation};
+/// use moerec::routing::{self, RoutingOptions, TopK};
+/// use moerec::{Device, Tensor};
+///
+/// let device = Device::cpu();
+/// // Token 0 goes to expert 0, token 1 to expert 1 (top-1); width 1.
+/// let logits = Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 1.0], &[2, 2], &device)?;
+/// let (routed, _) = routing::forward(&logits, &RoutingOptions::new(TopK::K(1)))?;
+/// // Expert 0 doubles, expert 1 negates.
+/// let w = Tensor::from_vec(vec![2.0f32, -1.0], &[2, 1, 1], &device)?;
+/// let x = Tensor::from_vec(vec![1.0f32, 2.0], &[2, 1], &device)?;
+/// let (y, _saved) = experts::layer_forward(&x, &routed.plan, &w, None, Activation::None)?;
+/// assert_eq!(y.to_vec()?, vec![2.0, -2.0]);
+/// let (y, saved) = experts::layer_forward(&x, &routed.plan, &w, None, Activation::Relu)?;
+/// assert_eq!((y.to_vec()?, saved.h().to_vec()?), (vec![2.0, 0.0], vec![2.0, -2.0]));
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn layer_forward<T: FloatElement>(
     x: &Tensor<T>,
     plan: &DispatchPlan,
@@ -276,6 +295,25 @@ pub fn layer_forward<T: FloatElement>(
 
 /// [`layer_forward`] on `x_rows: [R, Din]`, already in plan order (e.g. the
 /// output of a first layer); `token_of_row` is not read.
+///
+/// ```
+/// use moerec::experts::{self, Activation};
+/// use moerec::routing::{self, RoutingOptions, TopK};
+/// use moerec::{Device, Tensor};
+///
+/// let device = Device::cpu();
+/// // Token 0 goes to expert 0, token 1 to expert 1 (top-1); width 1.
+/// let logits = Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 1.0], &[2, 2], &device)?;
+/// let (routed, _) = routing::forward(&logits, &RoutingOptions::new(TopK::K(1)))?;
+/// // Expert 0 doubles, expert 1 negates.
+/// let w = Tensor::from_vec(vec![2.0f32, -1.0], &[2, 1, 1], &device)?;
+/// let x = Tensor::from_vec(vec![1.0f32, 2.0], &[2, 1], &device)?;
+/// // Rows already in plan order (here: row 0 of expert 0, row 1 of expert 1).
+/// let x_rows = Tensor::from_vec(vec![3.0f32, 4.0], &[2, 1], &device)?;
+/// let (y, _) = experts::layer_forward_rows(&x_rows, &routed.plan, &w, None, Activation::None)?;
+/// assert_eq!(y.to_vec()?, vec![6.0, -4.0]);
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn layer_forward_rows<T: FloatElement>(
     x_rows: &Tensor<T>,
     plan: &DispatchPlan,
@@ -370,6 +408,26 @@ fn forward_variant<T: FloatElement>(
 /// [`Error::IndexOutOfRange`] for a `row_of_slot` entry >= R and
 /// [`Error::InvalidArgument`] for a row named by a slot of another token, by
 /// two slots or by none.
+///
+/// ```
+/// use moerec::experts::{self, Activation};
+/// use moerec::routing::{self, RoutingOptions, TopK};
+/// use moerec::{Device, Tensor};
+///
+/// let device = Device::cpu();
+/// // Token 0 goes to expert 0, token 1 to expert 1 (top-1); width 1.
+/// let logits = Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 1.0], &[2, 2], &device)?;
+/// let (routed, _) = routing::forward(&logits, &RoutingOptions::new(TopK::K(1)))?;
+/// // Expert 0 doubles, expert 1 negates.
+/// let w = Tensor::from_vec(vec![2.0f32, -1.0], &[2, 1, 1], &device)?;
+/// let x = Tensor::from_vec(vec![1.0f32, 2.0], &[2, 1], &device)?;
+/// let (_, saved) = experts::layer_forward(&x, &routed.plan, &w, None, Activation::None)?;
+/// let dy = Tensor::from_vec(vec![1.0f32, 1.0], &[2, 1], &device)?;
+/// let grads = experts::layer_backward(&dy, &x, &routed.plan, &w, &saved)?;
+/// assert_eq!(grads.dx.to_vec()?, vec![2.0, -1.0]); // dy W^T
+/// assert_eq!(grads.dweights.to_vec()?, vec![1.0, 2.0]); // x^T dy per expert
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn layer_backward<T: FloatElement>(
     dy: &Tensor<f32>,
     x: &Tensor<T>,
@@ -511,6 +569,26 @@ fn combine_shape<T: FloatElement>(
 ///
 /// Errors: shapes and devices as [`layer_forward`]; `rho` without `res` is
 /// [`Error::InvalidArgument`]; the plan is checked as in [`layer_backward`].
+///
+/// ```
+/// use moerec::experts::{self, Activation};
+/// use moerec::routing::{self, RoutingOptions, TopK};
+/// use moerec::{Device, Tensor};
+///
+/// let device = Device::cpu();
+/// // Token 0 goes to expert 0, token 1 to expert 1 (top-1); width 1.
+/// let logits = Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 1.0], &[2, 2], &device)?;
+/// let (routed, _) = routing::forward(&logits, &RoutingOptions::new(TopK::K(1)))?;
+/// // Expert 0 doubles, expert 1 negates.
+/// let w = Tensor::from_vec(vec![2.0f32, -1.0], &[2, 1, 1], &device)?;
+/// let x = Tensor::from_vec(vec![1.0f32, 2.0], &[2, 1], &device)?;
+/// let (y, _) = experts::layer_forward(&x, &routed.plan, &w, None, Activation::None)?;
+/// let mix = Tensor::from_vec(vec![0.5f32, 2.0], &[2, 1], &device)?;
+/// let (out, util) = experts::combine(&y, &mix, &routed.plan, None, None)?;
+/// assert_eq!(out.to_vec()?, vec![1.0, -4.0]); // weight * y of each token's row
+/// assert_eq!(util.to_vec()?, vec![1.0, 4.0]); // ||weight * y|| per expert
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn combine<T: FloatElement>(
     y: &Tensor<T>,
     weights: &Tensor<f32>,
@@ -569,6 +647,27 @@ pub fn combine<T: FloatElement>(
 
 /// The gradients of [`combine`] from `dout: [T, Dout]` f32 (utilisation is a
 /// statistic and carries none); the operands are the forward's, passed again.
+///
+/// ```
+/// use moerec::experts::{self, Activation};
+/// use moerec::routing::{self, RoutingOptions, TopK};
+/// use moerec::{Device, Tensor};
+///
+/// let device = Device::cpu();
+/// // Token 0 goes to expert 0, token 1 to expert 1 (top-1); width 1.
+/// let logits = Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 1.0], &[2, 2], &device)?;
+/// let (routed, _) = routing::forward(&logits, &RoutingOptions::new(TopK::K(1)))?;
+/// // Expert 0 doubles, expert 1 negates.
+/// let w = Tensor::from_vec(vec![2.0f32, -1.0], &[2, 1, 1], &device)?;
+/// let x = Tensor::from_vec(vec![1.0f32, 2.0], &[2, 1], &device)?;
+/// let (y, _) = experts::layer_forward(&x, &routed.plan, &w, None, Activation::None)?;
+/// let mix = Tensor::from_vec(vec![0.5f32, 2.0], &[2, 1], &device)?;
+/// let dout = Tensor::from_vec(vec![1.0f32, 1.0], &[2, 1], &device)?;
+/// let grads = experts::combine_backward(&dout, &y, &mix, &routed.plan, None, None)?;
+/// assert_eq!(grads.dy.to_vec()?, vec![0.5, 2.0]); // weight * dout
+/// assert_eq!(grads.dweights.to_vec()?, vec![2.0, -2.0]); // <dout, y>
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn combine_backward<T: FloatElement>(
     dout: &Tensor<f32>,
     y: &Tensor<T>,

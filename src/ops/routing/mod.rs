@@ -529,6 +529,27 @@ impl Saved {
 /// when given, and the op waits once for the data checks; each row is staged
 /// in shared memory, which bounds E there (about 11,000 experts on an H100;
 /// beyond the device's limit, [`Error::InvalidArgument`]).
+///
+/// ```
+/// use moerec::routing::{self, RoutingOptions, TopK};
+/// use moerec::{Device, Tensor};
+///
+/// let device = Device::cpu();
+/// // Three tokens, four experts, top-2 with renormalised weights.
+/// let logits = Tensor::from_vec(
+///     vec![2.0f32, 1.0, 0.0, -1.0, 0.0, 0.0, 3.0, 0.0, 1.0, 1.0, 1.0, 1.0],
+///     &[3, 4],
+///     &device,
+/// )?;
+/// let options = RoutingOptions::new(TopK::K(2)).with_renormalize(true);
+/// let (routed, _saved) = routing::forward(&logits, &options)?;
+/// // Ties go to the lower expert.
+/// assert_eq!(routed.indices.to_vec()?, vec![0, 1, 2, 0, 0, 1]);
+/// let weights = routed.weights.to_vec()?;
+/// assert!((weights[0] + weights[1] - 1.0).abs() < 1e-6);
+/// assert_eq!(routed.plan.counts.to_vec()?, vec![3, 2, 1, 0]);
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn forward<T: FloatElement>(logits: &Tensor<T>, options: &RoutingOptions<'_>) -> Result<(Routing, Saved)> {
     let (tokens, experts) = match *logits.shape() {
         [tokens, experts] if experts > 0 => (tokens, experts),
@@ -625,6 +646,21 @@ pub fn forward<T: FloatElement>(logits: &Tensor<T>, options: &RoutingOptions<'_>
 /// Inactive experts and invalid tokens get exact zeros. The logits are
 /// checked again ([`Error::NonFinite`]); on CUDA the op waits once for that
 /// check.
+///
+/// ```
+/// use moerec::routing::{self, RoutingOptions, TopK};
+/// use moerec::{Device, Tensor};
+///
+/// let device = Device::cpu();
+/// let logits = Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 0.0, 2.0, 0.0], &[2, 3], &device)?;
+/// let (_, saved) = routing::forward(&logits, &RoutingOptions::new(TopK::K(1)))?;
+/// let dweights = Tensor::from_vec(vec![1.0f32; 2], &[2, 1], &device)?;
+/// let dlogits = routing::backward(&logits, &dweights, 0.0, 0.0, &saved)?;
+/// // The selected softmax probability's gradient sums to zero over a row.
+/// let d = dlogits.to_vec()?;
+/// assert!((d[0] + d[1] + d[2]).abs() < 1e-6 && d[0] > 0.0);
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn backward<T: FloatElement>(
     logits: &Tensor<T>,
     dweights: &Tensor<f32>,

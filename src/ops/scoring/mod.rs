@@ -348,6 +348,23 @@ fn device_gradients_mut(grads: &mut Gradients) -> Result<cuda::GradientsMut<'_>>
 /// The materialised scores `[B, V]` f32: the mixed logits S for Logits
 /// mixing (-inf at excluded items), the probabilities P for Probabilities
 /// mixing (0 at excluded items). For small catalogs and evaluation.
+///
+/// ```
+/// use moerec::scoring::{self, Scoring};
+/// use moerec::{Device, Tensor};
+///
+/// let device = Device::cpu();
+/// // One row, one head of width 1, three items shared by the heads: S = 2 * x.
+/// let user = Tensor::from_vec(vec![2.0f32], &[1, 1, 1], &device)?;
+/// let gates = Tensor::from_vec(vec![0.0f32], &[1, 1], &device)?;
+/// let items = Tensor::from_vec(vec![1.0f32, 0.0, -1.0], &[3, 1], &device)?;
+/// let inputs = Scoring::new(&user, &gates, &items);
+/// assert_eq!(scoring::scores(&inputs)?.to_vec()?, vec![2.0, 0.0, -2.0]);
+/// let excluded = Tensor::from_vec(vec![1u32], &[1], &device)?;
+/// let masked = scoring::scores(&inputs.with_excluded(&excluded))?;
+/// assert_eq!(masked.to_vec()?, vec![2.0, f32::NEG_INFINITY, -2.0]);
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn scores<T: FloatElement>(inputs: &Scoring<'_, T>) -> Result<Tensor<f32>> {
     let (shape, device) = inputs.check()?;
     let mut out = Tensor::zeros(&[shape.batch, shape.num_items], &device)?;
@@ -371,6 +388,24 @@ pub fn scores<T: FloatElement>(inputs: &Scoring<'_, T>) -> Result<Tensor<f32>> {
 
 /// Gradients of `sum over (b, v) of dscores[b, v] * scores[b, v]` (excluded
 /// items contribute nothing). `dscores` is `[B, V]` f32.
+///
+/// ```
+/// use moerec::scoring::{self, Scoring};
+/// use moerec::{Device, Tensor};
+///
+/// let device = Device::cpu();
+/// // One row, one head of width 1, three items shared by the heads: S = 2 * x.
+/// let user = Tensor::from_vec(vec![2.0f32], &[1, 1, 1], &device)?;
+/// let gates = Tensor::from_vec(vec![0.0f32], &[1, 1], &device)?;
+/// let items = Tensor::from_vec(vec![1.0f32, 0.0, -1.0], &[3, 1], &device)?;
+/// let inputs = Scoring::new(&user, &gates, &items);
+/// let dscores = Tensor::from_vec(vec![1.0f32, 0.0, 0.0], &[1, 3], &device)?;
+/// let grads = scoring::scores_backward(&inputs, &dscores)?;
+/// assert_eq!(grads.user.to_vec()?, vec![1.0]); // x_0
+/// assert_eq!(grads.items.to_vec()?, vec![2.0, 0.0, 0.0]); // u at item 0
+/// assert_eq!(grads.item_bias.to_vec()?, vec![1.0, 0.0, 0.0]);
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn scores_backward<T: FloatElement>(inputs: &Scoring<'_, T>, dscores: &Tensor<f32>) -> Result<Gradients> {
     let (shape, device) = inputs.check()?;
     dscores.expect_shape("dscores", &[shape.batch, shape.num_items])?;
@@ -399,6 +434,23 @@ pub fn scores_backward<T: FloatElement>(inputs: &Scoring<'_, T>, dscores: &Tenso
 /// best first, ties to the lower id, NaN below every number, skipping the
 /// excluded items and the row's history. A row with fewer than n eligible
 /// items is [`Error::InvalidArgument`].
+///
+/// ```
+/// use moerec::scoring::{self, Scoring};
+/// use moerec::{Device, Tensor};
+///
+/// let device = Device::cpu();
+/// // One row, one head of width 1, three items shared by the heads: S = 2 * x.
+/// let user = Tensor::from_vec(vec![2.0f32], &[1, 1, 1], &device)?;
+/// let gates = Tensor::from_vec(vec![0.0f32], &[1, 1], &device)?;
+/// let items = Tensor::from_vec(vec![1.0f32, 0.0, -1.0], &[3, 1], &device)?;
+/// let inputs = Scoring::new(&user, &gates, &items);
+/// let best = scoring::topk(&inputs, 2, None)?;
+/// assert_eq!((best.ids.to_vec()?, best.values.to_vec()?), (vec![0, 1], vec![2.0, 0.0]));
+/// // Only three items: n = 4 is refused (the error prints with Display).
+/// println!("{}", scoring::topk(&inputs, 4, None).unwrap_err());
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn topk<T: FloatElement>(inputs: &Scoring<'_, T>, n: usize, history: Option<History<'_>>) -> Result<TopK> {
     let (shape, device) = inputs.check()?;
     if let Some(history) = history {
@@ -439,6 +491,23 @@ pub fn topk<T: FloatElement>(inputs: &Scoring<'_, T>, n: usize, history: Option<
 /// `ignore` (checked before the range check; it may be >= V). A target >= V
 /// is [`Error::IndexOutOfRange`], an excluded target
 /// [`Error::InvalidArgument`]. Keeps only the per-row log-sum-exps.
+///
+/// ```
+/// use moerec::scoring::{self, Scoring};
+/// use moerec::{Device, Tensor};
+///
+/// let device = Device::cpu();
+/// // One row, one head of width 1, three items shared by the heads: S = 2 * x.
+/// let user = Tensor::from_vec(vec![2.0f32], &[1, 1, 1], &device)?;
+/// let gates = Tensor::from_vec(vec![0.0f32], &[1, 1], &device)?;
+/// let items = Tensor::from_vec(vec![1.0f32, 0.0, -1.0], &[3, 1], &device)?;
+/// let inputs = Scoring::new(&user, &gates, &items);
+/// let targets = Tensor::from_vec(vec![0u32], &[1], &device)?;
+/// let (loss, _saved) = scoring::cross_entropy(&inputs, &targets, None)?;
+/// let expected = (1.0f32 + (-2.0f32).exp() + (-4.0f32).exp()).ln(); // lse(S) - S[0]
+/// assert!((loss.to_vec()?[0] - expected).abs() < 1e-6);
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn cross_entropy<T: FloatElement>(
     inputs: &Scoring<'_, T>,
     targets: &Tensor<u32>,
@@ -496,6 +565,26 @@ pub fn cross_entropy<T: FloatElement>(
 /// Gradients of `sum_b dloss[b] * loss[b]` (`dloss: [B]` f32), recomputing
 /// the scores; ignored rows and excluded items contribute exact zeros. The
 /// operands must be those the forward was given.
+///
+/// ```
+/// use moerec::scoring::{self, Scoring};
+/// use moerec::{Device, Tensor};
+///
+/// let device = Device::cpu();
+/// // One row, one head of width 1, three items shared by the heads: S = 2 * x.
+/// let user = Tensor::from_vec(vec![2.0f32], &[1, 1, 1], &device)?;
+/// let gates = Tensor::from_vec(vec![0.0f32], &[1, 1], &device)?;
+/// let items = Tensor::from_vec(vec![1.0f32, 0.0, -1.0], &[3, 1], &device)?;
+/// let inputs = Scoring::new(&user, &gates, &items);
+/// let targets = Tensor::from_vec(vec![0u32], &[1], &device)?;
+/// let (_, saved) = scoring::cross_entropy(&inputs, &targets, None)?;
+/// let dloss = Tensor::from_vec(vec![1.0f32], &[1], &device)?;
+/// let grads = scoring::cross_entropy_backward(&inputs, &dloss, &saved)?;
+/// // d item_bias = P - onehot(target): it sums to zero.
+/// let d_bias = grads.item_bias.to_vec()?;
+/// assert!(d_bias[0] < 0.0 && d_bias.iter().sum::<f32>().abs() < 1e-6);
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn cross_entropy_backward<T: FloatElement>(
     inputs: &Scoring<'_, T>,
     dloss: &Tensor<f32>,
@@ -551,6 +640,14 @@ pub fn cross_entropy_backward<T: FloatElement>(
 /// Bytes the cross-entropy (forward or backward) allocates beyond its inputs
 /// and outputs on the CPU: per-row constants (`O(B * H)`) and, per worker
 /// thread, a few `[H]` vectors and one `[H, D]` item tile.
+///
+/// ```
+/// use moerec::scoring::{self, ScoringShape};
+///
+/// let shape = ScoringShape { batch: 256, heads: 4, width: 64, num_items: 1_000_000, shared: false };
+/// // O(B * H * D + V), never B * V.
+/// assert!(scoring::workspace_bytes(shape) < 256 * 1_000_000);
+/// ```
 pub fn workspace_bytes(shape: ScoringShape) -> usize {
     let threads = rayon::current_num_threads();
     let per_row = 4 * (3 * shape.heads + 4) + 3 * std::mem::size_of::<Vec<f32>>();
@@ -567,6 +664,16 @@ pub fn workspace_bytes(shape: ScoringShape) -> usize {
 /// item-chunk partials, whose count depends on the shapes only; one byte per
 /// item for the exclusion flags). `InvalidArgument` for shapes the CUDA
 /// kernels cannot take.
+///
+/// ```
+/// use moerec::scoring::{self, Mixing, ScoringShape};
+/// use moerec::Device;
+///
+/// let shape = ScoringShape { batch: 256, heads: 4, width: 64, num_items: 1_000_000, shared: false };
+/// let bytes = scoring::workspace_bytes_on(&Device::cpu(), shape, Mixing::Probabilities)?;
+/// assert_eq!(bytes, scoring::workspace_bytes(shape));
+/// # Ok::<(), moerec::Error>(())
+/// ```
 pub fn workspace_bytes_on(device: &Device, shape: ScoringShape, mixing: Mixing) -> Result<usize> {
     match device {
         Device::Cpu => Ok(workspace_bytes(shape)),
