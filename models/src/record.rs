@@ -44,20 +44,25 @@ impl RunRecord<'_> {
     /// The record as one line of JSON.
     pub fn to_json(&self) -> String {
         let r = self.report;
-        let full: Vec<_> = r.epochs.iter().filter(|e| e.steps > 0).collect();
-        let mean = |f: &dyn Fn(&crate::train::EpochLog) -> f64| {
-            if full.is_empty() {
-                0.0
-            } else {
-                full.iter().map(|e| f(e)).sum::<f64>() / full.len() as f64
-            }
+        // Partial epochs (a time budget, a step cap) are scaled to a full one by their step count.
+        let ran: Vec<_> = r.epochs.iter().filter(|e| e.steps > 0).collect();
+        let per_epoch = |seconds: &dyn Fn(&crate::train::EpochLog) -> Option<f64>| -> Option<f64> {
+            let (total, steps) = ran
+                .iter()
+                .try_fold((0.0, 0usize), |(t, n), e| Some((t + seconds(e)?, n + e.steps)))?;
+            (steps > 0).then(|| total / steps as f64 * r.steps_per_epoch as f64)
         };
+        let wall = per_epoch(&|e| Some(e.train_seconds));
+        let cpu = per_epoch(&|e| e.train_cpu_seconds);
+        let sequences: f64 = ran.iter().map(|e| e.sequences_per_second * e.train_seconds).sum();
+        let seconds: f64 = ran.iter().map(|e| e.train_seconds).sum();
+        let number = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.1}"));
         let losses: Vec<String> = r.epochs.iter().map(|e| format!("{:.5}", e.loss)).collect();
         let steps: Vec<String> = r.epochs.iter().map(|e| e.steps.to_string()).collect();
         format!(
             "{{\"model\":{},\"dataset\":{},\"seed\":{},\"valid\":{},\"test\":{},\"epochs\":{},\"best_epoch\":{},\
-             \"stopped_by\":{},\"epoch_losses\":[{}],\"epoch_steps\":[{}],\"wall_s_per_epoch\":{:.2},\
-             \"sequences_per_s\":{:.1},\"machine\":{{\"cpu\":{},\"threads\":{}}},\"commit\":{},\"date\":{},\
+             \"stopped_by\":{},\"epoch_losses\":[{}],\"epoch_steps\":[{}],\"steps_per_epoch\":{},\
+             \"wall_s_per_epoch\":{},\"cpu_s_per_epoch\":{},\"sequences_per_s\":{:.1},\"machine\":{{\"cpu\":{},\"threads\":{}}},\"commit\":{},\"date\":{},\
              \"note\":{},\"command\":{}}}",
             json_string(self.model),
             json_string(self.dataset),
@@ -69,8 +74,10 @@ impl RunRecord<'_> {
             json_string(&r.stopped_by),
             losses.join(","),
             steps.join(","),
-            mean(&|e| e.train_seconds),
-            mean(&|e| e.sequences_per_second),
+            r.steps_per_epoch,
+            number(wall),
+            number(cpu),
+            if seconds > 0.0 { sequences / seconds } else { 0.0 },
             json_string(&cpu_model()),
             candle_core::utils::get_num_threads(),
             json_string(&commit()),

@@ -76,6 +76,9 @@ pub struct EpochLog {
     pub steps: usize,
     /// Training wall time (without validation).
     pub train_seconds: f64,
+    /// CPU time the process spent in those steps (all threads; `None` off Linux).
+    /// On a shared machine it is the steadier measure of cost.
+    pub train_cpu_seconds: Option<f64>,
     /// Training sequences per second.
     pub sequences_per_second: f64,
     /// Validation metrics after it.
@@ -97,6 +100,8 @@ pub struct TrainReport {
     pub test: Metrics,
     /// Why training stopped.
     pub stopped_by: String,
+    /// Steps in one full epoch.
+    pub steps_per_epoch: usize,
 }
 
 /// Trains `model` on `split.train`, early-stopping on `split.valid`, testing on `split.test`.
@@ -142,6 +147,7 @@ pub fn train(model: &dyn Recommender, split: &Split, config: &TrainConfig, devic
         rng.shuffle(&mut order);
         let bar = progress_bar(config.progress, steps as u64, epoch);
         let epoch_start = Instant::now();
+        let cpu_start = process_cpu_seconds();
         let (mut loss_sum, mut sequences, mut taken) = (0.0f64, 0usize, 0usize);
         let mut out_of_time = false;
         for chunk in order.chunks(config.batch_size).take(steps) {
@@ -176,6 +182,7 @@ pub fn train(model: &dyn Recommender, split: &Split, config: &TrainConfig, devic
         }
         bar.finish_and_clear();
         let train_seconds = epoch_start.elapsed().as_secs_f64();
+        let train_cpu_seconds = process_cpu_seconds().zip(cpu_start).map(|(end, start)| end - start);
         let valid = evaluate(model, &split.valid, split.max_len, config.batch_size, device)?;
         state.epoch = epoch;
         state.rng_state = rng.state();
@@ -193,6 +200,7 @@ pub fn train(model: &dyn Recommender, split: &Split, config: &TrainConfig, devic
             loss: loss_sum / taken.max(1) as f64,
             steps: taken,
             train_seconds,
+            train_cpu_seconds,
             sequences_per_second: sequences as f64 / train_seconds,
             valid,
         };
@@ -251,7 +259,18 @@ pub fn train(model: &dyn Recommender, split: &Split, config: &TrainConfig, devic
         best_valid,
         test,
         stopped_by,
+        steps_per_epoch: full_steps,
     })
+}
+
+/// User + system CPU seconds of this process so far (Linux `/proc/self/stat`).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command: utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux target Rust supports.
+    Some(ticks / 100.0)
 }
 
 fn progress_bar(show: bool, steps: u64, epoch: u64) -> ProgressBar {
