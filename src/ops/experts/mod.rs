@@ -339,12 +339,12 @@ fn forward_variant<T: FloatElement>(
         bias.expect_shape("bias", &[shape.experts, shape.width()])?;
     }
     let (rows, width) = (shape.rows, shape.width());
+    let (h_len, y_len) = (
+        element_count("h", &[rows, width])?,
+        element_count("y", &[rows, shape.dout])?,
+    );
     let (h, y) = match &device {
         Device::Cpu => {
-            let (h_len, y_len) = (
-                element_count("h", &[rows, width])?,
-                element_count("y", &[rows, shape.dout])?,
-            );
             let (mut h, mut y) = (host_uninit::<T>("h", h_len)?, host_uninit::<T>("y", y_len)?);
             cpu::layer_forward_uninit(
                 x.host()?,
@@ -368,8 +368,8 @@ fn forward_variant<T: FloatElement>(
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
-            let mut h = alloc_uninit::<T>(cuda_device, rows * width)?;
-            let mut y = alloc_uninit::<T>(cuda_device, rows * shape.dout)?;
+            let mut h = alloc_uninit::<T>(cuda_device, h_len)?;
+            let mut y = alloc_uninit::<T>(cuda_device, y_len)?;
             let mut status = cuda_device.new_status(stream)?;
             cuda::layer_forward(
                 cuda_device,
@@ -599,9 +599,10 @@ pub fn combine<T: FloatElement>(
     let shape = combine_shape(y, weights, plan, res, rho)?;
     let device = y.device();
     let out_shape = [shape.tokens, shape.dout];
+    let out_len = element_count("out", &out_shape)?;
     match &device {
         Device::Cpu => {
-            let mut out = host_filled("out", T::default(), element_count("out", &out_shape)?)?;
+            let mut out = host_filled("out", T::default(), out_len)?;
             let mut util = host_filled("util", 0f32, shape.experts)?;
             cpu::combine(
                 y.host()?,
@@ -620,7 +621,7 @@ pub fn combine<T: FloatElement>(
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
-            let mut out = alloc_uninit::<T>(cuda_device, shape.tokens * shape.dout)?;
+            let mut out = alloc_uninit::<T>(cuda_device, out_len)?;
             let mut util = alloc_uninit::<f32>(cuda_device, shape.experts)?;
             let mut status = cuda_device.new_status(stream)?;
             cuda::combine(
@@ -682,10 +683,11 @@ pub fn combine_backward<T: FloatElement>(
     dout.expect_shape("dout", &[shape.tokens, shape.dout])?;
     let token_len = shape.tokens * shape.dout;
     let (dy_shape, slot_shape) = ([shape.rows, shape.dout], [shape.tokens, shape.k]);
+    let (dy_len, slot_len) = (element_count("dy", &dy_shape)?, element_count("dweights", &slot_shape)?);
     let (dy, dweights, dres, drho) = match &device {
         Device::Cpu => {
-            let mut dy = host_filled("dy", 0f32, element_count("dy", &dy_shape)?)?;
-            let mut dweights = host_filled("dweights", 0f32, element_count("dweights", &slot_shape)?)?;
+            let mut dy = host_filled("dy", 0f32, dy_len)?;
+            let mut dweights = host_filled("dweights", 0f32, slot_len)?;
             let mut dres = res.map(|_| host_filled("dres", 0f32, token_len)).transpose()?;
             let mut drho = rho.map(|_| host_filled("drho", 0f32, shape.tokens)).transpose()?;
             cpu::combine_backward(
@@ -712,8 +714,8 @@ pub fn combine_backward<T: FloatElement>(
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
-            let mut dy = alloc_uninit::<f32>(cuda_device, shape.rows * shape.dout)?;
-            let mut dweights = alloc_uninit::<f32>(cuda_device, shape.tokens * shape.k)?;
+            let mut dy = alloc_uninit::<f32>(cuda_device, dy_len)?;
+            let mut dweights = alloc_uninit::<f32>(cuda_device, slot_len)?;
             let mut dres = res.map(|_| alloc_uninit::<f32>(cuda_device, token_len)).transpose()?;
             let mut drho = rho
                 .map(|_| alloc_uninit::<f32>(cuda_device, shape.tokens))
