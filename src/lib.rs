@@ -21,6 +21,8 @@
 
 #![deny(missing_docs)]
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cuda;
 pub mod device;
 mod dtype;
@@ -28,9 +30,16 @@ mod error;
 mod grouping;
 pub mod ops;
 mod tensor;
+mod tensor_ref;
 
+/// The `cudarc` crate this crate's CUDA backend is built on (its buffers and
+/// views are what the backend layer and [`TensorRef`] take).
+pub use cudarc;
 pub use device::Device;
 pub use dtype::{DType, Element, FloatElement};
 pub use error::{Error, Result};
+/// The `half` crate, whose `bf16` and `f16` are this crate's 16-bit elements.
+pub use half;
 pub use ops::{embedding, experts, routing, scoring};
 pub use tensor::Tensor;
+pub use tensor_ref::{TensorMut, TensorRef};

@@ -4,7 +4,8 @@ use crate::cuda::{driver_error, CudaDevice};
 use crate::device::Device;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use cudarc::driver::CudaSlice;
+use crate::tensor_ref::{MutData, RefData, TensorMut, TensorRef};
+use cudarc::driver::{CudaSlice, CudaView};
 use std::sync::Arc;
 
 /// A row-major, contiguous array of `T` on the CPU or a CUDA device.
@@ -126,6 +127,92 @@ impl<T: Element> Tensor<T> {
         })
     }
 
+    /// A copy of a device view on `device`.
+    pub(crate) fn copy_of_view(data: &CudaView<'_, T>, shape: &[usize], device: &Arc<CudaDevice>) -> Result<Self> {
+        let mut copy = alloc_uninit::<T>(device, data.len())?;
+        if !data.is_empty() {
+            device
+                .stream()
+                .memcpy_dtod(data, &mut copy)
+                .map_err(driver_error("cuMemcpyDtoDAsync"))?;
+        }
+        Tensor::from_cuda_slice(copy, shape, device)
+    }
+
+    /// The same elements with another shape of the same element count (no
+    /// copy), e.g. `[B * H, D]` to `[B, H, D]`.
+    ///
+    /// ```
+    /// use moerec::{Device, Tensor};
+    ///
+    /// let flat = Tensor::from_vec(vec![0.0f32; 12], &[6, 2], &Device::cpu())?;
+    /// let heads = flat.reshape(&[3, 2, 2])?;
+    /// assert_eq!(heads.shape(), &[3, 2, 2]);
+    /// assert!(heads.reshape(&[5]).is_err());
+    /// # Ok::<(), moerec::Error>(())
+    /// ```
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
+        let count = element_count("shape", shape)?;
+        if count != self.len() {
+            return Err(Error::ShapeMismatch {
+                argument: "shape",
+                expected: format!("{} elements, as in {:?}", self.len(), self.shape),
+                actual: format!("{count} elements in {shape:?}"),
+            });
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    /// The elements as a `Vec`: moved out without a copy on the CPU, copied
+    /// to the host (waiting for the device) on a CUDA device.
+    pub fn into_vec(self) -> Result<Vec<T>> {
+        match self.storage {
+            Storage::Cpu(data) => Ok(data),
+            Storage::Cuda { data, device } => device.stream().clone_dtoh(&data).map_err(driver_error("cuMemcpyDtoH")),
+        }
+    }
+
+    /// The cudarc buffer, moved out without a copy; an error for a CPU
+    /// tensor. Its work is queued on the device's stream ([`CudaDevice::stream`]).
+    pub fn into_cuda_slice(self) -> Result<CudaSlice<T>> {
+        match self.storage {
+            Storage::Cuda { data, .. } => Ok(data),
+            Storage::Cpu(_) => Err(not_on("cuda", &Device::Cpu)),
+        }
+    }
+
+    /// A borrowed view of the whole tensor (no copy); `&tensor` converts to
+    /// one too.
+    pub fn as_tensor_ref(&self) -> TensorRef<'_, T> {
+        let data = match &self.storage {
+            Storage::Cpu(data) => RefData::Cpu(data),
+            Storage::Cuda { data, device } => RefData::Cuda {
+                data: data.as_view(),
+                device: device.clone(),
+            },
+        };
+        TensorRef {
+            shape: self.shape.clone(),
+            data,
+        }
+    }
+
+    /// A mutable borrowed view of the whole tensor (no copy).
+    pub fn as_tensor_mut(&mut self) -> TensorMut<'_, T> {
+        let data = match &mut self.storage {
+            Storage::Cpu(data) => MutData::Cpu(data),
+            Storage::Cuda { data, device } => MutData::Cuda {
+                data: data.as_view_mut(),
+                device: device.clone(),
+            },
+        };
+        TensorMut {
+            shape: self.shape.clone(),
+            data,
+        }
+    }
+
     /// The dimensions, outermost first.
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -170,14 +257,7 @@ impl<T: Element> Tensor<T> {
         match (&self.storage, device) {
             (Storage::Cpu(data), _) => Tensor::from_slice(data, &self.shape, device),
             (Storage::Cuda { data, .. }, Device::Cuda(target)) => {
-                let mut copy = alloc_uninit::<T>(target, data.len())?;
-                if !data.is_empty() {
-                    target
-                        .stream()
-                        .memcpy_dtod(data, &mut copy)
-                        .map_err(driver_error("cuMemcpyDtoDAsync"))?;
-                }
-                Tensor::from_cuda_slice(copy, &self.shape, target)
+                Tensor::copy_of_view(&data.as_view(), &self.shape, target)
             }
             (Storage::Cuda { .. }, Device::Cpu) => Tensor::from_vec(self.to_vec()?, &self.shape, device),
         }

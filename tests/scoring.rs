@@ -157,7 +157,7 @@ fn check_golden<T: FloatElement>(golden: &Golden, device: &Device) {
     let best = scoring::topk(
         &inputs,
         n,
-        history.as_ref().map(|(offsets, ids)| History { offsets, ids }),
+        history.as_ref().map(|(offsets, ids)| History::new(offsets, ids)),
     )
     .unwrap();
     assert_eq!(
@@ -320,12 +320,9 @@ fn topk_refuses_rows_with_too_few_eligible_items_on(device: Device) {
     // Row 1's history takes two more items: 5 - 2 excluded - 2 seen < 2.
     let offsets = tensor(vec![0u32, 0, 2], &[3], &device);
     let ids = tensor(vec![2u32, 4], &[2], &device);
-    let history = Some(History {
-        offsets: &offsets,
-        ids: &ids,
-    });
+    let history = Some(History::new(&offsets, &ids));
     assert!(matches!(
-        scoring::topk(&inputs, 2, history),
+        scoring::topk(&inputs, 2, history.clone()),
         Err(Error::InvalidArgument { argument: "n", .. })
     ));
     let best = scoring::topk(&inputs, 1, history).unwrap();
@@ -345,14 +342,7 @@ fn malformed_histories_are_refused_on(device: Device) {
     let ids = tensor(vec![2u32, 9], &[2], &device);
     let decreasing = tensor(vec![0u32, 2, 1], &[3], &device);
     assert!(matches!(
-        scoring::topk(
-            &inputs,
-            1,
-            Some(History {
-                offsets: &decreasing,
-                ids: &ids
-            })
-        ),
+        scoring::topk(&inputs, 1, Some(History::new(&decreasing, &ids))),
         Err(Error::InvalidArgument {
             argument: "history.offsets",
             ..
@@ -360,15 +350,7 @@ fn malformed_histories_are_refused_on(device: Device) {
     ));
     let offsets = tensor(vec![0u32, 1, 2], &[3], &device);
     assert_eq!(
-        scoring::topk(
-            &inputs,
-            1,
-            Some(History {
-                offsets: &offsets,
-                ids: &ids
-            })
-        )
-        .unwrap_err(),
+        scoring::topk(&inputs, 1, Some(History::new(&offsets, &ids))).unwrap_err(),
         Error::IndexOutOfRange {
             argument: "history.ids",
             position: 1,
@@ -516,15 +498,7 @@ impl RandomProblem {
         let ce_grads = host_gradients(&scoring::cross_entropy_backward(&inputs, &dloss, &saved).unwrap());
         let offsets = tensor(self.offsets.clone(), &[self.batch + 1], device);
         let history = tensor(self.history.clone(), &[self.history.len()], device);
-        let best = scoring::topk(
-            &inputs,
-            TOP_N,
-            Some(History {
-                offsets: &offsets,
-                ids: &history,
-            }),
-        )
-        .unwrap();
+        let best = scoring::topk(&inputs, TOP_N, Some(History::new(&offsets, &history))).unwrap();
         Outputs {
             scores,
             scores_grads,
@@ -775,10 +749,7 @@ fn cuda_data_errors_equal_the_cpu_errors() {
                 let offsets = tensor(vec![0u32, 1, 3], &[3], d);
                 let ids = tensor(vec![4u32, 2, 4], &[3], d);
                 let inputs = Scoring::new(&user, &gates, &items).with_excluded(&excluded);
-                let history = Some(History {
-                    offsets: &offsets,
-                    ids: &ids,
-                });
+                let history = Some(History::new(&offsets, &ids));
                 scoring::topk(&inputs, 3, history).unwrap_err()
             }),
         ),
@@ -788,10 +759,7 @@ fn cuda_data_errors_equal_the_cpu_errors() {
                 let (user, gates, items) = small(d);
                 let offsets = tensor(vec![0u32, 3, 2], &[3], d);
                 let ids = tensor(vec![9u32, 2], &[2], d);
-                let history = Some(History {
-                    offsets: &offsets,
-                    ids: &ids,
-                });
+                let history = Some(History::new(&offsets, &ids));
                 scoring::topk(&Scoring::new(&user, &gates, &items), 1, history).unwrap_err()
             }),
         ),
@@ -801,10 +769,7 @@ fn cuda_data_errors_equal_the_cpu_errors() {
                 let (user, gates, items) = small(d);
                 let offsets = tensor(vec![0u32, 2, 3], &[3], d);
                 let ids = tensor(vec![1u32, 6, 5], &[3], d);
-                let history = Some(History {
-                    offsets: &offsets,
-                    ids: &ids,
-                });
+                let history = Some(History::new(&offsets, &ids));
                 scoring::topk(&Scoring::new(&user, &gates, &items), 1, history).unwrap_err()
             }),
         ),

@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use cudarc::driver::{
-    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError, LaunchConfig,
+    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DriverError, LaunchConfig,
 };
 use std::collections::HashMap;
 use std::fmt;
@@ -254,7 +254,7 @@ pub(crate) fn launched(kernel: &'static str, result: LaunchResult) -> Result<()>
 }
 
 /// One element of a device buffer (a synchronisation: error paths only).
-pub(crate) fn read_element(stream: &Arc<CudaStream>, data: &CudaSlice<u32>, position: u64) -> Result<u32> {
+pub(crate) fn read_element(stream: &Arc<CudaStream>, data: &CudaView<'_, u32>, position: u64) -> Result<u32> {
     let one = data.slice(position as usize..position as usize + 1);
     let host = stream.clone_dtoh(&one).map_err(driver_error("cuMemcpyDtoH"))?;
     Ok(host[0])

@@ -34,7 +34,8 @@ use crate::device::Device;
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
 use crate::tensor::{alloc_uninit, element_count, host_filled, Tensor};
-use cudarc::driver::{CudaSlice, CudaStream};
+use crate::tensor_ref::{TensorMut, TensorRef};
+use cudarc::driver::{CudaStream, CudaView};
 use std::sync::Arc;
 
 /// The sizes of a table `[H, V, D]`.
@@ -54,7 +55,7 @@ impl TableShape {
         self.heads * self.num_rows * self.width
     }
 
-    fn of(table: &[usize]) -> Result<TableShape> {
+    pub(crate) fn of(table: &[usize]) -> Result<TableShape> {
         match *table {
             [heads, num_rows, width] if heads > 0 && num_rows > 0 && width > 0 => {
                 if num_rows > u32::MAX as usize {
@@ -115,6 +116,20 @@ pub struct Saved {
     shape: TableShape,
 }
 
+#[cfg(feature = "candle")]
+impl Saved {
+    /// What the backward needs for `ids` looked up in a table of `shape`
+    /// (a copy of the ids), for updates that skip the forward.
+    pub(crate) fn for_ids(ids: &TensorRef<'_, u32>, padding: Option<u32>, shape: TableShape) -> Result<Saved> {
+        check_token_count(ids.len())?;
+        Ok(Saved {
+            ids: ids.to_tensor()?,
+            padding,
+            shape,
+        })
+    }
+}
+
 /// The gradient of a table, sparse: `rows [U]` are the sorted unique ids
 /// (never the padding) and `values [H, U, D]` f32 their summed gradients.
 #[derive(Debug)]
@@ -150,6 +165,52 @@ impl SparseGrad {
     /// The shape of the table this gradient belongs to.
     pub fn shape(&self) -> TableShape {
         self.shape
+    }
+
+    /// Adds this gradient into a dense f32 gradient of the same table, in
+    /// place: `dense[h, n, :] += g[h, n, :]` on the gradient's rows. This
+    /// merges the two gradients of a tied table (the lookup's, sparse, and
+    /// the scoring's `dX`, dense). `dense` is `[H, V, D]`, or `[V, D]` when
+    /// H = 1 (a table shared by every head).
+    ///
+    /// ```
+    /// use moerec::{embedding, Device, Tensor};
+    ///
+    /// let device = Device::cpu();
+    /// let table = Tensor::from_vec(vec![0.0f32; 5 * 2], &[1, 5, 2], &device)?;
+    /// let ids = Tensor::from_vec(vec![4u32, 1, 4], &[3], &device)?;
+    /// let (_, saved) = embedding::forward(&table, &ids, None)?;
+    /// let dy = Tensor::from_vec(vec![1.0f32; 3 * 2], &[3, 1, 2], &device)?;
+    /// let sparse = embedding::backward(&dy, &saved)?;
+    /// // The scoring's gradient of the same table, shared by all heads: [V, D].
+    /// let mut d_items = Tensor::from_vec(vec![0.5f32; 5 * 2], &[5, 2], &device)?;
+    /// sparse.add_to(&mut d_items)?;
+    /// assert_eq!(d_items.to_vec()?, vec![0.5, 0.5, 1.5, 1.5, 0.5, 0.5, 0.5, 0.5, 2.5, 2.5]);
+    /// # Ok::<(), moerec::Error>(())
+    /// ```
+    pub fn add_to<'d>(&self, dense: impl Into<TensorMut<'d, f32>>) -> Result<()> {
+        let dense = dense.into();
+        let s = self.shape;
+        let table = [s.heads, s.num_rows, s.width];
+        let dense = if s.heads == 1 && dense.shape() == [s.num_rows, s.width] {
+            dense.reshape(&table)?
+        } else {
+            dense
+        };
+        // `W - (-1) * g` is `W + g` exactly in f32: the SGD update is the merge.
+        sgd(dense, self, -1.0).map_err(|e| match e {
+            Error::ShapeMismatch { expected, actual, .. } => Error::ShapeMismatch {
+                argument: "dense",
+                expected: format!("{expected} (or [V, D] when H = 1)"),
+                actual,
+            },
+            Error::DeviceMismatch { expected, actual, .. } => Error::DeviceMismatch {
+                argument: "dense",
+                expected,
+                actual,
+            },
+            other => other,
+        })
     }
 
     /// The dense gradient `[H, V, D]` f32.
@@ -188,20 +249,20 @@ impl SparseGrad {
             None => Ok(()),
             Some(position) => Err(row_error(
                 position as usize,
-                read_element(stream, rows, position)?,
+                read_element(stream, &rows.as_view(), position)?,
                 self.shape.num_rows,
             )),
         }
     }
 
-    fn expect_table<T: FloatElement>(&self, table: &Tensor<T>) -> Result<()> {
+    fn expect_table<T: FloatElement>(&self, table: &TensorMut<'_, T>) -> Result<()> {
         let s = self.shape;
         table.expect_shape("table", &[s.heads, s.num_rows, s.width])?;
         table.expect_device("table", &self.rows.device())
     }
 }
 
-fn id_error(stream: &Arc<CudaStream>, ids: &CudaSlice<u32>, position: u64, num_rows: usize) -> Result<Error> {
+fn id_error(stream: &Arc<CudaStream>, ids: &CudaView<'_, u32>, position: u64, num_rows: usize) -> Result<Error> {
     Ok(Error::IndexOutOfRange {
         argument: "ids",
         position,
@@ -230,11 +291,14 @@ fn id_error(stream: &Arc<CudaStream>, ids: &CudaSlice<u32>, position: u64, num_r
 /// assert!(matches!(error, Error::IndexOutOfRange { position: 1, index: 7, bound: 3, .. }));
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn forward<T: FloatElement>(
-    table: &Tensor<T>,
-    ids: &Tensor<u32>,
+/// Operands are owned (`&tensor`) or borrowed ([`TensorRef`]), never copied
+/// (the saved ids are: 4 bytes per token).
+pub fn forward<'t, 'i, T: FloatElement>(
+    table: impl Into<TensorRef<'t, T>>,
+    ids: impl Into<TensorRef<'i, u32>>,
     padding: Option<u32>,
 ) -> Result<(Tensor<T>, Saved)> {
+    let (table, ids) = (table.into(), ids.into());
     let shape = TableShape::of(table.shape())?;
     let device = table.device();
     ids.expect_device("ids", &device)?;
@@ -252,25 +316,25 @@ pub fn forward<T: FloatElement>(
             let stream = cuda_device.stream();
             let mut out = alloc_uninit::<T>(cuda_device, out_len)?;
             let mut status = cuda_device.new_status(stream)?;
-            let id_slice = ids.device_slice()?;
+            let id_slice = ids.cuda_view()?;
             cuda::forward(
                 cuda_device,
                 stream,
-                &table.device_slice()?.as_view(),
-                &id_slice.as_view(),
+                &table.cuda_view()?,
+                &id_slice,
                 padding,
                 shape,
                 &mut out.as_view_mut(),
                 &mut status.as_view_mut(),
             )?;
             if let Some(position) = read_status(stream, &status)? {
-                return Err(id_error(stream, id_slice, position, shape.num_rows)?);
+                return Err(id_error(stream, &id_slice, position, shape.num_rows)?);
             }
             Tensor::from_cuda_slice(out, &out_shape, cuda_device)?
         }
     };
     let saved = Saved {
-        ids: ids.try_clone()?,
+        ids: ids.to_tensor()?,
         padding,
         shape,
     };
@@ -305,7 +369,8 @@ fn check_token_count(tokens: usize) -> Result<()> {
 /// assert_eq!(grad.values().to_vec()?, vec![3.0, 4.0, 6.0, 8.0]);
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn backward(dy: &Tensor<f32>, saved: &Saved) -> Result<SparseGrad> {
+pub fn backward<'d>(dy: impl Into<TensorRef<'d, f32>>, saved: &Saved) -> Result<SparseGrad> {
+    let dy = dy.into();
     let shape = saved.shape;
     let device = saved.ids.device();
     dy.expect_device("dy", &device)?;
@@ -341,9 +406,9 @@ pub fn backward(dy: &Tensor<f32>, saved: &Saved) -> Result<SparseGrad> {
             // The one synchronisation: the id check and the number of rows,
             // which sizes the output.
             if let Some(position) = read_status(stream, &status)? {
-                return Err(id_error(stream, ids, position, shape.num_rows)?);
+                return Err(id_error(stream, &ids.as_view(), position, shape.num_rows)?);
             }
-            let unique = read_element(stream, &groups.count, 0)? as usize;
+            let unique = read_element(stream, &groups.count.as_view(), 0)? as usize;
             let mut rows = alloc_uninit::<u32>(cuda_device, unique)?;
             if unique > 0 {
                 stream
@@ -354,7 +419,7 @@ pub fn backward(dy: &Tensor<f32>, saved: &Saved) -> Result<SparseGrad> {
             cuda::backward_values(
                 cuda_device,
                 stream,
-                &dy.device_slice()?.as_view(),
+                &dy.cuda_view()?,
                 &groups,
                 unique,
                 shape,
@@ -388,8 +453,9 @@ pub fn backward(dy: &Tensor<f32>, saved: &Saved) -> Result<SparseGrad> {
 /// println!("{}", embedding::sgd(&mut table, &grad, f32::NAN).unwrap_err());
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn sgd<T: FloatElement>(table: &mut Tensor<T>, grad: &SparseGrad, lr: f32) -> Result<()> {
-    grad.expect_table(table)?;
+pub fn sgd<'t, T: FloatElement>(table: impl Into<TensorMut<'t, T>>, grad: &SparseGrad, lr: f32) -> Result<()> {
+    let mut table = table.into();
+    grad.expect_table(&table)?;
     match table.device() {
         Device::Cpu => cpu::sgd(
             table.host_mut()?,
@@ -399,14 +465,8 @@ pub fn sgd<T: FloatElement>(table: &mut Tensor<T>, grad: &SparseGrad, lr: f32) -
             lr,
         ),
         Device::Cuda(cuda_device) => {
-            let slice = table.device_slice_mut()?;
-            grad.apply_on_cuda(
-                &cuda_device,
-                cuda::Update::Sgd {
-                    table: &mut slice.as_view_mut(),
-                    lr,
-                },
-            )
+            let mut slice = table.cuda_view_mut()?;
+            grad.apply_on_cuda(&cuda_device, cuda::Update::Sgd { table: &mut slice, lr })
         }
     }
 }
@@ -437,14 +497,15 @@ pub fn sgd<T: FloatElement>(table: &mut Tensor<T>, grad: &SparseGrad, lr: f32) -
 /// println!("{}", embedding::adagrad(&mut table, &mut state, &grad, 0.5, 0.0).unwrap_err());
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn adagrad<T: FloatElement>(
-    table: &mut Tensor<T>,
-    state: &mut Tensor<f32>,
+pub fn adagrad<'t, 's, T: FloatElement>(
+    table: impl Into<TensorMut<'t, T>>,
+    state: impl Into<TensorMut<'s, f32>>,
     grad: &SparseGrad,
     lr: f32,
     eps: f32,
 ) -> Result<()> {
-    grad.expect_table(table)?;
+    let (mut table, mut state) = (table.into(), state.into());
+    grad.expect_table(&table)?;
     state.expect_shape("state", &[grad.shape.heads, grad.shape.num_rows])?;
     state.expect_device("state", &table.device())?;
     match table.device() {
@@ -458,13 +519,13 @@ pub fn adagrad<T: FloatElement>(
             eps,
         ),
         Device::Cuda(cuda_device) => {
-            let table_slice = table.device_slice_mut()?;
-            let state_slice = state.device_slice_mut()?;
+            let mut table_slice = table.cuda_view_mut()?;
+            let mut state_slice = state.cuda_view_mut()?;
             grad.apply_on_cuda(
                 &cuda_device,
                 cuda::Update::Adagrad {
-                    table: &mut table_slice.as_view_mut(),
-                    state: &mut state_slice.as_view_mut(),
+                    table: &mut table_slice,
+                    state: &mut state_slice,
                     lr,
                     eps,
                 },

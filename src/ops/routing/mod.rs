@@ -616,7 +616,7 @@ pub fn forward<T: FloatElement>(logits: &Tensor<T>, options: &RoutingOptions<'_>
             // The one synchronisation: the data checks and the number of rows.
             let report = cuda::read_report(stream, &report)?;
             if let (Some(position), Some(mask)) = (report.bad_token_mask, token_mask) {
-                let value = read_element(stream, mask, position)?;
+                let value = read_element(stream, &mask.as_view(), position)?;
                 return Err(mask_value_error("token_mask", position as usize, value));
             }
             if let Some(position) = report.non_finite {

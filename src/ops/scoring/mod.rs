@@ -53,6 +53,7 @@ use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
 use crate::ops::check_len;
 use crate::tensor::Tensor;
+use crate::tensor_ref::TensorRef;
 use status::{check_status, excluded_sources, StatusSources};
 use std::sync::Arc;
 
@@ -130,32 +131,37 @@ impl ScoringShape {
 }
 
 /// The operands every scoring op takes; the forward and the backward are
-/// given the same ones.
-#[derive(Clone, Copy)]
+/// given the same ones. Each is owned ([`Tensor`], passed as `&tensor`) or
+/// borrowed ([`TensorRef`]: host memory or a cudarc view), never copied.
+#[derive(Clone)]
 pub struct Scoring<'a, T: FloatElement> {
     /// `U: [B, H, D]`
-    pub user: &'a Tensor<T>,
+    pub user: TensorRef<'a, T>,
     /// `G: [B, H]`, gate logits.
-    pub gate_logits: &'a Tensor<T>,
+    pub gate_logits: TensorRef<'a, T>,
     /// `X: [H, V, D]` per head, or `[V, D]` shared by all heads.
-    pub items: &'a Tensor<T>,
+    pub items: TensorRef<'a, T>,
     /// 1 / temperature.
     pub scale: f32,
     /// `[V]` f32, e.g. `-log popularity`.
-    pub item_bias: Option<&'a Tensor<f32>>,
+    pub item_bias: Option<TensorRef<'a, f32>>,
     /// How the heads' scores are fused.
     pub mixing: Mixing,
     /// Item ids left out of every softmax and top-n (duplicates allowed).
-    pub excluded: Option<&'a Tensor<u32>>,
+    pub excluded: Option<TensorRef<'a, u32>>,
 }
 
 impl<'a, T: FloatElement> Scoring<'a, T> {
     /// Logits mixing, scale 1, no bias, nothing excluded.
-    pub fn new(user: &'a Tensor<T>, gate_logits: &'a Tensor<T>, items: &'a Tensor<T>) -> Self {
+    pub fn new(
+        user: impl Into<TensorRef<'a, T>>,
+        gate_logits: impl Into<TensorRef<'a, T>>,
+        items: impl Into<TensorRef<'a, T>>,
+    ) -> Self {
         Scoring {
-            user,
-            gate_logits,
-            items,
+            user: user.into(),
+            gate_logits: gate_logits.into(),
+            items: items.into(),
             scale: 1.0,
             item_bias: None,
             mixing: Mixing::Logits,
@@ -170,8 +176,8 @@ impl<'a, T: FloatElement> Scoring<'a, T> {
     }
 
     /// Adds `item_bias: [V]` f32 to every head's logits.
-    pub fn with_item_bias(mut self, item_bias: &'a Tensor<f32>) -> Self {
-        self.item_bias = Some(item_bias);
+    pub fn with_item_bias(mut self, item_bias: impl Into<TensorRef<'a, f32>>) -> Self {
+        self.item_bias = Some(item_bias.into());
         self
     }
 
@@ -182,8 +188,8 @@ impl<'a, T: FloatElement> Scoring<'a, T> {
     }
 
     /// Leaves these item ids out of every softmax and top-n.
-    pub fn with_excluded(mut self, excluded: &'a Tensor<u32>) -> Self {
-        self.excluded = Some(excluded);
+    pub fn with_excluded(mut self, excluded: impl Into<TensorRef<'a, u32>>) -> Self {
+        self.excluded = Some(excluded.into());
         self
     }
 
@@ -208,11 +214,11 @@ impl<'a, T: FloatElement> Scoring<'a, T> {
         let device = self.user.device();
         self.gate_logits.expect_device("gate_logits", &device)?;
         self.items.expect_device("items", &device)?;
-        if let Some(bias) = self.item_bias {
+        if let Some(bias) = &self.item_bias {
             bias.expect_shape("item_bias", &[num_items])?;
             bias.expect_device("item_bias", &device)?;
         }
-        if let Some(excluded) = self.excluded {
+        if let Some(excluded) = &self.excluded {
             if excluded.shape().len() != 1 {
                 return Err(Error::shape("excluded", "[n]", excluded.shape()));
             }
@@ -233,27 +239,21 @@ impl<'a, T: FloatElement> Scoring<'a, T> {
             user: self.user.host()?,
             gate_logits: self.gate_logits.host()?,
             items: self.items.host()?,
-            item_bias: self.item_bias.map(|b| b.host()).transpose()?,
-            excluded: self.excluded.map(|e| e.host()).transpose()?.unwrap_or(&[]),
+            item_bias: self.item_bias.as_ref().map(|b| b.host()).transpose()?,
+            excluded: self.excluded.as_ref().map(|e| e.host()).transpose()?.unwrap_or(&[]),
             scale: self.scale,
             mixing: self.mixing,
             shape,
         })
     }
 
-    fn device(&self, shape: ScoringShape) -> Result<cuda::Operands<'a, T>> {
+    fn device(&self, shape: ScoringShape) -> Result<cuda::Operands<'_, T>> {
         Ok(cuda::Operands {
-            user: self.user.device_slice()?.as_view(),
-            gate_logits: self.gate_logits.device_slice()?.as_view(),
-            items: self.items.device_slice()?.as_view(),
-            item_bias: self
-                .item_bias
-                .map(|b| b.device_slice().map(|s| s.as_view()))
-                .transpose()?,
-            excluded: self
-                .excluded
-                .map(|e| e.device_slice().map(|s| s.as_view()))
-                .transpose()?,
+            user: self.user.cuda_view()?,
+            gate_logits: self.gate_logits.cuda_view()?,
+            items: self.items.cuda_view()?,
+            item_bias: self.item_bias.as_ref().map(|b| b.cuda_view()).transpose()?,
+            excluded: self.excluded.as_ref().map(|e| e.cuda_view()).transpose()?,
             scale: self.scale,
             mixing: self.mixing,
             shape,
@@ -305,12 +305,22 @@ pub struct TopK {
 
 /// Per-row history lists in CSR form, skipped by [`topk`]: row b's items are
 /// `ids[offsets[b]..offsets[b + 1]]`.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct History<'a> {
     /// `[B + 1]`, starting at 0, non-decreasing, ending at `ids.len()`.
-    pub offsets: &'a Tensor<u32>,
+    pub offsets: TensorRef<'a, u32>,
     /// Item ids, each below V.
-    pub ids: &'a Tensor<u32>,
+    pub ids: TensorRef<'a, u32>,
+}
+
+impl<'a> History<'a> {
+    /// The history lists from their offsets `[B + 1]` and ids `[n]`.
+    pub fn new(offsets: impl Into<TensorRef<'a, u32>>, ids: impl Into<TensorRef<'a, u32>>) -> Self {
+        History {
+            offsets: offsets.into(),
+            ids: ids.into(),
+        }
+    }
 }
 
 fn zeros_like_gradients(shape: ScoringShape, device: &Device) -> Result<Gradients> {
@@ -406,7 +416,11 @@ pub fn scores<T: FloatElement>(inputs: &Scoring<'_, T>) -> Result<Tensor<f32>> {
 /// assert_eq!(grads.item_bias.to_vec()?, vec![1.0, 0.0, 0.0]);
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn scores_backward<T: FloatElement>(inputs: &Scoring<'_, T>, dscores: &Tensor<f32>) -> Result<Gradients> {
+pub fn scores_backward<'d, T: FloatElement>(
+    inputs: &Scoring<'_, T>,
+    dscores: impl Into<TensorRef<'d, f32>>,
+) -> Result<Gradients> {
+    let dscores = dscores.into();
     let (shape, device) = inputs.check()?;
     dscores.expect_shape("dscores", &[shape.batch, shape.num_items])?;
     dscores.expect_device("dscores", &device)?;
@@ -420,7 +434,7 @@ pub fn scores_backward<T: FloatElement>(inputs: &Scoring<'_, T>, dscores: &Tenso
                 cuda_device,
                 stream,
                 &inputs.device(shape)?,
-                &dscores.device_slice()?.as_view(),
+                &dscores.cuda_view()?,
                 &mut device_gradients_mut(&mut grads)?,
                 &mut status.as_view_mut(),
             )?;
@@ -453,7 +467,7 @@ pub fn scores_backward<T: FloatElement>(inputs: &Scoring<'_, T>, dscores: &Tenso
 /// ```
 pub fn topk<T: FloatElement>(inputs: &Scoring<'_, T>, n: usize, history: Option<History<'_>>) -> Result<TopK> {
     let (shape, device) = inputs.check()?;
-    if let Some(history) = history {
+    if let Some(history) = &history {
         history.offsets.expect_shape("history.offsets", &[shape.batch + 1])?;
         if history.ids.shape().len() != 1 {
             return Err(Error::shape("history.ids", "[n]", history.ids.shape()));
@@ -473,6 +487,7 @@ pub fn topk<T: FloatElement>(inputs: &Scoring<'_, T>, n: usize, history: Option<
     match &device {
         Device::Cpu => {
             let history = history
+                .as_ref()
                 .map(|h| -> Result<cpu::HistoryRef<'_>> {
                     Ok(cpu::HistoryRef {
                         offsets: h.offsets.host()?,
@@ -508,11 +523,12 @@ pub fn topk<T: FloatElement>(inputs: &Scoring<'_, T>, n: usize, history: Option<
 /// assert!((loss.to_vec()?[0] - expected).abs() < 1e-6);
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn cross_entropy<T: FloatElement>(
+pub fn cross_entropy<'t, T: FloatElement>(
     inputs: &Scoring<'_, T>,
-    targets: &Tensor<u32>,
+    targets: impl Into<TensorRef<'t, u32>>,
     ignore: Option<u32>,
 ) -> Result<(Tensor<f32>, Saved)> {
+    let targets = targets.into();
     let (shape, device) = inputs.check()?;
     targets.expect_shape("targets", &[shape.batch])?;
     targets.expect_device("targets", &device)?;
@@ -539,21 +555,21 @@ pub fn cross_entropy<T: FloatElement>(
                 cuda_device,
                 stream,
                 &inputs.device(shape)?,
-                &targets.device_slice()?.as_view(),
+                &targets.cuda_view()?,
                 ignore,
                 &mut loss.device_slice_mut()?.as_view_mut(),
                 &mut lse.device_slice_mut()?.as_view_mut(),
                 &mut status.as_view_mut(),
             )?;
             let sources = StatusSources {
-                targets: Some(targets),
+                targets: Some(&targets),
                 ..excluded_sources(inputs)
             };
             check_status(stream, &status, shape.num_items, sources)?;
         }
     }
     let saved = Saved {
-        targets: targets.try_clone()?,
+        targets: targets.to_tensor()?,
         ignore,
         lse,
         mixing: inputs.mixing,
@@ -585,11 +601,12 @@ pub fn cross_entropy<T: FloatElement>(
 /// assert!(d_bias[0] < 0.0 && d_bias.iter().sum::<f32>().abs() < 1e-6);
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn cross_entropy_backward<T: FloatElement>(
+pub fn cross_entropy_backward<'d, T: FloatElement>(
     inputs: &Scoring<'_, T>,
-    dloss: &Tensor<f32>,
+    dloss: impl Into<TensorRef<'d, f32>>,
     saved: &Saved,
 ) -> Result<Gradients> {
+    let dloss = dloss.into();
     let (shape, device) = inputs.check()?;
     if shape != saved.shape || inputs.mixing != saved.mixing {
         return Err(Error::InvalidArgument {
@@ -622,13 +639,14 @@ pub fn cross_entropy_backward<T: FloatElement>(
                 &inputs.device(shape)?,
                 &saved.targets.device_slice()?.as_view(),
                 saved.ignore,
-                &dloss.device_slice()?.as_view(),
+                &dloss.cuda_view()?,
                 &saved.lse.device_slice()?.as_view(),
                 &mut device_gradients_mut(&mut grads)?,
                 &mut status.as_view_mut(),
             )?;
+            let targets = saved.targets.as_tensor_ref();
             let sources = StatusSources {
-                targets: Some(&saved.targets),
+                targets: Some(&targets),
                 ..excluded_sources(inputs)
             };
             check_status(stream, &status, shape.num_items, sources)?;
@@ -715,7 +733,7 @@ fn cuda_topk<T: FloatElement>(
     let mut status = device.new_status(stream)?;
     let operands = inputs.device(shape)?;
     let sources = StatusSources {
-        history,
+        history: history.as_ref(),
         n,
         ..excluded_sources(inputs)
     };
@@ -726,10 +744,11 @@ fn cuda_topk<T: FloatElement>(
         return Err(Error::invalid("n", "expected n >= 1, got 0"));
     }
     let device_history = history
+        .as_ref()
         .map(|h| -> Result<cuda::DeviceHistory<'_>> {
             Ok(cuda::DeviceHistory {
-                offsets: h.offsets.device_slice()?.as_view(),
-                ids: h.ids.device_slice()?.as_view(),
+                offsets: h.offsets.cuda_view()?,
+                ids: h.ids.cuda_view()?,
             })
         })
         .transpose()?;

@@ -5,16 +5,16 @@ use super::{cuda, History, Scoring};
 use crate::cuda::{read_element, read_status};
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor_ref::TensorRef;
 use cudarc::driver::{CudaSlice, CudaStream};
 use std::sync::Arc;
 
 /// What a CUDA status word may point back to, to rebuild the CPU's error.
 #[derive(Default)]
 pub(super) struct StatusSources<'a> {
-    pub(super) excluded: Option<&'a Tensor<u32>>,
-    pub(super) targets: Option<&'a Tensor<u32>>,
-    pub(super) history: Option<History<'a>>,
+    pub(super) excluded: Option<&'a TensorRef<'a, u32>>,
+    pub(super) targets: Option<&'a TensorRef<'a, u32>>,
+    pub(super) history: Option<&'a History<'a>>,
     pub(super) n: usize,
 }
 
@@ -36,17 +36,17 @@ pub(super) fn check_status(
     };
     Err(match cuda::decode_status(code) {
         cuda::DataError::Excluded { position } => {
-            let excluded = sources.excluded.ok_or_else(unexpected)?.device_slice()?;
+            let excluded = sources.excluded.ok_or_else(unexpected)?.cuda_view()?;
             Error::IndexOutOfRange {
                 argument: "excluded",
                 position,
-                index: u64::from(read_element(stream, excluded, position)?),
+                index: u64::from(read_element(stream, &excluded, position)?),
                 bound,
             }
         }
         cuda::DataError::Target { row, excluded } => {
-            let targets = sources.targets.ok_or_else(unexpected)?.device_slice()?;
-            let target = read_element(stream, targets, row)?;
+            let targets = sources.targets.ok_or_else(unexpected)?.cuda_view()?;
+            let target = read_element(stream, &targets, row)?;
             if excluded {
                 Error::invalid("targets", format!("targets[{row}] = {target} is an excluded item"))
             } else {
@@ -71,11 +71,11 @@ pub(super) fn check_status(
             )
         }
         cuda::DataError::HistoryId { position } => {
-            let ids = sources.history.ok_or_else(unexpected)?.ids.device_slice()?;
+            let ids = sources.history.ok_or_else(unexpected)?.ids.cuda_view()?;
             Error::IndexOutOfRange {
                 argument: "history.ids",
                 position,
-                index: u64::from(read_element(stream, ids, position)?),
+                index: u64::from(read_element(stream, &ids, position)?),
                 bound,
             }
         }
@@ -87,9 +87,9 @@ pub(super) fn check_status(
 }
 
 /// The sources of every op: the excluded ids.
-pub(super) fn excluded_sources<'a, T: FloatElement>(inputs: &Scoring<'a, T>) -> StatusSources<'a> {
+pub(super) fn excluded_sources<'a, T: FloatElement>(inputs: &'a Scoring<'a, T>) -> StatusSources<'a> {
     StatusSources {
-        excluded: inputs.excluded,
+        excluded: inputs.excluded.as_ref(),
         ..StatusSources::default()
     }
 }
