@@ -710,7 +710,12 @@ fn check_unreachable_topk<T: FloatElement>(
     n: usize,
     history: Option<History<'_>>,
 ) -> Result<()> {
-    let excluded = inputs.excluded.map(Tensor::to_vec).transpose()?.unwrap_or_default();
+    let excluded = inputs
+        .excluded
+        .as_ref()
+        .map(TensorRef::to_vec)
+        .transpose()?
+        .unwrap_or_default();
     let eligible = cpu::eligible_items(&excluded, shape.num_items)?;
     let history = history
         .map(|h| -> Result<(Vec<u32>, Vec<u32>)> { Ok((h.offsets.to_vec()?, h.ids.to_vec()?)) })
