@@ -160,10 +160,7 @@ fn run<T: FloatElement>(case: Case) {
         with_inputs(case, device, &data, |inputs| {
             let offsets = t(data.offsets.clone(), &[data.offsets.len()], device)?;
             let history_ids = t(data.history.clone(), &[data.history.len()], device)?;
-            let history = (case.history > 0).then_some(History {
-                offsets: &offsets,
-                ids: &history_ids,
-            });
+            let history = (case.history > 0).then_some(History::new(&offsets, &history_ids));
             let best = scoring::topk(inputs, n, history)?;
             let (ids, values) = (best.ids.to_vec()?, best.values.to_vec()?);
             Ok(vec![Out::Ranked("topk", ids, values, n.max(1), rtol)])
