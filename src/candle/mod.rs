@@ -18,6 +18,7 @@
 //! | [`topk`] | 4.4 | (none: ids and values) |
 //! | [`embedding`] | 4.1 | the table (dense gradient) |
 //! | [`embedding_sgd`] | 4.1 | (a fused sparse SGD step of the table, in place) |
+//! | [`route`] | 4.2 | the logits, through the weights, the load-balance and the z-loss (indices, plan and gate mass carry none) |
 //!
 //! Devices: the CPU runs zero-copy on candle's CPU storage. CUDA tensors
 //! are refused with a clear error until the CUDA side is built (on candle's
@@ -41,9 +42,11 @@
 
 mod autograd;
 mod embedding;
+mod routing;
 mod scoring;
 
 pub use embedding::{embedding, embedding_sgd};
+pub use routing::{route, Routed, RoutingOptions};
 pub use scoring::{cross_entropy, scores, topk, ScoringOptions};
 
 use crate::dtype::Element;

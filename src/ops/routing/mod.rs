@@ -50,6 +50,7 @@ use crate::device::Device;
 use crate::dtype::{DType, Element, FloatElement};
 use crate::error::{Error, Result};
 use crate::tensor::{alloc_uninit, Tensor};
+use crate::tensor_ref::TensorRef;
 use cudarc::driver::CudaSlice;
 
 /// How many experts each valid token is routed to.
@@ -550,7 +551,12 @@ impl Saved {
 /// assert_eq!(routed.plan.counts.to_vec()?, vec![3, 2, 1, 0]);
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn forward<T: FloatElement>(logits: &Tensor<T>, options: &RoutingOptions<'_>) -> Result<(Routing, Saved)> {
+/// The logits are owned (`&tensor`) or borrowed ([`TensorRef`]), never copied.
+pub fn forward<'l, T: FloatElement>(
+    logits: impl Into<TensorRef<'l, T>>,
+    options: &RoutingOptions<'_>,
+) -> Result<(Routing, Saved)> {
+    let logits = logits.into();
     let (tokens, experts) = match *logits.shape() {
         [tokens, experts] if experts > 0 => (tokens, experts),
         _ => return Err(Error::shape("logits", "[T, E] with E >= 1", logits.shape())),
@@ -602,7 +608,7 @@ pub fn forward<T: FloatElement>(logits: &Tensor<T>, options: &RoutingOptions<'_>
             let mut out = cuda::forward(
                 cuda_device,
                 stream,
-                &logits.device_slice()?.as_view(),
+                &logits.cuda_view()?,
                 optional_device_slice(options.expert_mask)?
                     .map(|m| m.as_view())
                     .as_ref(),
@@ -661,13 +667,14 @@ pub fn forward<T: FloatElement>(logits: &Tensor<T>, options: &RoutingOptions<'_>
 /// assert!((d[0] + d[1] + d[2]).abs() < 1e-6 && d[0] > 0.0);
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn backward<T: FloatElement>(
-    logits: &Tensor<T>,
-    dweights: &Tensor<f32>,
+pub fn backward<'l, 'd, T: FloatElement>(
+    logits: impl Into<TensorRef<'l, T>>,
+    dweights: impl Into<TensorRef<'d, f32>>,
     lb_coef: f32,
     z_coef: f32,
     saved: &Saved,
 ) -> Result<Tensor<f32>> {
+    let (logits, dweights) = (logits.into(), dweights.into());
     let config = &saved.config;
     if T::DTYPE != saved.dtype {
         return Err(Error::DtypeMismatch {
@@ -712,7 +719,7 @@ pub fn backward<T: FloatElement>(
             cuda::backward(
                 cuda_device,
                 stream,
-                &logits.device_slice()?.as_view(),
+                &logits.cuda_view()?,
                 optional_device_slice(saved.expert_mask.as_ref())?
                     .map(|m| m.as_view())
                     .as_ref(),
@@ -720,7 +727,7 @@ pub fn backward<T: FloatElement>(
                     .map(|m| m.as_view())
                     .as_ref(),
                 &saved.indices.device_slice()?.as_view(),
-                &dweights.device_slice()?.as_view(),
+                &dweights.cuda_view()?,
                 &saved.grad_scales.device_slice()?.as_view(),
                 coefficients,
                 config,
