@@ -120,33 +120,40 @@ __device__ __forceinline__ unsigned long long candidate(uint32_t key, uint32_t e
   return key == 0 ? 0ull : (static_cast<unsigned long long>(key) << 32) | static_cast<uint32_t>(~expert);
 }
 
-// sigmoid(z) / sigmoid(anchor) for z <= anchor (anchor finite), exact where
-// both sigmoids underflow (sigmoid_ratio in src/ops/routing/cpu.rs): below 0,
-// sigmoid(z) = e^z / (1 + e^z).
-__device__ __forceinline__ float sigmoid_ratio(float z, float anchor) {
-  if (anchor >= 0.0f) return sigmoid_of(z) / sigmoid_of(anchor);
-  return expf(z - anchor) * (1.0f + expf(anchor)) / (1.0f + expf(z));
-}
+// The largest logit of a set, over whose score the set's scores are taken
+// (relative) before any ratio of them, so the ratios are exact where the
+// scores underflow (sigmoids of logits below about -87), at one exponential
+// per score (Anchor in src/ops/routing/cpu.rs). No sum of scores that may
+// underflow is ever a divisor.
+struct Anchor {
+  float value;
+  float constant;  // sigmoid: sigmoid(value) when value >= 0, else e^value
+  bool sigmoid;
 
-// The unnormalised score of z over that of anchor >= z: e^(z - anchor) or
-// sigmoid(z) / sigmoid(anchor); 1 at the anchor. Ratios of scores are taken
-// from these, so no sum of scores that may underflow is ever a divisor.
-__device__ __forceinline__ float relative_score(float z, float anchor, bool sigmoid) {
-  return sigmoid ? sigmoid_ratio(z, anchor) : expf(z - anchor);
-}
+  __device__ static Anchor of(float value, bool sigmoid) {
+    return Anchor{value, !sigmoid ? 0.0f : (value >= 0.0f ? sigmoid_of(value) : expf(value)), sigmoid};
+  }
+  // The unnormalised score of z <= value over the anchor's, 1 at the anchor:
+  // e^(z - value), or sigmoid(z) / sigmoid(value), which below 0 is
+  // u (1 + e^value) / (1 + u e^value) with u = e^(z - value).
+  __device__ float relative(float z) const {
+    if (!sigmoid) return expf(z - value);
+    if (value >= 0.0f) return sigmoid_of(z) / constant;
+    const float u = expf(z - value);
+    return u * (1.0f + constant) / (1.0f + u * constant);
+  }
+};
 
 struct RowStats {
-  float max;           // of the active logits
+  Anchor anchor;       // the max of the active logits
   float sum_exp;       // sum of exp(z - max) over the active logits
-  float relative_sum;  // sum of relative_score(z, max) over the active logits, >= 1
+  float relative_sum;  // sum of anchor.relative(z) over the active logits, >= 1
 
-  __device__ float softmax(float z) const { return expf(z - max) / sum_exp; }
+  __device__ float softmax(float z) const { return expf(z - anchor.value) / sum_exp; }
   __device__ float score(float z, bool sigmoid) const { return sigmoid ? sigmoid_of(z) : softmax(z); }
   // q = p / sum of p, the row's share of expert z's load.
-  __device__ float share(float z, bool sigmoid) const { return relative_score(z, max, sigmoid) / relative_sum; }
-  // d log(unnormalised score) / dz: 1 for e^z, 1 - p for a sigmoid.
-  __device__ float log_slope(float z, bool sigmoid) const { return sigmoid ? 1.0f - sigmoid_of(z) : 1.0f; }
-  __device__ float lse() const { return max + logf(sum_exp); }
+  __device__ float share(float z) const { return anchor.relative(z) / relative_sum; }
+  __device__ float lse() const { return anchor.value + logf(sum_exp); }
 };
 
 // Renormalisation over a row's selected experts: each score over the sum of
@@ -154,11 +161,10 @@ struct RowStats {
 // sum is >= 1 (a valid row's best key has a finite logit). Every lane of the
 // group calls it with the logits of the slots it owns.
 struct Renormaliser {
-  float anchor;
+  Anchor anchor;
   float sum;
-  bool sigmoid;
 
-  __device__ float weight(float z) const { return relative_score(z, anchor, sigmoid) / sum; }
+  __device__ float weight(float z) const { return anchor.relative(z) / sum; }
 };
 
 // Stages a row of `experts` columns in z_row (this lane's columns), reports the
@@ -193,15 +199,16 @@ __device__ RowStats load_row(const T* row, const uint32_t* expert_mask, uint32_t
     first_active = group.min(first_active);
     if (group.lane == 0) moerec::report_position(status, row_position + first_active);
   }
+  const Anchor anchor = Anchor::of(row_max, sigmoid);
   float sum_exp = 0.0f;
   float relative_sum = 0.0f;
   for (uint32_t c = group.lane; c < experts; c += group.size) {
     if (!is_active(expert_mask, c)) continue;
     sum_exp += expf(z_row[c] - row_max);
-    if (sigmoid) relative_sum += sigmoid_ratio(z_row[c], row_max);
+    if (sigmoid) relative_sum += anchor.relative(z_row[c]);
   }
   sum_exp = group.sum(sum_exp);
-  return RowStats{row_max, sum_exp, sigmoid ? group.sum(relative_sum) : sum_exp};
+  return RowStats{anchor, sum_exp, sigmoid ? group.sum(relative_sum) : sum_exp};
 }
 
 // slots[c] = c's rank among the active keys when it is below k. Reads every
@@ -249,12 +256,12 @@ __device__ Renormaliser renormaliser_of_slots(const float* z_row, const uint32_t
   for (uint32_t c = group.lane; c < experts; c += group.size) {
     if (slots[c] != kNone) anchor = fmaxf(anchor, z_row[c]);
   }
-  anchor = group.max(anchor);
+  const Anchor selected_max = Anchor::of(group.max(anchor), sigmoid);
   float sum = 0.0f;
   for (uint32_t c = group.lane; c < experts; c += group.size) {
-    if (slots[c] != kNone) sum += relative_score(z_row[c], anchor, sigmoid);
+    if (slots[c] != kNone) sum += selected_max.relative(z_row[c]);
   }
-  return Renormaliser{anchor, group.sum(sum), sigmoid};
+  return Renormaliser{selected_max, group.sum(sum)};
 }
 
 // Writes each selected column's expert (base + c) into its slot and adds its
@@ -332,7 +339,7 @@ __device__ void route_forward(const T* logits, const uint32_t* expert_mask, cons
       keys[c] = 0u;
       if (!is_active(group_mask, c)) continue;
       keys[c] = selection_key(z_row[c], selection_bias == nullptr ? 0.0f : selection_bias[base + c]);
-      share[base + c] += stats.share(z_row[c], sigmoid);
+      share[base + c] += stats.share(z_row[c]);
     }
     if (flags & kRankSelection) {
       group.sync();  // every lane's keys are staged
@@ -381,13 +388,13 @@ __device__ float add_weight_gradient(const float* z_row, float* grad, const uint
       const uint32_t e = row_indices[j] - base;  // an index outside the group wraps to >= experts
       if (e < experts) anchor = fmaxf(anchor, z_row[e]);
     }
-    anchor = group.max(anchor);
+    const Anchor selected_max = Anchor::of(group.max(anchor), sigmoid);
     float sum = 0.0f;
     for (uint32_t j = group.lane; j < k; j += group.size) {
       const uint32_t e = row_indices[j] - base;
-      if (e < experts) sum += relative_score(z_row[e], anchor, sigmoid);
+      if (e < experts) sum += selected_max.relative(z_row[e]);
     }
-    const Renormaliser renormaliser{anchor, group.sum(sum), sigmoid};
+    const Renormaliser renormaliser{selected_max, group.sum(sum)};
     float weighted = 0.0f;
     for (uint32_t j = group.lane; j < k; j += group.size) {
       const uint32_t e = row_indices[j] - base;
@@ -451,13 +458,11 @@ __device__ void route_backward(const T* logits, const uint32_t* expert_mask, con
     // the shares, a ratio over the active experts.
     float balance = 0.0f;
     for (uint32_t c = group.lane; c < n; c += group_size) {
-      if (is_active(group_mask, c)) balance += lb_coef * group_scales[c] * stats.share(z_row[c], sigmoid);
+      grad[c] = is_active(group_mask, c) ? stats.share(z_row[c]) : 0.0f;  // staged: the lane's own columns
+      balance += lb_coef * group_scales[c] * grad[c];
     }
     balance = group.sum(balance);
-    for (uint32_t c = group.lane; c < n; c += group_size) {
-      grad[c] = is_active(group_mask, c) ? stats.share(z_row[c], sigmoid) * (lb_coef * group_scales[c] - balance)
-                                         : 0.0f;
-    }
+    for (uint32_t c = group.lane; c < n; c += group_size) grad[c] *= lb_coef * group_scales[c] - balance;
     group.sync();  // grad[] and z_row[] of every lane are staged
     const float weighted = add_weight_gradient(z_row, grad, indices + r * k, dweights + r * k, k, n, base, stats,
                                                sigmoid, renormalize, group);
@@ -469,9 +474,12 @@ __device__ void route_backward(const T* logits, const uint32_t* expert_mask, con
         out[c] = 0.0f;
         continue;
       }
+      // d log(unnormalised score) / dz: 1 for e^z, 1 - p for a sigmoid.
       const float z = z_row[c];
-      const float dv = grad[c] - weighted * stats.score(z, sigmoid);
-      out[c] = stats.log_slope(z, sigmoid) * dv + z_scale * stats.softmax(z);
+      const float p = stats.score(z, sigmoid);
+      const float dv = grad[c] - weighted * p;
+      const float softmax = !sigmoid ? p : (z_scale != 0.0f ? stats.softmax(z) : 0.0f);
+      out[c] = (sigmoid ? 1.0f - p : 1.0f) * dv + z_scale * softmax;
     }
   }
 }

@@ -44,26 +44,51 @@ fn sigmoid(z: f32) -> f32 {
     }
 }
 
-/// `sigmoid(z) / sigmoid(anchor)` for `z <= anchor` (anchor finite), exact
-/// where both sigmoids underflow f32 (as `sigmoid_ratio` in
-/// kernels/routing.cu): below 0, `sigmoid(z) = e^z / (1 + e^z)`, so the ratio
-/// is `e^(z - anchor) (1 + e^anchor) / (1 + e^z)`.
-fn sigmoid_ratio(z: f32, anchor: f32) -> f32 {
-    if anchor >= 0.0 {
-        sigmoid(z) / sigmoid(anchor)
-    } else {
-        (z - anchor).exp() * (1.0 + anchor.exp()) / (1.0 + z.exp())
+/// The largest logit of a set, over whose score the set's scores are taken
+/// (`relative`) before any ratio of them, so the ratios are exact where the
+/// scores underflow f32 (sigmoids of logits below about -87), at one
+/// exponential per score (as `Anchor` in kernels/routing.cu).
+#[derive(Clone, Copy)]
+struct Anchor {
+    value: f32,
+    score: Score,
+    /// For sigmoid: `sigmoid(value)` when `value >= 0`, else `e^value`.
+    constant: f32,
+}
+
+impl Anchor {
+    fn new(score: Score, value: f32) -> Anchor {
+        let constant = match score {
+            Score::Softmax => 0.0,
+            Score::Sigmoid if value >= 0.0 => sigmoid(value),
+            Score::Sigmoid => value.exp(),
+        };
+        Anchor { value, score, constant }
+    }
+
+    /// The unnormalised score of `z <= value` over the anchor's, 1 at the
+    /// anchor: `e^(z - value)`, or `sigmoid(z) / sigmoid(value)`, which below
+    /// 0 is `u (1 + e^value) / (1 + u e^value)` with `u = e^(z - value)`.
+    fn relative(&self, z: f32) -> f32 {
+        match self.score {
+            Score::Softmax => (z - self.value).exp(),
+            Score::Sigmoid if self.value >= 0.0 => sigmoid(z) / self.constant,
+            Score::Sigmoid => {
+                let u = (z - self.value).exp();
+                u * (1.0 + self.constant) / (1.0 + u * self.constant)
+            }
+        }
     }
 }
 
 /// A row's statistics over its active logits.
 struct RowStats {
-    max: f32,
+    /// The row's max.
+    anchor: Anchor,
     sum_exp: f32,
-    /// The sum of the scores relative to the row's max (`relative`): at least
-    /// 1, so the shares `p / sum of p` never divide by an underflowed sum.
+    /// The sum of the scores relative to the row's max: at least 1, so the
+    /// shares `p / sum of p` never divide by an underflowed sum.
     relative_sum: f32,
-    score: Score,
 }
 
 impl RowStats {
@@ -81,25 +106,25 @@ impl RowStats {
         if max == f32::NEG_INFINITY {
             return Err(active[0]);
         }
+        let anchor = Anchor::new(score, max);
         let sum_exp = active.iter().map(|&c| (row[c].to_f32() - max).exp()).sum();
         let relative_sum = match score {
             Score::Softmax => sum_exp,
-            Score::Sigmoid => active.iter().map(|&c| sigmoid_ratio(row[c].to_f32(), max)).sum(),
+            Score::Sigmoid => active.iter().map(|&c| anchor.relative(row[c].to_f32())).sum(),
         };
         Ok(RowStats {
-            max,
+            anchor,
             sum_exp,
             relative_sum,
-            score,
         })
     }
 
     fn softmax(&self, z: f32) -> f32 {
-        (z - self.max).exp() / self.sum_exp
+        (z - self.anchor.value).exp() / self.sum_exp
     }
 
     fn score(&self, z: f32) -> f32 {
-        match self.score {
+        match self.anchor.score {
             Score::Softmax => self.softmax(z),
             Score::Sigmoid => sigmoid(z),
         }
@@ -107,50 +132,31 @@ impl RowStats {
 
     /// q = p / (sum of p), the row's share of z's expert.
     fn share(&self, z: f32) -> f32 {
-        relative_score(self.score, z, self.max) / self.relative_sum
-    }
-
-    /// d log(unnormalised score) / dz: 1 for `e^z`, `1 - p` for a sigmoid.
-    fn log_slope(&self, z: f32) -> f32 {
-        match self.score {
-            Score::Softmax => 1.0,
-            Score::Sigmoid => 1.0 - sigmoid(z),
-        }
+        self.anchor.relative(z) / self.relative_sum
     }
 
     fn lse(&self) -> f32 {
-        self.max + self.sum_exp.ln()
-    }
-}
-
-/// The unnormalised score of z over that of `anchor >= z`: `e^(z - anchor)`
-/// or `sigmoid(z) / sigmoid(anchor)`; 1 at the anchor.
-fn relative_score(score: Score, z: f32, anchor: f32) -> f32 {
-    match score {
-        Score::Softmax => (z - anchor).exp(),
-        Score::Sigmoid => sigmoid_ratio(z, anchor),
+        self.anchor.value + self.sum_exp.ln()
     }
 }
 
 /// Renormalisation over a row's selected experts: each score over the sum of
-/// the selected scores, both taken relative to the largest selected logit,
-/// so the sum is at least 1 (a valid row's best key has a finite logit) and
-/// the weights are exact where the scores underflow f32.
+/// the selected scores, both relative to the largest selected logit, so the
+/// sum is at least 1 (a valid row's best key has a finite logit).
 struct Renormaliser {
-    anchor: f32,
+    anchor: Anchor,
     sum: f32,
-    score: Score,
 }
 
 impl Renormaliser {
     fn new(score: Score, selected: impl Iterator<Item = f32> + Clone) -> Renormaliser {
-        let anchor = selected.clone().fold(f32::NEG_INFINITY, f32::max);
-        let sum = selected.map(|z| relative_score(score, z, anchor)).sum();
-        Renormaliser { anchor, sum, score }
+        let anchor = Anchor::new(score, selected.clone().fold(f32::NEG_INFINITY, f32::max));
+        let sum = selected.map(|z| anchor.relative(z)).sum();
+        Renormaliser { anchor, sum }
     }
 
     fn weight(&self, z: f32) -> f32 {
-        relative_score(self.score, z, self.anchor) / self.sum
+        self.anchor.relative(z) / self.sum
     }
 }
 
@@ -444,6 +450,8 @@ pub fn backward<T: FloatElement>(
             || RowScratch {
                 selected: Vec::with_capacity(k),
                 grad: vec![0.0; group_experts],
+                shares: vec![0.0; group_experts],
+                scores: vec![0.0; group_experts],
             },
             |scratch, (r, out)| {
                 if token_mask.is_some_and(|mask| mask[r / groups] != 1) {
@@ -502,7 +510,12 @@ impl<T: FloatElement> BackwardRow<'_, T> {
         let stats = RowStats::of(self.row, self.active, score)?;
         let group_experts = self.row.len();
         let z = |c: usize| self.row[c].to_f32();
-        let RowScratch { selected, grad } = scratch;
+        let RowScratch {
+            selected,
+            grad,
+            shares,
+            scores,
+        } = scratch;
         selected.clear();
         selected.extend(
             self.indices
@@ -511,17 +524,20 @@ impl<T: FloatElement> BackwardRow<'_, T> {
                 .map(|(&e, &dw)| ((e as usize).wrapping_sub(self.base), dw))
                 .filter(|&(c, _)| c < group_experts),
         );
+        for &c in self.active {
+            shares[c] = stats.share(z(c));
+            scores[c] = match score {
+                Score::Softmax => shares[c],
+                Score::Sigmoid => sigmoid(z(c)),
+            };
+        }
         let LossCoefficients { lb, z: z_coef } = self.coefficients;
         // Load balance: sum_e c_e q_e with c_e = lb * grad_scales[e] and
         // q = p / (sum of p) over the active experts.
-        let balance: f32 = self
-            .active
-            .iter()
-            .map(|&c| lb * self.grad_scales[c] * stats.share(z(c)))
-            .sum();
+        let balance: f32 = self.active.iter().map(|&c| lb * self.grad_scales[c] * shares[c]).sum();
         grad.fill(0.0);
         for &c in self.active {
-            grad[c] = stats.share(z(c)) * (lb * self.grad_scales[c] - balance);
+            grad[c] = shares[c] * (lb * self.grad_scales[c] - balance);
         }
         // The weights: renormalised, a ratio over the selected experts; else
         // the scores, a ratio over the active experts for softmax and
@@ -533,31 +549,38 @@ impl<T: FloatElement> BackwardRow<'_, T> {
                 grad[e] += renormaliser.weight(z(e)) * (dw - weighted);
             }
         } else {
-            let weighted: f32 = match score {
-                Score::Softmax => selected.iter().map(|&(e, dw)| dw * stats.score(z(e))).sum(),
-                Score::Sigmoid => 0.0,
-            };
             for &(e, dw) in selected.iter() {
-                grad[e] += dw * stats.score(z(e));
+                grad[e] += dw * scores[e];
             }
-            for &c in self.active {
-                grad[c] -= weighted * stats.score(z(c));
+            if score == Score::Softmax {
+                let weighted: f32 = selected.iter().map(|&(e, dw)| dw * scores[e]).sum();
+                for &c in self.active {
+                    grad[c] -= weighted * scores[c];
+                }
             }
         }
         // z-loss: d lse^2 / dz = 2 lse softmax(z), averaged over valid tokens.
         let z_scale = z_coef * 2.0 * stats.lse() * self.inv_valid_rows;
         for &c in self.active {
-            out[c] = stats.log_slope(z(c)) * grad[c] + z_scale * stats.softmax(z(c));
+            // d log(unnormalised score) / dz: 1 for e^z, 1 - p for a sigmoid.
+            let (log_slope, softmax) = match score {
+                Score::Softmax => (1.0, shares[c]),
+                Score::Sigmoid if z_scale == 0.0 => (1.0 - scores[c], 0.0),
+                Score::Sigmoid => (1.0 - scores[c], stats.softmax(z(c))),
+            };
+            out[c] = log_slope * grad[c] + z_scale * softmax;
         }
         Ok(())
     }
 }
 
 /// Per-thread scratch of the backward: a row's selected (column, dweight)
-/// pairs and dL/dv per column.
+/// pairs, and per column dL/dv, the share and the score.
 struct RowScratch {
     selected: Vec<(usize, f32)>,
     grad: Vec<f32>,
+    shares: Vec<f32>,
+    scores: Vec<f32>,
 }
 
 #[cfg(test)]
