@@ -18,6 +18,8 @@
 //! | [`topk`] | 4.4 | (none: ids and values) |
 //! | [`embedding`] | 4.1 | the table (dense gradient) |
 //! | [`embedding_sgd`] | 4.1 | (a fused sparse SGD step of the table, in place) |
+//! | [`expert_layer`], [`expert_layer_rows`] | 4.3 | x, the expert weights, the bias |
+//! | [`combine`] | 4.3 | the expert rows, the routing weights, the residual, rho |
 //! | [`route`] | 4.2 | the logits, through the weights, the load-balance and the z-loss (indices, plan and gate mass carry none) |
 //!
 //! Devices: the CPU runs zero-copy on candle's CPU storage. CUDA tensors
@@ -42,10 +44,12 @@
 
 mod autograd;
 mod embedding;
+mod experts;
 mod routing;
 mod scoring;
 
 pub use embedding::{embedding, embedding_sgd};
+pub use experts::{combine, expert_layer, expert_layer_rows};
 pub use routing::{route, Routed, RoutingOptions};
 pub use scoring::{cross_entropy, scores, topk, ScoringOptions};
 

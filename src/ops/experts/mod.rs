@@ -53,6 +53,7 @@ use crate::dtype::{Element, FloatElement};
 use crate::error::{Error, Result};
 use crate::ops::routing::DispatchPlan;
 use crate::tensor::{alloc_uninit, element_count, host_filled, host_uninit, Tensor};
+use crate::tensor_ref::TensorRef;
 use cudarc::driver::{CudaSlice, CudaView};
 pub use plan::PlanParts;
 use plan::{await_plan_check, check_plan_shapes, device_plan, host_plan, u32_count};
@@ -206,9 +207,9 @@ pub struct CombineGrads {
 /// The layer's shape from its operands, every shape and device checked.
 fn layer_shape<T: FloatElement>(
     variant: Variant,
-    x: &Tensor<T>,
+    x: &TensorRef<'_, T>,
     plan: &DispatchPlan,
-    weights: &Tensor<T>,
+    weights: &TensorRef<'_, T>,
     activation: Activation,
 ) -> Result<LayerShape> {
     let (experts, din, width) = match *weights.shape() {
@@ -283,14 +284,14 @@ fn layer_shape<T: FloatElement>(
 /// assert_eq!((y.to_vec()?, saved.h().to_vec()?), (vec![2.0, 0.0], vec![2.0, -2.0]));
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn layer_forward<T: FloatElement>(
-    x: &Tensor<T>,
+pub fn layer_forward<'x, 'w, T: FloatElement>(
+    x: impl Into<TensorRef<'x, T>>,
     plan: &DispatchPlan,
-    weights: &Tensor<T>,
+    weights: impl Into<TensorRef<'w, T>>,
     bias: Option<&Tensor<T>>,
     activation: Activation,
 ) -> Result<(Tensor<T>, LayerSaved<T>)> {
-    forward_variant(Variant::Tokens, x, plan, weights, bias, activation)
+    forward_variant(Variant::Tokens, &x.into(), plan, &weights.into(), bias, activation)
 }
 
 /// [`layer_forward`] on `x_rows: [R, Din]`, already in plan order (e.g. the
@@ -314,21 +315,21 @@ pub fn layer_forward<T: FloatElement>(
 /// assert_eq!(y.to_vec()?, vec![6.0, -4.0]);
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn layer_forward_rows<T: FloatElement>(
-    x_rows: &Tensor<T>,
+pub fn layer_forward_rows<'x, 'w, T: FloatElement>(
+    x_rows: impl Into<TensorRef<'x, T>>,
     plan: &DispatchPlan,
-    weights: &Tensor<T>,
+    weights: impl Into<TensorRef<'w, T>>,
     bias: Option<&Tensor<T>>,
     activation: Activation,
 ) -> Result<(Tensor<T>, LayerSaved<T>)> {
-    forward_variant(Variant::Rows, x_rows, plan, weights, bias, activation)
+    forward_variant(Variant::Rows, &x_rows.into(), plan, &weights.into(), bias, activation)
 }
 
 fn forward_variant<T: FloatElement>(
     variant: Variant,
-    x: &Tensor<T>,
+    x: &TensorRef<'_, T>,
     plan: &DispatchPlan,
-    weights: &Tensor<T>,
+    weights: &TensorRef<'_, T>,
     bias: Option<&Tensor<T>>,
     activation: Activation,
 ) -> Result<(Tensor<T>, LayerSaved<T>)> {
@@ -374,9 +375,9 @@ fn forward_variant<T: FloatElement>(
             cuda::layer_forward(
                 cuda_device,
                 stream,
-                &x.device_slice()?.as_view(),
+                &x.cuda_view()?,
                 &device_plan(plan)?,
-                &weights.device_slice()?.as_view(),
+                &weights.cuda_view()?,
                 optional_view(bias)?.as_ref(),
                 &shape,
                 &mut h.as_view_mut(),
@@ -428,13 +429,15 @@ fn forward_variant<T: FloatElement>(
 /// assert_eq!(grads.dweights.to_vec()?, vec![1.0, 2.0]); // x^T dy per expert
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn layer_backward<T: FloatElement>(
-    dy: &Tensor<f32>,
-    x: &Tensor<T>,
+pub fn layer_backward<'d, 'x, 'w, T: FloatElement>(
+    dy: impl Into<TensorRef<'d, f32>>,
+    x: impl Into<TensorRef<'x, T>>,
     plan: &DispatchPlan,
-    weights: &Tensor<T>,
+    weights: impl Into<TensorRef<'w, T>>,
     saved: &LayerSaved<T>,
 ) -> Result<LayerGrads> {
+    let (dy, x, weights) = (dy.into(), x.into(), weights.into());
+    let (x, weights) = (&x, &weights);
     let shape = layer_shape(saved.shape.variant, x, plan, weights, saved.shape.activation)?;
     if shape != saved.shape {
         return Err(Error::invalid(
@@ -491,10 +494,10 @@ pub fn layer_backward<T: FloatElement>(
             cuda::layer_backward(
                 cuda_device,
                 stream,
-                &dy.device_slice()?.as_view(),
-                &x.device_slice()?.as_view(),
+                &dy.cuda_view()?,
+                &x.cuda_view()?,
                 &device_plan(plan)?,
-                &weights.device_slice()?.as_view(),
+                &weights.cuda_view()?,
                 &saved.h.device_slice()?.as_view(),
                 &shape,
                 k,
@@ -518,8 +521,8 @@ pub fn layer_backward<T: FloatElement>(
 
 /// The combine's shape from its operands, every shape and device checked.
 fn combine_shape<T: FloatElement>(
-    y: &Tensor<T>,
-    weights: &Tensor<f32>,
+    y: &TensorRef<'_, T>,
+    weights: &TensorRef<'_, f32>,
     plan: &DispatchPlan,
     res: Option<&Tensor<T>>,
     rho: Option<&Tensor<f32>>,
@@ -589,13 +592,15 @@ fn combine_shape<T: FloatElement>(
 /// assert_eq!(util.to_vec()?, vec![1.0, 4.0]); // ||weight * y|| per expert
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn combine<T: FloatElement>(
-    y: &Tensor<T>,
-    weights: &Tensor<f32>,
+pub fn combine<'y, 'w, T: FloatElement>(
+    y: impl Into<TensorRef<'y, T>>,
+    weights: impl Into<TensorRef<'w, f32>>,
     plan: &DispatchPlan,
     res: Option<&Tensor<T>>,
     rho: Option<&Tensor<f32>>,
 ) -> Result<(Tensor<T>, Tensor<f32>)> {
+    let (y, weights) = (y.into(), weights.into());
+    let (y, weights) = (&y, &weights);
     let shape = combine_shape(y, weights, plan, res, rho)?;
     let device = y.device();
     let out_shape = [shape.tokens, shape.dout];
@@ -627,8 +632,8 @@ pub fn combine<T: FloatElement>(
             cuda::combine(
                 cuda_device,
                 stream,
-                &y.device_slice()?.as_view(),
-                &weights.device_slice()?.as_view(),
+                &y.cuda_view()?,
+                &weights.cuda_view()?,
                 &device_plan(plan)?,
                 optional_view(res)?.as_ref(),
                 optional_view(rho)?.as_ref(),
@@ -669,14 +674,16 @@ pub fn combine<T: FloatElement>(
 /// assert_eq!(grads.dweights.to_vec()?, vec![2.0, -2.0]); // <dout, y>
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn combine_backward<T: FloatElement>(
-    dout: &Tensor<f32>,
-    y: &Tensor<T>,
-    weights: &Tensor<f32>,
+pub fn combine_backward<'d, 'y, 'w, T: FloatElement>(
+    dout: impl Into<TensorRef<'d, f32>>,
+    y: impl Into<TensorRef<'y, T>>,
+    weights: impl Into<TensorRef<'w, f32>>,
     plan: &DispatchPlan,
     res: Option<&Tensor<T>>,
     rho: Option<&Tensor<f32>>,
 ) -> Result<CombineGrads> {
+    let (dout, y, weights) = (dout.into(), y.into(), weights.into());
+    let (y, weights) = (&y, &weights);
     let shape = combine_shape(y, weights, plan, res, rho)?;
     let device = y.device();
     dout.expect_device("dout", &device)?;
@@ -724,9 +731,9 @@ pub fn combine_backward<T: FloatElement>(
             cuda::combine_backward(
                 cuda_device,
                 stream,
-                &dout.device_slice()?.as_view(),
-                &y.device_slice()?.as_view(),
-                &weights.device_slice()?.as_view(),
+                &dout.cuda_view()?,
+                &y.cuda_view()?,
+                &weights.cuda_view()?,
                 &device_plan(plan)?,
                 optional_view(res)?.as_ref(),
                 optional_view(rho)?.as_ref(),

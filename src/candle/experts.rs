@@ -1,0 +1,191 @@
+//! The grouped expert layer and combine (DESIGN 4.3) as candle ops, on the
+//! dispatch plan [`super::route`] returns.
+
+use super::autograd::{attach, Backward};
+use super::{into_storage, to_candle, with_float, Borrowed, Shared};
+use crate::ops::experts::{self, Activation};
+use crate::ops::routing::DispatchPlan;
+use candle_core::{DType, Tensor};
+use std::sync::Arc;
+
+/// A small optional operand (bias, rho) or the residual as an owned moerec
+/// tensor: a copy (the op API takes these owned).
+fn owned<T: Shared>(argument: &'static str, tensor: Option<&Tensor>) -> candle_core::Result<Option<crate::Tensor<T>>> {
+    tensor
+        .map(|t| -> candle_core::Result<crate::Tensor<T>> { Ok(Borrowed::new(argument, t).get::<T>()?.to_tensor()?) })
+        .transpose()
+}
+
+fn layer(
+    rows_variant: bool,
+    x: &Tensor,
+    plan: &Arc<DispatchPlan>,
+    weights: &Tensor,
+    bias: Option<&Tensor>,
+    activation: Activation,
+) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let weights = weights.contiguous()?;
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    let mut inputs = vec![x.clone(), weights.clone()];
+    inputs.extend(bias.clone());
+    with_float!("x", x.dtype(), T => {
+        let bias_owned = owned::<T>("bias", bias.as_ref())?;
+        let ((storage, shape), saved) = {
+            let (bx, bw) = (Borrowed::new("x", &x), Borrowed::new("weights", &weights));
+            let forward = if rows_variant { experts::layer_forward_rows::<T> } else { experts::layer_forward::<T> };
+            let (y, saved) = forward(bx.get::<T>()?, plan, bw.get::<T>()?, bias_owned.as_ref(), activation)?;
+            (into_storage(y)?, saved)
+        };
+        let plan = plan.clone();
+        let has_bias = bias.is_some();
+        let backward: Backward = Box::new(move |dy| {
+            let dy = dy.contiguous()?.to_dtype(DType::F32)?;
+            let (bd, bx, bw) = (Borrowed::new("dy", &dy), Borrowed::new("x", &x), Borrowed::new("weights", &weights));
+            let grads = experts::layer_backward(bd.get::<f32>()?, bx.get::<T>()?, &plan, bw.get::<T>()?, &saved)?;
+            let mut out = vec![Some(to_candle(grads.dx)?), Some(to_candle(grads.dweights)?)];
+            if has_bias {
+                out.push(grads.dbias.map(to_candle).transpose()?);
+            }
+            Ok(out)
+        });
+        attach("moerec-expert-layer", storage, shape, &inputs.iter().collect::<Vec<_>>(), backward)
+    })
+}
+
+/// One expert layer over the tokens `x: [T, Din]` (f32, bf16 or f16; with
+/// grouped routing `[T * G, Din]`, the per-group inputs): `y: [R, Dout]` in
+/// the input type, rows in plan order, `y[r] = act(x[token_of_row[r]] W[e] +
+/// b[e])` — see [`crate::experts::layer_forward`]. `weights` is
+/// `[E, Din, Dout']` (`Dout' = 2 Dout` for SwiGlu), `bias` `[E, Dout']`
+/// (copied: the op API holds it owned). On the tape: gradients to `x`,
+/// `weights` and `bias`.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use moerec::candle::{expert_layer, route, RoutingOptions};
+/// use moerec::experts::Activation;
+/// use moerec::routing::TopK;
+///
+/// let device = Device::Cpu;
+/// let logits = Tensor::rand(-1f32, 1.0, (5, 3), &device)?;
+/// let routed = route(&logits, &RoutingOptions::new(TopK::K(2)))?;
+/// let x = Var::from_tensor(&Tensor::rand(-1f32, 1.0, (5, 4), &device)?)?;
+/// let w = Var::from_tensor(&Tensor::rand(-1f32, 1.0, (3, 4, 6), &device)?)?;
+/// let y = expert_layer(&x, &routed.plan, &w, None, Activation::Gelu)?;
+/// assert_eq!(y.dims(), &[10, 6]); // R = T * k rows
+/// let grads = y.sum_all()?.backward()?;
+/// assert!(grads.get(&x).is_some() && grads.get(&w).is_some());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn expert_layer(
+    x: &Tensor,
+    plan: &Arc<DispatchPlan>,
+    weights: &Tensor,
+    bias: Option<&Tensor>,
+    activation: Activation,
+) -> candle_core::Result<Tensor> {
+    layer(false, x, plan, weights, bias, activation)
+}
+
+/// [`expert_layer`] on `x_rows: [R, Din]` already in plan order (the second
+/// layer of an expert FFN); see [`crate::experts::layer_forward_rows`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use moerec::candle::{expert_layer, expert_layer_rows, route, RoutingOptions};
+/// use moerec::experts::Activation;
+/// use moerec::routing::TopK;
+///
+/// let device = Device::Cpu;
+/// let routed = route(&Tensor::rand(-1f32, 1.0, (5, 3), &device)?, &RoutingOptions::new(TopK::K(1)))?;
+/// let x = Tensor::rand(-1f32, 1.0, (5, 4), &device)?;
+/// let up = Tensor::rand(-1f32, 1.0, (3, 4, 16), &device)?;
+/// let down = Tensor::rand(-1f32, 1.0, (3, 8, 4), &device)?;
+/// let h = expert_layer(&x, &routed.plan, &up, None, Activation::SwiGlu)?; // [5, 8]
+/// let y = expert_layer_rows(&h, &routed.plan, &down, None, Activation::None)?;
+/// assert_eq!(y.dims(), &[5, 4]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn expert_layer_rows(
+    x_rows: &Tensor,
+    plan: &Arc<DispatchPlan>,
+    weights: &Tensor,
+    bias: Option<&Tensor>,
+    activation: Activation,
+) -> candle_core::Result<Tensor> {
+    layer(true, x_rows, plan, weights, bias, activation)
+}
+
+/// Combines the expert rows back into tokens:
+/// `out[t] = rho[t] * res[t] + sum_j weights[t, j] * y[row_of_slot[t, j]]`,
+/// `[T, Dout]` in y's type — see [`crate::experts::combine`]. `y: [R, Dout]`,
+/// `weights: [T, k]` f32 (the routing weights), `res: [T, Dout]` in y's
+/// type and `rho: [T]` f32 optional (copied: the op API holds them owned).
+/// On the tape: gradients to `y`, `weights`, `res` and `rho`.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use moerec::candle::{combine, expert_layer, route, RoutingOptions};
+/// use moerec::experts::Activation;
+/// use moerec::routing::TopK;
+///
+/// let device = Device::Cpu;
+/// let logits = Var::from_tensor(&Tensor::rand(-1f32, 1.0, (5, 3), &device)?)?;
+/// let routed = route(&logits, &RoutingOptions::new(TopK::K(2)))?;
+/// let x = Tensor::rand(-1f32, 1.0, (5, 4), &device)?;
+/// let w = Tensor::rand(-1f32, 1.0, (3, 4, 4), &device)?;
+/// let y = expert_layer(&x, &routed.plan, &w, None, Activation::Silu)?;
+/// let out = combine(&y, &routed.weights, &routed.plan, Some(&x), None)?; // residual
+/// assert_eq!(out.dims(), &[5, 4]);
+/// let grads = out.sum_all()?.backward()?;
+/// assert!(grads.get(&logits).is_some()); // through the routing weights
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn combine(
+    y: &Tensor,
+    weights: &Tensor,
+    plan: &Arc<DispatchPlan>,
+    res: Option<&Tensor>,
+    rho: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let y = y.contiguous()?;
+    let weights = weights.contiguous()?;
+    let res = res.map(Tensor::contiguous).transpose()?;
+    let rho = rho.map(Tensor::contiguous).transpose()?;
+    let mut inputs = vec![y.clone(), weights.clone()];
+    inputs.extend(res.clone());
+    inputs.extend(rho.clone());
+    with_float!("y", y.dtype(), T => {
+        let res_owned = owned::<T>("res", res.as_ref())?;
+        let rho_owned = owned::<f32>("rho", rho.as_ref())?;
+        let (storage, shape) = {
+            let (by, bw) = (Borrowed::new("y", &y), Borrowed::new("weights", &weights));
+            let (out, _utilisation) =
+                experts::combine(by.get::<T>()?, bw.get::<f32>()?, plan, res_owned.as_ref(), rho_owned.as_ref())?;
+            into_storage(out)?
+        };
+        let plan = plan.clone();
+        let backward: Backward = Box::new(move |dout| {
+            let dout = dout.contiguous()?.to_dtype(DType::F32)?;
+            let (bd, by, bw) = (Borrowed::new("dout", &dout), Borrowed::new("y", &y), Borrowed::new("weights", &weights));
+            let grads = experts::combine_backward(
+                bd.get::<f32>()?,
+                by.get::<T>()?,
+                bw.get::<f32>()?,
+                &plan,
+                res_owned.as_ref(),
+                rho_owned.as_ref(),
+            )?;
+            let mut out = vec![Some(to_candle(grads.dy)?), Some(to_candle(grads.dweights)?)];
+            if res_owned.is_some() {
+                out.push(grads.dres.map(to_candle).transpose()?);
+            }
+            if rho_owned.is_some() {
+                out.push(grads.drho.map(to_candle).transpose()?);
+            }
+            Ok(out)
+        });
+        attach("moerec-combine", storage, shape, &inputs.iter().collect::<Vec<_>>(), backward)
+    })
+}
