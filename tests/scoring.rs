@@ -632,19 +632,8 @@ fn cuda_runs_are_bitwise_reproducible<T: FloatElement>(width: usize) {
             let problem = RandomProblem::new(7, 67, 8, width, 700, shared);
             let first = problem.run::<T>(mixing, &cuda);
             let second = problem.run::<T>(mixing, &cuda);
-            let bits = |o: &Outputs| -> Vec<Vec<u32>> {
-                let mut all: Vec<Vec<u32>> = [&o.scores, &o.loss, &o.lse, &o.topk_values]
-                    .iter()
-                    .map(|v| v.iter().map(|x| x.to_bits()).collect())
-                    .collect();
-                for grads in [&o.scores_grads, &o.ce_grads] {
-                    all.extend(grads.iter().map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()));
-                }
-                all.push(o.topk_ids.clone());
-                all
-            };
             assert!(
-                bits(&first) == bits(&second),
+                output_bits(&first) == output_bits(&second),
                 "{:?} D={width} shared={shared} {mixing:?}: two runs differ",
                 T::DTYPE
             );
@@ -654,16 +643,57 @@ fn cuda_runs_are_bitwise_reproducible<T: FloatElement>(width: usize) {
 
 #[test]
 fn cuda_topk_is_the_exact_top_n_of_cuda_scores() {
-    cuda_topk_is_the_exact_top_n::<f32>(5);
-    cuda_topk_is_the_exact_top_n::<bf16>(5);
-    cuda_topk_is_the_exact_top_n::<f16>(32);
+    let Some(cuda) = cuda_device() else { return };
+    topk_is_the_exact_top_n::<f32>(&cuda, 5, 300);
+    topk_is_the_exact_top_n::<bf16>(&cuda, 5, 300);
+    topk_is_the_exact_top_n::<f16>(&cuda, 32, 300);
 }
 
-fn cuda_topk_is_the_exact_top_n<T: FloatElement>(width: usize) {
-    let Some(cuda) = cuda_device() else { return };
+/// On the CPU across several item tiles, whose filter passes over most
+/// items with one compare against each row's current n-th.
+#[test]
+fn cpu_topk_is_the_exact_top_n_of_cpu_scores() {
+    topk_is_the_exact_top_n::<f32>(&Device::cpu(), 5, 1300);
+    topk_is_the_exact_top_n::<bf16>(&Device::cpu(), 16, 1300);
+}
+
+/// Every output's bits, for the reproducibility checks.
+fn output_bits(o: &Outputs) -> Vec<Vec<u32>> {
+    let mut all: Vec<Vec<u32>> = [&o.scores, &o.loss, &o.lse, &o.topk_values]
+        .iter()
+        .map(|v| v.iter().map(|x| x.to_bits()).collect())
+        .collect();
+    for grads in [&o.scores_grads, &o.ce_grads] {
+        all.extend(grads.iter().map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()));
+    }
+    all.push(o.topk_ids.clone());
+    all
+}
+
+/// The CPU splits rows and items by shape alone: one thread and three give
+/// the same bits, at a shape of three row blocks and two leaves of item
+/// tiles (two item chunks of the log-sum-exp pass).
+#[test]
+fn cpu_results_are_bitwise_identical_across_thread_counts() {
+    let pool = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let (one, three) = (pool(1), pool(3));
+    for shared in [false, true] {
+        for mixing in [Mixing::Logits, Mixing::Probabilities] {
+            let problem = RandomProblem::new(5, 130, 3, 9, 4500, shared);
+            let single = one.install(|| problem.run::<f32>(mixing, &Device::cpu()));
+            let several = three.install(|| problem.run::<f32>(mixing, &Device::cpu()));
+            assert!(
+                output_bits(&single) == output_bits(&several),
+                "shared={shared} {mixing:?}: one thread and three differ"
+            );
+        }
+    }
+}
+
+fn topk_is_the_exact_top_n<T: FloatElement>(device: &Device, width: usize, num_items: usize) {
     for mixing in [Mixing::Logits, Mixing::Probabilities] {
-        let problem = RandomProblem::new(11, 9, 2, width, 300, false);
-        let out = problem.run::<T>(mixing, &cuda);
+        let problem = RandomProblem::new(11, 9, 2, width, num_items, false);
+        let out = problem.run::<T>(mixing, device);
         for b in 0..problem.batch {
             let seen = &problem.history[problem.offsets[b] as usize..problem.offsets[b + 1] as usize];
             let mut row: Vec<(f32, u32)> = (0..problem.num_items as u32)

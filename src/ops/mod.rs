@@ -4,6 +4,7 @@
 
 pub mod embedding;
 pub mod experts;
+pub(crate) mod host;
 pub mod routing;
 pub mod scoring;
 

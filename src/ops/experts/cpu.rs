@@ -8,15 +8,14 @@
 //! spread the work over the cores. Chunks and groups depend on the counts and
 //! Din only, so results do not depend on the thread count. The sigmoid's e^x
 //! is a polynomial in exact f32 operations (no libm), and the SwiGlu loops
-//! are compiled for AVX2 where the CPU has it.
+//! are compiled for the widest SIMD the CPU has (`host::vectorised`).
 
 use super::{check_plan, index_slots, Activation, CombineShape, LayerShape, PlanParts, Variant};
-use crate::dtype::{DType, FloatElement};
+use crate::dtype::FloatElement;
 use crate::error::Result;
 use crate::ops::check_len;
-use gemm::Parallelism;
+use crate::ops::host::{exp, matmul, matmul_add, vectorised, widened, widened_into, Matrix};
 use rayon::prelude::*;
-use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -24,36 +23,6 @@ use std::ops::Range;
 /// Rows per task of the forward and dx products: enough for gemm to reach
 /// its blocked speed, small enough to spread a few experts over the cores.
 const CHUNK_ROWS: usize = 256;
-
-/// The values as f32: borrowed when they are f32 already.
-fn widened<T: FloatElement>(values: &[T]) -> Cow<'_, [f32]> {
-    match bytemuck::try_cast_slice::<T, f32>(values) {
-        Ok(same) if T::DTYPE == DType::F32 => Cow::Borrowed(same),
-        _ => Cow::Owned(values.par_iter().map(|v| v.to_f32()).collect()),
-    }
-}
-
-/// Defines `fn $name(args)` as `$body(args)`, run compiled for AVX2 where
-/// the CPU has it, so that the loops in `$body` (`#[inline(always)]`)
-/// vectorise 8 wide rather than 4. `$body` may only use exact IEEE
-/// operations (no fused multiply-add), which give the same bits either way.
-macro_rules! vectorised {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) = $body:ident;) => {
-        $(#[$doc])*
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-                // SAFETY: avx2 only needs a CPU with AVX2, checked above.
-                return unsafe { avx2($($arg),*) };
-            }
-            $body($($arg),*)
-        }
-    };
-}
 
 vectorised! {
     /// `act[r] = silu(gate[r]) * up[r]` for the rows `[gate | up]` of
@@ -92,19 +61,6 @@ fn swiglu_rows(h: &[f32], act: &mut [f32], dout: usize) {
     }
 }
 
-/// `values` as f32: borrowed when they are f32 already, else widened into
-/// `buffer`.
-fn widened_into<'a, T: FloatElement>(values: &'a [T], buffer: &'a mut Vec<f32>) -> &'a [f32] {
-    match bytemuck::try_cast_slice::<T, f32>(values) {
-        Ok(same) if T::DTYPE == DType::F32 => same,
-        _ => {
-            buffer.clear();
-            buffer.extend(values.iter().map(|v| v.to_f32()));
-            buffer
-        }
-    }
-}
-
 /// `values` rounded to the element type into `out` (of the same length).
 fn narrow<T: FloatElement>(values: &[f32], out: &mut [MaybeUninit<T>]) {
     out.iter_mut().zip(values).for_each(|(o, &v)| {
@@ -136,98 +92,6 @@ impl Scratch {
             static SCRATCH: RefCell<Scratch> = RefCell::default();
         }
         SCRATCH.with(|scratch| f(&mut scratch.borrow_mut()))
-    }
-}
-
-/// A strided f32 matrix: element (i, j) at `i * row_stride + j * col_stride`.
-#[derive(Clone, Copy)]
-struct Matrix<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> Matrix<'a> {
-    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Matrix {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    fn transposed(self) -> Self {
-        Matrix {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-
-    /// Whether every element lies inside `data`.
-    fn in_bounds(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < self.data.len()
-    }
-}
-
-/// `c = a b`, `c` row-major `[a.rows, b.cols]`, on the calling thread.
-fn matmul(a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32]) {
-    gemm_f32(a, b, c, false);
-}
-
-/// `c += a b`, as [`matmul`]: the product summed over its own k first, then
-/// added to c.
-fn matmul_add(a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32]) {
-    gemm_f32(a, b, c, true);
-}
-
-/// `c = a b + (c if add)`.
-fn gemm_f32(a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32], add: bool) {
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    // Internal invariants: every caller derives the sizes from checked shapes.
-    assert!(b.rows == k && c.len() == m * n && a.in_bounds() && b.in_bounds());
-    if k == 0 {
-        if !add {
-            c.fill(0.0);
-        }
-        return;
-    }
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: a, b and c hold every element the strides address (checked
-    // above); c does not alias a or b (it is a distinct &mut), and it is
-    // initialised, so reading it (add) is sound: c = add * c + 1 * a b.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            add,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            f32::from(add),
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
     }
 }
 
@@ -269,33 +133,6 @@ fn gather_rows<T: FloatElement>(
         let source = token_of_row.map_or(r, |tokens| tokens[r] as usize);
         out.extend(x[source * din..][..din].iter().map(|v| v.to_f32()));
     }
-}
-
-/// e^x in f32 arithmetic, within 2 ulp of the exact value for x in
-/// [-87, 88] (x is clamped to that range first, so e^-87 stands in for
-/// smaller values and e^88 for larger ones); NaN stays NaN. Plain multiplies
-/// and adds with no calls or table lookups, so loops over it vectorise, with
-/// the same bits on every machine.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    // x = n ln2 + r with |r| <= ln2 / 2: n rounded by the 1.5 * 2^23 trick,
-    // ln2 split in two so n ln2 is exact enough (Cody-Waite), then Cephes'
-    // degree-6 polynomial for e^r and 2^n built in the exponent bits.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let shifted = x * std::f32::consts::LOG2_E + ROUND;
-    let n = shifted - ROUND;
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let e_r = p * r * r + r + 1.0;
-    // n + 127 in 1..=254 (x clamped), the biased exponent of 2^n.
-    let two_n = f32::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
-    e_r * two_n
 }
 
 #[inline(always)]

@@ -11,7 +11,7 @@
 //!   (Probabilities mixing, 0 there) — the quantity [`topk`] ranks by.
 //! - [`topk`] returns the n best items per row without materialising `[B, V]`.
 //! - [`cross_entropy`] keeps only per-row log-sum-exps; its backward
-//!   recomputes the scores item by item. Nothing of size `B * V` is allocated
+//!   recomputes the scores tile by tile. Nothing of size `B * V` is allocated
 //!   ([`workspace_bytes`] and, per device, [`workspace_bytes_on`] bound the
 //!   memory beyond inputs and outputs).
 //!
@@ -656,8 +656,9 @@ pub fn cross_entropy_backward<'d, T: FloatElement>(
 }
 
 /// Bytes the cross-entropy (forward or backward) allocates beyond its inputs
-/// and outputs on the CPU: per-row constants (`O(B * H)`) and, per worker
-/// thread, a few `[H]` vectors and one `[H, D]` item tile.
+/// and outputs on the CPU: O(B * H * D) per-row constants, V bytes of
+/// exclusion flags, and per worker thread a few score and item tiles (see
+/// [`cpu::workspace_bytes`]).
 ///
 /// ```
 /// use moerec::scoring::{self, ScoringShape};
@@ -667,13 +668,7 @@ pub fn cross_entropy_backward<'d, T: FloatElement>(
 /// assert!(scoring::workspace_bytes(shape) < 256 * 1_000_000);
 /// ```
 pub fn workspace_bytes(shape: ScoringShape) -> usize {
-    let threads = rayon::current_num_threads();
-    let per_row = 4 * (3 * shape.heads + 4) + 3 * std::mem::size_of::<Vec<f32>>();
-    let per_thread = 4 * (4 * shape.heads + shape.heads * shape.width);
-    // The converted user states and gates ([B, H, D] + 2 [B, H]) and the
-    // eligibility flags ([V] bytes).
-    let prepared = 4 * shape.batch * shape.heads * (shape.width + 2) + shape.num_items;
-    shape.batch * per_row + threads * per_thread + prepared
+    cpu::workspace_bytes(shape)
 }
 
 /// Like [`workspace_bytes`] for the cross-entropy on `device`: on a CUDA

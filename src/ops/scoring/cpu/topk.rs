@@ -1,0 +1,233 @@
+//! Top-n on tiles: each row keeps a heap of its n best, and a tile's scores
+//! are compared with the row's current n-th before anything else is done.
+
+use super::super::Mixing;
+use super::tiles::{blocks, Tiling, TILE_ROWS};
+use super::Operands;
+use crate::dtype::FloatElement;
+use crate::error::{Error, Result};
+use crate::ops::check_len;
+use rayon::prelude::*;
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+/// A candidate of a top-n: ordered so that the heap's top is the worst kept.
+#[derive(Clone, Copy)]
+struct Candidate {
+    value: f32,
+    id: u32,
+}
+
+impl Candidate {
+    /// Less = better: numbers before NaN, larger first, then the lower id.
+    fn rank(&self, other: &Self) -> Ordering {
+        match (self.value.is_nan(), other.value.is_nan()) {
+            (false, true) => Ordering::Less,
+            (true, false) => Ordering::Greater,
+            (true, true) => self.id.cmp(&other.id),
+            (false, false) => other
+                .value
+                .partial_cmp(&self.value)
+                .unwrap_or(Ordering::Equal)
+                .then(self.id.cmp(&other.id)),
+        }
+    }
+}
+
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        self.rank(other) == Ordering::Equal
+    }
+}
+impl Eq for Candidate {}
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.rank(other)
+    }
+}
+
+/// Per-row history lists in CSR form: row b's items are
+/// `ids[offsets[b]..offsets[b + 1]]`.
+#[derive(Clone, Copy)]
+pub struct HistoryRef<'a> {
+    /// `[B + 1]`: row b's ids are `ids[offsets[b]..offsets[b + 1]]`.
+    pub offsets: &'a [u32],
+    /// The history item ids, each below V.
+    pub ids: &'a [u32],
+}
+
+/// Sorted history ids of every row, after checking the CSR structure.
+fn history_rows(history: Option<HistoryRef<'_>>, batch: usize, num_items: usize) -> Result<Vec<Vec<u32>>> {
+    let Some(HistoryRef { offsets, ids }) = history else {
+        return Ok(vec![Vec::new(); batch]);
+    };
+    check_len("history.offsets", offsets.len(), batch + 1)?;
+    let well_formed =
+        offsets[0] == 0 && offsets.windows(2).all(|w| w[0] <= w[1]) && offsets[batch] as usize == ids.len();
+    if !well_formed {
+        return Err(Error::invalid(
+            "history.offsets",
+            format!(
+                "expected 0, non-decreasing, ending at {} (the number of history ids); got {:?}...",
+                ids.len(),
+                &offsets[..offsets.len().min(8)]
+            ),
+        ));
+    }
+    if let Some(position) = ids.iter().position(|&id| id as usize >= num_items) {
+        return Err(Error::IndexOutOfRange {
+            argument: "history.ids",
+            position: position as u64,
+            index: u64::from(ids[position]),
+            bound: num_items as u64,
+        });
+    }
+    Ok(offsets
+        .windows(2)
+        .map(|w| {
+            let mut row = ids[w[0] as usize..w[1] as usize].to_vec();
+            row.sort_unstable();
+            row.dedup();
+            row
+        })
+        .collect())
+}
+
+/// The n best so far of each row of a block, and the value a new item must
+/// beat once a row has n (its n-th), so that most of a tile is passed over
+/// with one compare.
+struct Best {
+    n: usize,
+    heaps: Vec<BinaryHeap<Candidate>>,
+    /// Per row: the n-th value, or NaN while the row has fewer than n or its
+    /// n-th is NaN (every value passes `!(value <= bar)` then).
+    bars: Vec<f32>,
+}
+
+impl Best {
+    fn new(rows: usize, n: usize) -> Self {
+        Best {
+            n,
+            heaps: (0..rows).map(|_| BinaryHeap::with_capacity(n + 1)).collect(),
+            bars: vec![f32::NAN; rows],
+        }
+    }
+
+    /// Offers an item-major tile of scores for items `first..`, in id order
+    /// (so an equal value never beats the n-th); `seen(r, id)` says whether
+    /// the item is in row r's history.
+    fn offer(&mut self, tile: &[f32], first: usize, eligible: &[bool], seen: impl Fn(usize, u32) -> bool) {
+        let rows = self.bars.len();
+        for (j, column) in tile.chunks_exact(rows).enumerate() {
+            for (r, &value) in column.iter().enumerate() {
+                if value <= self.bars[r] {
+                    continue;
+                }
+                let id = first + j;
+                if !eligible[id] || seen(r, id as u32) {
+                    continue;
+                }
+                let candidate = Candidate { value, id: id as u32 };
+                let heap = &mut self.heaps[r];
+                if heap.len() < self.n {
+                    heap.push(candidate);
+                } else if heap.peek().is_some_and(|worst| candidate < *worst) {
+                    heap.pop();
+                    heap.push(candidate);
+                }
+                if heap.len() == self.n {
+                    self.bars[r] = heap.peek().map_or(f32::NAN, |worst| worst.value);
+                }
+            }
+        }
+    }
+}
+
+/// The checks of a top-n request that need no scores, after the excluded
+/// ids (`eligible` from [`super::eligible_items`]): the history's structure
+/// and ids, then at least n eligible items in every row. Returns each row's
+/// sorted history.
+pub(crate) fn topk_rows(
+    eligible: &[bool],
+    n: usize,
+    history: Option<HistoryRef<'_>>,
+    batch: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let history = history_rows(history, batch, eligible.len())?;
+    let eligible_count = eligible.iter().filter(|&&e| e).count();
+    for (row, seen) in history.iter().enumerate() {
+        let available = eligible_count - seen.iter().filter(|&&id| eligible[id as usize]).count();
+        if available < n {
+            return Err(Error::invalid(
+                "n",
+                format!("row {row} has {available} eligible items, fewer than n = {n}"),
+            ));
+        }
+    }
+    Ok(history)
+}
+
+/// The n best eligible items of every row by score (best first, ties to the
+/// lower id, NaN below every number), skipping excluded items and the row's
+/// history. `ids` and `values` are `[B, n]`.
+pub fn topk<T: FloatElement>(
+    operands: Operands<'_, T>,
+    n: usize,
+    history: Option<HistoryRef<'_>>,
+    ids: &mut [u32],
+    values: &mut [f32],
+) -> Result<()> {
+    let tiling = Tiling::new(operands)?;
+    let batch = tiling.shape().batch;
+    if n == 0 {
+        return Err(Error::invalid("n", "expected n >= 1, got 0"));
+    }
+    let output_len = batch
+        .checked_mul(n)
+        .ok_or_else(|| Error::invalid("n", format!("B * n = {batch} * {n} overflows")))?;
+    check_len("ids", ids.len(), output_len)?;
+    check_len("values", values.len(), output_len)?;
+    let history = topk_rows(&tiling.eligible, n, history, batch)?;
+    let lse = match operands.mixing {
+        Mixing::Logits => Vec::new(),
+        Mixing::Probabilities => tiling.row_lse(),
+    };
+    ids.par_chunks_mut(TILE_ROWS * n)
+        .zip(values.par_chunks_mut(TILE_ROWS * n))
+        .zip(blocks(batch, TILE_ROWS).collect::<Vec<_>>())
+        .for_each(|((block_ids, block_values), rows)| {
+            let m = rows.len();
+            let mut best = Best::new(m, n);
+            let mut mixed = Vec::new();
+            tiling.sweep(rows.clone(), |items, tiles| {
+                let scores = match operands.mixing {
+                    Mixing::Logits => tiles,
+                    Mixing::Probabilities => {
+                        mixed.resize(m * items.len(), 0.0);
+                        tiling.probability_tile(rows.clone(), tiles, &lse, &mut mixed);
+                        &mixed
+                    }
+                };
+                best.offer(scores, items.start, &tiling.eligible, |r, id| {
+                    history[rows.start + r].binary_search(&id).is_ok()
+                });
+            });
+            for ((best, ids), values) in best
+                .heaps
+                .into_iter()
+                .zip(block_ids.chunks_exact_mut(n))
+                .zip(block_values.chunks_exact_mut(n))
+            {
+                for (j, candidate) in best.into_sorted_vec().into_iter().enumerate() {
+                    ids[j] = candidate.id;
+                    values[j] = candidate.value;
+                }
+            }
+        });
+    Ok(())
+}
