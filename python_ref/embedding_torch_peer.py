@@ -46,7 +46,7 @@ def main():
     parser = peer.argument_parser(__doc__)
     args = peer.parse_args(parser, "embedding", iters=50, min_iters=20)
 
-    device = torch.device("cuda")
+    device = peer.device()
     torch.manual_seed(0)
     l2_bytes = peer.l2_bytes()
     torch_dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
@@ -121,7 +121,7 @@ def main():
 
         emit("bwd", "autograd", *shape, median_ms(autograd), bwd_bytes)
         del tables, leaves, outputs, ids, dys, dys_out
-        torch.cuda.empty_cache()
+        peer.empty_cache()
     out.close()
 
 

@@ -84,13 +84,13 @@ class Plan:
     """A dispatch plan from the top-k of random logits (DESIGN 4.2 layout)."""
 
     def __init__(self, torch, T, E, k, gen):
-        logits = torch.randn(T, E, device="cuda", generator=gen)
+        logits = torch.randn(T, E, device=peer.device(), generator=gen)
         flat = torch.topk(logits, k, dim=-1).indices.reshape(-1)
         order = torch.argsort(flat, stable=True)  # grouped by expert, tokens ascending
         self.token_of_row = order // k
         counts = torch.bincount(flat, minlength=E)
         self.ends = torch.cumsum(counts, 0).to(torch.int32)  # grouped_mm's offs
-        self.expert_of_row = torch.repeat_interleave(torch.arange(E, device="cuda"), counts)
+        self.expert_of_row = torch.repeat_interleave(torch.arange(E, device=peer.device()), counts)
         self.split_sizes = counts.tolist()
         self.R = T * k
 
@@ -163,7 +163,7 @@ def bench_shape(torch, shape, args, rates):
         "bwd": 4 * R * Dout + 2 * (R * width + T * Din + E * Din * width) + 4 * (2 * R + E + 1)
         + 4 * (T * Din + E * Din * width + bias_elems),
     }
-    gen = torch.Generator(device="cuda").manual_seed(T * 1_000_003 + E * 1009 + k * 31 + Din + Dout)
+    gen = torch.Generator(device=peer.device()).manual_seed(T * 1_000_003 + E * 1009 + k * 31 + Din + Dout)
     plan = Plan(torch, T, E, k, gen)
     working = 2 * (T * Din + E * Din * width + R * (Din + width + Dout))
     n_buf = peer.rotations(working, ROTATE_BYTES, MAX_BUFFERS)
@@ -174,14 +174,14 @@ def bench_shape(torch, shape, args, rates):
         experts are: indexing one tensor would make autograd write E full-size
         gradients); a list of one for dense."""
         experts = 1 if variant == "dense" else E
-        W = torch.randn(experts, Din, width, device="cuda", generator=gen).mul_(Din**-0.5).to(bf16)
+        W = torch.randn(experts, Din, width, device=peer.device(), generator=gen).mul_(Din**-0.5).to(bf16)
         if variant != "grouped_mm":
             W = [w.clone() for w in W.unbind(0)]
-        b = torch.randn(experts, width, device="cuda", generator=gen).mul_(0.5).to(bf16) if args.bias else None
+        b = torch.randn(experts, width, device=peer.device(), generator=gen).mul_(0.5).to(bf16) if args.bias else None
         return W, b
 
-    dy = torch.randn(R, Dout, device="cuda", generator=gen).to(bf16)
-    rows = torch.randperm(R, device="cuda", generator=gen)[: min(R, SAMPLE_ROWS)]
+    dy = torch.randn(R, Dout, device=peer.device(), generator=gen).to(bf16)
+    rows = torch.randperm(R, device=peer.device(), generator=gen)[: min(R, SAMPLE_ROWS)]
     for variant in args.variants:
         if variant == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
             log(f"skip grouped_mm: torch {torch.__version__} has no torch._grouped_mm")
@@ -192,7 +192,7 @@ def bench_shape(torch, shape, args, rates):
         try:
             for _ in range(n_buf):
                 W, b = weights(variant)
-                x = torch.randn(R if dense else T, Din, device="cuda", generator=gen).to(bf16)
+                x = torch.randn(R if dense else T, Din, device=peer.device(), generator=gen).to(bf16)
                 bufs.append((x, W, b))
             try:
                 with torch.no_grad():
@@ -270,7 +270,7 @@ def bench_shape(torch, shape, args, rates):
         finally:
             bufs.clear()
             graphs.clear()
-            torch.cuda.empty_cache()
+            peer.empty_cache()
 
 
 def compare_grouped_with_loop(torch, args):
@@ -278,13 +278,13 @@ def compare_grouped_with_loop(torch, args):
     if "grouped_mm" not in args.variants or not hasattr(torch, "_grouped_mm"):
         return
     T, E, k, Din, Dout = 512, 8, 2, 64, 64
-    gen = torch.Generator(device="cuda").manual_seed(7)
+    gen = torch.Generator(device=peer.device()).manual_seed(7)
     plan = Plan(torch, T, E, k, gen)
     for activation in args.activation:
         width = 2 * Dout if activation == "swiglu" else Dout
-        x = torch.randn(T, Din, device="cuda", generator=gen).to(torch.bfloat16)
-        W = (torch.randn(E, Din, width, device="cuda", generator=gen) / Din**0.5).to(torch.bfloat16)
-        dy = torch.randn(T * k, Dout, device="cuda", generator=gen).to(torch.bfloat16)
+        x = torch.randn(T, Din, device=peer.device(), generator=gen).to(torch.bfloat16)
+        W = (torch.randn(E, Din, width, device=peer.device(), generator=gen) / Din**0.5).to(torch.bfloat16)
+        dy = torch.randn(T * k, Dout, device=peer.device(), generator=gen).to(torch.bfloat16)
         grads = {}
         for variant in ("loop", "grouped_mm"):
             xi, Wi = x.clone().requires_grad_(True), W.clone().requires_grad_(True)

@@ -2,6 +2,13 @@
 command-line flags, CUDA-event timing, the copy-bandwidth yardstick of the
 floors (DESIGN 5), the run's identity fields and the JSON-lines output.
 
+`--device cpu` runs a peer on the CPU instead (PyTorch's CPU kernels,
+`--threads` intra-op threads, wall-clock timing with `time.perf_counter`):
+the peer of moerec's CPU backend, which `benches/cpu_peers.rs` runs beside
+it, shape by shape. The peers build their tensors on `device()` and call
+`synchronize()` / `empty_cache()` / `peak_extra_bytes()`, which do the right
+thing (or nothing) for the chosen device.
+
 torch is imported inside the functions that need it, so this module (and the
 peers) import without torch, as pytest collection in python_ref/ does.
 """
@@ -14,9 +21,15 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 
 __all__ = [
     "log",
+    "device",
+    "is_cpu",
+    "synchronize",
+    "empty_cache",
+    "peak_extra_bytes",
     "argument_parser",
     "parse_args",
     "run_info",
@@ -28,6 +41,50 @@ __all__ = [
     "top_ks",
     "JsonLines",
 ]
+
+
+_DEVICE = "cuda"
+
+
+def device():
+    """The torch device the peer runs on (`--device`)."""
+    import torch
+
+    return torch.device(_DEVICE)
+
+
+def is_cpu():
+    return _DEVICE == "cpu"
+
+
+def synchronize():
+    """Wait for queued device work (nothing to wait for on the CPU)."""
+    if not is_cpu():
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def empty_cache():
+    if not is_cpu():
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def peak_extra_bytes(step):
+    """Peak device memory `step(0)` allocates beyond what is allocated before
+    it; None on the CPU (torch keeps no such count there)."""
+    if is_cpu():
+        return None
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(0)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def log(msg):
@@ -53,12 +110,31 @@ def parse_args(ap, op, *, iters, min_iters, warmup=None):
         ap.add_argument("--warmup", type=int, default=warmup)
     ap.add_argument("--iters", type=int, default=iters, help=f"timed iterations (>= {min_iters})")
     ap.add_argument("--out", help="append the JSON lines to this file")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--threads", type=int, help="intra-op threads on the CPU (default: torch's)")
     args = ap.parse_args()
     if args.iters < min_iters:
         ap.error(f"--iters: expected >= {min_iters} (the median needs them)")
-    if not torch.cuda.is_available():
+    global _DEVICE
+    _DEVICE = args.device
+    if is_cpu():
+        if args.threads:
+            torch.set_num_threads(args.threads)
+    elif not torch.cuda.is_available():
         sys.exit(f"{op}_torch_peer: no CUDA device")
     return args
+
+
+def cpu_name():
+    """The processor's model name, as /proc/cpuinfo gives it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def _commit():
@@ -75,7 +151,10 @@ def run_info(*, commit=True):
     command (the command line, shell-quoted)."""
     import torch
 
-    info = dict(device=torch.cuda.get_device_name(torch.device("cuda")))
+    if is_cpu():
+        info = dict(device=cpu_name(), threads=torch.get_num_threads())
+    else:
+        info = dict(device=torch.cuda.get_device_name(torch.device("cuda")))
     if commit:
         info["commit"] = _commit()
     info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -96,6 +175,13 @@ def median_ms(step, warmup, iters, *, back_to_back=False, sync_warmup=False):
 
     for i in range(warmup):
         step(i)
+    if is_cpu():
+        times = []
+        for i in range(iters):
+            start = time.perf_counter()
+            step(i)
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     if sync_warmup:
         torch.cuda.synchronize()
     if back_to_back:
@@ -126,8 +212,8 @@ def copy_gbps(warmup, iters, **timing):
     written, of a 1 GiB copy timed by `median_ms(..., **timing)`."""
     import torch
 
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    n = 1 << (28 if is_cpu() else 30)
+    src = torch.empty(n, dtype=torch.uint8, device=device())
     dst = torch.empty_like(src)
     ms = median_ms(lambda i: dst.copy_(src), warmup, iters, **timing)
     del src, dst
@@ -141,16 +227,26 @@ def matmul_tflops(warmup, iters, dtype="bf16", n=8192, **timing):
     import torch
 
     torch_dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[dtype]
-    a = torch.randn(n, n, device="cuda", dtype=torch_dtype)
-    b = torch.randn(n, n, device="cuda", dtype=torch_dtype)
+    if is_cpu():
+        n = min(n, 1024)
+    a = torch.randn(n, n, device=device(), dtype=torch_dtype)
+    b = torch.randn(n, n, device=device(), dtype=torch_dtype)
     ms = median_ms(lambda i: torch.matmul(a, b), warmup, iters, **timing)
     del a, b
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def l2_bytes():
-    """The device's L2 size (50 MiB where torch does not say)."""
+    """The device's L2 size (50 MiB where torch does not say); on the CPU the
+    last-level cache (32 MiB where sysfs does not say)."""
     import torch
+
+    if is_cpu():
+        try:
+            with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+                return int(f.read().strip().rstrip("K")) << 10
+        except (OSError, ValueError):
+            return 32 << 20
 
     return getattr(torch.cuda.get_device_properties(torch.device("cuda")), "L2_cache_size", 50 << 20)
 

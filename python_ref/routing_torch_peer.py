@@ -66,9 +66,9 @@ def bench_case(torch, dtype, T, E, k, args, bw):
     bwd_bytes = T * E * elt + 8 * T * k + 4 * T * E
     n_buf = peer.rotations(fwd_bytes + 4 * T * E, ROTATE_BYTES, 2048)
 
-    gen = torch.Generator(device="cuda").manual_seed(T * 1009 + E * 31 + k)
-    bufs = [torch.randn(T, E, device="cuda", dtype=tdtype, generator=gen) for _ in range(n_buf)]
-    dweights = torch.randn(T, k, device="cuda", generator=gen)
+    gen = torch.Generator(device=peer.device()).manual_seed(T * 1009 + E * 31 + k)
+    bufs = [torch.randn(T, E, device=peer.device(), dtype=tdtype, generator=gen) for _ in range(n_buf)]
+    dweights = torch.randn(T, k, device=peer.device(), generator=gen)
     turn = [0]
 
     def next_buf():
@@ -113,7 +113,7 @@ def bench_case(torch, dtype, T, E, k, args, bw):
             "losses": args.losses,
         }
     del graphs, bufs
-    torch.cuda.empty_cache()
+    peer.empty_cache()
 
 
 def main():

@@ -1,4 +1,4 @@
-"""PyTorch peer for `scoring` on the GPU: the yardstick of bench/results.
+"""PyTorch peer for `scoring` on the GPU or the CPU: the yardstick of bench/results.
 
     python python_ref/scoring_torch_peer.py [--out bench/results/scoring.jsonl]
         [--B 256 1024 4096] [--H 1 2 4 8] [--D 16 32 64] [--V 10000 100000 1000000]
@@ -50,6 +50,10 @@ around each call, `--warmup` calls first, the median of `--iters` (>= 10).
 `peak_extra_bytes` is torch.cuda.max_memory_allocated during one more call
 minus what was allocated before it. Where inputs plus the materialised
 scores fit in twice the L2, calls rotate over several input sets.
+
+`--device cpu --threads N --dtype f32` times the same on the CPU (see
+peer.py; no peak memory there), the peer `benches/cpu_peers.rs` runs beside
+moerec's CPU backend.
 
 Before timing, each shape is validated on its first input set: the folded
 matmul against a per-head einsum on a few rows, and for H = 1 the two
@@ -127,7 +131,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-    device = torch.device("cuda")
+    device = peer.device()
     l2_bytes = peer.l2_bytes()
     torch_dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
     common = dict(op="scoring", backend="torch", **peer.run_info())
@@ -137,14 +141,6 @@ def main():
         peer.log(f"{common['device']}: {dtype} matmul {rates[dtype]:.1f} TFLOP/s")
     out = peer.JsonLines(args.out)
 
-    def peak_extra(step):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(0)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
     def emit(pass_, variant, dtype, shape, step, flops, includes_fwd=None):
         ms = peer.median_ms(step, args.warmup, args.iters)
         record = dict(common, **identity(pass_, variant, includes_fwd), dtype=dtype)
@@ -152,8 +148,8 @@ def main():
         record.update(
             median_ms=round(ms, 5),
             tflops=None if flops is None else round(flops / (ms * 1e-3) / 1e12, 3),
-            matmul_tflops=round(rates[dtype], 1),
-            peak_extra_bytes=int(peak_extra(step)),
+            matmul_tflops=round(rates[dtype], 4),
+            peak_extra_bytes=peer.peak_extra_bytes(step),
         )
         out.emit(record)
 
@@ -205,7 +201,7 @@ def main():
                                 continue
                             run_variant(torch, F, variant, dtype, shape, inputs, score_flops, emit)
                         del inputs
-                        torch.cuda.empty_cache()
+                        peer.empty_cache()
     out.close()
 
 

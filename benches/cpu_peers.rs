@@ -1,0 +1,395 @@
+//! moerec's CPU backend beside PyTorch on the CPU, in one run, shape by
+//! shape: each round times moerec in this process, then the op's peer
+//! (`python_ref/<op>_torch_peer.py --device cpu`, same thread count) for the
+//! same shape, so both see the same machine load; the report gives medians
+//! over the rounds, the ratio moerec / peer per round (median, min, max: the
+//! noise) and, for scoring, the ratio to a bare gemm of the same product
+//! timed in the same round.
+//!
+//! ```sh
+//! MOEREC_TORCH_PYTHON=/path/to/python-with-torch \
+//!     cargo bench --bench cpu_peers -- [scoring] [--rounds 3] [--full]
+//! ```
+//!
+//! Without `MOEREC_TORCH_PYTHON` the peer is skipped (ratios null). `--full`
+//! adds the seed models' training shapes (rows 256 x 50, V = 12,102) to the
+//! issue's reference shapes. Threads: rayon's pool (`RAYON_NUM_THREADS`),
+//! passed to torch as `--threads`. JSON lines go to stdout and are appended
+//! to `MOEREC_BENCH_OUT` (default `bench/results/cpu/cpu_peers.jsonl`), each
+//! with the processor, threads, commit, date and command.
+
+use gemm::Parallelism;
+use moerec::scoring::{self, Mixing, Scoring};
+use moerec::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::Command;
+use std::time::Instant;
+
+/// Median wall time in ms of `iters` calls after one warm-up call.
+fn median_ms(iters: usize, mut step: impl FnMut()) -> f64 {
+    step();
+    let mut times: Vec<f64> = (0..iters)
+        .map(|_| {
+            let start = Instant::now();
+            step();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// Deterministic values in [-0.5, 0.5) from a multiplicative hash.
+fn values(len: usize, salt: u64) -> Vec<f32> {
+    (0..len as u64)
+        .map(|i| {
+            let h = (i ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+            h as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|name| name.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn git(args: &[&str]) -> String {
+    Command::new("git")
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// One measured quantity: moerec's times, the peer's and the yardstick's
+/// (a bare gemm), one entry per round.
+#[derive(Default)]
+struct Series {
+    moerec: Vec<f64>,
+    peer: Vec<f64>,
+    bound: Vec<f64>,
+}
+
+/// The peer's medians for one shape: (variant, pass) -> ms.
+fn run_peer(python: &str, op: &str, args: &[String], threads: usize) -> BTreeMap<(String, String), f64> {
+    let script = format!("python_ref/{op}_torch_peer.py");
+    let output = Command::new(python)
+        .arg(&script)
+        .args(["--device", "cpu", "--threads", &threads.to_string()])
+        .args(args)
+        .output();
+    let mut medians = BTreeMap::new();
+    let output = match output {
+        Ok(output) if output.status.success() => output,
+        Ok(output) => {
+            eprintln!("{script} failed: {}", String::from_utf8_lossy(&output.stderr));
+            return medians;
+        }
+        Err(error) => {
+            eprintln!("{script}: {error}");
+            return medians;
+        }
+    };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let field = |name: &str| -> Option<&str> {
+            let start = line.find(&format!("\"{name}\": "))? + name.len() + 4;
+            let rest = &line[start..];
+            let end = rest.find([',', '}']).unwrap_or(rest.len());
+            Some(rest[..end].trim_matches('"'))
+        };
+        let pass = match (field("pass"), field("includes_fwd")) {
+            (Some("bwd"), Some("true")) => "fwdbwd",
+            (Some("bwd"), _) => "bwd",
+            (Some(pass), _) => pass,
+            _ => continue,
+        };
+        if let (Some(variant), Some(ms)) = (field("variant"), field("median_ms").and_then(|v| v.parse().ok())) {
+            medians.insert((variant.to_string(), pass.to_string()), ms);
+        }
+    }
+    medians
+}
+
+struct Context {
+    python: Option<String>,
+    threads: usize,
+    rounds: usize,
+    records: Vec<String>,
+    common: String,
+}
+
+impl Context {
+    /// Emits one record: `fields` names the op, function, pass and shape (JSON
+    /// members), `peer` and `bound` what the ratios are taken against.
+    fn record(&mut self, fields: &str, series: &Series, peer: &str, bound: &str) {
+        let ratios = |other: &[f64]| -> Option<(f64, f64, f64)> {
+            if other.len() != series.moerec.len() || other.is_empty() {
+                return None;
+            }
+            let r: Vec<f64> = series.moerec.iter().zip(other).map(|(m, o)| m / o).collect();
+            let min = r.iter().cloned().fold(f64::INFINITY, f64::min);
+            let max = r.iter().cloned().fold(0.0, f64::max);
+            Some((median(&r), min, max))
+        };
+        let json_ratio = |r: Option<(f64, f64, f64)>| match r {
+            Some((med, min, max)) => format!("{med:.3}, \"min\": {min:.3}, \"max\": {max:.3}"),
+            None => "null".into(),
+        };
+        let ms = |v: &[f64]| {
+            if v.is_empty() {
+                "null".into()
+            } else {
+                format!("{:.3}", median(v))
+            }
+        };
+        let line = format!(
+            "{{{fields}, \"backend\": \"cpu\", \"dtype\": \"f32\", \
+             \"median_ms\": {}, \"rounds_ms\": {:?}, \"peer\": \"{peer}\", \"peer_median_ms\": {}, \
+             \"ratio_to_peer\": {{\"median\": {}}}, \"bound\": \"{bound}\", \"bound_median_ms\": {}, \
+             \"ratio_to_bound\": {{\"median\": {}}}, {}}}",
+            ms(&series.moerec),
+            series
+                .moerec
+                .iter()
+                .map(|t| (t * 1000.0).round() / 1000.0)
+                .collect::<Vec<_>>(),
+            ms(&series.peer),
+            json_ratio(ratios(&series.peer)),
+            ms(&series.bound),
+            json_ratio(ratios(&series.bound)),
+            self.common
+        );
+        println!("{line}");
+        self.records.push(line);
+    }
+}
+
+/// `c = a b` for row-major `a: [m, k]` and `b` given as `bt: [n, k]`, on
+/// rayon's threads: the bare product a scoring pass is measured against.
+fn gemm_abt(m: usize, n: usize, k: usize, a: &[f32], bt: &[f32], c: &mut [f32], threads: usize) {
+    assert!(a.len() == m * k && bt.len() == n * k && c.len() == m * n);
+    // SAFETY: a is [m, k], bt [n, k], c [m, n], all row-major and checked
+    // above; c is distinct from a and bt.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            bt.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(threads),
+        )
+    }
+}
+
+fn bench_scoring(ctx: &mut Context, batch: usize, heads: usize, width: usize, items: usize) {
+    let device = Device::cpu();
+    let user = Tensor::from_vec(values(batch * heads * width, 1), &[batch, heads, width], &device).unwrap();
+    let gates = Tensor::from_vec(values(batch * heads, 2), &[batch, heads], &device).unwrap();
+    let table = Tensor::from_vec(values(heads * items * width, 3), &[heads, items, width], &device).unwrap();
+    let targets: Vec<u32> = (0..batch as u64).map(|b| ((b * 7919) % items as u64) as u32).collect();
+    let targets = Tensor::from_vec(targets, &[batch], &device).unwrap();
+    let dloss = Tensor::from_vec(vec![1.0f32; batch], &[batch], &device).unwrap();
+    let n = 100.min(items);
+    // The yardsticks: [B, H*D] x [H*D, V] (Logits, top-n), and per head
+    // [B, D] x [D, V] followed by e^x of every product (Probabilities).
+    let a = values(batch * heads * width, 4);
+    let bt = values(items * heads * width, 5);
+    let mut c = vec![0f32; batch * items];
+    let shape = format!("\"B\": {batch}, \"H\": {heads}, \"D\": {width}, \"V\": {items}");
+    let iters = if batch * items * heads * width > 2_000_000_000 {
+        3
+    } else {
+        5
+    };
+    let mut series: BTreeMap<(&str, &str), Series> = BTreeMap::new();
+    for round in 0..ctx.rounds {
+        let threads = ctx.threads;
+        let gemm_ms = median_ms(iters, || {
+            gemm_abt(batch, items, heads * width, &a, &bt, &mut c, threads)
+        });
+        let gemm_exp_ms = median_ms(iters, || {
+            for h in 0..heads {
+                let bt = &bt[h * width * items..][..width * items];
+                gemm_abt(batch, items, width, &a[..batch * width], bt, &mut c, threads);
+                let exps = |chunk: &mut [f32]| chunk.iter_mut().for_each(|x| *x = x.exp());
+                rayon::scope(|s| {
+                    for chunk in c.chunks_mut(1 << 16) {
+                        s.spawn(move |_| exps(chunk));
+                    }
+                });
+            }
+        });
+        for (name, mixing) in [
+            ("logits_ce", Mixing::Logits),
+            ("probabilities_ce", Mixing::Probabilities),
+        ] {
+            let inputs = Scoring::new(&user, &gates, &table).with_mixing(mixing);
+            let fwd = median_ms(iters, || drop(scoring::cross_entropy(&inputs, &targets, None).unwrap()));
+            let both = median_ms(iters.min(3), || {
+                let (_, saved) = scoring::cross_entropy(&inputs, &targets, None).unwrap();
+                drop(scoring::cross_entropy_backward(&inputs, &dloss, &saved).unwrap());
+            });
+            let bound = if mixing == Mixing::Logits { gemm_ms } else { gemm_exp_ms };
+            let entry = series.entry((name, "fwd")).or_default();
+            entry.moerec.push(fwd);
+            entry.bound.push(bound);
+            let entry = series.entry((name, "fwdbwd")).or_default();
+            entry.moerec.push(both);
+            entry.bound.push(3.0 * gemm_ms);
+        }
+        for (name, mixing) in [
+            ("scores_topk", Mixing::Logits),
+            ("probabilities_topk", Mixing::Probabilities),
+        ] {
+            let inputs = Scoring::new(&user, &gates, &table).with_mixing(mixing);
+            let ms = median_ms(iters, || drop(scoring::topk(&inputs, n, None).unwrap()));
+            let entry = series.entry((name, "fwd")).or_default();
+            entry.moerec.push(ms);
+            entry
+                .bound
+                .push(if mixing == Mixing::Logits { gemm_ms } else { gemm_exp_ms });
+        }
+        if let Some(python) = ctx.python.clone() {
+            let args: Vec<String> = [
+                "--dtype",
+                "f32",
+                "--iters",
+                "10",
+                "--warmup",
+                "1",
+                "--max-materialised",
+                "3e9",
+                "--variant",
+                "logits_ce",
+                "probabilities_ce",
+                "scores_topk",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(
+                ["--B", "--H", "--D", "--V"]
+                    .iter()
+                    .zip([batch, heads, width, items])
+                    .flat_map(|(flag, v)| [flag.to_string(), v.to_string()]),
+            )
+            .collect();
+            let peer = run_peer(&python, "scoring", &args, ctx.threads);
+            for ((name, pass), entry) in series.iter_mut() {
+                if let Some(&ms) = peer.get(&(name.to_string(), pass.to_string())) {
+                    entry.peer.push(ms);
+                }
+            }
+        }
+        eprintln!("scoring {shape}: round {} of {} done", round + 1, ctx.rounds);
+    }
+    for ((name, pass), s) in &series {
+        let (function, bound) = match *name {
+            "logits_ce" | "probabilities_ce" if *pass == "fwdbwd" => ("cross_entropy", "3 x gemm [B, H*D] x [H*D, V]"),
+            "logits_ce" => ("cross_entropy", "gemm [B, H*D] x [H*D, V]"),
+            "probabilities_ce" => ("cross_entropy", "H x gemm [B, D] x [D, V] + e^x of each product"),
+            "scores_topk" => ("topk", "gemm [B, H*D] x [H*D, V]"),
+            _ => ("topk", "H x gemm [B, D] x [D, V] + e^x of each product"),
+        };
+        let mixing = if name.starts_with("prob") {
+            "probabilities"
+        } else {
+            "logits"
+        };
+        let fields = format!(
+            "\"op\": \"scoring\", \"function\": \"{function}\", \"mixing\": \"{mixing}\", \"pass\": \"{pass}\", {shape}"
+        );
+        ctx.record(&fields, s, &format!("torch {name}"), bound);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| args.iter().position(|a| a == name);
+    let rounds = flag("--rounds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let full = flag("--full").is_some();
+    let ops: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| ["scoring"].contains(a))
+        .collect();
+    let threads = rayon::current_num_threads();
+    let command = format!("cargo bench --bench cpu_peers -- {}", args.join(" "));
+    let common = format!(
+        "\"device\": \"{}\", \"threads\": {threads}, \"commit\": \"{}\", \"date\": \"{}\", \"command\": \"{}\"",
+        cpu_name(),
+        git(&["rev-parse", "--short", "HEAD"]),
+        Command::new("date")
+            .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default(),
+        command.trim()
+    );
+    let python = std::env::var("MOEREC_TORCH_PYTHON").ok();
+    if python.is_none() {
+        eprintln!("note: MOEREC_TORCH_PYTHON not set; the PyTorch peer is skipped");
+    }
+    let mut ctx = Context {
+        python,
+        threads,
+        rounds,
+        records: Vec::new(),
+        common,
+    };
+    if ops.is_empty() || ops.contains(&"scoring") {
+        for heads in [1, 4] {
+            bench_scoring(&mut ctx, 256, heads, 64, 100_000);
+        }
+        if full {
+            for heads in [1, 4] {
+                bench_scoring(&mut ctx, 256 * 50, heads, 64, 12_102);
+            }
+        }
+    }
+    let out = std::env::var("MOEREC_BENCH_OUT").unwrap_or_else(|_| "bench/results/cpu/cpu_peers.jsonl".into());
+    if let Some(dir) = std::path::Path::new(&out).parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&out)
+        .unwrap();
+    for line in &ctx.records {
+        writeln!(file, "{line}").unwrap();
+    }
+}
