@@ -6,8 +6,13 @@ use crate::error::{Error, Result};
 use crate::grouping::cpu::group_by_key;
 use crate::ops::check_len;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// The lowest position whose id is neither the padding nor below `num_rows`.
+/// Unique rows per task of the backward: enough to amortise a task, few
+/// enough to spread a batch over the cores.
+const ROWS_PER_TASK: usize = 256;
+
 fn first_bad_id(ids: &[u32], padding: Option<u32>, num_rows: usize) -> Option<usize> {
     ids.iter()
         .position(|&id| Some(id) != padding && id as usize >= num_rows)
@@ -69,17 +74,39 @@ pub fn backward(dy: &[f32], ids: &[u32], padding: Option<u32>, shape: TableShape
         .collect();
     let groups = group_by_key(&keys, num_rows as u64 + 1, Some(sentinel));
     let unique = groups.keys.len();
-    let mut values = vec![0f32; heads * unique * width];
-    values.par_chunks_mut(width).enumerate().for_each(|(hu, row)| {
-        let (h, u) = (hu / unique, hu % unique);
-        let tokens = &groups.order[groups.starts[u] as usize..groups.starts[u + 1] as usize];
-        for &t in tokens {
-            let start = (t as usize * heads + h) * width;
-            for (acc, &g) in row.iter_mut().zip(&dy[start..start + width]) {
-                *acc += g;
+    let len = heads * unique * width;
+    // Written once per element from a row accumulator, never zeroed first: a
+    // zeroed buffer of this size costs a read fault and a copy-on-write
+    // fault per page, which dominated the backward.
+    let mut values: Vec<f32> = Vec::with_capacity(len);
+    // Blocks of unique rows in parallel, each with its rows of every head:
+    // a token's gradient `[H, D]` is read once, in one piece.
+    let mut blocks: Vec<Vec<&mut [MaybeUninit<f32>]>> =
+        (0..unique.div_ceil(ROWS_PER_TASK)).map(|_| Vec::new()).collect();
+    for head in values.spare_capacity_mut()[..len].chunks_mut((unique * width).max(1)) {
+        for (block, rows) in blocks.iter_mut().zip(head.chunks_mut(ROWS_PER_TASK * width)) {
+            block.push(rows);
+        }
+    }
+    blocks.into_par_iter().enumerate().for_each(|(block, mut heads_rows)| {
+        let first = block * ROWS_PER_TASK;
+        let mut sum = vec![0f32; heads * width];
+        for (i, u) in (first..unique.min(first + ROWS_PER_TASK)).enumerate() {
+            sum.fill(0.0);
+            for &t in &groups.order[groups.starts[u] as usize..groups.starts[u + 1] as usize] {
+                let token = &dy[t as usize * heads * width..][..heads * width];
+                sum.iter_mut().zip(token).for_each(|(acc, &g)| *acc += g);
+            }
+            for (rows, sum) in heads_rows.iter_mut().zip(sum.chunks_exact(width)) {
+                for (out, &v) in rows[i * width..(i + 1) * width].iter_mut().zip(sum) {
+                    out.write(v);
+                }
             }
         }
     });
+    // SAFETY: the blocks cover rows 0..unique of every head, each element of
+    // the first `len` written exactly once above.
+    unsafe { values.set_len(len) };
     Ok((groups.keys, values))
 }
 
