@@ -8,12 +8,13 @@
 //!
 //! ```sh
 //! MOEREC_TORCH_PYTHON=/path/to/python-with-torch \
-//!     cargo bench --bench cpu_peers -- [scoring] [--rounds 3] [--full]
+//!     cargo bench --bench cpu_peers -- [scoring] [scoring-train] [--rounds 3] [--full]
 //! ```
 //!
-//! Without `MOEREC_TORCH_PYTHON` the peer is skipped (ratios null). `--full`
-//! adds the seed models' training shapes (rows 256 x 50, V = 12,102) to the
-//! issue's reference shapes. Threads: rayon's pool (`RAYON_NUM_THREADS`),
+//! Without `MOEREC_TORCH_PYTHON` the peer is skipped (ratios null).
+//! `scoring`: B = 256, H in {1, 4}, D = 64, V = 10^5; `scoring-train` (or
+//! `--full`): the seed models' training shapes, rows 256 x 50, H in {1, 4},
+//! D = 64, V = 12,102. The peer runs with `OMP_WAIT_POLICY=PASSIVE`. Threads: rayon's pool (`RAYON_NUM_THREADS`),
 //! passed to torch as `--threads`. JSON lines go to stdout and are appended
 //! to `MOEREC_BENCH_OUT` (default `bench/results/cpu/cpu_peers.jsonl`), each
 //! with the processor, threads, commit, date and command.
@@ -93,6 +94,9 @@ fn run_peer(python: &str, op: &str, args: &[String], threads: usize) -> BTreeMap
     let output = Command::new(python)
         .arg(&script)
         .args(["--device", "cpu", "--threads", &threads.to_string()])
+        // OpenMP workers that spin while waiting steal the cores from each
+        // other on a shared machine; rayon's park.
+        .env("OMP_WAIT_POLICY", "PASSIVE")
         .args(args)
         .output();
     let mut medians = BTreeMap::new();
@@ -374,10 +378,10 @@ fn main() {
         for heads in [1, 4] {
             bench_scoring(&mut ctx, 256, heads, 64, 100_000);
         }
-        if full {
-            for heads in [1, 4] {
-                bench_scoring(&mut ctx, 256 * 50, heads, 64, 12_102);
-            }
+    }
+    if full || ops.contains(&"scoring-train") {
+        for heads in [1, 4] {
+            bench_scoring(&mut ctx, 256 * 50, heads, 64, 12_102);
         }
     }
     let out = std::env::var("MOEREC_BENCH_OUT").unwrap_or_else(|_| "bench/results/cpu/cpu_peers.jsonl".into());
