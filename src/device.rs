@@ -2,14 +2,18 @@
 
 use crate::cuda::{self, CudaDevice};
 use crate::error::{Error, Result};
+use cudarc::driver::CudaStream;
 use std::fmt;
 use std::sync::Arc;
 
 /// Environment variable that forces the device: `cpu`, `cuda` or `cuda:N`.
 pub const DEVICE_ENV: &str = "MOEREC_DEVICE";
 
-/// Where a tensor lives and an op runs. Cheap to clone; CUDA devices are
-/// shared process-wide (one context and stream per ordinal).
+/// Where a tensor lives and an op runs. Cheap to clone; moerec's own CUDA
+/// devices are shared process-wide (one context and stream per ordinal).
+/// Two CUDA devices are equal when they queue on the same stream of the same
+/// context: only then are their tensors ordered with each other, so an op
+/// refuses operands of different streams with `DeviceMismatch`.
 #[derive(Clone)]
 pub enum Device {
     /// The host, with rayon across cores.
@@ -28,6 +32,14 @@ impl Device {
     /// device, or the kernels were not compiled into this build.
     pub fn cuda(ordinal: usize) -> Result<Device> {
         CudaDevice::open(ordinal).map(Device::Cuda)
+    }
+
+    /// A device on a caller's cudarc stream and its context, e.g. candle's
+    /// (`candle_core::CudaDevice::cuda_stream()`): the op API queues every
+    /// op on that stream, in order with the caller's work
+    /// ([`CudaDevice::from_stream`]).
+    pub fn from_cuda_stream(stream: Arc<CudaStream>) -> Result<Device> {
+        CudaDevice::from_stream(stream).map(Device::Cuda)
     }
 
     /// The device `MOEREC_DEVICE` names, else the first usable CUDA device,
@@ -87,7 +99,7 @@ impl PartialEq for Device {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (Device::Cpu, Device::Cpu) => true,
-            (Device::Cuda(a), Device::Cuda(b)) => a.ordinal() == b.ordinal(),
+            (Device::Cuda(a), Device::Cuda(b)) => a.same_stream(b),
             _ => false,
         }
     }
@@ -97,6 +109,13 @@ impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(device) if device.is_borrowed() => write!(
+                f,
+                "cuda:{} ({}, stream {:?})",
+                device.ordinal(),
+                device.name(),
+                device.stream().cu_stream()
+            ),
             Device::Cuda(device) => write!(f, "cuda:{} ({})", device.ordinal(), device.name()),
         }
     }

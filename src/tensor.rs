@@ -5,14 +5,15 @@ use crate::device::Device;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::tensor_ref::{MutData, RefData, TensorMut, TensorRef};
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use std::sync::Arc;
 
 /// A row-major, contiguous array of `T` on the CPU or a CUDA device.
 ///
-/// CUDA tensors are written in order on their device's stream
-/// ([`CudaDevice::stream`]); a caller that uses the buffer on another stream
-/// must make that stream wait for this one first.
+/// CUDA tensors are allocated, written and freed in order on their device's
+/// stream ([`CudaDevice::stream`]); a caller that uses the buffer on another
+/// stream must make that stream wait for this one first (cudarc does it by
+/// itself on a context that tracks events).
 pub struct Tensor<T: Element> {
     shape: Vec<usize>,
     storage: Storage<T>,
@@ -76,7 +77,7 @@ impl<T: Element> Tensor<T> {
         let storage = match device {
             Device::Cpu => Storage::Cpu(data),
             Device::Cuda(cuda) => Storage::Cuda {
-                data: upload(cuda, &data)?,
+                data: upload(cuda.stream(), &data)?,
                 device: cuda.clone(),
             },
         };
@@ -98,7 +99,7 @@ impl<T: Element> Tensor<T> {
         let storage = match device {
             Device::Cpu => Storage::Cpu(host_filled("shape", T::default(), count)?),
             Device::Cuda(cuda) => Storage::Cuda {
-                data: alloc_zeros(cuda, count)?,
+                data: alloc_zeros(cuda.stream(), count)?,
                 device: cuda.clone(),
             },
         };
@@ -129,7 +130,7 @@ impl<T: Element> Tensor<T> {
 
     /// A copy of a device view on `device`.
     pub(crate) fn copy_of_view(data: &CudaView<'_, T>, shape: &[usize], device: &Arc<CudaDevice>) -> Result<Self> {
-        let mut copy = alloc_uninit::<T>(device, data.len())?;
+        let mut copy = alloc_uninit::<T>(device.stream(), data.len())?;
         if !data.is_empty() {
             device
                 .stream()
@@ -256,7 +257,15 @@ impl<T: Element> Tensor<T> {
     pub fn to_device(&self, device: &Device) -> Result<Tensor<T>> {
         match (&self.storage, device) {
             (Storage::Cpu(data), _) => Tensor::from_slice(data, &self.shape, device),
-            (Storage::Cuda { data, .. }, Device::Cuda(target)) => {
+            (Storage::Cuda { data, device: source }, Device::Cuda(target)) => {
+                if !source.same_stream(target) {
+                    // The copy on the target's stream reads what the source's
+                    // stream wrote.
+                    target
+                        .stream()
+                        .join(source.stream())
+                        .map_err(driver_error("cuStreamWaitEvent"))?;
+                }
                 Tensor::copy_of_view(&data.as_view(), &self.shape, target)
             }
             (Storage::Cuda { .. }, Device::Cpu) => Tensor::from_vec(self.to_vec()?, &self.shape, device),
@@ -366,11 +375,11 @@ fn not_on(expected: &str, actual: &Device) -> Error {
     }
 }
 
-/// Uninitialised device memory for `len` elements. Never asks the driver for
-/// zero bytes, which some drivers refuse: an empty buffer is backed by one
-/// element it does not expose.
-pub(crate) fn alloc_uninit<T: Element>(device: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
-    let stream = device.stream();
+/// Uninitialised device memory for `len` elements, allocated in order on
+/// `stream` (and freed on it when dropped): the stream the op that uses it
+/// runs on. Never asks the driver for zero bytes, which some drivers refuse:
+/// an empty buffer is backed by one element it does not expose.
+pub(crate) fn alloc_uninit<T: Element>(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<T>> {
     // SAFETY: every caller overwrites all `len` elements (a copy or a kernel
     // that writes each one) before the buffer is read.
     let slice = unsafe { stream.alloc::<T>(len.max(1)) }.map_err(driver_error("cuMemAllocAsync"))?;
@@ -383,24 +392,22 @@ pub(crate) fn alloc_uninit<T: Element>(device: &CudaDevice, len: usize) -> Resul
     Ok(unsafe { stream.upgrade_device_ptr(pointer, 0) })
 }
 
-/// Zeroed device memory for `len` elements.
-pub(crate) fn alloc_zeros<T: Element>(device: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
-    let mut slice = alloc_uninit::<T>(device, len)?;
+/// Zeroed device memory for `len` elements, zeroed in order on `stream`.
+pub(crate) fn alloc_zeros<T: Element>(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<T>> {
+    let mut slice = alloc_uninit::<T>(stream, len)?;
     if len > 0 {
-        device
-            .stream()
+        stream
             .memset_zeros(&mut slice)
             .map_err(driver_error("cuMemsetD8Async"))?;
     }
     Ok(slice)
 }
 
-/// A device copy of host data.
-pub(crate) fn upload<T: Element>(device: &CudaDevice, data: &[T]) -> Result<CudaSlice<T>> {
-    let mut slice = alloc_uninit::<T>(device, data.len())?;
+/// A device copy of host data, copied in order on `stream`.
+pub(crate) fn upload<T: Element>(stream: &Arc<CudaStream>, data: &[T]) -> Result<CudaSlice<T>> {
+    let mut slice = alloc_uninit::<T>(stream, data.len())?;
     if !data.is_empty() {
-        device
-            .stream()
+        stream
             .memcpy_htod(data, &mut slice)
             .map_err(driver_error("cuMemcpyHtoDAsync"))?;
     }

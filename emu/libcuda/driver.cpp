@@ -5,7 +5,10 @@
 //     256-byte aligned, NaN-filled (0xff bytes), ending as close to a
 //     PROT_NONE guard page as the alignment allows; the bytes between the
 //     end and the guard page are a canary checked after every launch.
-//   - Streams are synchronous: every call has finished when it returns.
+//   - Streams are asynchronous (streams.h): queued work runs when something
+//     waits for it, so a missing wait between streams shows; a free queued
+//     while another stream's pending work, unordered with it, uses the
+//     buffer is an error.
 //   - cuModuleLoadData takes the PTX build.rs embedded, reads its .entry
 //     names and parameter sizes, and binds it to the emulated module (one per
 //     kernels/*.cu, registered by the generated translation units) with
@@ -34,8 +37,10 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <array>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
@@ -43,6 +48,7 @@
 
 #include "kernel.h"
 #include "ptx.h"
+#include "streams.h"
 
 #define EMU_API extern "C" __attribute__((visibility("default")))
 
@@ -137,6 +143,7 @@ struct Allocation {
   size_t size;    // requested
   char* canary;   // [data + size, guard page)
   size_t canary_bytes;
+  bool free_queued = false;  // cuMemFreeAsync queued, not yet run
 };
 constexpr unsigned char kCanary = 0xcb;
 std::map<CUdeviceptr, Allocation>& allocations() {
@@ -159,7 +166,7 @@ CUdeviceptr allocate(size_t size) {
   std::memset(data, 0xff, size);  // uninitialised device memory reads as NaN / 0xffffffff
   std::memset(data + size, kCanary, guard - (data + size));
   const CUdeviceptr pointer = reinterpret_cast<CUdeviceptr>(data);
-  allocations()[pointer] = Allocation{base, length, size, data + size, static_cast<size_t>(guard - (data + size))};
+  allocations()[pointer] = Allocation{base, length, size, data + size, static_cast<size_t>(guard - (data + size)), false};
   return pointer;
 }
 
@@ -228,8 +235,43 @@ void install_fault_handler() {
 }
 
 // ------------------------------------------------------------ handles
-int context_token, stream_token, event_token;
+int context_token;
 bool initialised = false;
+
+using emu::libcuda::Event;
+using emu::libcuda::Op;
+using emu::libcuda::Stream;
+
+// The null (legacy) and per-thread default streams: one stream here. Work on
+// it is not ordered with cudarc's non-blocking streams, as on a driver.
+Stream* stream_of(void* handle) {
+  const uintptr_t h = reinterpret_cast<uintptr_t>(handle);
+  if (h <= 2) {
+    static Stream* default_stream = emu::libcuda::new_stream();
+    return default_stream;
+  }
+  return static_cast<Stream*>(handle);
+}
+
+// The allocation holding device address `p`, if any.
+std::map<CUdeviceptr, Allocation>::iterator allocation_at(CUdeviceptr p) {
+  auto it = allocations().upper_bound(p);
+  if (it == allocations().begin()) return allocations().end();
+  --it;
+  return p < it->first + (it->second.size == 0 ? 1 : it->second.size) ? it : allocations().end();
+}
+
+// Queues `op` on `stream`, refusing work on a buffer whose free is queued.
+void enqueue(Stream* stream, Op op) {
+  for (uintptr_t buffer : op.buffers) {
+    auto it = allocations().find(buffer);
+    if (it != allocations().end() && it->second.free_queued) {
+      die("%s uses the device buffer at 0x%llx after cuMemFreeAsync queued its free", op.what.c_str(),
+          static_cast<CUdeviceptr>(buffer));
+    }
+  }
+  stream->enqueue(std::move(op));
+}
 
 bool readable(const void* p, size_t n) {
   char buffer[64];
@@ -279,6 +321,22 @@ void check_params(const emu::libcuda::Kernel& k, void** params) {
           k.name, i, params[i], n);
     }
   }
+}
+
+// The device buffers a launch's parameters point into: every 8-byte word of
+// every parameter (pointers, and pointers inside parameter structs) that
+// lies inside a live allocation.
+std::vector<uintptr_t> buffers_in(const std::vector<std::vector<char>>& values) {
+  std::vector<uintptr_t> buffers;
+  for (const auto& v : values) {
+    for (size_t at = 0; at + 8 <= v.size(); at += 8) {
+      CUdeviceptr word;
+      std::memcpy(&word, v.data() + at, 8);
+      auto it = allocation_at(word);
+      if (it != allocations().end()) buffers.push_back(static_cast<uintptr_t>(it->first));
+    }
+  }
+  return buffers;
 }
 
 }  // namespace
@@ -358,27 +416,62 @@ EMU_API CUresult cuCtxPopCurrent_v2(void** context) {
   if (context) *context = &context_token;
   return OK;
 }
-EMU_API CUresult cuCtxSynchronize() { return OK; }
+EMU_API CUresult cuCtxSynchronize() {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  emu::libcuda::run_all_streams();
+  return OK;
+}
 EMU_API CUresult cuCtxGetDevice(int* device) {
   *device = 0;
   return OK;
 }
 EMU_API CUresult cuStreamCreate(void** stream, unsigned) {
-  *stream = &stream_token;
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  *stream = emu::libcuda::new_stream();
   return OK;
 }
-EMU_API CUresult cuStreamDestroy_v2(void*) { return OK; }
-EMU_API CUresult cuStreamSynchronize(void*) { return OK; }
-EMU_API CUresult cuStreamQuery(void*) { return OK; }
-EMU_API CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
+// A destroyed stream's queued work still runs, as on a driver.
+EMU_API CUresult cuStreamDestroy_v2(void* stream) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  stream_of(stream)->run_all();
+  return OK;
+}
+EMU_API CUresult cuStreamSynchronize(void* stream) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  stream_of(stream)->run_all();
+  return OK;
+}
+// The emulated device runs a stream's work when asked whether it has.
+EMU_API CUresult cuStreamQuery(void* stream) { return cuStreamSynchronize(stream); }
+EMU_API CUresult cuStreamWaitEvent(void* stream, void* event, unsigned) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  const Event* e = static_cast<Event*>(event);
+  // An event never recorded is complete; a later record does not change
+  // what this wait waits for.
+  if (e->stream != nullptr) stream_of(stream)->enqueue(Op{"cuStreamWaitEvent", {}, {}, e->stream, e->upto});
+  return OK;
+}
 EMU_API CUresult cuEventCreate(void** event, unsigned) {
-  *event = &event_token;
+  *event = new Event();
   return OK;
 }
-EMU_API CUresult cuEventRecord(void*, void*) { return OK; }
-EMU_API CUresult cuEventDestroy_v2(void*) { return OK; }
-EMU_API CUresult cuEventSynchronize(void*) { return OK; }
-EMU_API CUresult cuEventQuery(void*) { return OK; }
+EMU_API CUresult cuEventRecord(void* event, void* stream) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  Stream* s = stream_of(stream);
+  *static_cast<Event*>(event) = Event{s, s->queued};
+  return OK;
+}
+EMU_API CUresult cuEventDestroy_v2(void* event) {
+  delete static_cast<Event*>(event);
+  return OK;
+}
+EMU_API CUresult cuEventSynchronize(void* event) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  const Event* e = static_cast<Event*>(event);
+  if (e->stream != nullptr) e->stream->run_until(e->upto);
+  return OK;
+}
+EMU_API CUresult cuEventQuery(void* event) { return cuEventSynchronize(event); }
 EMU_API CUresult cuEventElapsedTime(float* ms, void*, void*) {
   *ms = 0.0f;
   return OK;
@@ -398,11 +491,32 @@ EMU_API CUresult cuMemAlloc_v2(CUdeviceptr* pointer, size_t size) {
   return *pointer ? OK : ERR_OUT_OF_MEMORY;
 }
 EMU_API CUresult cuMemAllocAsync(CUdeviceptr* pointer, size_t size, void*) { return cuMemAlloc_v2(pointer, size); }
+// cuMemFree waits for the whole device first, as the driver does.
 EMU_API CUresult cuMemFree_v2(CUdeviceptr pointer) {
   std::lock_guard<std::recursive_mutex> guard(lock());
+  emu::libcuda::run_all_streams();
   return release(pointer);
 }
-EMU_API CUresult cuMemFreeAsync(CUdeviceptr pointer, void*) { return cuMemFree_v2(pointer); }
+// The free runs in the order of `stream`; the memory may be reused from
+// then on, so work that another stream queued on it and that nothing orders
+// before the free is a use after free.
+EMU_API CUresult cuMemFreeAsync(CUdeviceptr pointer, void* stream) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  auto it = allocations().find(pointer);
+  if (it == allocations().end() || it->second.free_queued) {
+    die("cuMemFreeAsync of 0x%llx, which cuMemAlloc did not return (or freed already)", pointer);
+  }
+  Stream* s = stream_of(stream);
+  const std::string racing = emu::libcuda::unordered_use(s, static_cast<uintptr_t>(pointer));
+  if (!racing.empty()) {
+    die("cuMemFreeAsync of the %zu-byte device buffer at 0x%llx on one stream while %s, queued on another stream "
+        "and not ordered before the free (no event wait), still uses it",
+        it->second.size, pointer, racing.c_str());
+  }
+  enqueue(s, Op{"cuMemFreeAsync", {static_cast<uintptr_t>(pointer)}, [pointer] { release(pointer); }});
+  it->second.free_queued = true;
+  return OK;
+}
 EMU_API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
   *free_bytes = 64ull << 30;
   *total = 80ull << 30;
@@ -410,15 +524,24 @@ EMU_API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 }
 
 namespace {
-// A copy touches device memory only inside one live allocation.
-void check_range(const char* call, CUdeviceptr p, size_t n) {
-  if (n == 0) return;
+// A copy touches device memory only inside one live allocation; returns
+// that allocation's base (none for an empty copy).
+std::vector<uintptr_t> check_range(const char* call, CUdeviceptr p, size_t n) {
+  if (n == 0) return {};
   auto it = allocations().upper_bound(p);
   if (it == allocations().begin()) die("%s: 0x%llx is not device memory", call, p);
   --it;
   if (p < it->first || p + n > it->first + it->second.size) {
     die("%s: %zu bytes at 0x%llx leave the %zu-byte device buffer at 0x%llx", call, n, p, it->second.size, it->first);
   }
+  return {static_cast<uintptr_t>(it->first)};
+}
+
+// Queues a copy or memset of device memory (`run` does it) on `stream`.
+CUresult enqueue_memory(const char* call, void* stream, std::vector<uintptr_t> buffers, std::function<void()> run) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  enqueue(stream_of(stream), Op{call, std::move(buffers), std::move(run)});
+  return OK;
 }
 }  // namespace
 
@@ -428,8 +551,13 @@ EMU_API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
   std::memcpy(reinterpret_cast<void*>(dst), src, n);
   return OK;
 }
-EMU_API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) {
-  return cuMemcpyHtoD_v2(dst, src, n);
+// From pageable memory: the source is read when the copy is queued.
+EMU_API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* stream) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  auto buffers = check_range("cuMemcpyHtoDAsync", dst, n);
+  auto data = std::make_shared<std::vector<char>>(static_cast<const char*>(src), static_cast<const char*>(src) + n);
+  return enqueue_memory("cuMemcpyHtoDAsync", stream, std::move(buffers),
+                        [dst, data] { std::memcpy(reinterpret_cast<void*>(dst), data->data(), data->size()); });
 }
 EMU_API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
   std::lock_guard<std::recursive_mutex> guard(lock());
@@ -437,7 +565,10 @@ EMU_API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
   std::memcpy(dst, reinterpret_cast<const void*>(src), n);
   return OK;
 }
-EMU_API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
+// To pageable memory: returns once the copy, in stream order, is done.
+EMU_API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* stream) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  stream_of(stream)->run_all();
   return cuMemcpyDtoH_v2(dst, src, n);
 }
 EMU_API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
@@ -447,8 +578,13 @@ EMU_API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
   std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
   return OK;
 }
-EMU_API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) {
-  return cuMemcpyDtoD_v2(dst, src, n);
+EMU_API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void* stream) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  auto buffers = check_range("cuMemcpyDtoDAsync (destination)", dst, n);
+  for (uintptr_t b : check_range("cuMemcpyDtoDAsync (source)", src, n)) buffers.push_back(b);
+  return enqueue_memory("cuMemcpyDtoDAsync", stream, std::move(buffers), [dst, src, n] {
+    std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
+  });
 }
 EMU_API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) {
   std::lock_guard<std::recursive_mutex> guard(lock());
@@ -456,8 +592,10 @@ EMU_API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) {
   std::memset(reinterpret_cast<void*>(dst), value, n);
   return OK;
 }
-EMU_API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, void*) {
-  return cuMemsetD8_v2(dst, value, n);
+EMU_API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, void* stream) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  return enqueue_memory("cuMemsetD8Async", stream, check_range("cuMemsetD8Async", dst, n),
+                        [dst, value, n] { std::memset(reinterpret_cast<void*>(dst), value, n); });
 }
 EMU_API CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned value, size_t n) {
   std::lock_guard<std::recursive_mutex> guard(lock());
@@ -465,8 +603,11 @@ EMU_API CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned value, size_t n) {
   for (size_t i = 0; i < n; ++i) std::memcpy(reinterpret_cast<char*>(dst) + 4 * i, &value, 4);
   return OK;
 }
-EMU_API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned value, size_t n, void*) {
-  return cuMemsetD32_v2(dst, value, n);
+EMU_API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned value, size_t n, void* stream) {
+  std::lock_guard<std::recursive_mutex> guard(lock());
+  return enqueue_memory("cuMemsetD32Async", stream, check_range("cuMemsetD32Async", dst, n * 4), [dst, value, n] {
+    for (size_t i = 0; i < n; ++i) std::memcpy(reinterpret_cast<char*>(dst) + 4 * i, &value, 4);
+  });
 }
 
 EMU_API CUresult cuModuleLoadData(void** module, const void* image) {
@@ -557,7 +698,7 @@ EMU_API CUresult cuFuncSetAttribute(void* function, int attribute, int value) {
 }
 
 EMU_API CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                                unsigned bz, unsigned shared, void*, void** params, void** extra) {
+                                unsigned bz, unsigned shared, void* stream, void** params, void** extra) {
   std::lock_guard<std::recursive_mutex> guard(lock());
   const auto& f = *static_cast<Function*>(function);
   const auto& k = *f.kernel;
@@ -573,15 +714,29 @@ EMU_API CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsign
     return ERR_INVALID_VALUE;
   }
   check_params(k, params);
-  install_fault_handler();
-  launching = k.name;
-  if (std::getenv("EMU_TRACE")) {
-    std::fprintf(stderr, "emu: %s grid (%u,%u,%u) block (%u,%u,%u) shared %u\n", k.name, gx, gy, gz, bx, by, bz,
-                 shared);
+  // The parameters are read now, as the driver does; the kernel runs in
+  // stream order.
+  auto values = std::make_shared<std::vector<std::vector<char>>>();
+  for (size_t i = 0; i < k.param_bytes.size(); ++i) {
+    const char* p = static_cast<const char*>(params[i]);
+    values->emplace_back(p, p + k.param_bytes[i]);
   }
-  const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
-  k.launch(k, grid, block, shared, params);
-  check_canaries(k.name);
-  launching = "";
+  std::array<unsigned, 3> grid{gx, gy, gz}, block{bx, by, bz};
+  enqueue(stream_of(stream), Op{k.name, buffers_in(*values), [&k, grid, block, shared, values] {
+                                  install_fault_handler();
+                                  launching = k.name;
+                                  if (std::getenv("EMU_TRACE")) {
+                                    std::fprintf(stderr, "emu: %s grid (%u,%u,%u) block (%u,%u,%u) shared %u\n",
+                                                 k.name, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                                                 shared);
+                                  }
+                                  std::vector<void*> slots;
+                                  for (auto& v : *values) slots.push_back(v.data());
+                                  const unsigned g[3] = {grid[0], grid[1], grid[2]};
+                                  const unsigned b[3] = {block[0], block[1], block[2]};
+                                  k.launch(k, g, b, shared, slots.data());
+                                  check_canaries(k.name);
+                                  launching = "";
+                                }});
   return OK;
 }

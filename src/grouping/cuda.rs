@@ -40,10 +40,10 @@ pub(crate) fn group_by_key(
 ) -> Result<DeviceGroups> {
     let n = u32::try_from(keys.len()).map_err(|_| Error::invalid("keys", "more than 2^32 - 1 entries"))?;
     let (sorted_keys, order) = stable_sort_by_key(device, stream, keys, key_bound)?;
-    let mut heads = alloc_uninit::<u32>(device, n as usize)?;
-    let mut group_keys = alloc_uninit::<u32>(device, n as usize)?;
-    let mut starts = alloc_uninit::<u32>(device, n as usize + 1)?;
-    let mut count = alloc_uninit::<u32>(device, 1)?;
+    let mut heads = alloc_uninit::<u32>(stream, n as usize)?;
+    let mut group_keys = alloc_uninit::<u32>(stream, n as usize)?;
+    let mut starts = alloc_uninit::<u32>(stream, n as usize + 1)?;
+    let mut count = alloc_uninit::<u32>(stream, 1)?;
     // No key can equal u32::MAX when there is no sentinel: keys < key_bound <= 2^32.
     let sentinel = sentinel.unwrap_or(u32::MAX);
 
@@ -98,11 +98,11 @@ fn stable_sort_by_key(
     let n = keys.len() as u32;
     let tiles_config = tiled_config(u64::from(n), TILE)?;
     let tiles = u64::from(tiles_config.grid_dim.0);
-    let mut sorted = alloc_uninit::<u32>(device, n as usize)?;
-    let mut order = alloc_uninit::<u32>(device, n as usize)?;
-    let mut sorted_next = alloc_uninit::<u32>(device, n as usize)?;
-    let mut order_next = alloc_uninit::<u32>(device, n as usize)?;
-    let mut hist = alloc_uninit::<u32>(device, (BINS * tiles) as usize)?;
+    let mut sorted = alloc_uninit::<u32>(stream, n as usize)?;
+    let mut order = alloc_uninit::<u32>(stream, n as usize)?;
+    let mut sorted_next = alloc_uninit::<u32>(stream, n as usize)?;
+    let mut order_next = alloc_uninit::<u32>(stream, n as usize)?;
+    let mut hist = alloc_uninit::<u32>(stream, (BINS * tiles) as usize)?;
 
     if n > 0 {
         stream
@@ -154,7 +154,7 @@ pub(crate) fn scan_exclusive(device: &CudaDevice, stream: &Arc<CudaStream>, data
         return Ok(());
     }
     let config = tiled_config(u64::from(n), TILE)?;
-    let mut totals = alloc_uninit::<u32>(device, config.grid_dim.0 as usize)?;
+    let mut totals = alloc_uninit::<u32>(stream, config.grid_dim.0 as usize)?;
     let tiles_kernel = device.function(MODULE, "scan_exclusive_tiles")?;
     let mut launch = stream.launch_builder(&tiles_kernel);
     launch.arg(&mut *data).arg(&n).arg(&mut totals);

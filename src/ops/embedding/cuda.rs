@@ -106,7 +106,7 @@ pub fn backward_group(
     check_len("status", status.len(), 1)?;
     let num_tokens = u32_arg("ids length", ids.len())?;
     let num_rows = u32_arg("num_rows", shape.num_rows)?;
-    let mut keys = crate::tensor::alloc_uninit::<u32>(device, ids.len())?;
+    let mut keys = crate::tensor::alloc_uninit::<u32>(stream, ids.len())?;
     let padding = padding_arg(padding);
     let function = device.function(MODULE, "embedding_backward_keys")?;
     let mut launch = stream.launch_builder(&function);

@@ -314,7 +314,7 @@ pub fn forward<'t, 'i, T: FloatElement>(
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
-            let mut out = alloc_uninit::<T>(cuda_device, out_len)?;
+            let mut out = alloc_uninit::<T>(stream, out_len)?;
             let mut status = cuda_device.new_status(stream)?;
             let id_slice = ids.cuda_view()?;
             cuda::forward(
@@ -409,13 +409,13 @@ pub fn backward<'d>(dy: impl Into<TensorRef<'d, f32>>, saved: &Saved) -> Result<
                 return Err(id_error(stream, &ids.as_view(), position, shape.num_rows)?);
             }
             let unique = read_element(stream, &groups.count.as_view(), 0)? as usize;
-            let mut rows = alloc_uninit::<u32>(cuda_device, unique)?;
+            let mut rows = alloc_uninit::<u32>(stream, unique)?;
             if unique > 0 {
                 stream
                     .memcpy_dtod(&groups.keys.slice(..unique), &mut rows)
                     .map_err(crate::cuda::driver_error("cuMemcpyDtoDAsync"))?;
             }
-            let mut values = alloc_uninit::<f32>(cuda_device, shape.heads * unique * shape.width)?;
+            let mut values = alloc_uninit::<f32>(stream, shape.heads * unique * shape.width)?;
             cuda::backward_values(
                 cuda_device,
                 stream,

@@ -6,15 +6,13 @@
 //! nothing once the status is dirty.
 
 use super::{CombineShape, LayerShape, PlanParts, Variant};
-use crate::cuda::{grid_stride_config, launched, CudaDevice};
+use crate::cuda::{grid_stride_config, launched, CudaDevice, Pointers};
 use crate::dtype::{DType, FloatElement};
 use crate::error::{Error, Result};
 use crate::grouping::cuda::scan_exclusive;
 use crate::ops::{check_len, u32_arg};
 use crate::tensor::{alloc_uninit, alloc_zeros};
-use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 const MODULE: &str = "experts";
@@ -38,16 +36,6 @@ const WARP: u64 = 32;
 
 /// A plan's arrays on the device.
 pub type DevicePlan<'a> = PlanParts<CudaView<'a, u32>>;
-
-/// The device address of an optional operand, 0 (null) when absent: the
-/// kernels take a null pointer for "not given".
-fn address<T>(stream: &Arc<CudaStream>, operand: Option<&CudaView<'_, T>>) -> u64 {
-    operand.map_or(0, |view| view.device_ptr(stream).0)
-}
-
-fn address_mut<T>(stream: &Arc<CudaStream>, operand: Option<&mut CudaViewMut<'_, T>>) -> u64 {
-    operand.map_or(0, |view| view.device_ptr_mut(stream).0)
-}
 
 /// Checks the plan's offsets against its counts and `rows`, and
 /// `token_of_row < tokens` when given; reports to `status`.
@@ -100,7 +88,7 @@ fn index_slots(
     let slots = tokens * k;
     check_len("plan.row_of_slot", plan.row_of_slot.len(), slots)?;
     let (k_arg, rows_arg, slots_arg) = (u32_arg("k", k)?, u32_arg("rows", rows)?, slots as u64);
-    let mut row_slot = alloc_zeros::<u32>(device, rows)?;
+    let mut row_slot = alloc_zeros::<u32>(stream, rows)?;
     let function = device.function(MODULE, "experts_index_slots")?;
     let mut launch = stream.launch_builder(&function);
     launch
@@ -138,7 +126,7 @@ fn schedule(
 ) -> Result<CudaSlice<u32>> {
     let experts = offsets.len() - 1;
     let (experts_arg, rows_per_block) = (u32_arg("experts", experts)?, u32_arg("rows_per_block", rows_per_block)?);
-    let mut blocks = alloc_uninit::<u32>(device, experts + 1)?;
+    let mut blocks = alloc_uninit::<u32>(stream, experts + 1)?;
     let function = device.function(MODULE, "experts_row_blocks")?;
     let mut launch = stream.launch_builder(&function);
     let status = status.as_view();
@@ -211,6 +199,8 @@ fn tensor_cores<T: FloatElement>(
     weights: &CudaView<T>,
     shape: &LayerShape,
 ) -> bool {
+    // Only the addresses are wanted: the guards may record their events now,
+    // the launch's own arguments record them again after the kernel.
     let aligned = |address: u64| address % 16 == 0;
     T::DTYPE != DType::F32
         && shape.din % 8 == 0
@@ -260,8 +250,10 @@ pub fn layer_forward<T: FloatElement>(
         threads,
     );
     let args = LayerArgs::of(shape)?;
-    let sources = address(stream, shape.tokens().map(|_| &plan.token_of_row));
-    let bias = address(stream, bias);
+    // Optional operands go in as raw addresses (null when absent).
+    let mut pointers = Pointers::new(stream);
+    let sources = pointers.read_optional(shape.tokens().map(|_| &plan.token_of_row));
+    let bias = pointers.read_optional(bias);
     let name = format!("experts_forward_{engine}_{}", T::DTYPE.kernel_suffix());
     let function = device.function(MODULE, &name)?;
     let mut launch = stream.launch_builder(&function);
@@ -332,7 +324,7 @@ pub fn layer_backward<T: FloatElement>(
     let args = LayerArgs::of(shape)?;
     let suffix = T::DTYPE.kernel_suffix();
 
-    let mut dh = alloc_uninit::<f32>(device, rows * width)?;
+    let mut dh = alloc_uninit::<f32>(stream, rows * width)?;
     let rows_arg = rows as u64;
     let function = device.function(MODULE, &format!("experts_dh_{suffix}"))?;
     let mut launch = stream.launch_builder(&function);
@@ -351,7 +343,7 @@ pub fn layer_backward<T: FloatElement>(
     // dx_rows = dh W^T, into dx itself for the rows variant.
     let row_blocks = schedule(device, stream, &plan.offsets, SIMT_ROWS, status)?;
     let mut dx_rows = match shape.variant {
-        Variant::Tokens => Some(alloc_uninit::<f32>(device, rows * din)?),
+        Variant::Tokens => Some(alloc_uninit::<f32>(stream, rows * din)?),
         Variant::Rows => None,
     };
     let function = device.function(MODULE, &format!("experts_dx_rows_{suffix}"))?;
@@ -413,13 +405,14 @@ pub fn layer_backward<T: FloatElement>(
         None
     } else {
         let chunks = rows.div_ceil(chunk_rows) + shape.experts;
-        Some(alloc_uninit::<f32>(device, chunks * m_total * width)?)
+        Some(alloc_uninit::<f32>(stream, chunks * m_total * width)?)
     };
-    let partials_address = address_mut(stream, partials.as_mut().map(|p| p.as_view_mut()).as_mut());
-    let dweights_address = dweights.device_ptr_mut(stream).0;
-    let dbias_address = address_mut(stream, dbias);
     let chunk_rows_arg = u32_arg("chunk_rows", chunk_rows)?;
-    let sources = address(stream, shape.tokens().map(|_| &plan.token_of_row));
+    let mut pointers = Pointers::new(stream);
+    let partials_address = pointers.write_optional(partials.as_mut());
+    let dweights_address = pointers.write(dweights);
+    let dbias_address = pointers.write_optional(dbias);
+    let sources = pointers.read_optional(shape.tokens().map(|_| &plan.token_of_row));
     let function = device.function(MODULE, &format!("experts_dweights_{suffix}"))?;
     let mut launch = stream.launch_builder(&function);
     launch
@@ -442,7 +435,7 @@ pub fn layer_backward<T: FloatElement>(
     // buffers allocated; without them each expert has at most one chunk and
     // writes its own dW (E*Din*Dout') and db (E*Dout', present iff has_bias).
     launched("experts_dweights", unsafe { launch.launch(config) })?;
-    if partials.is_some() {
+    if !direct {
         let function = device.function(MODULE, "experts_merge_dweights")?;
         let mut launch = stream.launch_builder(&function);
         launch
@@ -461,7 +454,9 @@ pub fn layer_backward<T: FloatElement>(
             launch.launch(grid_stride_config(outputs))
         })?;
     }
-    // The partial buffers are freed in stream order, after the merge.
+    // The guards record after the merge; the partial buffers are freed in
+    // stream order after it.
+    drop(pointers);
     drop(partials);
     Ok(())
 }
@@ -529,7 +524,8 @@ pub fn combine<T: FloatElement>(
     let [tokens, k, dout, rows] = combine_args(shape)?;
     let suffix = T::DTYPE.kernel_suffix();
     let status = status.as_view();
-    let (res, rho) = (address(stream, res), address(stream, rho));
+    let mut pointers = Pointers::new(stream);
+    let (res, rho) = (pointers.read_optional(res), pointers.read_optional(rho));
     let function = device.function(MODULE, &format!("experts_combine_{suffix}"))?;
     let mut launch = stream.launch_builder(&function);
     launch
@@ -550,7 +546,7 @@ pub fn combine<T: FloatElement>(
         launch.launch(grid_stride_config(u64::from(tokens) * u64::from(dout)))
     })?;
 
-    let mut norms = alloc_uninit::<f32>(device, shape.rows)?;
+    let mut norms = alloc_uninit::<f32>(stream, shape.rows)?;
     let function = device.function(MODULE, &format!("experts_row_norms_{suffix}"))?;
     let mut launch = stream.launch_builder(&function);
     launch
@@ -656,7 +652,8 @@ pub fn combine_backward<T: FloatElement>(
     if let Some(drho) = &drho {
         check_len("drho", drho.len(), shape.tokens)?;
     }
-    let (rho, drho) = (address(stream, rho), address_mut(stream, drho));
+    let mut pointers = Pointers::new(stream);
+    let (rho, drho) = (pointers.read_optional(rho), pointers.write_optional(drho));
     let function = device.function(MODULE, &format!("experts_combine_backward_tokens_{suffix}"))?;
     let mut launch = stream.launch_builder(&function);
     launch

@@ -369,8 +369,8 @@ fn forward_variant<T: FloatElement>(
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
-            let mut h = alloc_uninit::<T>(cuda_device, h_len)?;
-            let mut y = alloc_uninit::<T>(cuda_device, y_len)?;
+            let mut h = alloc_uninit::<T>(stream, h_len)?;
+            let mut y = alloc_uninit::<T>(stream, y_len)?;
             let mut status = cuda_device.new_status(stream)?;
             cuda::layer_forward(
                 cuda_device,
@@ -484,11 +484,11 @@ pub fn layer_backward<'d, 'x, 'w, T: FloatElement>(
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
-            let mut dx = alloc_uninit::<f32>(cuda_device, dx_len)?;
-            let mut dweights = alloc_uninit::<f32>(cuda_device, weight_len)?;
+            let mut dx = alloc_uninit::<f32>(stream, dx_len)?;
+            let mut dweights = alloc_uninit::<f32>(stream, weight_len)?;
             let mut dbias = saved
                 .has_bias
-                .then(|| alloc_uninit::<f32>(cuda_device, bias_len))
+                .then(|| alloc_uninit::<f32>(stream, bias_len))
                 .transpose()?;
             let mut status = cuda_device.new_status(stream)?;
             cuda::layer_backward(
@@ -626,8 +626,8 @@ pub fn combine<'y, 'w, T: FloatElement>(
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
-            let mut out = alloc_uninit::<T>(cuda_device, out_len)?;
-            let mut util = alloc_uninit::<f32>(cuda_device, shape.experts)?;
+            let mut out = alloc_uninit::<T>(stream, out_len)?;
+            let mut util = alloc_uninit::<f32>(stream, shape.experts)?;
             let mut status = cuda_device.new_status(stream)?;
             cuda::combine(
                 cuda_device,
@@ -721,12 +721,10 @@ pub fn combine_backward<'d, 'y, 'w, T: FloatElement>(
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
-            let mut dy = alloc_uninit::<f32>(cuda_device, dy_len)?;
-            let mut dweights = alloc_uninit::<f32>(cuda_device, slot_len)?;
-            let mut dres = res.map(|_| alloc_uninit::<f32>(cuda_device, token_len)).transpose()?;
-            let mut drho = rho
-                .map(|_| alloc_uninit::<f32>(cuda_device, shape.tokens))
-                .transpose()?;
+            let mut dy = alloc_uninit::<f32>(stream, dy_len)?;
+            let mut dweights = alloc_uninit::<f32>(stream, slot_len)?;
+            let mut dres = res.map(|_| alloc_uninit::<f32>(stream, token_len)).transpose()?;
+            let mut drho = rho.map(|_| alloc_uninit::<f32>(stream, shape.tokens)).transpose()?;
             let mut status = cuda_device.new_status(stream)?;
             cuda::combine_backward(
                 cuda_device,

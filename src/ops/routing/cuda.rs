@@ -47,9 +47,8 @@ pub type DeviceRouting = RoutingBuffers<CudaSlice<u32>, CudaSlice<f32>>;
 /// A fresh report for [`forward`]: three words, the lowest flat position of a
 /// non-finite logit and the lowest position of a token-mask entry other than
 /// 0 or 1 (both `u64::MAX` while clean), and R, the number of dispatched rows.
-pub fn new_report(device: &CudaDevice) -> Result<CudaSlice<u64>> {
-    device
-        .stream()
+pub fn new_report(stream: &Arc<CudaStream>) -> Result<CudaSlice<u64>> {
+    stream
         .clone_htod(&[STATUS_CLEAN, STATUS_CLEAN, 0])
         .map_err(driver_error("cuMemcpyHtoDAsync"))
 }
@@ -81,17 +80,16 @@ pub fn read_report(stream: &Arc<CudaStream>, report: &CudaSlice<u64>) -> Result<
 
 /// The first `rows` entries of `token_of_row` in a buffer of their own (the
 /// buffer itself when it holds exactly that many).
-pub fn first_rows(device: &CudaDevice, token_of_row: CudaSlice<u32>, rows: usize) -> Result<CudaSlice<u32>> {
+pub fn first_rows(stream: &Arc<CudaStream>, token_of_row: CudaSlice<u32>, rows: usize) -> Result<CudaSlice<u32>> {
     if rows == token_of_row.len() {
         return Ok(token_of_row);
     }
     let source = token_of_row
         .try_slice(..rows)
         .ok_or_else(|| Error::invalid("rows", format!("{rows} rows, but room for {}", token_of_row.len())))?;
-    let mut exact = alloc_uninit::<u32>(device, rows)?;
+    let mut exact = alloc_uninit::<u32>(stream, rows)?;
     if rows > 0 {
-        device
-            .stream()
+        stream
             .memcpy_dtod(&source, &mut exact)
             .map_err(driver_error("cuMemcpyDtoDAsync"))?;
     }
@@ -219,16 +217,16 @@ pub fn forward<T: FloatElement>(
     let k_arg = u32_arg("k", config.k)?;
     let slots_arg = u32_arg("T * k", slots)?;
     let mut out = DeviceRouting {
-        indices: alloc_uninit(device, slots)?,
-        weights: alloc_uninit(device, slots)?,
-        counts: alloc_zeros(device, experts)?,
-        offsets: alloc_zeros(device, experts + 1)?,
-        token_of_row: alloc_uninit(device, slots)?,
-        row_of_slot: alloc_uninit(device, slots)?,
-        gate_mass: alloc_zeros(device, experts)?,
-        lb_loss: alloc_zeros(device, 1)?,
-        z_loss: alloc_zeros(device, 1)?,
-        grad_scales: alloc_zeros(device, experts + 1)?,
+        indices: alloc_uninit(stream, slots)?,
+        weights: alloc_uninit(stream, slots)?,
+        counts: alloc_zeros(stream, experts)?,
+        offsets: alloc_zeros(stream, experts + 1)?,
+        token_of_row: alloc_uninit(stream, slots)?,
+        row_of_slot: alloc_uninit(stream, slots)?,
+        gate_mass: alloc_zeros(stream, experts)?,
+        lb_loss: alloc_zeros(stream, 1)?,
+        z_loss: alloc_zeros(stream, 1)?,
+        grad_scales: alloc_zeros(stream, experts + 1)?,
     };
     if tokens == 0 {
         stream
@@ -243,8 +241,8 @@ pub fn forward<T: FloatElement>(
     let rows_per_group = rows.div_ceil(layout.groups_per_block * FORWARD_BLOCKS);
     let blocks = rows.div_ceil(layout.groups_per_block * rows_per_group);
     let columns = 2 * experts + 1;
-    let mut expert_keys = alloc_uninit::<u32>(device, slots)?;
-    let mut partials = alloc_uninit::<f32>(device, blocks * columns)?;
+    let mut expert_keys = alloc_uninit::<u32>(stream, slots)?;
+    let mut partials = alloc_uninit::<f32>(stream, blocks * columns)?;
     let (groups_arg, group_experts_arg) = (u32_arg("groups", config.groups)?, u32_arg("N", config.group_experts())?);
     let (flags, rows_per_group_arg) = (row_flags(config, layout.group_size), u32_arg("rows", rows_per_group)?);
     let mut launch = stream.launch_builder(&function);
@@ -321,7 +319,7 @@ pub fn forward<T: FloatElement>(
     })?;
 
     // 3. The statistics: partial rows summed in a fixed order, then the losses.
-    let mut totals = alloc_uninit::<f32>(device, columns)?;
+    let mut totals = alloc_uninit::<f32>(stream, columns)?;
     let (blocks_arg, columns_arg) = (u32_arg("blocks", blocks)?, u32_arg("2E + 1", columns)?);
     let reduce = device.function(MODULE, "routing_reduce_partials")?;
     let mut launch = stream.launch_builder(&reduce);

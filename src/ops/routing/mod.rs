@@ -603,7 +603,7 @@ pub fn forward<'l, T: FloatElement>(
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
-            let mut report = cuda::new_report(cuda_device)?;
+            let mut report = cuda::new_report(stream)?;
             let token_mask = optional_device_slice(options.token_mask)?;
             let mut out = cuda::forward(
                 cuda_device,
@@ -629,7 +629,7 @@ pub fn forward<'l, T: FloatElement>(
                 return Err(non_finite(position, experts));
             }
             let rows = report.rows as usize;
-            out.token_of_row = cuda::first_rows(cuda_device, out.token_of_row, rows)?;
+            out.token_of_row = cuda::first_rows(stream, out.token_of_row, rows)?;
             into_tensors(out, &config, rows, &device)?
         }
     };
@@ -714,7 +714,7 @@ pub fn backward<'l, 'd, T: FloatElement>(
         }
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
-            let mut dlogits = alloc_uninit::<f32>(cuda_device, config.tokens * config.experts)?;
+            let mut dlogits = alloc_uninit::<f32>(stream, config.tokens * config.experts)?;
             let mut status = cuda_device.new_status(stream)?;
             cuda::backward(
                 cuda_device,

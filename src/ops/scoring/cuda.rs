@@ -78,7 +78,7 @@ impl<'a, T: FloatElement> Operands<'a, T> {
         params.user = pointers.read(&self.user);
         params.gate_logits = pointers.read(&self.gate_logits);
         params.items = pointers.read(&self.items);
-        params.item_bias = self.item_bias.as_ref().map_or(0, |bias| pointers.read(bias));
+        params.item_bias = pointers.read_optional(self.item_bias.as_ref());
         if let Some(excluded) = &self.excluded {
             params.excluded = pointers.read(excluded);
             params.num_excluded = excluded.len() as u32; // checked in `check`
@@ -116,7 +116,7 @@ pub fn scores<T: FloatElement>(
     let (plan, lens) = start(operands, status, Pass::Scores)?;
     let ScoringShape { batch, num_items, .. } = plan.shape;
     check_len("scores", out.len(), batch * num_items)?;
-    let mut workspace = Workspace::new(device, lens)?;
+    let mut workspace = Workspace::new(stream, lens)?;
     let mut params = plan.params(operands.scale);
     let mut pointers = Pointers::new(stream);
     operands.bind(&mut params, &mut pointers);
@@ -191,7 +191,7 @@ pub fn scores_backward<T: FloatElement>(
     let batch = plan.shape.batch;
     check_len("dscores", dscores.len(), batch * plan.shape.num_items)?;
     check_gradients(plan.shape, grads)?;
-    let mut workspace = Workspace::new(device, lens)?;
+    let mut workspace = Workspace::new(stream, lens)?;
     let mut params = plan.params(operands.scale);
     let mut pointers = Pointers::new(stream);
     operands.bind(&mut params, &mut pointers);
@@ -236,7 +236,7 @@ pub fn cross_entropy<T: FloatElement>(
     check_len("targets", targets.len(), batch)?;
     check_len("loss", loss.len(), batch)?;
     check_len("lse", lse.len(), batch * plan.heads_out)?;
-    let mut workspace = Workspace::new(device, lens)?;
+    let mut workspace = Workspace::new(stream, lens)?;
     let mut params = plan.params(operands.scale);
     let mut pointers = Pointers::new(stream);
     operands.bind(&mut params, &mut pointers);
@@ -287,7 +287,7 @@ pub fn cross_entropy_backward<T: FloatElement>(
     check_len("dloss", dloss.len(), batch)?;
     check_len("lse", lse.len(), batch * plan.heads_out)?;
     check_gradients(plan.shape, grads)?;
-    let mut workspace = Workspace::new(device, lens)?;
+    let mut workspace = Workspace::new(stream, lens)?;
     let mut params = plan.params(operands.scale);
     let mut pointers = Pointers::new(stream);
     operands.bind(&mut params, &mut pointers);
@@ -326,7 +326,7 @@ pub fn check_excluded<T: FloatElement>(
     if excluded.is_empty() {
         return Ok(());
     }
-    let mut flags = alloc_zeros::<u32>(device, plan.shape.num_items.div_ceil(4))?;
+    let mut flags = alloc_zeros::<u32>(stream, plan.shape.num_items.div_ceil(4))?;
     let mut params = plan.params(operands.scale);
     let mut pointers = Pointers::new(stream);
     operands.bind(&mut params, &mut pointers);
@@ -385,7 +385,7 @@ pub fn topk<T: FloatElement>(
             ));
         }
     }
-    let mut workspace = Workspace::new(device, lens)?;
+    let mut workspace = Workspace::new(stream, lens)?;
     let mut params = plan.params(operands.scale);
     let mut pointers = Pointers::new(stream);
     operands.bind(&mut params, &mut pointers);

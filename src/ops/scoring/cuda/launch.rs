@@ -1,44 +1,16 @@
-//! Queuing the scoring kernels: device pointers together with the guards
-//! cudarc hands out for them, and the launch sequences the ops share.
+//! Queuing the scoring kernels: the launch sequences the ops share.
 
 use super::params::{Params, FLAG_REDUCE_DOT};
 use super::plan::Plan;
+pub(super) use crate::cuda::Pointers;
 use crate::cuda::{grid_stride_config, launched, CudaDevice};
 use crate::dtype::DType;
 use crate::error::Result;
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop};
+use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 pub(super) const MODULE: &str = "scoring";
 pub(super) const TOPK_MODULE: &str = "scoring_topk";
-/// Collects the pointers of one call's buffers with the guards cudarc hands
-/// out for them, which must live until the launches are queued.
-pub(super) struct Pointers<'a> {
-    stream: &'a CudaStream,
-    guards: Vec<SyncOnDrop<'a>>,
-}
-
-impl<'a> Pointers<'a> {
-    pub(super) fn new(stream: &'a CudaStream) -> Self {
-        Pointers {
-            stream,
-            guards: Vec::new(),
-        }
-    }
-
-    pub(super) fn read<T>(&mut self, buffer: &'a impl DevicePtr<T>) -> u64 {
-        let (pointer, guard) = buffer.device_ptr(self.stream);
-        self.guards.push(guard);
-        pointer
-    }
-
-    pub(super) fn write<T>(&mut self, buffer: &'a mut impl DevicePtrMut<T>) -> u64 {
-        let (pointer, guard) = buffer.device_ptr_mut(self.stream);
-        self.guards.push(guard);
-        pointer
-    }
-}
-
 /// Queues the scoring kernels of one call.
 pub(super) struct Launcher<'a> {
     device: &'a CudaDevice,

@@ -4,12 +4,12 @@
 
 use super::launch::Pointers;
 use super::params::{Params, FLAG_PROBABILITIES, FLAG_SHARED};
-use crate::cuda::CudaDevice;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ops::scoring::{Mixing, ScoringShape};
 use crate::tensor::{alloc_uninit, alloc_zeros};
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig};
+use std::sync::Arc;
 
 /// Rows and items of a score tile (kTile); threads of a tile block (kThreads).
 const TILE: usize = 64;
@@ -352,26 +352,28 @@ pub(super) struct Workspace {
 }
 
 impl Workspace {
-    /// Every buffer but the flags is written by a kernel before it is read.
-    pub(super) fn new(device: &CudaDevice, lens: Lens) -> Result<Workspace> {
-        fn uninit<T: Element>(device: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
-            alloc_uninit::<T>(device, len)
+    /// Every buffer but the flags is written by a kernel before it is read;
+    /// all are allocated (and the flags zeroed) in order on `stream`, the
+    /// stream the call runs on.
+    pub(super) fn new(stream: &Arc<CudaStream>, lens: Lens) -> Result<Workspace> {
+        fn uninit<T: Element>(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<T>> {
+            alloc_uninit::<T>(stream, len)
         }
         Ok(Workspace {
-            excluded_flags: alloc_zeros(device, lens.flag_words)?,
-            gates: uninit(device, lens.gates)?,
-            log_gates: uninit(device, lens.gates)?,
-            mixed_user: uninit(device, lens.mixed_user)?,
-            row_partials: uninit(device, lens.row_partials)?,
-            row_lse: uninit(device, lens.row_lse)?,
-            row_coef: uninit(device, lens.row_coef)?,
-            row_weight: uninit(device, lens.rows)?,
-            row_target: uninit(device, lens.rows)?,
-            user_partials: uninit(device, lens.user_partials)?,
-            bias_partials: uninit(device, lens.bias_partials)?,
-            candidate_values: uninit(device, lens.candidates)?,
-            candidate_ids: uninit(device, lens.candidates)?,
-            candidate_counts: uninit(device, lens.candidate_counts)?,
+            excluded_flags: alloc_zeros(stream, lens.flag_words)?,
+            gates: uninit(stream, lens.gates)?,
+            log_gates: uninit(stream, lens.gates)?,
+            mixed_user: uninit(stream, lens.mixed_user)?,
+            row_partials: uninit(stream, lens.row_partials)?,
+            row_lse: uninit(stream, lens.row_lse)?,
+            row_coef: uninit(stream, lens.row_coef)?,
+            row_weight: uninit(stream, lens.rows)?,
+            row_target: uninit(stream, lens.rows)?,
+            user_partials: uninit(stream, lens.user_partials)?,
+            bias_partials: uninit(stream, lens.bias_partials)?,
+            candidate_values: uninit(stream, lens.candidates)?,
+            candidate_ids: uninit(stream, lens.candidates)?,
+            candidate_counts: uninit(stream, lens.candidate_counts)?,
         })
     }
 
