@@ -131,12 +131,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
-/// Log-softmax over the last dimension.
-pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
-    Ok(shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?)
-}
-
 /// Inverted dropout driven by the run's seeded generator; `off()` in evaluation.
 pub struct Dropout<'a> {
     rate: f32,
