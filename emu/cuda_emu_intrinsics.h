@@ -171,12 +171,52 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
 inline float b16_to_f32(uint16_t bits, __nv_bfloat16*) { return __bfloat162float(__ushort_as_bfloat16(bits)); }
 inline float b16_to_f32(uint16_t bits, __half*) { return __half2float(__ushort_as_half(bits)); }
 
+// How an mma adds its 16 products to the accumulator. EMU_MMA=exact (the
+// default): in k order, each addition rounded to nearest. EMU_MMA=truncate:
+// as tensor cores may (their order and rounding are unspecified; measured
+// parts align every term to the largest exponent, dropping the bits below
+// 24 significant bits of that term, and truncate the sum): every term
+// truncated toward zero at the f32 ulp of the largest term, the sum
+// truncated toward zero to f32. Tests hold tensor-core results to what
+// holds under both (DESIGN 6: the bf16/f16 tolerance).
+inline bool mma_truncates() {
+  static const bool truncate = [] {
+    const char* mode = std::getenv("EMU_MMA");
+    if (mode == nullptr || std::strcmp(mode, "exact") == 0) return false;
+    if (std::strcmp(mode, "truncate") == 0) return true;
+    std::fprintf(stderr, "emu: error: EMU_MMA=%s: expected exact or truncate\n", mode);
+    std::abort();
+  }();
+  return truncate;
+}
+
+// acc + the sum of terms[0..n), the way mma_truncates() says.
+inline float mma_accumulate(float acc, const float* terms, unsigned n) {
+  bool finite = std::isfinite(acc);
+  for (unsigned k = 0; k < n; ++k) finite = finite && std::isfinite(terms[k]);
+  if (!mma_truncates() || !finite) {
+    for (unsigned k = 0; k < n; ++k) acc += terms[k];
+    return acc;
+  }
+  int top = std::ilogb(acc == 0.0f ? 0x1p-149f : acc);
+  for (unsigned k = 0; k < n; ++k) {
+    if (terms[k] != 0.0f) top = std::max(top, std::ilogb(terms[k]));
+  }
+  const double ulp = std::ldexp(1.0, top - 23);  // of the largest term
+  double sum = std::trunc(static_cast<double>(acc) / ulp) * ulp;
+  for (unsigned k = 0; k < n; ++k) sum += std::trunc(static_cast<double>(terms[k]) / ulp) * ulp;
+  const float nearest = static_cast<float>(sum);
+  // To f32 toward zero: step back when rounding went away from zero.
+  if (std::fabs(static_cast<double>(nearest)) > std::fabs(sum)) return std::nextafter(nearest, 0.0f);
+  return nearest;
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 d, a, b, d.
 // Lane l = 4 g + t holds A's {a0, a1, a2, a3} = (row g, k 2t..2t+1),
 // (row g + 8, k 2t..), (row g, k 2t + 8..), (row g + 8, k 2t + 8..); B's
 // {b0, b1} = (k 2t..2t+1, col g), (k 2t + 8.., col g); D's {d0..d3} =
 // (row g, col 2t, 2t + 1), (row g + 8, col 2t, 2t + 1). The products are exact
-// in f32; they are summed in k order (the hardware's order is unspecified).
+// in f32; mma_accumulate adds them.
 template <class T>
 inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
@@ -195,9 +235,9 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
   };
   for (unsigned q = 0; q < 4; ++q) {
     const unsigned row = g + (q >= 2 ? 8 : 0), col = 2 * t + (q & 1);
-    float acc = d[q];
-    for (unsigned k = 0; k < 16; ++k) acc += a_at(row, k) * b_at(k, col);
-    d[q] = acc;
+    float products[16];
+    for (unsigned k = 0; k < 16; ++k) products[k] = a_at(row, k) * b_at(k, col);
+    d[q] = mma_accumulate(d[q], products, 16);
   }
 }
 

@@ -21,9 +21,11 @@
 //              ones, into partial buffers) + experts_merge_dweights (chunks in
 //              order). f32: SIMT tiles; bf16/f16: the same tiles on tensor
 //              cores with dh and the stored operand split exactly into bf16
-//              pieces (experts_gemm.cuh, split_mainloop), so the products
-//              stay f32 arithmetic as DESIGN 3 asks for the f32 gradients
-//              (3 or 6 tensor-core products per multiply-add). Floor:
+//              pieces (experts_gemm.cuh, split_mainloop), so every product
+//              is exact and the f32 gradients see no bf16 rounding (3 or 6
+//              tensor-core products per multiply-add); the mma's f32
+//              accumulation has the hardware's order and rounding (DESIGN 6:
+//              the bf16/f16 tolerance on a GPU). Floor:
 //              4 R Din Dout' FLOPs.
 // combine      experts_combine (rho res + slots in order), experts_row_norms +
 //              experts_util (|w| ||y_r|| summed per expert, fixed tree), and

@@ -142,14 +142,15 @@ __device__ __forceinline__ void simt_mainloop(SimtShared& s, uint32_t k_begin, u
   tile_mainloop(k_begin, k_end, acc, load, [&] { simt_step(s, acc); });
 }
 
-// ------------------------------------------------------------ exact-split tensor-core tile
+// ------------------------------------------------------------ split tensor-core tile
 
 // The backward's products have an f32 gradient operand (dh), which DESIGN 3
 // keeps in f32. The split tile keeps the SIMT tile's shape, loads and grid
 // (64 x 64, k in steps of 16, the loader fills SimtShared in f32), then
 // splits both staged operands exactly into bf16 pieces
 // (moerec::split_bf16_pieces: 3 for f32, kExactPieces<T> for stored values)
-// and sums every piece product with mma.sync in f32. Warp w owns rows
+// and sums every piece product with mma.sync in f32 (exact products; the
+// order and rounding of their accumulation are the hardware's). Warp w owns rows
 // 16 (w % 4) .. + 15 and columns 32 (w / 4) .. + 31: acc[nt][c] is row
 // lane / 4 + 8 (c / 2), column 8 nt + 2 (lane % 4) + c % 2 of that block.
 constexpr uint32_t kSplitLd = kSimtN + 8;  // 144-byte rows: ldmatrix-aligned, conflict-free

@@ -460,8 +460,8 @@ __device__ void backward_user_simt(const ScoringParams& p) {
 
 // The tensor-core dA of bf16/f16: f32 ds and the stored X split exactly into
 // bf16 pieces (moerec::split_bf16_pieces: ds in 3, an f16 X in 2, a bf16 X
-// in 1), so that the products are f32 arithmetic (DESIGN 3) at 3 or 6
-// tensor-core products per multiply-add.
+// in 1), so that every product is exact at 3 or 6 tensor-core products per
+// multiply-add; their f32 accumulation is the hardware's (DESIGN 6).
 constexpr uint32_t kGradPieces = 3;
 // Rows of a piece tile: 64 + 8 bf16 (144 bytes), 16-byte aligned and
 // conflict-free for ldmatrix.

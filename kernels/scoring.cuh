@@ -173,9 +173,10 @@ __device__ __forceinline__ float mix_probability(float mixed, float gate, float 
 //   bf16/f16   tensor cores (mma.sync m16n8k16, f32 accumulation) on the raw
 //              U and X, one GEMM of depth D per head, then the f32 mixing:
 //              sum_h (scale g[b, h]) acc_h for Logits, scale acc_j for
-//              Probabilities. The bf16/f16 products are exact in f32, so this
-//              is f32 arithmetic on the stored inputs (DESIGN 3); folding
-//              scale * g into a bf16 operand would round it. Warp w owns rows
+//              Probabilities. The bf16/f16 products are exact in f32 and
+//              accumulate in f32, in the order and with the rounding of the
+//              hardware (DESIGN 6); folding scale * g into a bf16 operand
+//              would round it. Warp w owns rows
 //              16 (w % 4) .. + 15 and items 32 (w / 4) .. + 31, four m16n8
 //              tiles: value 4 nt + c of lane (g, q) = (lane / 4, lane % 4) is
 //              row g + 8 (c / 2), item 8 nt + 2 q + c % 2 of the warp's block.

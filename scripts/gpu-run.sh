@@ -1,39 +1,105 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine from the repo root, after scripts/gpu-stage.sh:
-# every test binary with MOEREC_REQUIRE_GPU=1, the example, the benches named
-# in $MOEREC_BENCHES (default: all) and their PyTorch peers, then writes the
-# bench records (DESIGN 5) to $OUT/records.jsonl. Logs go to $OUT.
+# The first-GPU check in one device call, after scripts/gpu-stage.sh here:
+#   run(command="bash scripts/gpu-run.sh", carry=[".gpu"], timeout_s=540)
+# From the repo root on the GPU machine (nvcc, driver, PyTorch; no Rust):
+#   1. every test binary with MOEREC_REQUIRE_GPU=1 (a CUDA trial that cannot
+#      run fails), then the example;
+#   2. compute-sanitizer memcheck, racecheck, synccheck and initcheck on one
+#      short CUDA test per kernel family;
+#   3. a reduced benchmark set (DESIGN 5 reference points, short criterion
+#      times), each followed by its PyTorch peer on the same shapes;
+#   4. $OUT/records.jsonl (scripts/bench_records.py).
+# Logs go to $OUT. Sanitizer runs stop at 45 s each and start only while a
+# minute of MOEREC_GPU_BUDGET_S (default 450 s of the call) is left; benches
+# start only while more than their estimate is left: what did not start is
+# listed as skipped. Exits non-zero when anything failed or did not run.
 set -uo pipefail
+start=$SECONDS
+budget=${MOEREC_GPU_BUDGET_S:-450}
+left() { echo $((budget - (SECONDS - start))); }
 out="${OUT:-/tmp/moerec-out}"
 mkdir -p "$out"
 export MOEREC_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
 commit=$(cat .gpu/commit 2>/dev/null || echo unknown)
-device=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+device=${device:-unknown}
 failed=0
+fail() { failed=1; echo "FAILED: $*" | tee -a "$out/summary.log"; }
+note() { echo "$*" | tee -a "$out/summary.log"; }
 { nvidia-smi; nvcc --version; } > "$out/machine.txt" 2>&1
-tar -C .gpu -xJf .gpu/binaries.tar.xz
+tar -C .gpu -xJf .gpu/binaries.tar.xz || fail "unpacking .gpu/binaries.tar.xz"
 
-for test in .gpu/tests/*; do
+# 1. Tests (MOEREC_GPU_TESTS: a glob of the staged names to run instead of
+# all, for a rehearsal on the emulated device).
+for test in .gpu/tests/${MOEREC_GPU_TESTS:-*}; do
+  t0=$SECONDS
   echo "== $test" >> "$out/tests.log"
-  "$test" --test-threads=1 >> "$out/tests.log" 2>&1 || { failed=1; echo "FAILED: $test" | tee -a "$out/tests.log"; }
+  "$test" --test-threads=1 >> "$out/tests.log" 2>&1 || fail "$test"
+  note "$(basename "$test"): $((SECONDS - t0)) s"
 done
 grep -E "^test result|FAILED|panicked" "$out/tests.log"
 for example in .gpu/examples/*; do
-  "$example" >> "$out/example.log" 2>&1 || { failed=1; echo "FAILED: $example"; }
+  "$example" >> "$out/example.log" 2>&1 || fail "$example"
 done
-tail -n 5 "$out/example.log" 2>/dev/null
 
-benches=${MOEREC_BENCHES:-$(ls .gpu/benches)}
+# 2. compute-sanitizer: one short CUDA test per kernel family.
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+families=(
+  "embedding-test cuda::an_all_padding_batch_gives_zero_rows_and_an_empty_gradient"
+  "routing-test cuda::a_hand_checked_plan"
+  "experts-test cuda::matches_the_numpy_golden_files"
+  "scoring-test cuda::matches_the_numpy_golden_files"
+  "cuda_launch-test cuda::shared_memory_past_48_kb_needs_the_opt_in_and_stays_within_the_limit"
+)
+if [ -z "$sanitizer" ]; then
+  fail "compute-sanitizer not found: the sanitizer checks did not run"
+else
+  for tool in memcheck racecheck synccheck initcheck; do
+    for family in "${families[@]}"; do
+      read -r binary name <<< "$family"
+      if [ "$(left)" -le 60 ]; then
+        fail "skipped compute-sanitizer --tool $tool $binary: $(left) s left of $budget"
+        continue
+      fi
+      t0=$SECONDS
+      echo "== $tool $binary $name" >> "$out/sanitizer.log"
+      timeout 45 "$sanitizer" --tool "$tool" --error-exitcode 1 ".gpu/tests/$binary" --exact "$name" \
+        >> "$out/sanitizer.log" 2>&1 || fail "compute-sanitizer --tool $tool $binary $name (exit $?)"
+      note "$tool $binary: $((SECONDS - t0)) s"
+    done
+  done
+fi
+
+# 3. Benches: name; criterion filter (a regex); peer arguments; estimated seconds.
+benches=(
+  "embedding;^(copy/cuda|embedding_(fwd|bwd)/cuda/[a-z0-9]+/H4_V1000000_D(64|128)_T51200);--iters 20;40"
+  "routing;^routing_(fwd|bwd)/cuda/bf16/T(65536|262144)_E(8|64)_k(2|8)\$;--T 65536 262144 --E 8 64 --k 2 8 --dtype bf16;45"
+  "experts;^experts_(fwd|bwd)/cuda/bf16/T(51200_E8_k2_Din256_Dout256|16384_E8_k2_Din2048_Dout2048)_;--shapes recsys --T 51200 --din 256 --dout 256 --E 8 --k 2;60"
+  "scoring;^scoring_[a-z]+_[a-z]+/cuda/bf16/B4096_H4_D64_V1000000;--B 4096 --H 4 --D 64 --V 1000000 --dtype bf16;60"
+)
+criterion=(--warm-up-time 0.3 --measurement-time 1 --sample-size 10)
 peers=()
-for bench in $benches; do
-  CRITERION_HOME=/tmp/criterion ".gpu/benches/$bench" --bench >> "$out/bench.log" 2>&1 || { failed=1; echo "FAILED: bench $bench"; }
-  peer="python_ref/${bench}_torch_peer.py"
-  if [ -f "$peer" ]; then
-    python3 "$peer" --out "$out/peers.jsonl" >> "$out/peers.log" 2>&1 || { failed=1; echo "FAILED: $peer"; }
-    peers=("$out/peers.jsonl")
+for entry in "${benches[@]}"; do
+  IFS=';' read -r bench filter peer_args estimate <<< "$entry"
+  if [ "$(left)" -le "$estimate" ]; then
+    note "skipped bench $bench: $(left) s left of $budget, it needs about $estimate"
+    failed=1
+    continue
   fi
+  t0=$SECONDS
+  CRITERION_HOME=/tmp/criterion timeout "$(left)" ".gpu/benches/$bench" --bench "${criterion[@]}" "$filter" \
+    >> "$out/bench.log" 2>&1 || fail "bench $bench"
+  peer="python_ref/${bench}_torch_peer.py"
+  if [ -f "$peer" ] && [ "$(left)" -gt 10 ]; then
+    # shellcheck disable=SC2086
+    timeout "$(left)" python3 "$peer" $peer_args --out "$out/peers.jsonl" >> "$out/peers.log" 2>&1 \
+      || fail "$peer"
+    [ -s "$out/peers.jsonl" ] && peers=("$out/peers.jsonl")
+  fi
+  note "bench $bench + peer: $((SECONDS - t0)) s"
 done
 python3 scripts/bench_records.py /tmp/criterion --device "$device" --commit "$commit" \
-  --command "bash scripts/gpu-run.sh (MOEREC_BENCHES=${benches//$'\n'/ })" --peers "${peers[@]}" > "$out/records.jsonl"
-wc -l "$out/records.jsonl"
+  --command "bash scripts/gpu-run.sh (reduced set)" --peers "${peers[@]}" > "$out/records.jsonl" \
+  || fail "scripts/bench_records.py"
+note "records: $(wc -l < "$out/records.jsonl"); wall $((SECONDS - start)) s; failed=$failed"
 exit $failed

@@ -8,7 +8,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 eval "$(bash scripts/install-nvcc.sh)"
 export MOEREC_REQUIRE_NVCC=1
-grep -qx '.gpu/' .git/info/exclude 2>/dev/null || echo '.gpu/' >> .git/info/exclude
+# .git is a file in a worktree: ask git where the exclude file is.
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qx '.gpu/' "$exclude" 2>/dev/null || echo '.gpu/' >> "$exclude"
 rm -rf .gpu && mkdir -p .gpu/tests .gpu/benches .gpu/examples
 executables() {
   python3 -c '

@@ -6,17 +6,15 @@
 //! emulated device (scripts/emu-test.sh) emu/libcuda must apply them alike.
 mod common;
 
-use common::cuda_device;
 use cudarc::driver::{sys, LaunchConfig, PushKernelArg};
+use moerec::Device;
 
 /// `scan_exclusive_tiles` (kernels/grouping.cu): 256 threads, static shared
 /// memory, and a result that shows it ran.
 const THREADS: u32 = 256;
 const DEFAULT_SHARED: usize = 48 * 1024;
 
-#[test]
-fn shared_memory_past_48_kb_needs_the_opt_in_and_stays_within_the_limit() {
-    let Some(device) = cuda_device() else { return };
+fn shared_memory_past_48_kb_needs_the_opt_in_and_stays_within_the_limit(device: &Device) {
     let cuda = device.as_cuda().expect("a CUDA device");
     let function = cuda.function("grouping", "scan_exclusive_tiles").unwrap();
     let fixed = function.shared_size_bytes().unwrap() as usize;
@@ -86,4 +84,12 @@ fn shared_memory_past_48_kb_needs_the_opt_in_and_stays_within_the_limit() {
         .collect();
     assert_eq!(scanned, expected);
     assert_eq!(stream.clone_dtoh(&totals).unwrap(), [values.iter().sum::<u32>()]);
+}
+
+common::harness::test_main! {
+    devices: [],
+    cuda: [
+        shared_memory_past_48_kb_needs_the_opt_in_and_stays_within_the_limit,
+    ],
+    host: [],
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, cuda_device, devices, for_each_golden, rtol, widen, Golden, Rng};
+use common::{assert_close, for_each_golden, rtol, widen, Golden, Rng};
 use half::{bf16, f16};
 use moerec::embedding::{self, SparseGrad, TableShape};
 use moerec::{Device, Error, FloatElement, Tensor};
@@ -107,9 +107,8 @@ fn check_golden<T: FloatElement>(golden: &Golden, device: &Device) {
     );
 }
 
-#[test]
-fn matches_the_numpy_golden_files() {
-    for_each_golden!("embedding", check_golden);
+fn matches_the_numpy_golden_files(device: &Device) {
+    for_each_golden!("embedding", check_golden, device);
 }
 
 /// Ids for parity and determinism runs: a few values repeated many times, a
@@ -201,9 +200,7 @@ fn parity_case<T: FloatElement>(
     );
 }
 
-#[test]
-fn cpu_and_cuda_agree_on_fresh_inputs() {
-    let Some(cuda) = cuda_device() else { return };
+fn cpu_and_cuda_agree_on_fresh_inputs(cuda: &Device) {
     for &(heads, num_rows, width, tokens, padding, distinct) in &[
         (1, 1000, 16, 5000, None, 900),
         (4, 5000, 33, 3000, Some(7), 50),
@@ -212,42 +209,35 @@ fn cpu_and_cuda_agree_on_fresh_inputs() {
         (2, 2_000_000, 8, 4096, None, 4000), // three-digit grouping keys
         (1, 9, 1, 1, Some(3), 1),
     ] {
-        parity_case::<f32>(&cuda, heads, num_rows, width, tokens, padding, distinct);
-        parity_case::<bf16>(&cuda, heads, num_rows, width, tokens, padding, distinct);
-        parity_case::<f16>(&cuda, heads, num_rows, width, tokens, padding, distinct);
+        parity_case::<f32>(cuda, heads, num_rows, width, tokens, padding, distinct);
+        parity_case::<bf16>(cuda, heads, num_rows, width, tokens, padding, distinct);
+        parity_case::<f16>(cuda, heads, num_rows, width, tokens, padding, distinct);
     }
 }
 
-#[test]
-fn an_all_padding_batch_gives_zero_rows_and_an_empty_gradient() {
-    for device in devices() {
-        let table = tensor(vec![1.5f32; 2 * 4 * 3], &[2, 4, 3], &device);
-        let ids = tensor(vec![9u32; 5], &[5], &device);
-        let (y, saved) = embedding::forward(&table, &ids, Some(9)).unwrap();
-        assert!(y.to_vec().unwrap().iter().all(|&v| v == 0.0), "{device}");
-        let dy = tensor(vec![1.0f32; 5 * 2 * 3], &[5, 2, 3], &device);
-        let grad = embedding::backward(&dy, &saved).unwrap();
-        assert!(grad.rows().is_empty(), "{device}");
-        assert_eq!(grad.values().shape(), &[2, 0, 3]);
-        assert!(grad.densify().unwrap().to_vec().unwrap().iter().all(|&v| v == 0.0));
-    }
+fn an_all_padding_batch_gives_zero_rows_and_an_empty_gradient(device: &Device) {
+    let table = tensor(vec![1.5f32; 2 * 4 * 3], &[2, 4, 3], device);
+    let ids = tensor(vec![9u32; 5], &[5], device);
+    let (y, saved) = embedding::forward(&table, &ids, Some(9)).unwrap();
+    assert!(y.to_vec().unwrap().iter().all(|&v| v == 0.0), "{device}");
+    let dy = tensor(vec![1.0f32; 5 * 2 * 3], &[5, 2, 3], device);
+    let grad = embedding::backward(&dy, &saved).unwrap();
+    assert!(grad.rows().is_empty(), "{device}");
+    assert_eq!(grad.values().shape(), &[2, 0, 3]);
+    assert!(grad.densify().unwrap().to_vec().unwrap().iter().all(|&v| v == 0.0));
 }
 
-#[test]
-fn an_empty_batch_gives_empty_outputs() {
-    for device in devices() {
-        let table = tensor(vec![1.0f32; 6], &[1, 3, 2], &device);
-        let ids = tensor(Vec::<u32>::new(), &[0], &device);
-        let (y, saved) = embedding::forward(&table, &ids, None).unwrap();
-        assert_eq!(y.shape(), &[0, 1, 2]);
-        let dy = tensor(Vec::<f32>::new(), &[0, 1, 2], &device);
-        let grad = embedding::backward(&dy, &saved).unwrap();
-        assert!(grad.rows().is_empty() && grad.values().is_empty());
-    }
+fn an_empty_batch_gives_empty_outputs(device: &Device) {
+    let table = tensor(vec![1.0f32; 6], &[1, 3, 2], device);
+    let ids = tensor(Vec::<u32>::new(), &[0], device);
+    let (y, saved) = embedding::forward(&table, &ids, None).unwrap();
+    assert_eq!(y.shape(), &[0, 1, 2]);
+    let dy = tensor(Vec::<f32>::new(), &[0, 1, 2], device);
+    let grad = embedding::backward(&dy, &saved).unwrap();
+    assert!(grad.rows().is_empty() && grad.values().is_empty());
 }
 
-#[test]
-fn outputs_are_bitwise_identical_across_runs_and_thread_counts() {
+fn outputs_are_bitwise_identical_across_runs_and_thread_counts(device: &Device) {
     let shape = TableShape {
         heads: 4,
         num_rows: 3000,
@@ -257,192 +247,171 @@ fn outputs_are_bitwise_identical_across_runs_and_thread_counts() {
     let table: Vec<bf16> = rng.floats(shape.table_len());
     let ids = random_ids(&mut rng, 20_000, 3000, Some(0), 40);
     let dy: Vec<f32> = rng.floats(20_000 * 4 * 24);
-    for device in devices() {
-        let first = run_all(&device, &table, shape, &ids, Some(0), &dy);
-        let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        let second = single.install(|| run_all(&device, &table, shape, &ids, Some(0), &dy));
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(first.rows, second.rows, "{device}");
-        assert_eq!(bits(&first.values), bits(&second.values), "{device}: values");
-        assert_eq!(
-            bits(&first.adagrad_state),
-            bits(&second.adagrad_state),
-            "{device}: state"
-        );
-        assert_eq!(first.adagrad_table, second.adagrad_table, "{device}: table");
-    }
+    let first = run_all(device, &table, shape, &ids, Some(0), &dy);
+    let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let second = single.install(|| run_all(device, &table, shape, &ids, Some(0), &dy));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(first.rows, second.rows, "{device}");
+    assert_eq!(bits(&first.values), bits(&second.values), "{device}: values");
+    assert_eq!(
+        bits(&first.adagrad_state),
+        bits(&second.adagrad_state),
+        "{device}: state"
+    );
+    assert_eq!(first.adagrad_table, second.adagrad_table, "{device}: table");
 }
 
-#[test]
-fn an_out_of_range_id_names_the_lowest_position() {
-    for device in devices() {
-        let table = tensor(vec![0f32; 2 * 5 * 4], &[2, 5, 4], &device);
-        let ids = tensor(vec![0u32, 7, 12, 3, 5], &[5], &device);
-        let error = embedding::forward(&table, &ids, None).unwrap_err();
-        let expected = Error::IndexOutOfRange {
+fn an_out_of_range_id_names_the_lowest_position(device: &Device) {
+    let table = tensor(vec![0f32; 2 * 5 * 4], &[2, 5, 4], device);
+    let ids = tensor(vec![0u32, 7, 12, 3, 5], &[5], device);
+    let error = embedding::forward(&table, &ids, None).unwrap_err();
+    let expected = Error::IndexOutOfRange {
+        argument: "ids",
+        position: 1,
+        index: 7,
+        bound: 5,
+    };
+    assert_eq!(error, expected, "{device}");
+    // With 7 as the padding, 12 at position 2 is the first bad id.
+    let error = embedding::forward(&table, &ids, Some(7)).unwrap_err();
+    assert_eq!(
+        error,
+        Error::IndexOutOfRange {
             argument: "ids",
-            position: 1,
-            index: 7,
-            bound: 5,
-        };
-        assert_eq!(error, expected, "{device}");
-        // With 7 as the padding, 12 at position 2 is the first bad id.
-        let error = embedding::forward(&table, &ids, Some(7)).unwrap_err();
-        assert_eq!(
+            position: 2,
+            index: 12,
+            bound: 5
+        },
+        "{device}"
+    );
+    // Without a padding id, u32::MAX is an id like any other (the CUDA
+    // kernels once took it for the padding).
+    let max_id = tensor(vec![0u32, u32::MAX], &[2], device);
+    let expected = Error::IndexOutOfRange {
+        argument: "ids",
+        position: 1,
+        index: u64::from(u32::MAX),
+        bound: 5,
+    };
+    assert_eq!(
+        embedding::forward(&table, &max_id, None).unwrap_err(),
+        expected,
+        "{device}"
+    );
+}
+
+fn the_backward_checks_ids_too(device: &Device) {
+    let table = tensor(vec![0f32; 5 * 2], &[1, 5, 2], device);
+    let good = tensor(vec![1u32, 2], &[2], device);
+    let (_, saved) = embedding::forward(&table, &good, None).unwrap();
+    let dy = tensor(vec![0f32; 3 * 2], &[3, 1, 2], device);
+    assert!(
+        matches!(
+            embedding::backward(&dy, &saved),
+            Err(Error::ShapeMismatch { argument: "dy", .. })
+        ),
+        "{device}"
+    );
+}
+
+fn malformed_tables_are_shape_errors(device: &Device) {
+    let ids = tensor(vec![0u32], &[1], device);
+    let flat = tensor(vec![0f32; 6], &[2, 3], device);
+    assert!(matches!(
+        embedding::forward(&flat, &ids, None),
+        Err(Error::ShapeMismatch { argument: "table", .. })
+    ));
+    let empty = tensor(Vec::<f32>::new(), &[2, 0, 3], device);
+    assert!(matches!(
+        embedding::forward(&empty, &ids, None),
+        Err(Error::ShapeMismatch { argument: "table", .. })
+    ));
+}
+
+fn bad_sparse_rows_are_refused_and_leave_the_table_untouched(device: &Device) {
+    let shape = TableShape {
+        heads: 1,
+        num_rows: 4,
+        width: 2,
+    };
+    let original = vec![1f32; 8];
+    let mut table = tensor(original.clone(), &[1, 4, 2], device);
+    let values = tensor(vec![1f32; 4], &[1, 2, 2], device);
+
+    let descending = SparseGrad::new(tensor(vec![2u32, 1], &[2], device), values.try_clone().unwrap(), shape).unwrap();
+    let error = embedding::sgd(&mut table, &descending, 0.1).unwrap_err();
+    assert!(
+        matches!(
             error,
-            Error::IndexOutOfRange {
-                argument: "ids",
-                position: 2,
-                index: 12,
-                bound: 5
-            },
-            "{device}"
-        );
-        // Without a padding id, u32::MAX is an id like any other (the CUDA
-        // kernels once took it for the padding).
-        let max_id = tensor(vec![0u32, u32::MAX], &[2], &device);
-        let expected = Error::IndexOutOfRange {
-            argument: "ids",
-            position: 1,
-            index: u64::from(u32::MAX),
-            bound: 5,
-        };
-        assert_eq!(
-            embedding::forward(&table, &max_id, None).unwrap_err(),
-            expected,
-            "{device}"
-        );
-    }
-}
-
-#[test]
-fn the_backward_checks_ids_too() {
-    for device in devices() {
-        let table = tensor(vec![0f32; 5 * 2], &[1, 5, 2], &device);
-        let good = tensor(vec![1u32, 2], &[2], &device);
-        let (_, saved) = embedding::forward(&table, &good, None).unwrap();
-        let dy = tensor(vec![0f32; 3 * 2], &[3, 1, 2], &device);
-        assert!(
-            matches!(
-                embedding::backward(&dy, &saved),
-                Err(Error::ShapeMismatch { argument: "dy", .. })
-            ),
-            "{device}"
-        );
-    }
-}
-
-#[test]
-fn malformed_tables_are_shape_errors() {
-    for device in devices() {
-        let ids = tensor(vec![0u32], &[1], &device);
-        let flat = tensor(vec![0f32; 6], &[2, 3], &device);
-        assert!(matches!(
-            embedding::forward(&flat, &ids, None),
-            Err(Error::ShapeMismatch { argument: "table", .. })
-        ));
-        let empty = tensor(Vec::<f32>::new(), &[2, 0, 3], &device);
-        assert!(matches!(
-            embedding::forward(&empty, &ids, None),
-            Err(Error::ShapeMismatch { argument: "table", .. })
-        ));
-    }
-}
-
-#[test]
-fn bad_sparse_rows_are_refused_and_leave_the_table_untouched() {
-    for device in devices() {
-        let shape = TableShape {
-            heads: 1,
-            num_rows: 4,
-            width: 2,
-        };
-        let original = vec![1f32; 8];
-        let mut table = tensor(original.clone(), &[1, 4, 2], &device);
-        let values = tensor(vec![1f32; 4], &[1, 2, 2], &device);
-
-        let descending =
-            SparseGrad::new(tensor(vec![2u32, 1], &[2], &device), values.try_clone().unwrap(), shape).unwrap();
-        let error = embedding::sgd(&mut table, &descending, 0.1).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                Error::InvalidArgument {
-                    argument: "grad.rows",
-                    ..
-                }
-            ),
-            "{device}: {error}"
-        );
-
-        let outside = SparseGrad::new(tensor(vec![1u32, 4], &[2], &device), values, shape).unwrap();
-        let error = embedding::sgd(&mut table, &outside, 0.1).unwrap_err();
-        assert_eq!(
-            error,
-            Error::IndexOutOfRange {
+            Error::InvalidArgument {
                 argument: "grad.rows",
-                position: 1,
-                index: 4,
-                bound: 4
-            },
-            "{device}"
-        );
-        let mut state = tensor(vec![0f32; 4], &[1, 4], &device);
-        assert!(embedding::adagrad(&mut table, &mut state, &outside, 0.1, 1e-8).is_err());
-        assert!(outside.densify().is_err());
-        assert_eq!(table.to_vec().unwrap(), original, "{device}: table changed on Err");
-    }
+                ..
+            }
+        ),
+        "{device}: {error}"
+    );
+
+    let outside = SparseGrad::new(tensor(vec![1u32, 4], &[2], device), values, shape).unwrap();
+    let error = embedding::sgd(&mut table, &outside, 0.1).unwrap_err();
+    assert_eq!(
+        error,
+        Error::IndexOutOfRange {
+            argument: "grad.rows",
+            position: 1,
+            index: 4,
+            bound: 4
+        },
+        "{device}"
+    );
+    let mut state = tensor(vec![0f32; 4], &[1, 4], device);
+    assert!(embedding::adagrad(&mut table, &mut state, &outside, 0.1, 1e-8).is_err());
+    assert!(outside.densify().is_err());
+    assert_eq!(table.to_vec().unwrap(), original, "{device}: table changed on Err");
 }
 
-#[test]
-fn optimizer_operands_are_checked() {
-    for device in devices() {
-        let shape = TableShape {
-            heads: 2,
-            num_rows: 3,
-            width: 2,
-        };
-        let grad = SparseGrad::new(
-            tensor(vec![1u32], &[1], &device),
-            tensor(vec![1f32; 4], &[2, 1, 2], &device),
-            shape,
-        )
-        .unwrap();
-        let mut wrong_table = tensor(vec![0f32; 12], &[2, 2, 3], &device);
-        assert!(matches!(
-            embedding::sgd(&mut wrong_table, &grad, 0.1),
-            Err(Error::ShapeMismatch { argument: "table", .. })
-        ));
-        let mut table = tensor(vec![0f32; 12], &[2, 3, 2], &device);
-        let mut wrong_state = tensor(vec![0f32; 3], &[3], &device);
-        assert!(matches!(
-            embedding::adagrad(&mut table, &mut wrong_state, &grad, 0.1, 1e-8),
-            Err(Error::ShapeMismatch { argument: "state", .. })
-        ));
-        let wrong_values = SparseGrad::new(
-            tensor(vec![1u32], &[1], &device),
-            tensor(vec![1f32; 2], &[1, 1, 2], &device),
-            shape,
-        );
-        assert!(matches!(
-            wrong_values,
-            Err(Error::ShapeMismatch { argument: "values", .. })
-        ));
-    }
+fn optimizer_operands_are_checked(device: &Device) {
+    let shape = TableShape {
+        heads: 2,
+        num_rows: 3,
+        width: 2,
+    };
+    let grad = SparseGrad::new(
+        tensor(vec![1u32], &[1], device),
+        tensor(vec![1f32; 4], &[2, 1, 2], device),
+        shape,
+    )
+    .unwrap();
+    let mut wrong_table = tensor(vec![0f32; 12], &[2, 2, 3], device);
+    assert!(matches!(
+        embedding::sgd(&mut wrong_table, &grad, 0.1),
+        Err(Error::ShapeMismatch { argument: "table", .. })
+    ));
+    let mut table = tensor(vec![0f32; 12], &[2, 3, 2], device);
+    let mut wrong_state = tensor(vec![0f32; 3], &[3], device);
+    assert!(matches!(
+        embedding::adagrad(&mut table, &mut wrong_state, &grad, 0.1, 1e-8),
+        Err(Error::ShapeMismatch { argument: "state", .. })
+    ));
+    let wrong_values = SparseGrad::new(
+        tensor(vec![1u32], &[1], device),
+        tensor(vec![1f32; 2], &[1, 1, 2], device),
+        shape,
+    );
+    assert!(matches!(
+        wrong_values,
+        Err(Error::ShapeMismatch { argument: "values", .. })
+    ));
 }
 
-#[test]
-fn operands_on_different_devices_are_refused() {
-    let Some(cuda) = cuda_device() else { return };
+fn operands_on_different_devices_are_refused(cuda: &Device) {
     let table = tensor(vec![0f32; 4], &[1, 2, 2], &Device::cpu());
-    let ids = tensor(vec![0u32], &[1], &cuda);
+    let ids = tensor(vec![0u32], &[1], cuda);
     assert!(matches!(
         embedding::forward(&table, &ids, None),
         Err(Error::DeviceMismatch { argument: "ids", .. })
     ));
 }
 
-#[test]
 fn device_names_are_parsed_and_bad_ones_refused() {
     assert_eq!(Device::parse("cpu").unwrap(), Device::cpu());
     assert!(matches!(
@@ -455,7 +424,7 @@ fn device_names_are_parsed_and_bad_ones_refused() {
     assert!(matches!(Device::parse("cuda:x"), Err(Error::InvalidArgument { .. })));
     // auto never panics, whatever this machine has.
     let _ = Device::auto();
-    if cuda_device().is_none() {
+    if Device::cuda(0).is_err() {
         assert!(
             Device::parse("cuda:0").is_err(),
             "cuda:0 must be an error when no GPU is usable"
@@ -463,7 +432,6 @@ fn device_names_are_parsed_and_bad_ones_refused() {
     }
 }
 
-#[test]
 fn handles_are_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Device>();
@@ -475,55 +443,75 @@ fn handles_are_send_and_sync() {
 // Issue 14, item 3: eps = 0 turned an all-zero gradient row into NaN
 // (`lr / (sqrt(0) + 0) * 0`). Rates that cannot give a finite update are
 // refused before anything is written.
-#[test]
-fn adagrad_and_sgd_refuse_rates_that_give_nan() {
-    for device in devices() {
-        let shape = TableShape {
-            heads: 1,
-            num_rows: 2,
-            width: 2,
-        };
-        let grad = || {
-            SparseGrad::new(
-                tensor(vec![0u32, 1], &[2], &device),
-                tensor(vec![0.0f32, 0.0, 0.5, 0.5], &[1, 2, 2], &device),
-                shape,
-            )
-            .unwrap()
-        };
-        let mut table = tensor(vec![1.0f32; 4], &[1, 2, 2], &device);
-        let mut state = tensor(vec![0.0f32; 2], &[1, 2], &device);
-        for (lr, eps, argument) in [
-            (0.1, 0.0, "eps"),
-            (0.1, -1e-8, "eps"),
-            (0.1, f32::NAN, "eps"),
-            (0.1, f32::INFINITY, "eps"),
-            (f32::NAN, 1e-8, "lr"),
-            (f32::INFINITY, 1e-8, "lr"),
-        ] {
-            let error = embedding::adagrad(&mut table, &mut state, &grad(), lr, eps).unwrap_err();
-            assert!(
-                matches!(error, Error::InvalidArgument { argument: a, .. } if a == argument),
-                "{device:?} lr {lr} eps {eps}: {error}"
-            );
-        }
-        for lr in [f32::NAN, f32::NEG_INFINITY] {
-            let error = embedding::sgd(&mut table, &grad(), lr).unwrap_err();
-            assert!(
-                matches!(error, Error::InvalidArgument { argument: "lr", .. }),
-                "{error}"
-            );
-        }
-        assert_eq!(
-            table.to_vec().unwrap(),
-            vec![1.0; 4],
-            "{device:?}: a refused update wrote"
+fn adagrad_and_sgd_refuse_rates_that_give_nan(device: &Device) {
+    let shape = TableShape {
+        heads: 1,
+        num_rows: 2,
+        width: 2,
+    };
+    let grad = || {
+        SparseGrad::new(
+            tensor(vec![0u32, 1], &[2], device),
+            tensor(vec![0.0f32, 0.0, 0.5, 0.5], &[1, 2, 2], device),
+            shape,
+        )
+        .unwrap()
+    };
+    let mut table = tensor(vec![1.0f32; 4], &[1, 2, 2], device);
+    let mut state = tensor(vec![0.0f32; 2], &[1, 2], device);
+    for (lr, eps, argument) in [
+        (0.1, 0.0, "eps"),
+        (0.1, -1e-8, "eps"),
+        (0.1, f32::NAN, "eps"),
+        (0.1, f32::INFINITY, "eps"),
+        (f32::NAN, 1e-8, "lr"),
+        (f32::INFINITY, 1e-8, "lr"),
+    ] {
+        let error = embedding::adagrad(&mut table, &mut state, &grad(), lr, eps).unwrap_err();
+        assert!(
+            matches!(error, Error::InvalidArgument { argument: a, .. } if a == argument),
+            "{device:?} lr {lr} eps {eps}: {error}"
         );
-        assert_eq!(state.to_vec().unwrap(), vec![0.0; 2]);
-        // The smallest valid eps keeps the zero row finite (and unchanged).
-        embedding::adagrad(&mut table, &mut state, &grad(), 0.1, f32::MIN_POSITIVE).unwrap();
-        let table = table.to_vec().unwrap();
-        assert_eq!(&table[..2], &[1.0, 1.0], "{device:?}");
-        assert!(table.iter().all(|v| v.is_finite()), "{device:?}: {table:?}");
     }
+    for lr in [f32::NAN, f32::NEG_INFINITY] {
+        let error = embedding::sgd(&mut table, &grad(), lr).unwrap_err();
+        assert!(
+            matches!(error, Error::InvalidArgument { argument: "lr", .. }),
+            "{error}"
+        );
+    }
+    assert_eq!(
+        table.to_vec().unwrap(),
+        vec![1.0; 4],
+        "{device:?}: a refused update wrote"
+    );
+    assert_eq!(state.to_vec().unwrap(), vec![0.0; 2]);
+    // The smallest valid eps keeps the zero row finite (and unchanged).
+    embedding::adagrad(&mut table, &mut state, &grad(), 0.1, f32::MIN_POSITIVE).unwrap();
+    let table = table.to_vec().unwrap();
+    assert_eq!(&table[..2], &[1.0, 1.0], "{device:?}");
+    assert!(table.iter().all(|v| v.is_finite()), "{device:?}: {table:?}");
+}
+
+common::harness::test_main! {
+    devices: [
+        outputs_are_bitwise_identical_across_runs_and_thread_counts,
+        matches_the_numpy_golden_files,
+        an_all_padding_batch_gives_zero_rows_and_an_empty_gradient,
+        an_empty_batch_gives_empty_outputs,
+        an_out_of_range_id_names_the_lowest_position,
+        the_backward_checks_ids_too,
+        malformed_tables_are_shape_errors,
+        bad_sparse_rows_are_refused_and_leave_the_table_untouched,
+        optimizer_operands_are_checked,
+        adagrad_and_sgd_refuse_rates_that_give_nan,
+    ],
+    cuda: [
+        cpu_and_cuda_agree_on_fresh_inputs,
+        operands_on_different_devices_are_refused,
+    ],
+    host: [
+        device_names_are_parsed_and_bad_ones_refused,
+        handles_are_send_and_sync,
+    ],
 }

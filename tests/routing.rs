@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, cuda_device, devices, for_each_golden, rtol, Golden, Rng};
+use common::{assert_close, for_each_golden, rtol, Golden, Rng};
 use half::{bf16, f16};
 use moerec::routing::{self, RoutingOptions, Score, TopK};
 use moerec::{DType, Device, Element, Error, FloatElement, Tensor};
@@ -201,32 +201,27 @@ fn check_golden<T: FloatElement>(golden: &Golden, device: &Device) {
     }
 }
 
-#[test]
-fn matches_the_numpy_golden_files() {
-    for_each_golden!("routing", check_golden);
+fn matches_the_numpy_golden_files(device: &Device) {
+    for_each_golden!("routing", check_golden, device);
 }
 
-#[test]
 fn outputs_and_saved_are_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<routing::Routing>();
     check::<routing::Saved>();
 }
 
-#[test]
-fn a_hand_checked_plan() {
-    for device in devices() {
-        let inf = f32::NEG_INFINITY;
-        let logits = tensor(vec![1.0f32, 2.0, 3.0, 0.0, 0.0, 0.0, inf, 1.0, inf], &[3, 3], &device);
-        let (out, _) = routing::forward(&logits, &RoutingOptions::new(TopK::K(2))).unwrap();
-        assert_eq!(out.indices.to_vec().unwrap(), vec![2, 1, 0, 1, 1, 0], "{device}");
-        assert_eq!(out.plan.counts.to_vec().unwrap(), vec![2, 3, 1]);
-        assert_eq!(out.plan.offsets.to_vec().unwrap(), vec![0, 2, 5, 6]);
-        assert_eq!(out.plan.token_of_row.to_vec().unwrap(), vec![1, 2, 0, 1, 2, 0]);
-        assert_eq!(out.plan.row_of_slot.to_vec().unwrap(), vec![5, 2, 0, 3, 4, 1]);
-        let weights = out.weights.to_vec().unwrap();
-        assert_eq!(&weights[4..], &[1.0, 0.0], "{device}: -inf takes no mass");
-    }
+fn a_hand_checked_plan(device: &Device) {
+    let inf = f32::NEG_INFINITY;
+    let logits = tensor(vec![1.0f32, 2.0, 3.0, 0.0, 0.0, 0.0, inf, 1.0, inf], &[3, 3], device);
+    let (out, _) = routing::forward(&logits, &RoutingOptions::new(TopK::K(2))).unwrap();
+    assert_eq!(out.indices.to_vec().unwrap(), vec![2, 1, 0, 1, 1, 0], "{device}");
+    assert_eq!(out.plan.counts.to_vec().unwrap(), vec![2, 3, 1]);
+    assert_eq!(out.plan.offsets.to_vec().unwrap(), vec![0, 2, 5, 6]);
+    assert_eq!(out.plan.token_of_row.to_vec().unwrap(), vec![1, 2, 0, 1, 2, 0]);
+    assert_eq!(out.plan.row_of_slot.to_vec().unwrap(), vec![5, 2, 0, 3, 4, 1]);
+    let weights = out.weights.to_vec().unwrap();
+    assert_eq!(&weights[4..], &[1.0, 0.0], "{device}: -inf takes no mass");
 }
 
 fn assert_parity(what: &str, cpu: &Outputs, gpu: &Outputs) {
@@ -276,9 +271,7 @@ fn parity_case<T: FloatElement>(cuda: &Device, tokens: usize, experts: usize, k:
     }
 }
 
-#[test]
-fn cpu_and_cuda_agree_on_fresh_inputs() {
-    let Some(cuda) = cuda_device() else { return };
+fn cpu_and_cuda_agree_on_fresh_inputs(cuda: &Device) {
     for &(tokens, experts) in &[
         (700, 1),
         (700, 5),
@@ -293,16 +286,16 @@ fn cpu_and_cuda_agree_on_fresh_inputs() {
                 continue;
             }
             for masked in [false, true] {
-                parity_case::<f32>(&cuda, tokens, experts, k, masked);
-                parity_case::<bf16>(&cuda, tokens, experts, k, masked);
+                parity_case::<f32>(cuda, tokens, experts, k, masked);
+                parity_case::<bf16>(cuda, tokens, experts, k, masked);
             }
         }
     }
-    parity_case::<f16>(&cuda, 5000, 64, TopK::K(8), true);
+    parity_case::<f16>(cuda, 5000, 64, TopK::K(8), true);
     // Many forward blocks (statistics summed over several partial rows), and
     // an expert count that opts in to more shared memory.
-    parity_case::<bf16>(&cuda, 70_000, 8, TopK::K(2), true);
-    parity_case::<f32>(&cuda, 64, 4096, TopK::K(4), false);
+    parity_case::<bf16>(cuda, 70_000, 8, TopK::K(2), true);
+    parity_case::<f32>(cuda, 64, 4096, TopK::K(4), false);
     // Grouped: FAME's heads, groups of one expert, and rows wider than a warp.
     for &(tokens, experts, groups, k) in &[
         (300, 32, 4, TopK::All),
@@ -318,363 +311,316 @@ fn cpu_and_cuda_agree_on_fresh_inputs() {
                 assert_parity(
                     &what,
                     &problem.run(&Device::cpu()).unwrap(),
-                    &problem.run(&cuda).unwrap(),
+                    &problem.run(cuda).unwrap(),
                 );
             }
         }
     }
 }
 
-#[test]
-fn outputs_are_bitwise_identical_across_runs_and_thread_counts() {
+fn outputs_are_bitwise_identical_across_runs_and_thread_counts(device: &Device) {
     let plain = Problem::<bf16>::random(42, 3000, 96, TopK::K(4), Score::Softmax, true);
     let grouped = Problem::<bf16>::random_grouped(43, 1000, 96, 4, TopK::K(3), Score::Sigmoid, true);
     for problem in [plain, grouped] {
-        for device in devices() {
-            let first = problem.run(&device).unwrap();
-            let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-            let second = single.install(|| problem.run(&device).unwrap());
-            assert_eq!(first.indices, second.indices, "{device}");
-            assert_eq!(first.token_of_row, second.token_of_row, "{device}");
-            assert_eq!(first.float_bits(), second.float_bits(), "{device}: floats");
-        }
+        let first = problem.run(device).unwrap();
+        let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let second = single.install(|| problem.run(device).unwrap());
+        assert_eq!(first.indices, second.indices, "{device}");
+        assert_eq!(first.token_of_row, second.token_of_row, "{device}");
+        assert_eq!(first.float_bits(), second.float_bits(), "{device}: floats");
     }
 }
 
-#[test]
-fn the_plan_groups_rows_by_expert_in_ascending_token_order() {
-    for device in devices() {
-        let problem = Problem::<f32>::random(7, 2000, 13, TopK::K(3), Score::Sigmoid, true);
-        let out = problem.run(&device).unwrap();
-        let token_mask = problem.token_mask.as_ref().unwrap();
-        let valid = token_mask.iter().filter(|&&m| m == 1).count();
-        assert_eq!(out.token_of_row.len(), 3 * valid, "{device}");
-        assert_eq!(*out.offsets.last().unwrap() as usize, 3 * valid);
-        for e in 0..13 {
-            let rows = &out.token_of_row[out.offsets[e] as usize..out.offsets[e + 1] as usize];
-            assert_eq!(rows.len() as u32, out.counts[e]);
-            assert!(rows.windows(2).all(|w| w[0] < w[1]), "{device}: expert {e}");
-            assert!(rows.is_empty() || problem.expert_mask.as_ref().unwrap()[e] == 1);
-        }
-        for (t, &valid) in token_mask.iter().enumerate() {
-            for j in t * 3..(t + 1) * 3 {
-                let (expert, row) = (out.indices[j], out.row_of_slot[j]);
-                if valid == 0 {
-                    assert_eq!((expert, row, out.weights[j]), (u32::MAX, u32::MAX, 0.0));
-                    continue;
-                }
-                assert_eq!(out.token_of_row[row as usize] as usize, t);
-                assert!(out.offsets[expert as usize] <= row && row < out.offsets[expert as usize + 1]);
-            }
+fn the_plan_groups_rows_by_expert_in_ascending_token_order(device: &Device) {
+    let problem = Problem::<f32>::random(7, 2000, 13, TopK::K(3), Score::Sigmoid, true);
+    let out = problem.run(device).unwrap();
+    let token_mask = problem.token_mask.as_ref().unwrap();
+    let valid = token_mask.iter().filter(|&&m| m == 1).count();
+    assert_eq!(out.token_of_row.len(), 3 * valid, "{device}");
+    assert_eq!(*out.offsets.last().unwrap() as usize, 3 * valid);
+    for e in 0..13 {
+        let rows = &out.token_of_row[out.offsets[e] as usize..out.offsets[e + 1] as usize];
+        assert_eq!(rows.len() as u32, out.counts[e]);
+        assert!(rows.windows(2).all(|w| w[0] < w[1]), "{device}: expert {e}");
+        assert!(rows.is_empty() || problem.expert_mask.as_ref().unwrap()[e] == 1);
+    }
+    for (t, &valid) in token_mask.iter().enumerate() {
+        for j in t * 3..(t + 1) * 3 {
+            let (expert, row) = (out.indices[j], out.row_of_slot[j]);
             if valid == 0 {
-                assert!(out.dlogits[t * 13..(t + 1) * 13].iter().all(|&d| d == 0.0), "{device}");
+                assert_eq!((expert, row, out.weights[j]), (u32::MAX, u32::MAX, 0.0));
+                continue;
             }
+            assert_eq!(out.token_of_row[row as usize] as usize, t);
+            assert!(out.offsets[expert as usize] <= row && row < out.offsets[expert as usize + 1]);
+        }
+        if valid == 0 {
+            assert!(out.dlogits[t * 13..(t + 1) * 13].iter().all(|&d| d == 0.0), "{device}");
         }
     }
 }
 
-#[test]
-fn an_empty_batch_gives_empty_outputs_and_zero_losses() {
-    for device in devices() {
-        let mut problem = Problem::<f32>::random(3, 0, 6, TopK::K(2), Score::Softmax, false);
-        problem.lb_coef = 1.0;
-        let out = problem.run(&device).unwrap();
-        assert!(out.indices.is_empty() && out.token_of_row.is_empty() && out.dlogits.is_empty());
-        assert_eq!(out.counts, vec![0; 6], "{device}");
-        assert_eq!(out.offsets, vec![0; 7], "{device}");
-        assert_eq!((out.lb_loss, out.z_loss), (0.0, 0.0), "{device}");
-    }
+fn an_empty_batch_gives_empty_outputs_and_zero_losses(device: &Device) {
+    let mut problem = Problem::<f32>::random(3, 0, 6, TopK::K(2), Score::Softmax, false);
+    problem.lb_coef = 1.0;
+    let out = problem.run(device).unwrap();
+    assert!(out.indices.is_empty() && out.token_of_row.is_empty() && out.dlogits.is_empty());
+    assert_eq!(out.counts, vec![0; 6], "{device}");
+    assert_eq!(out.offsets, vec![0; 7], "{device}");
+    assert_eq!((out.lb_loss, out.z_loss), (0.0, 0.0), "{device}");
 }
 
-#[test]
-fn single_expert_and_dense_routing_work() {
-    for device in devices() {
-        let logits = tensor(vec![0.5f32, -2.0], &[2, 1], &device);
-        let (out, _) = routing::forward(&logits, &RoutingOptions::new(TopK::All)).unwrap();
-        assert_eq!(out.indices.to_vec().unwrap(), vec![0, 0], "{device}");
-        assert_eq!(out.weights.to_vec().unwrap(), vec![1.0, 1.0], "{device}");
-        assert_eq!(out.lb_loss.to_vec().unwrap(), vec![1.0], "{device}: balanced");
-    }
+fn single_expert_and_dense_routing_work(device: &Device) {
+    let logits = tensor(vec![0.5f32, -2.0], &[2, 1], device);
+    let (out, _) = routing::forward(&logits, &RoutingOptions::new(TopK::All)).unwrap();
+    assert_eq!(out.indices.to_vec().unwrap(), vec![0, 0], "{device}");
+    assert_eq!(out.weights.to_vec().unwrap(), vec![1.0, 1.0], "{device}");
+    assert_eq!(out.lb_loss.to_vec().unwrap(), vec![1.0], "{device}: balanced");
 }
 
 fn zeros(shape: &[usize], device: &Device) -> Tensor<f32> {
     Tensor::zeros(shape, device).unwrap()
 }
 
-#[test]
-fn k_zero_is_refused() {
-    for device in devices() {
-        let error = routing::forward(&zeros(&[2, 4], &device), &RoutingOptions::new(TopK::K(0))).unwrap_err();
-        assert!(
-            matches!(error, Error::InvalidArgument { argument: "k", .. }),
-            "{device}: {error}"
-        );
-    }
+fn k_zero_is_refused(device: &Device) {
+    let error = routing::forward(&zeros(&[2, 4], device), &RoutingOptions::new(TopK::K(0))).unwrap_err();
+    assert!(
+        matches!(error, Error::InvalidArgument { argument: "k", .. }),
+        "{device}: {error}"
+    );
 }
 
-#[test]
-fn k_above_the_active_experts_is_refused() {
-    for device in devices() {
-        let logits = zeros(&[2, 4], &device);
-        let error = routing::forward(&logits, &RoutingOptions::new(TopK::K(5))).unwrap_err();
-        assert!(
-            matches!(error, Error::InvalidArgument { argument: "k", .. }),
-            "{device}: {error}"
-        );
-        let mask = tensor(vec![0u32, 1, 1, 0], &[4], &device);
-        let options = RoutingOptions::new(TopK::K(3)).with_expert_mask(&mask);
+fn k_above_the_active_experts_is_refused(device: &Device) {
+    let logits = zeros(&[2, 4], device);
+    let error = routing::forward(&logits, &RoutingOptions::new(TopK::K(5))).unwrap_err();
+    assert!(
+        matches!(error, Error::InvalidArgument { argument: "k", .. }),
+        "{device}: {error}"
+    );
+    let mask = tensor(vec![0u32, 1, 1, 0], &[4], device);
+    let options = RoutingOptions::new(TopK::K(3)).with_expert_mask(&mask);
+    let error = routing::forward(&logits, &options).unwrap_err();
+    assert!(
+        matches!(error, Error::InvalidArgument { argument: "k", .. }),
+        "{device}: {error}"
+    );
+    let none_active = tensor(vec![0u32; 4], &[4], device);
+    let options = RoutingOptions::new(TopK::All).with_expert_mask(&none_active);
+    let error = routing::forward(&logits, &options).unwrap_err();
+    assert!(
+        matches!(error, Error::InvalidArgument { argument: "k", .. }),
+        "{device}: {error}"
+    );
+}
+
+fn malformed_logits_are_shape_errors(device: &Device) {
+    let options = RoutingOptions::new(TopK::K(1));
+    for shape in [&[4][..], &[2, 0], &[1, 2, 2]] {
+        let logits = zeros(shape, device);
         let error = routing::forward(&logits, &options).unwrap_err();
         assert!(
-            matches!(error, Error::InvalidArgument { argument: "k", .. }),
-            "{device}: {error}"
-        );
-        let none_active = tensor(vec![0u32; 4], &[4], &device);
-        let options = RoutingOptions::new(TopK::All).with_expert_mask(&none_active);
-        let error = routing::forward(&logits, &options).unwrap_err();
-        assert!(
-            matches!(error, Error::InvalidArgument { argument: "k", .. }),
+            matches!(error, Error::ShapeMismatch { argument: "logits", .. }),
             "{device}: {error}"
         );
     }
 }
 
-#[test]
-fn malformed_logits_are_shape_errors() {
-    for device in devices() {
-        let options = RoutingOptions::new(TopK::K(1));
-        for shape in [&[4][..], &[2, 0], &[1, 2, 2]] {
-            let logits = zeros(shape, &device);
-            let error = routing::forward(&logits, &options).unwrap_err();
-            assert!(
-                matches!(error, Error::ShapeMismatch { argument: "logits", .. }),
-                "{device}: {error}"
-            );
-        }
-    }
+fn masks_and_bias_of_the_wrong_shape_are_refused(device: &Device) {
+    let logits = zeros(&[2, 4], device);
+    let short = tensor(vec![1u32; 3], &[3], device);
+    let options = RoutingOptions::new(TopK::K(1));
+    let error = routing::forward(&logits, &options.with_expert_mask(&short)).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::ShapeMismatch {
+                argument: "expert_mask",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let error = routing::forward(&logits, &options.with_token_mask(&short)).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::ShapeMismatch {
+                argument: "token_mask",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let bias = tensor(vec![0f32; 2], &[2], device);
+    let error = routing::forward(&logits, &options.with_selection_bias(&bias)).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::ShapeMismatch {
+                argument: "selection_bias",
+                ..
+            }
+        ),
+        "{error}"
+    );
 }
 
-#[test]
-fn masks_and_bias_of_the_wrong_shape_are_refused() {
-    for device in devices() {
-        let logits = zeros(&[2, 4], &device);
-        let short = tensor(vec![1u32; 3], &[3], &device);
-        let options = RoutingOptions::new(TopK::K(1));
-        let error = routing::forward(&logits, &options.with_expert_mask(&short)).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                Error::ShapeMismatch {
-                    argument: "expert_mask",
-                    ..
-                }
-            ),
-            "{error}"
-        );
-        let error = routing::forward(&logits, &options.with_token_mask(&short)).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                Error::ShapeMismatch {
-                    argument: "token_mask",
-                    ..
-                }
-            ),
-            "{error}"
-        );
-        let bias = tensor(vec![0f32; 2], &[2], &device);
-        let error = routing::forward(&logits, &options.with_selection_bias(&bias)).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                Error::ShapeMismatch {
-                    argument: "selection_bias",
-                    ..
-                }
-            ),
-            "{error}"
-        );
-    }
-}
-
-#[test]
-fn mask_entries_other_than_zero_and_one_are_refused() {
-    for device in devices() {
-        let mut logits = vec![0f32; 3 * 4];
-        logits[5] = f32::NAN; // the mask is checked before the logits
-        let logits = tensor(logits, &[3, 4], &device);
-        let options = RoutingOptions::new(TopK::K(1));
-        let expert_mask = tensor(vec![1u32, 2, 1, 1], &[4], &device);
-        let error = routing::forward(&logits, &options.with_expert_mask(&expert_mask)).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                Error::InvalidArgument {
-                    argument: "expert_mask",
-                    ..
-                }
-            ),
-            "{error}"
-        );
-        let token_mask = tensor(vec![1u32, 1, 7], &[3], &device);
-        let error = routing::forward(&logits, &options.with_token_mask(&token_mask)).unwrap_err();
-        assert_eq!(
+fn mask_entries_other_than_zero_and_one_are_refused(device: &Device) {
+    let mut logits = vec![0f32; 3 * 4];
+    logits[5] = f32::NAN; // the mask is checked before the logits
+    let logits = tensor(logits, &[3, 4], device);
+    let options = RoutingOptions::new(TopK::K(1));
+    let expert_mask = tensor(vec![1u32, 2, 1, 1], &[4], device);
+    let error = routing::forward(&logits, &options.with_expert_mask(&expert_mask)).unwrap_err();
+    assert!(
+        matches!(
             error,
             Error::InvalidArgument {
-                argument: "token_mask",
-                message: "expected entries 0 or 1, got 7 at position 2".into()
-            },
-            "{device}"
-        );
-    }
+                argument: "expert_mask",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let token_mask = tensor(vec![1u32, 1, 7], &[3], device);
+    let error = routing::forward(&logits, &options.with_token_mask(&token_mask)).unwrap_err();
+    assert_eq!(
+        error,
+        Error::InvalidArgument {
+            argument: "token_mask",
+            message: "expected entries 0 or 1, got 7 at position 2".into()
+        },
+        "{device}"
+    );
 }
 
-#[test]
-fn a_non_finite_selection_bias_is_refused() {
-    for device in devices() {
-        let logits = zeros(&[2, 4], &device);
-        let bias = tensor(vec![0.0, f32::INFINITY, 0.0, 0.0], &[4], &device);
-        let options = RoutingOptions::new(TopK::K(1)).with_selection_bias(&bias);
-        let error = routing::forward(&logits, &options).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                Error::InvalidArgument {
-                    argument: "selection_bias",
-                    ..
-                }
-            ),
-            "{error}"
-        );
-    }
+fn a_non_finite_selection_bias_is_refused(device: &Device) {
+    let logits = zeros(&[2, 4], device);
+    let bias = tensor(vec![0.0, f32::INFINITY, 0.0, 0.0], &[4], device);
+    let options = RoutingOptions::new(TopK::K(1)).with_selection_bias(&bias);
+    let error = routing::forward(&logits, &options).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::InvalidArgument {
+                argument: "selection_bias",
+                ..
+            }
+        ),
+        "{error}"
+    );
 }
 
-#[test]
-fn nan_and_positive_infinity_report_the_lowest_position_in_both_passes() {
-    for device in devices() {
-        for bad in [f32::NAN, f32::INFINITY] {
-            let mut values = vec![0f32; 3 * 4];
-            values[2 * 4] = bad;
-            values[4 + 3] = bad;
-            values[4 + 2] = f32::NEG_INFINITY; // allowed
-            let logits = tensor(values, &[3, 4], &device);
-            let expected = Error::NonFinite {
-                argument: "logits",
-                row: 1,
-                column: 3,
-            };
-            let options = RoutingOptions::new(TopK::K(1));
-            assert_eq!(routing::forward(&logits, &options).unwrap_err(), expected, "{device}");
-
-            let clean = zeros(&[3, 4], &device);
-            let (_, saved) = routing::forward(&clean, &options).unwrap();
-            let dweights = zeros(&[3, 1], &device);
-            let error = routing::backward(&logits, &dweights, 0.0, 0.0, &saved).unwrap_err();
-            assert_eq!(error, expected, "{device}: backward");
-        }
-    }
-}
-
-#[test]
-fn an_all_negative_infinity_row_reports_its_first_active_column() {
-    for device in devices() {
-        let mut values = vec![0f32; 2 * 4];
-        values[4..].fill(f32::NEG_INFINITY);
-        let logits = tensor(values, &[2, 4], &device);
-        let mask = tensor(vec![0u32, 1, 1, 1], &[4], &device);
-        let options = RoutingOptions::new(TopK::K(1)).with_expert_mask(&mask);
+fn nan_and_positive_infinity_report_the_lowest_position_in_both_passes(device: &Device) {
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut values = vec![0f32; 3 * 4];
+        values[2 * 4] = bad;
+        values[4 + 3] = bad;
+        values[4 + 2] = f32::NEG_INFINITY; // allowed
+        let logits = tensor(values, &[3, 4], device);
         let expected = Error::NonFinite {
             argument: "logits",
             row: 1,
-            column: 1,
+            column: 3,
         };
+        let options = RoutingOptions::new(TopK::K(1));
         assert_eq!(routing::forward(&logits, &options).unwrap_err(), expected, "{device}");
-    }
-}
 
-#[test]
-fn non_finite_logits_of_inactive_experts_and_invalid_tokens_are_ignored() {
-    for device in devices() {
-        let logits = tensor(
-            vec![f32::NAN, 0.0, 0.0, f32::INFINITY, f32::INFINITY, f32::INFINITY],
-            &[2, 3],
-            &device,
-        );
-        let expert_mask = tensor(vec![0u32, 1, 1], &[3], &device);
-        let token_mask = tensor(vec![1u32, 0], &[2], &device);
-        let options = RoutingOptions::new(TopK::K(1))
-            .with_expert_mask(&expert_mask)
-            .with_token_mask(&token_mask);
-        let (out, saved) = routing::forward(&logits, &options).unwrap();
-        assert_eq!(out.indices.to_vec().unwrap(), vec![1, u32::MAX], "{device}");
-        let dweights = tensor(vec![1f32, 1.0], &[2, 1], &device);
-        let dlogits = routing::backward(&logits, &dweights, 1.0, 1.0, &saved).unwrap();
-        let dlogits = dlogits.to_vec().unwrap();
-        assert_eq!(dlogits[0], 0.0, "{device}: inactive expert");
-        assert_eq!(&dlogits[3..], &[0.0; 3], "{device}: invalid token");
-    }
-}
-
-#[test]
-fn dweights_of_the_wrong_shape_are_refused() {
-    for device in devices() {
-        let logits = zeros(&[2, 4], &device);
-        let (_, saved) = routing::forward(&logits, &RoutingOptions::new(TopK::K(2))).unwrap();
-        let dweights = zeros(&[2, 3], &device);
+        let clean = zeros(&[3, 4], device);
+        let (_, saved) = routing::forward(&clean, &options).unwrap();
+        let dweights = zeros(&[3, 1], device);
         let error = routing::backward(&logits, &dweights, 0.0, 0.0, &saved).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                Error::ShapeMismatch {
-                    argument: "dweights",
-                    ..
-                }
-            ),
-            "{error}"
-        );
+        assert_eq!(error, expected, "{device}: backward");
     }
 }
 
-#[test]
-fn backward_logits_must_match_the_forward() {
-    for device in devices() {
-        let logits = zeros(&[2, 4], &device);
-        let (_, saved) = routing::forward(&logits, &RoutingOptions::new(TopK::K(2))).unwrap();
-        let dweights = zeros(&[2, 2], &device);
-        let other_dtype = tensor(vec![bf16::ZERO; 8], &[2, 4], &device);
-        let error = routing::backward(&other_dtype, &dweights, 0.0, 0.0, &saved).unwrap_err();
-        assert_eq!(
+fn an_all_negative_infinity_row_reports_its_first_active_column(device: &Device) {
+    let mut values = vec![0f32; 2 * 4];
+    values[4..].fill(f32::NEG_INFINITY);
+    let logits = tensor(values, &[2, 4], device);
+    let mask = tensor(vec![0u32, 1, 1, 1], &[4], device);
+    let options = RoutingOptions::new(TopK::K(1)).with_expert_mask(&mask);
+    let expected = Error::NonFinite {
+        argument: "logits",
+        row: 1,
+        column: 1,
+    };
+    assert_eq!(routing::forward(&logits, &options).unwrap_err(), expected, "{device}");
+}
+
+fn non_finite_logits_of_inactive_experts_and_invalid_tokens_are_ignored(device: &Device) {
+    let logits = tensor(
+        vec![f32::NAN, 0.0, 0.0, f32::INFINITY, f32::INFINITY, f32::INFINITY],
+        &[2, 3],
+        device,
+    );
+    let expert_mask = tensor(vec![0u32, 1, 1], &[3], device);
+    let token_mask = tensor(vec![1u32, 0], &[2], device);
+    let options = RoutingOptions::new(TopK::K(1))
+        .with_expert_mask(&expert_mask)
+        .with_token_mask(&token_mask);
+    let (out, saved) = routing::forward(&logits, &options).unwrap();
+    assert_eq!(out.indices.to_vec().unwrap(), vec![1, u32::MAX], "{device}");
+    let dweights = tensor(vec![1f32, 1.0], &[2, 1], device);
+    let dlogits = routing::backward(&logits, &dweights, 1.0, 1.0, &saved).unwrap();
+    let dlogits = dlogits.to_vec().unwrap();
+    assert_eq!(dlogits[0], 0.0, "{device}: inactive expert");
+    assert_eq!(&dlogits[3..], &[0.0; 3], "{device}: invalid token");
+}
+
+fn dweights_of_the_wrong_shape_are_refused(device: &Device) {
+    let logits = zeros(&[2, 4], device);
+    let (_, saved) = routing::forward(&logits, &RoutingOptions::new(TopK::K(2))).unwrap();
+    let dweights = zeros(&[2, 3], device);
+    let error = routing::backward(&logits, &dweights, 0.0, 0.0, &saved).unwrap_err();
+    assert!(
+        matches!(
             error,
-            Error::DtypeMismatch {
-                argument: "logits",
-                expected: DType::F32,
-                actual: DType::BF16
-            },
-            "{device}"
-        );
-        let other_shape = zeros(&[2, 5], &device);
-        let error = routing::backward(&other_shape, &dweights, 0.0, 0.0, &saved).unwrap_err();
-        assert!(
-            matches!(error, Error::ShapeMismatch { argument: "logits", .. }),
-            "{error}"
-        );
-        let error = routing::backward(&logits, &dweights, f32::NAN, 0.0, &saved).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                Error::InvalidArgument {
-                    argument: "lb_coef",
-                    ..
-                }
-            ),
-            "{error}"
-        );
-    }
+            Error::ShapeMismatch {
+                argument: "dweights",
+                ..
+            }
+        ),
+        "{error}"
+    );
 }
 
-#[test]
-fn operands_on_different_devices_are_refused() {
-    let Some(cuda) = cuda_device() else { return };
-    let logits = zeros(&[2, 4], &cuda);
+fn backward_logits_must_match_the_forward(device: &Device) {
+    let logits = zeros(&[2, 4], device);
+    let (_, saved) = routing::forward(&logits, &RoutingOptions::new(TopK::K(2))).unwrap();
+    let dweights = zeros(&[2, 2], device);
+    let other_dtype = tensor(vec![bf16::ZERO; 8], &[2, 4], device);
+    let error = routing::backward(&other_dtype, &dweights, 0.0, 0.0, &saved).unwrap_err();
+    assert_eq!(
+        error,
+        Error::DtypeMismatch {
+            argument: "logits",
+            expected: DType::F32,
+            actual: DType::BF16
+        },
+        "{device}"
+    );
+    let other_shape = zeros(&[2, 5], device);
+    let error = routing::backward(&other_shape, &dweights, 0.0, 0.0, &saved).unwrap_err();
+    assert!(
+        matches!(error, Error::ShapeMismatch { argument: "logits", .. }),
+        "{error}"
+    );
+    let error = routing::backward(&logits, &dweights, f32::NAN, 0.0, &saved).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::InvalidArgument {
+                argument: "lb_coef",
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+fn operands_on_different_devices_are_refused(cuda: &Device) {
+    let logits = zeros(&[2, 4], cuda);
     let mask = tensor(vec![1u32; 4], &[4], &Device::cpu());
     let options = RoutingOptions::new(TopK::K(1)).with_expert_mask(&mask);
     let error = routing::forward(&logits, &options).unwrap_err();
@@ -703,7 +649,6 @@ fn operands_on_different_devices_are_refused() {
     );
 }
 
-#[test]
 fn the_backend_checks_its_config() {
     use moerec::routing::RoutingConfig;
     let config = RoutingConfig::new(2, 3, TopK::K(2), Score::Softmax, false, None).unwrap();
@@ -745,8 +690,7 @@ fn assert_close_f32(what: &str, actual: &[f32], expected: &[f64]) {
 
 // Issue 14: the load-balance gradient divided by the sum of a token's
 // sigmoids, which is subnormal when all its logits are below about -87.
-#[test]
-fn the_sigmoid_load_balance_gradient_is_finite_where_the_sigmoids_underflow() {
+fn the_sigmoid_load_balance_gradient_is_finite_where_the_sigmoids_underflow(device: &Device) {
     // Float64: q_i (1 - p_i) (c_i - <c, q>) with c = E' f / T' = [1, 0].
     let cases: [([f32; 4], [f64; 4]); 2] = [
         (
@@ -763,68 +707,60 @@ fn the_sigmoid_load_balance_gradient_is_finite_where_the_sigmoids_underflow() {
             ],
         ),
     ];
-    for device in devices() {
-        for (logits, expected) in &cases {
-            let options = RoutingOptions::new(TopK::K(1)).with_score(Score::Sigmoid);
-            let (_, dlogits) = weights_and_gradient(&device, logits.to_vec(), [2, 2], options, vec![0.0; 2], 1.0, 0.0);
-            assert_close_f32(&format!("{device}: {logits:?}"), &dlogits, expected);
-        }
+    for (logits, expected) in &cases {
+        let options = RoutingOptions::new(TopK::K(1)).with_score(Score::Sigmoid);
+        let (_, dlogits) = weights_and_gradient(device, logits.to_vec(), [2, 2], options, vec![0.0; 2], 1.0, 0.0);
+        assert_close_f32(&format!("{device}: {logits:?}"), &dlogits, expected);
     }
 }
 
 // Issue 14: the renormalised weights' gradient divided by the subnormal sum
 // of the selected sigmoids.
-#[test]
-fn the_renormalised_gradient_is_finite_where_the_selected_scores_underflow() {
-    for device in devices() {
-        let options = RoutingOptions::new(TopK::All)
-            .with_score(Score::Sigmoid)
-            .with_renormalize(true);
-        let (weights, dlogits) =
-            weights_and_gradient(&device, vec![-200.0, -95.0], [1, 2], options, vec![1.0, 0.0], 0.0, 0.0);
-        assert_close_f32(&format!("{device}: weights"), &weights, &[1.0, 0.0]);
-        // Exact: [-2.5e-46, 0], below the smallest f32.
-        assert!(dlogits.iter().all(|d| d.abs() < 1e-30), "{device}: {dlogits:?}");
-    }
+fn the_renormalised_gradient_is_finite_where_the_selected_scores_underflow(device: &Device) {
+    let options = RoutingOptions::new(TopK::All)
+        .with_score(Score::Sigmoid)
+        .with_renormalize(true);
+    let (weights, dlogits) =
+        weights_and_gradient(device, vec![-200.0, -95.0], [1, 2], options, vec![1.0, 0.0], 0.0, 0.0);
+    assert_close_f32(&format!("{device}: weights"), &weights, &[1.0, 0.0]);
+    // Exact: [-2.5e-46, 0], below the smallest f32.
+    assert!(dlogits.iter().all(|d| d.abs() < 1e-30), "{device}: {dlogits:?}");
 }
 
 // The decision for issue 14: renormalised weights and load-balance shares are
 // exact ratios even where the scores underflow f32, so they are continuous in
 // the logits (a lone renormalised weight was 1 at -90 and 0 at -104).
-#[test]
-fn renormalised_weights_are_exact_ratios_where_the_scores_underflow() {
-    for device in devices() {
-        for score in [Score::Sigmoid, Score::Softmax] {
-            let options = RoutingOptions::new(TopK::K(1)).with_score(score).with_renormalize(true);
-            let (weights, _) = weights_and_gradient(&device, vec![-104.0], [1, 1], options, vec![1.0], 0.0, 0.0);
-            assert_eq!(weights, vec![1.0], "{device} {score:?}");
-        }
-        // The bias selects two experts whose softmax scores underflow: the
-        // weights are the softmax over the selected logits, [-95, -96].
-        let bias = tensor(vec![0.0f32, 200.0, 200.0], &[3], &device);
-        for score in [Score::Sigmoid, Score::Softmax] {
-            let options = RoutingOptions::new(TopK::K(2))
-                .with_score(score)
-                .with_renormalize(true)
-                .with_selection_bias(&bias);
-            let (weights, dlogits) = weights_and_gradient(
-                &device,
-                vec![0.0, -95.0, -96.0],
-                [1, 3],
-                options,
-                vec![1.0, 0.0],
-                0.0,
-                0.0,
-            );
-            let (w1, w2) = (1.0 / (1.0 + (-1f64).exp()), 1.0 / (1.0 + 1f64.exp()));
-            assert_close_f32(&format!("{device} {score:?}: weights"), &weights, &[w1, w2]);
-            // d w1 / dz = w1 w2 (1 - p) for z1, -w1 w2 (1 - p) for z2; p ~ 0.
-            assert_close_f32(
-                &format!("{device} {score:?}: dlogits"),
-                &dlogits,
-                &[0.0, w1 * w2, -w1 * w2],
-            );
-        }
+fn renormalised_weights_are_exact_ratios_where_the_scores_underflow(device: &Device) {
+    for score in [Score::Sigmoid, Score::Softmax] {
+        let options = RoutingOptions::new(TopK::K(1)).with_score(score).with_renormalize(true);
+        let (weights, _) = weights_and_gradient(device, vec![-104.0], [1, 1], options, vec![1.0], 0.0, 0.0);
+        assert_eq!(weights, vec![1.0], "{device} {score:?}");
+    }
+    // The bias selects two experts whose softmax scores underflow: the
+    // weights are the softmax over the selected logits, [-95, -96].
+    let bias = tensor(vec![0.0f32, 200.0, 200.0], &[3], device);
+    for score in [Score::Sigmoid, Score::Softmax] {
+        let options = RoutingOptions::new(TopK::K(2))
+            .with_score(score)
+            .with_renormalize(true)
+            .with_selection_bias(&bias);
+        let (weights, dlogits) = weights_and_gradient(
+            device,
+            vec![0.0, -95.0, -96.0],
+            [1, 3],
+            options,
+            vec![1.0, 0.0],
+            0.0,
+            0.0,
+        );
+        let (w1, w2) = (1.0 / (1.0 + (-1f64).exp()), 1.0 / (1.0 + 1f64.exp()));
+        assert_close_f32(&format!("{device} {score:?}: weights"), &weights, &[w1, w2]);
+        // d w1 / dz = w1 w2 (1 - p) for z1, -w1 w2 (1 - p) for z2; p ~ 0.
+        assert_close_f32(
+            &format!("{device} {score:?}: dlogits"),
+            &dlogits,
+            &[0.0, w1 * w2, -w1 * w2],
+        );
     }
 }
 
@@ -833,208 +769,235 @@ fn renormalised_weights_are_exact_ratios_where_the_scores_underflow() {
 /// router over its columns; the losses are the means over the groups, so the
 /// gradients are each group's with coefficients / G; the plan's rows name
 /// routing rows t * G + g.
-#[test]
-fn grouped_routing_is_each_group_routed_alone() {
+fn grouped_routing_is_each_group_routed_alone(device: &Device) {
     let (tokens, groups, group_experts) = (37, 3, 5);
     let experts = groups * group_experts;
     let tolerance = rtol::<f32>(true);
     let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
-    for device in devices() {
-        for (seed, k) in [(1, TopK::K(1)), (2, TopK::K(2)), (3, TopK::All)] {
-            for score in [Score::Softmax, Score::Sigmoid] {
-                let grouped = Problem::<f32>::random_grouped(seed, tokens, experts, groups, k, score, true);
-                let out = grouped.run(&device).unwrap();
-                let kk = out.indices.len() / (tokens * groups);
-                let what = format!("{device} {k:?} {score:?}");
-                let mut token_of_row = Vec::new();
-                let mut losses = [0f64; 2];
-                for g in 0..groups {
-                    let columns = g * group_experts..(g + 1) * group_experts;
-                    let alone = Problem::<f32> {
-                        tokens,
-                        experts: group_experts,
-                        logits: grouped
-                            .logits
-                            .chunks(group_experts)
-                            .skip(g)
-                            .step_by(groups)
-                            .flatten()
-                            .copied()
-                            .collect(),
-                        expert_mask: grouped.expert_mask.as_ref().map(|m| m[columns.clone()].to_vec()),
-                        selection_bias: grouped.selection_bias.as_ref().map(|b| b[columns.clone()].to_vec()),
-                        dweights: grouped.dweights[..tokens * groups * kk]
-                            .chunks(kk)
-                            .skip(g)
-                            .step_by(groups)
-                            .flatten()
-                            .copied()
-                            .collect(),
-                        lb_coef: grouped.lb_coef / groups as f32,
-                        z_coef: grouped.z_coef / groups as f32,
-                        groups: 1,
-                        token_mask: grouped.token_mask.clone(),
-                        ..grouped
-                    }
-                    .run(&device)
-                    .unwrap();
-                    for t in 0..tokens {
-                        let (row, slots) = (t * groups + g, t * kk..(t + 1) * kk);
-                        let global: Vec<u32> = alone.indices[slots.clone()]
-                            .iter()
-                            .map(|&e| if e == u32::MAX { e } else { e + columns.start as u32 })
-                            .collect();
-                        assert_eq!(out.indices[row * kk..(row + 1) * kk], global, "{what}: indices");
-                        assert_eq!(
-                            out.weights[row * kk..(row + 1) * kk],
-                            alone.weights[slots],
-                            "{what}: weights"
-                        );
-                        let dlogits: Vec<f32> = (0..group_experts)
-                            .map(|c| out.dlogits[t * experts + columns.start + c])
-                            .collect();
-                        assert_close(
-                            &format!("{what}: dlogits"),
-                            &f64s(&dlogits),
-                            &f64s(&alone.dlogits[t * group_experts..(t + 1) * group_experts]),
-                            tolerance,
-                        );
-                    }
-                    assert_eq!(out.counts[columns.clone()], alone.counts[..], "{what}: counts");
+    for (seed, k) in [(1, TopK::K(1)), (2, TopK::K(2)), (3, TopK::All)] {
+        for score in [Score::Softmax, Score::Sigmoid] {
+            let grouped = Problem::<f32>::random_grouped(seed, tokens, experts, groups, k, score, true);
+            let out = grouped.run(device).unwrap();
+            let kk = out.indices.len() / (tokens * groups);
+            let what = format!("{device} {k:?} {score:?}");
+            let mut token_of_row = Vec::new();
+            let mut losses = [0f64; 2];
+            for g in 0..groups {
+                let columns = g * group_experts..(g + 1) * group_experts;
+                let alone = Problem::<f32> {
+                    tokens,
+                    experts: group_experts,
+                    logits: grouped
+                        .logits
+                        .chunks(group_experts)
+                        .skip(g)
+                        .step_by(groups)
+                        .flatten()
+                        .copied()
+                        .collect(),
+                    expert_mask: grouped.expert_mask.as_ref().map(|m| m[columns.clone()].to_vec()),
+                    selection_bias: grouped.selection_bias.as_ref().map(|b| b[columns.clone()].to_vec()),
+                    dweights: grouped.dweights[..tokens * groups * kk]
+                        .chunks(kk)
+                        .skip(g)
+                        .step_by(groups)
+                        .flatten()
+                        .copied()
+                        .collect(),
+                    lb_coef: grouped.lb_coef / groups as f32,
+                    z_coef: grouped.z_coef / groups as f32,
+                    groups: 1,
+                    token_mask: grouped.token_mask.clone(),
+                    ..grouped
+                }
+                .run(device)
+                .unwrap();
+                for t in 0..tokens {
+                    let (row, slots) = (t * groups + g, t * kk..(t + 1) * kk);
+                    let global: Vec<u32> = alone.indices[slots.clone()]
+                        .iter()
+                        .map(|&e| if e == u32::MAX { e } else { e + columns.start as u32 })
+                        .collect();
+                    assert_eq!(out.indices[row * kk..(row + 1) * kk], global, "{what}: indices");
+                    assert_eq!(
+                        out.weights[row * kk..(row + 1) * kk],
+                        alone.weights[slots],
+                        "{what}: weights"
+                    );
+                    let dlogits: Vec<f32> = (0..group_experts)
+                        .map(|c| out.dlogits[t * experts + columns.start + c])
+                        .collect();
                     assert_close(
-                        &format!("{what}: gate mass"),
-                        &f64s(&out.gate_mass[columns.clone()]),
-                        &f64s(&alone.gate_mass),
+                        &format!("{what}: dlogits"),
+                        &f64s(&dlogits),
+                        &f64s(&alone.dlogits[t * group_experts..(t + 1) * group_experts]),
                         tolerance,
                     );
-                    token_of_row.push(
-                        alone
-                            .token_of_row
-                            .iter()
-                            .map(|&t| t * groups as u32 + g as u32)
-                            .collect::<Vec<_>>(),
-                    );
-                    losses[0] += f64::from(alone.lb_loss) / groups as f64;
-                    losses[1] += f64::from(alone.z_loss) / groups as f64;
                 }
-                let actual = f64s(&[out.lb_loss, out.z_loss]);
-                assert_close(&format!("{what}: losses"), &actual, &losses, tolerance);
-                // Rows grouped by expert: group 0's experts first.
-                assert_eq!(out.token_of_row, token_of_row.concat(), "{what}: token_of_row");
+                assert_eq!(out.counts[columns.clone()], alone.counts[..], "{what}: counts");
+                assert_close(
+                    &format!("{what}: gate mass"),
+                    &f64s(&out.gate_mass[columns.clone()]),
+                    &f64s(&alone.gate_mass),
+                    tolerance,
+                );
+                token_of_row.push(
+                    alone
+                        .token_of_row
+                        .iter()
+                        .map(|&t| t * groups as u32 + g as u32)
+                        .collect::<Vec<_>>(),
+                );
+                losses[0] += f64::from(alone.lb_loss) / groups as f64;
+                losses[1] += f64::from(alone.z_loss) / groups as f64;
             }
+            let actual = f64s(&[out.lb_loss, out.z_loss]);
+            assert_close(&format!("{what}: losses"), &actual, &losses, tolerance);
+            // Rows grouped by expert: group 0's experts first.
+            assert_eq!(out.token_of_row, token_of_row.concat(), "{what}: token_of_row");
         }
     }
 }
 
-#[test]
-fn grouped_routing_refuses_what_plain_routing_refuses() {
-    for device in devices() {
-        let logits = zeros(&[2, 6], &device);
-        for groups in [0, 4] {
-            let options = RoutingOptions::new(TopK::K(1)).with_groups(groups);
-            let error = routing::forward(&logits, &options).unwrap_err();
-            assert!(
-                matches!(error, Error::InvalidArgument { argument: "groups", .. }),
-                "{device}: {error}"
-            );
-        }
-        let mask = tensor(vec![1u32, 1, 1, 0, 1, 1], &[6], &device);
-        for k in [TopK::K(3), TopK::All] {
-            let options = RoutingOptions::new(k).with_groups(2).with_expert_mask(&mask);
-            let error = routing::forward(&logits, &options).unwrap_err();
-            assert!(
-                matches!(error, Error::InvalidArgument { argument: "k", .. }),
-                "{device} {k:?}: {error}"
-            );
-        }
-        let options = RoutingOptions::new(TopK::K(2)).with_groups(2).with_expert_mask(&mask);
-        let (out, saved) = routing::forward(&logits, &options).unwrap();
-        assert_eq!(out.indices.shape(), &[4, 2], "{device}");
-        let error = routing::backward(&logits, &zeros(&[2, 2], &device), 0.0, 0.0, &saved).unwrap_err();
+fn grouped_routing_refuses_what_plain_routing_refuses(device: &Device) {
+    let logits = zeros(&[2, 6], device);
+    for groups in [0, 4] {
+        let options = RoutingOptions::new(TopK::K(1)).with_groups(groups);
+        let error = routing::forward(&logits, &options).unwrap_err();
         assert!(
-            matches!(
-                error,
-                Error::ShapeMismatch {
-                    argument: "dweights",
-                    ..
-                }
-            ),
+            matches!(error, Error::InvalidArgument { argument: "groups", .. }),
             "{device}: {error}"
         );
-
-        // Token 1's second group is all -inf: its first active column, 4.
-        let mut values = vec![0f32; 12];
-        values[9..].fill(f32::NEG_INFINITY);
-        let bad = tensor(values, &[2, 6], &device);
-        let expected = Error::NonFinite {
-            argument: "logits",
-            row: 1,
-            column: 4,
-        };
-        assert_eq!(routing::forward(&bad, &options).unwrap_err(), expected, "{device}");
-        let dweights = zeros(&[4, 2], &device);
-        let error = routing::backward(&bad, &dweights, 0.0, 0.0, &saved).unwrap_err();
-        assert_eq!(error, expected, "{device}: backward");
     }
+    let mask = tensor(vec![1u32, 1, 1, 0, 1, 1], &[6], device);
+    for k in [TopK::K(3), TopK::All] {
+        let options = RoutingOptions::new(k).with_groups(2).with_expert_mask(&mask);
+        let error = routing::forward(&logits, &options).unwrap_err();
+        assert!(
+            matches!(error, Error::InvalidArgument { argument: "k", .. }),
+            "{device} {k:?}: {error}"
+        );
+    }
+    let options = RoutingOptions::new(TopK::K(2)).with_groups(2).with_expert_mask(&mask);
+    let (out, saved) = routing::forward(&logits, &options).unwrap();
+    assert_eq!(out.indices.shape(), &[4, 2], "{device}");
+    let error = routing::backward(&logits, &zeros(&[2, 2], device), 0.0, 0.0, &saved).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::ShapeMismatch {
+                argument: "dweights",
+                ..
+            }
+        ),
+        "{device}: {error}"
+    );
+
+    // Token 1's second group is all -inf: its first active column, 4.
+    let mut values = vec![0f32; 12];
+    values[9..].fill(f32::NEG_INFINITY);
+    let bad = tensor(values, &[2, 6], device);
+    let expected = Error::NonFinite {
+        argument: "logits",
+        row: 1,
+        column: 4,
+    };
+    assert_eq!(routing::forward(&bad, &options).unwrap_err(), expected, "{device}");
+    let dweights = zeros(&[4, 2], device);
+    let error = routing::backward(&bad, &dweights, 0.0, 0.0, &saved).unwrap_err();
+    assert_eq!(error, expected, "{device}: backward");
 }
 
 /// Grouped routing computes what issue 10's workaround computed with one
 /// router: each (token, head) row over all H*N experts, -inf at the other
 /// heads' experts, k = N — the same plan, weights, losses and gradients, from
 /// H times fewer logits.
-#[test]
-fn grouped_routing_equals_one_router_with_other_groups_at_negative_infinity() {
+fn grouped_routing_equals_one_router_with_other_groups_at_negative_infinity(device: &Device) {
     let (tokens, heads, n) = (45, 4, 3);
     let experts = heads * n;
-    for device in devices() {
-        for score in [Score::Softmax, Score::Sigmoid] {
-            let mut grouped = Problem::<f32>::random_grouped(11, tokens, experts, heads, TopK::All, score, false);
-            // The workaround cannot tell a -inf of its own head from the others'.
-            grouped
-                .logits
-                .iter_mut()
-                .filter(|z| z.is_infinite())
-                .for_each(|z| *z = -3.0);
-            let masked_logits: Vec<f32> = grouped
-                .logits
-                .chunks(n)
-                .enumerate()
-                .flat_map(|(row, own)| {
-                    (0..experts).map(move |e| {
-                        if e / n == row % heads {
-                            own[e % n]
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
+    for score in [Score::Softmax, Score::Sigmoid] {
+        let mut grouped = Problem::<f32>::random_grouped(11, tokens, experts, heads, TopK::All, score, false);
+        // The workaround cannot tell a -inf of its own head from the others'.
+        grouped
+            .logits
+            .iter_mut()
+            .filter(|z| z.is_infinite())
+            .for_each(|z| *z = -3.0);
+        let masked_logits: Vec<f32> = grouped
+            .logits
+            .chunks(n)
+            .enumerate()
+            .flat_map(|(row, own)| {
+                (0..experts).map(move |e| {
+                    if e / n == row % heads {
+                        own[e % n]
+                    } else {
+                        f32::NEG_INFINITY
+                    }
                 })
-                .collect();
-            let masked = Problem::<f32> {
-                tokens: tokens * heads,
-                logits: masked_logits,
-                k: TopK::K(n),
-                groups: 1,
-                dweights: grouped.dweights.clone(),
-                token_mask: None,
-                expert_mask: None,
-                selection_bias: None,
-                ..grouped
-            };
-            let (a, b) = (grouped.run(&device).unwrap(), masked.run(&device).unwrap());
-            let own_columns: Vec<f32> = b
-                .dlogits
-                .chunks(experts)
-                .enumerate()
-                .flat_map(|(row, all)| all[(row % heads) * n..(row % heads + 1) * n].to_vec())
-                .collect();
-            assert_parity(
-                &format!("{device} {score:?}"),
-                &a,
-                &Outputs {
-                    dlogits: own_columns,
-                    ..b
-                },
-            );
-        }
+            })
+            .collect();
+        let masked = Problem::<f32> {
+            tokens: tokens * heads,
+            logits: masked_logits,
+            k: TopK::K(n),
+            groups: 1,
+            dweights: grouped.dweights.clone(),
+            token_mask: None,
+            expert_mask: None,
+            selection_bias: None,
+            ..grouped
+        };
+        let (a, b) = (grouped.run(device).unwrap(), masked.run(device).unwrap());
+        let own_columns: Vec<f32> = b
+            .dlogits
+            .chunks(experts)
+            .enumerate()
+            .flat_map(|(row, all)| all[(row % heads) * n..(row % heads + 1) * n].to_vec())
+            .collect();
+        assert_parity(
+            &format!("{device} {score:?}"),
+            &a,
+            &Outputs {
+                dlogits: own_columns,
+                ..b
+            },
+        );
     }
+}
+
+common::harness::test_main! {
+    devices: [
+        grouped_routing_equals_one_router_with_other_groups_at_negative_infinity,
+        grouped_routing_is_each_group_routed_alone,
+        the_sigmoid_load_balance_gradient_is_finite_where_the_sigmoids_underflow,
+        outputs_are_bitwise_identical_across_runs_and_thread_counts,
+        matches_the_numpy_golden_files,
+        a_hand_checked_plan,
+        the_plan_groups_rows_by_expert_in_ascending_token_order,
+        an_empty_batch_gives_empty_outputs_and_zero_losses,
+        single_expert_and_dense_routing_work,
+        k_zero_is_refused,
+        k_above_the_active_experts_is_refused,
+        malformed_logits_are_shape_errors,
+        masks_and_bias_of_the_wrong_shape_are_refused,
+        mask_entries_other_than_zero_and_one_are_refused,
+        a_non_finite_selection_bias_is_refused,
+        nan_and_positive_infinity_report_the_lowest_position_in_both_passes,
+        an_all_negative_infinity_row_reports_its_first_active_column,
+        non_finite_logits_of_inactive_experts_and_invalid_tokens_are_ignored,
+        dweights_of_the_wrong_shape_are_refused,
+        backward_logits_must_match_the_forward,
+        the_renormalised_gradient_is_finite_where_the_selected_scores_underflow,
+        renormalised_weights_are_exact_ratios_where_the_scores_underflow,
+        grouped_routing_refuses_what_plain_routing_refuses,
+    ],
+    cuda: [
+        cpu_and_cuda_agree_on_fresh_inputs,
+        operands_on_different_devices_are_refused,
+    ],
+    host: [
+        outputs_and_saved_are_send_and_sync,
+        the_backend_checks_its_config,
+    ],
 }

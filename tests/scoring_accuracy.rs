@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{cuda_device, Rng};
+use common::Rng;
 use moerec::scoring::{self, Mixing, Scoring};
 use moerec::{Device, Tensor};
 
@@ -213,21 +213,31 @@ fn check(device: &Device, batch: usize, heads: usize, width: usize, num_items: u
     }
 }
 
-#[test]
 fn cpu_cross_entropy_is_accurate_at_a_million_items() {
     check(&Device::cpu(), 9, 2, 3, (1 << 20) + 123, false);
 }
 
-#[test]
-#[ignore = "minutes: the float64 reference at V = 10^7; run once to measure"]
+/// Minutes (the float64 reference at V = 10^7): run once to measure, with
+/// `-- --ignored`.
 fn cpu_cross_entropy_error_at_ten_million_items() {
     check(&Device::cpu(), 8, 2, 4, 10_000_000, true);
 }
 
 /// The CUDA kernels' sums checked the same way; in CI on the emulated
 /// device, at the largest catalog it runs in reasonable time.
-#[test]
-fn cuda_cross_entropy_is_accurate_at_large_catalogs() {
-    let Some(cuda) = cuda_device() else { return };
-    check(&cuda, 9, 2, 3, (1 << 16) + 123, false);
+fn cuda_cross_entropy_is_accurate_at_large_catalogs(cuda: &Device) {
+    check(cuda, 9, 2, 3, (1 << 16) + 123, false);
+}
+
+common::harness::test_main! {
+    devices: [],
+    cuda: [
+        cuda_cross_entropy_is_accurate_at_large_catalogs,
+    ],
+    host: [
+        cpu_cross_entropy_is_accurate_at_a_million_items,
+    ],
+    ignored: [
+        cpu_cross_entropy_error_at_ten_million_items,
+    ],
 }
