@@ -29,6 +29,19 @@ pub fn devices() -> Vec<Device> {
     devices
 }
 
+/// CUDA device 0, or None (panicking when `MOEREC_REQUIRE_GPU=1`), for the
+/// binaries still on libtest's harness (tests/streams.rs); the op test
+/// binaries get their CUDA device from `harness` instead.
+pub fn cuda_device() -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(device) => Some(device),
+        Err(error) if std::env::var("MOEREC_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("MOEREC_REQUIRE_GPU=1 but CUDA device 0 is not usable: {error}")
+        }
+        Err(_) => None,
+    }
+}
+
 /// The golden folder for an op: `$MOEREC_GOLDEN_DIR/<op>` or
 /// `tests/golden/<op>` relative to the working directory (the package root
 /// under `cargo test`; the repo root when a copied binary runs elsewhere).
