@@ -61,6 +61,11 @@ pub(crate) use plan::{check_plan, index_slots};
 
 /// The activation of an expert layer. Gelu is exact, `x Phi(x)`; SwiGlu
 /// splits h into halves `[gate, up]` and gives `silu(gate) * up`.
+///
+/// Non-finite values: at ±inf every activation takes its limit on both
+/// backends (Relu, Gelu, Silu: `act(+inf) = +inf` with derivative 1,
+/// `act(-inf) = 0` with derivative 0), where the formulas alone would give
+/// `inf * 0 = NaN`; everything else follows IEEE arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Activation {
     #[default]

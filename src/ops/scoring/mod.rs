@@ -15,6 +15,16 @@
 //!   ([`workspace_bytes`] and, per device, [`workspace_bytes_on`] bound the
 //!   memory beyond inputs and outputs).
 //!
+//! Non-finite inputs are not checked here: NaN and ±inf in `U`, `G`, `X` or
+//! `item_bias` reach the outputs they enter by IEEE arithmetic (which of
+//! those elements come out NaN rather than ±inf may differ between backends).
+//! Ignored rows and excluded items are never read into any sum, so they
+//! contribute exact zeros whatever they hold: an excluded item's `dX` rows
+//! and bias gradient are 0, an ignored row's loss and gradients are 0, and a
+//! gate-gradient term whose item sum is exactly 0 counts as 0 (an infinite
+//! user value with no eligible item gives `dG = 0`, not NaN). Both backends
+//! follow this rule.
+//!
 //! On a CUDA device every op queues its kernels on the device's stream and
 //! synchronises once, to read the status word of the data checks (excluded
 //! ids, targets, histories) and return the error the CPU gives for the same
