@@ -77,17 +77,7 @@ def mismatches(params, rust_grads, rust_loss, batch, config, model):
     return bad
 
 
-# moerec::candle's fused cross-entropy with Probabilities mixing returns the gate
-# gradient 1.3e-4 off the float64 twin in DESIGN's measure (tolerance 1e-4);
-# every other gradient and both other models agree. Reported to the scoring
-# op's owners; strict, so the test turns red (and this mark must go) once fixed.
-KNOWN_OFF = {"fame_probabilities": "moerec fused cross-entropy: Probabilities-mixing gate gradient 1.3e-4 > 1e-4"}
-
-
-@pytest.mark.parametrize(
-    "model",
-    [pytest.param(m, marks=pytest.mark.xfail(reason=KNOWN_OFF[m], strict=True)) if m in KNOWN_OFF else m for m in sorted(MODELS)],
-)
+@pytest.mark.parametrize("model", sorted(MODELS))
 def test_loss_and_every_gradient_match(dumps, model):
     params, grads, loss, batch, config = load(dumps / f"{model}.safetensors")
     assert not mismatches(params, grads, loss, batch, config, model)
