@@ -906,6 +906,74 @@ fn non_finite_values_in_ignored_rows_and_excluded_items_contribute_nothing(devic
     }
 }
 
+// Issue 14: a row with no eligible item (every item excluded) scores exact
+// zeros (Probabilities: P = 0 at excluded items) or -inf (Logits), and
+// contributes exact zero gradients; a batch of ignored rows has zero loss
+// and zero gradients; top-n refuses it. Both mixings, per-head and shared
+// tables, one and several heads, one and several items.
+fn rows_with_no_eligible_item_give_exact_zeros(device: &Device) {
+    for (heads, width, num_items, shared) in [(1, 1, 1, false), (3, 2, 1, true), (2, 3, 70, false)] {
+        let mut rng = Rng::new(7);
+        let batch = 2;
+        let user = tensor(rng.floats::<f32>(batch * heads * width), &[batch, heads, width], device);
+        let gates = tensor(rng.floats::<f32>(batch * heads), &[batch, heads], device);
+        let table_heads = if shared { 1 } else { heads };
+        let table = if shared {
+            vec![num_items, width]
+        } else {
+            vec![heads, num_items, width]
+        };
+        let items = tensor(rng.floats::<f32>(table_heads * num_items * width), &table, device);
+        let bias = tensor(rng.floats::<f32>(num_items), &[num_items], device);
+        let every = tensor((0..num_items as u32).rev().collect(), &[num_items], device);
+        for mixing in [Mixing::Logits, Mixing::Probabilities] {
+            let what = format!("{device:?} {mixing:?} H={heads} V={num_items} shared={shared}");
+            let inputs = Scoring::new(&user, &gates, &items)
+                .with_mixing(mixing)
+                .with_item_bias(&bias)
+                .with_excluded(&every);
+            let excluded_value = if mixing == Mixing::Logits {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            };
+            let scores = scoring::scores(&inputs).unwrap().to_vec().unwrap();
+            assert!(scores.iter().all(|&s| s == excluded_value), "{what}: scores {scores:?}");
+            let dscores = tensor(rng.floats::<f32>(batch * num_items), &[batch, num_items], device);
+            let grads = scoring::scores_backward(&inputs, &dscores).unwrap();
+            for (name, values) in GRADIENT_NAMES.into_iter().zip(host_gradients(&grads)) {
+                all_zero(&format!("{what}: scores_backward {name}"), &values);
+            }
+            assert!(
+                matches!(
+                    scoring::topk(&inputs, 1, None),
+                    Err(Error::InvalidArgument { argument: "n", .. })
+                ),
+                "{what}: topk"
+            );
+            // Every row ignored (their targets would be excluded).
+            let targets = tensor(vec![u32::MAX; batch], &[batch], device);
+            let (loss, saved) = scoring::cross_entropy(&inputs, &targets, Some(u32::MAX)).unwrap();
+            all_zero(&format!("{what}: loss"), &loss.to_vec().unwrap());
+            let dloss = tensor(vec![1.0f32; batch], &[batch], device);
+            let grads = scoring::cross_entropy_backward(&inputs, &dloss, &saved).unwrap();
+            for (name, values) in GRADIENT_NAMES.into_iter().zip(host_gradients(&grads)) {
+                all_zero(&format!("{what}: cross_entropy_backward {name}"), &values);
+            }
+            // Every row ignored, nothing excluded.
+            let inputs = Scoring::new(&user, &gates, &items)
+                .with_mixing(mixing)
+                .with_item_bias(&bias);
+            let (loss, saved) = scoring::cross_entropy(&inputs, &targets, Some(u32::MAX)).unwrap();
+            all_zero(&format!("{what}: loss, all ignored"), &loss.to_vec().unwrap());
+            let grads = scoring::cross_entropy_backward(&inputs, &dloss, &saved).unwrap();
+            for (name, values) in GRADIENT_NAMES.into_iter().zip(host_gradients(&grads)) {
+                all_zero(&format!("{what}: all ignored, cross_entropy_backward {name}"), &values);
+            }
+        }
+    }
+}
+
 // Issue 14, item 4: with Logits mixing d item_bias is dL/dS (the gates sum
 // to 1), so a non-finite gate logit does not reach it on either backend.
 fn logits_mixing_item_bias_gradient_does_not_depend_on_the_gates(device: &Device) {
@@ -931,6 +999,7 @@ common::harness::test_main! {
         a_huge_n_is_refused_before_anything_is_allocated,
         non_finite_values_in_ignored_rows_and_excluded_items_contribute_nothing,
         logits_mixing_item_bias_gradient_does_not_depend_on_the_gates,
+        rows_with_no_eligible_item_give_exact_zeros,
     ],
     cuda: [
         the_cuda_workspace_is_bounded,

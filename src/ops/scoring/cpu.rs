@@ -74,7 +74,7 @@ pub fn scores<T: FloatElement>(operands: Operands<'_, T>, out: &mut [f32]) -> Re
                     Mixing::Logits => tiles,
                     Mixing::Probabilities => {
                         mixed.resize(m * items.len(), 0.0);
-                        tiling.probability_tile(rows.clone(), tiles, &lse, &mut mixed);
+                        tiling.probability_tile(rows.clone(), items.clone(), tiles, &lse, &mut mixed);
                         &mixed
                     }
                 };

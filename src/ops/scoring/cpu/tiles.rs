@@ -498,13 +498,29 @@ impl<'a, T: FloatElement> Tiling<'a, T> {
     /// `out = P`, item-major, from the heads' logit tiles of rows `rows`
     /// (as [`Tiling::sweep`] gives them) and the heads' log-sum-exps
     /// `lse: [B, H]`: `P[v, r] = sum_h g[b, h] e^(s[b, h, v] - lse[b, h])`.
-    pub(super) fn probability_tile(&self, rows: Range<usize>, tiles: &[f32], lse: &[f32], out: &mut [f32]) {
+    pub(super) fn probability_tile(
+        &self,
+        rows: Range<usize>,
+        items: Range<usize>,
+        tiles: &[f32],
+        lse: &[f32],
+        out: &mut [f32],
+    ) {
         let heads = self.shape().heads;
         out.fill(0.0);
         for (h, tile) in tiles.chunks_exact(out.len()).enumerate() {
             let lse: Vec<f32> = rows.clone().map(|b| lse[b * heads + h]).collect();
             let gate: Vec<f32> = rows.clone().map(|b| self.gates[b * heads + h]).collect();
             mix_probability(out, tile, &lse, &gate);
+        }
+        // P is 0 at excluded items by definition, not by e^(-inf - lse): a row
+        // with no eligible item has lse = -inf, and -inf - -inf is NaN.
+        for (column, _) in out
+            .chunks_exact_mut(rows.len())
+            .zip(&self.eligible[items])
+            .filter(|(_, &e)| !e)
+        {
+            column.fill(0.0);
         }
     }
 

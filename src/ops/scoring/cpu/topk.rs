@@ -209,7 +209,7 @@ pub fn topk<T: FloatElement>(
                     Mixing::Logits => tiles,
                     Mixing::Probabilities => {
                         mixed.resize(m * items.len(), 0.0);
-                        tiling.probability_tile(rows.clone(), tiles, &lse, &mut mixed);
+                        tiling.probability_tile(rows.clone(), items.clone(), tiles, &lse, &mut mixed);
                         &mixed
                     }
                 };
