@@ -3,9 +3,9 @@
 //! every attention head as a facet with its own prediction.
 //!
 //! The last block, per head h (width dh = D / H):
-//! - N query experts `Q_{h,n} = LN(x) W_q^{h,n}` each attend causally over the
-//!   head's shared `K_h = LN(x) W_k^h`, `V_h = LN(x) W_v^h`;
-//! - a dense router (softmax over the N experts, k = All) reads the
+//! - N query experts `Q_{h,n} = LN(x) W_q^{h,n} + b_q^{h,n}` each attend
+//!   causally over the head's shared `K_h = LN(x) W_k^h`, `V_h = LN(x) W_v^h`;
+//! - a dense router (softmax over the head's N experts, k = All) reads the
 //!   concatenation of the N expert outputs and mixes them: `o_h`;
 //! - `r_h = x_h + Drop(o_h)` (`x_h` the head's slice of the block input), then
 //!   a per-head FFN `r_h + Drop(FFN_h(LN_h(r_h)))` and a per-head final norm give
@@ -16,14 +16,35 @@
 //!   scores: Logits mixing by default (the paper mixes probabilities; that is
 //!   [`Mixing::Probabilities`]).
 //!
+//! Every MoE step runs on moerec's ops (`moerec::candle`):
+//! - the H·N query experts are one grouped expert layer
+//!   ([`expert_layer`]: weights `[H·N, D, dh]`, bias `[H·N, dh]`, expert
+//!   `e = h·N + n`) over a dense dispatch plan (every token to every expert).
+//!   A k = All plan does not depend on the logits, and the router's logits
+//!   exist only after the experts have attended, so this plan is
+//!   [`route`]'s over zero logits (one group of H·N experts);
+//! - the router's logits `[R, H·N]` go through grouped [`route`] (G = H
+//!   groups of N, k = All, softmax, no renormalisation): the weights are the
+//!   per-head softmax, and its plan lays the expert outputs out as
+//!   `[H, N, R, dh]` (expert-major, rows ascending);
+//! - [`combine`] mixes each (row, head)'s N expert outputs with those weights.
+//!
 //! Choices where the paper is silent (the PyTorch twin makes the same): the
-//! residual from the head's slice of the block input, the per-head pre-norm
-//! FFN of width dh with ReLU, the per-head final norm, the router reading the
-//! concatenated expert outputs through one linear layer per head, and no
-//! load-balancing loss (routing is dense). The first L-1 blocks, embeddings
-//! and attention masking are SASRec's (see `sasrec`).
+//! residual from the head's slice of the block input (added after dropout,
+//! outside `combine`, so dropout falls on the mixture as in SASRec), the
+//! per-head pre-norm FFN of width dh with ReLU, the per-head final norm, the
+//! router reading the concatenated expert outputs through one linear layer
+//! per head (`[H, N·dh, N]`, applied as a sum of N products so the
+//! concatenation is never materialised), query experts with a bias, and no
+//! load-balancing or z-loss (routing is dense: every expert sees every
+//! token, so balance is not at stake; `route`'s auxiliary losses are left
+//! out of the objective). The first L-1 blocks, embeddings and attention
+//! masking are SASRec's (see `sasrec`).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use moerec::candle::{combine, expert_layer, route, RoutingOptions};
+use moerec::experts::Activation;
+use moerec::routing::TopK;
 
 use crate::batch::Batch;
 use crate::error::{invalid, Result};
@@ -91,6 +112,42 @@ impl PerHead {
     }
 }
 
+/// The H·N query experts `D -> dh`: `fame.query_experts.weight [H·N, D, dh]`
+/// and `.bias [H·N, dh]`, expert `e = h·N + n`.
+struct QueryExperts {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl QueryExperts {
+    fn new(params: &mut Params, shape: (usize, usize, usize), rng: &mut Rng, device: &Device) -> Result<Self> {
+        let name = "fame.query_experts";
+        Ok(Self {
+            weight: params.normal(
+                &format!("{name}.weight"),
+                &[shape.0, shape.1, shape.2],
+                INIT_STD,
+                rng,
+                device,
+            )?,
+            bias: params.constant(&format!("{name}.bias"), &[shape.0, shape.2], 0.0, device)?,
+        })
+    }
+
+    /// `x: [tokens, D]` -> `[E, tokens, dh]`: every token through every expert
+    /// (a dense plan), in the plan's expert-major order.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (tokens, _) = x.dims2()?;
+        let (experts, _, width) = self.weight.dims3()?;
+        let dense = route(
+            &Tensor::zeros((tokens, experts), DType::F32, x.device())?,
+            &RoutingOptions::new(TopK::All),
+        )?;
+        let y = expert_layer(x, &dense.plan, &self.weight, Some(&self.bias), Activation::None)?;
+        Ok(y.reshape((experts, tokens, width))?)
+    }
+}
+
 /// Layer norm over the last dimension with per-head gain and bias `[H, 1, dh]`.
 struct PerHeadNorm {
     gain: Tensor,
@@ -115,7 +172,7 @@ pub struct Fame {
     params: Params,
     encoder: Encoder,
     norm: crate::nn::LayerNorm,
-    queries: Linear,
+    queries: QueryExperts,
     key: Linear,
     value: Linear,
     router: PerHead,
@@ -153,7 +210,7 @@ impl Fame {
         let p = &mut params;
         Ok(Self {
             norm: crate::nn::LayerNorm::new(p, "fame.attn_norm", dim, device)?,
-            queries: Linear::new(p, "fame.query_experts", (dim, h * n * dh), r, device)?,
+            queries: QueryExperts::new(p, (h * n, dim, dh), r, device)?,
             key: Linear::new(p, "fame.key", (dim, dim), r, device)?,
             value: Linear::new(p, "fame.value", (dim, dim), r, device)?,
             router: PerHead::new(p, "fame.router", (h, n * dh, n), r, device)?,
@@ -174,7 +231,7 @@ impl Fame {
         &self.config
     }
 
-    /// `[H, R, dh]` head states at `rows` of the block input `x: [B, T, D]`.
+    /// `[R, H, dh]` head states at `rows` of the block input `x: [B, T, D]`.
     fn head_states(&self, x: &Tensor, batch: &Batch, rows: &Tensor, dropout: &mut Dropout) -> Result<Tensor> {
         let (b, t, dim) = x.dims3()?;
         let (h, n) = (self.config.facets, self.config.experts);
@@ -184,10 +241,10 @@ impl Fame {
         // they are stacked along time and attend in one matmul.
         let q = self
             .queries
-            .forward(&normed)?
-            .reshape((b, t, h, n, dh))?
-            .permute((0, 2, 3, 1, 4))?;
-        let q = q.reshape((b, h, n * t, dh))?.contiguous()?;
+            .forward(&normed.reshape((b * t, dim))?)?
+            .reshape((h, n, b, t, dh))?
+            .permute((2, 0, 1, 3, 4))?
+            .reshape((b, h, n * t, dh))?;
         let k = self
             .key
             .forward(&normed)?
@@ -203,21 +260,50 @@ impl Fame {
         let scores = (q.matmul(&k)? * (1.0 / (dh as f64).sqrt()))?.reshape((b, h, n, t, t))?;
         let weights = softmax_last_dim(&scores.broadcast_add(&batch.attention_bias.unsqueeze(1)?)?)?;
         let weights = dropout.apply(&weights)?.reshape((b, h, n * t, t))?;
-        // Expert outputs at the requested rows, laid out [H, R, N, dh].
+        // Expert outputs at the requested rows in the router plan's order:
+        // [H, N, R, dh], expert e = h * N + n, rows ascending.
         let experts = weights
             .matmul(&v)?
             .reshape((b, h, n, t, dh))?
-            .permute((1, 0, 3, 2, 4))?;
-        let experts = experts.reshape((h, b * t, n, dh))?.index_select(rows, 1)?;
-        let r = experts.dim(1)?;
-        let route = softmax_last_dim(&self.router.forward(&experts.reshape((h, r, n * dh))?)?)?;
-        let mixed = route.unsqueeze(2)?.matmul(&experts)?.squeeze(2)?;
-        let residual = x.reshape((b * t, h, dh))?.index_select(rows, 0)?.transpose(0, 1)?;
-        let state = (residual + dropout.apply(&mixed)?)?;
+            .permute((1, 2, 0, 3, 4))?
+            .reshape((h, n, b * t, dh))?
+            .index_select(rows, 2)?;
+        let r = experts.dim(2)?;
+        // Router logits [R, H * N]: head h's linear layer over the
+        // concatenated expert outputs, as the sum of each expert's slice.
+        let logits = experts
+            .reshape((h * n, r, dh))?
+            .matmul(&self.router.weight.reshape((h * n, dh, n))?)?
+            .reshape((h, n, r, n))?
+            .sum(1)?
+            .broadcast_add(&self.router.bias)?
+            .transpose(0, 1)?
+            .reshape((r, h * n))?;
+        let routed = route(
+            &logits,
+            &RoutingOptions {
+                groups: h,
+                ..RoutingOptions::new(TopK::All)
+            },
+        )?;
+        let mixed = combine(
+            &experts.reshape((h * n * r, dh))?,
+            &routed.weights,
+            &routed.plan,
+            None,
+            None,
+        )?
+        .reshape((r, h, dh))?;
+        let residual = x.reshape((b * t, h, dh))?.index_select(rows, 0)?;
+        let state = (residual + dropout.apply(&mixed)?)?.transpose(0, 1)?.contiguous()?;
         let ffn = self
             .ffn_outer
             .forward(&dropout.apply(&self.ffn_inner.forward(&self.ffn_norm.forward(&state)?)?.relu()?)?)?;
-        self.final_norm.forward(&(state + dropout.apply(&ffn)?)?)
+        Ok(self
+            .final_norm
+            .forward(&(state + dropout.apply(&ffn)?)?)?
+            .transpose(0, 1)?
+            .contiguous()?)
     }
 }
 
@@ -232,9 +318,8 @@ impl Recommender for Fame {
 
     fn query(&self, batch: &Batch, rows: &Tensor, dropout: &mut Dropout) -> Result<CatalogQuery> {
         let x = self.encoder.forward(batch, dropout)?;
-        let states = self.head_states(&x, batch, rows, dropout)?;
-        let (h, r, dh) = states.dims3()?;
-        let user = states.transpose(0, 1)?.contiguous()?;
+        let user = self.head_states(&x, batch, rows, dropout)?;
+        let (r, h, dh) = user.dims3()?;
         let gate_logits = self.gate.forward(&user.reshape((r, h * dh))?)?;
         // X_h = E W_f^h for all heads in one product: [V+1, D] x [D, H*dh].
         let table = &self.encoder.items;

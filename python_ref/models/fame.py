@@ -23,7 +23,9 @@ def loss(p, inputs, rows, targets, config):
     b, t, d = x.shape
     dh = d // h
     normed = layers.layer_norm(x, p["fame.attn_norm.gain"], p["fame.attn_norm.bias"])
-    q = layers.linear(p, "fame.query_experts", normed).reshape(b, t, h, n, dh).permute(0, 2, 3, 1, 4)
+    # Query expert e = h * N + n: weights [H * N, D, dh], bias [H * N, dh].
+    q = torch.einsum("btd,edk->betk", normed, p["fame.query_experts.weight"])
+    q = (q + p["fame.query_experts.bias"][None, :, None]).reshape(b, h, n, t, dh)
     k = layers.linear(p, "fame.key", normed).reshape(b, t, h, dh).transpose(1, 2)
     v = layers.linear(p, "fame.value", normed).reshape(b, t, h, dh).transpose(1, 2)
     # Expert n of head h attends over the head's keys and values.

@@ -82,7 +82,8 @@ def init(model, num_items, dim=64, heads=2, blocks=2, facets=4, experts=4):
     else:
         h, n, dh = facets, experts, dim // facets
         norm("fame.attn_norm", dim)
-        linear("fame.query_experts", dim, h * n * dh)
+        normal("fame.query_experts.weight", h * n, dim, dh)
+        const("fame.query_experts.bias", 0, h * n, dh)
         linear("fame.key", dim, dim)
         linear("fame.value", dim, dim)
         normal("fame.router.weight", h, n * dh, n)
