@@ -13,6 +13,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod fame;
+pub mod fused;
 pub mod nn;
 pub mod optim;
 pub mod record;

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor, Var, D};
 
 use crate::error::{invalid, Result};
+use crate::fused;
 use crate::rng::Rng;
 
 /// A model's parameters by name, in name order (so iteration, initialisation
@@ -79,10 +80,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let (rows, inner) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
-        let out = x
-            .reshape((rows, inner))?
-            .matmul(&self.weight)?
-            .broadcast_add(&self.bias)?;
+        let product = x.reshape((rows, inner))?.matmul(&self.weight)?;
+        let out = match fused::add_bias(&product, &self.bias)? {
+            Some(out) => out,
+            None => product.broadcast_add(&self.bias)?,
+        };
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("a linear input has at least one dimension") = self.weight.dim(1)?;
         Ok(out.reshape(shape)?)
@@ -116,6 +118,9 @@ impl LayerNorm {
 /// Layer norm over the last dimension (biased variance, eps [`LAYER_NORM_EPS`]),
 /// then `* gain + bias` (broadcast).
 pub fn layer_norm(x: &Tensor, gain: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if let Some(y) = fused::layer_norm(x, gain, bias, LAYER_NORM_EPS)? {
+        return Ok(y);
+    }
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centred.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?;
@@ -127,6 +132,9 @@ pub const LAYER_NORM_EPS: f64 = 1e-8;
 
 /// Softmax over the last dimension (the max is a constant shift, so it is detached).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if let Some(y) = fused::softmax_last_dim(x)? {
+        return Ok(y);
+    }
     let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
@@ -163,6 +171,9 @@ impl<'a> Dropout<'a> {
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| if rng.uniform() < self.rate { 0.0 } else { keep })
             .collect();
+        if fused::fusable(x) {
+            return fused::apply_mask(x, mask);
+        }
         Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?)
     }
 }
@@ -183,8 +194,13 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// `q, k, v: [B, heads, T, dh]` and `bias: [B, 1, T, T]`; dropout on the weights.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, dropout: &mut Dropout) -> Result<Tensor> {
     let dh = q.dim(D::Minus1)?;
-    let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * (1.0 / (dh as f64).sqrt()))?;
-    let weights = dropout.apply(&softmax_last_dim(&scores.broadcast_add(bias)?)?)?;
+    let scale = 1.0 / (dh as f64).sqrt();
+    let products = q.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+    let weights = match fused::masked_softmax(&products, bias, scale)? {
+        Some(weights) => weights,
+        None => softmax_last_dim(&(products * scale)?.broadcast_add(bias)?)?,
+    };
+    let weights = dropout.apply(&weights)?;
     Ok(weights.matmul(v)?)
 }
 

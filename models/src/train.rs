@@ -264,7 +264,7 @@ pub fn train(model: &dyn Recommender, split: &Split, config: &TrainConfig, devic
 }
 
 /// User + system CPU seconds of this process so far (Linux `/proc/self/stat`).
-fn process_cpu_seconds() -> Option<f64> {
+pub fn process_cpu_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the parenthesised command: utime and stime are the 12th and 13th.
     let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
