@@ -12,14 +12,20 @@ use candle_core::{Device, Tensor};
 use moerec_models::batch::TrainBatch;
 use moerec_models::data;
 use moerec_models::fame::{Fame, FameConfig};
+use moerec_models::fuxi::{FeedForward, Fuxi, FuxiConfig, TableScoring};
 use moerec_models::nn::Dropout;
 use moerec_models::sasrec::{EncoderConfig, SasRec};
-use moerec_models::scoring::{cross_entropy, Mixing};
+use moerec_models::scoring::Mixing;
 use moerec_models::{Recommender, Result};
 
-fn dump(model: &dyn Recommender, batch: &TrainBatch, shape: &[u32], path: &PathBuf) -> Result<()> {
-    let query = model.query(&batch.batch, &batch.rows, &mut Dropout::off())?;
-    let loss = cross_entropy(&query, &batch.targets)?;
+fn dump(
+    model: &dyn Recommender,
+    batch: &TrainBatch,
+    shape: &[u32],
+    extra: Vec<(&str, Tensor)>,
+    path: &PathBuf,
+) -> Result<()> {
+    let loss = model.loss(&batch.batch, &batch.rows, &batch.targets, &mut Dropout::off())?;
     let grads = loss.backward()?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, var) in model.params().vars() {
@@ -38,6 +44,7 @@ fn dump(model: &dyn Recommender, batch: &TrainBatch, shape: &[u32], path: &PathB
     tensors.insert("batch.rows".into(), batch.rows.clone());
     tensors.insert("batch.targets".into(), batch.targets.clone());
     tensors.insert("config".into(), Tensor::new(shape, &Device::Cpu)?);
+    tensors.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
     candle_core::safetensors::save(&tensors, path)?;
     Ok(())
 }
@@ -75,6 +82,7 @@ fn main() -> Result<()> {
         &sasrec,
         &batch,
         &shape(&encoder, 1, 1, 0),
+        vec![],
         &dir.join("sasrec.safetensors"),
     )?;
     for (mixing, code, name) in [
@@ -91,8 +99,38 @@ fn main() -> Result<()> {
             &fame,
             &batch,
             &shape(&encoder, config.facets as u32, config.experts as u32, code),
+            vec![],
             &path,
         )?;
+    }
+    let mme = FuxiConfig::fuxi_mme(dataset.num_items);
+    for (name, config) in [
+        ("fuxi_alpha", FuxiConfig::fuxi_alpha(dataset.num_items)),
+        ("fuxi_mme", mme.clone()),
+        (
+            "fuxi_mme_concatenated",
+            FuxiConfig {
+                scoring: TableScoring::Concatenated,
+                ..mme
+            },
+        ),
+    ] {
+        let model = Fuxi::new(config.clone(), 13, &Device::Cpu)?;
+        let (experts, k, balance) = match config.feed_forward {
+            FeedForward::Dense => (0, 0, 0.0),
+            FeedForward::Experts { experts, k, balance } => (experts as u32, k as u32, balance),
+        };
+        let c = &config;
+        // config.fuxi: tables, experts (0 = dense), k; config.fuxi_f: temperature, balance.
+        let extra = vec![
+            (
+                "config.fuxi",
+                Tensor::new(&[c.tables as u32, experts, k], &Device::Cpu)?,
+            ),
+            ("config.fuxi_f", Tensor::new(&[c.temperature, balance], &Device::Cpu)?),
+        ];
+        let path = dir.join(format!("{name}.safetensors"));
+        dump(&model, &batch, &shape(&c.encoder, 1, 1, 0), extra, &path)?;
     }
     println!("{}", dir.display());
     Ok(())

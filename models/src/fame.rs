@@ -334,6 +334,7 @@ impl Recommender for Fame {
             gate_logits: Some(gate_logits),
             items,
             mixing: self.config.mixing,
+            scale: 1.0,
         })
     }
 }

@@ -1,4 +1,4 @@
-//! moerec's seed models — SASRec and FAME — on candle, with the data
+//! moerec's seed models — SASRec, FAME, FuXi-alpha and Fuxi-MME — on candle, with the data
 //! pipeline, full-catalog evaluation and the trainer behind the `train` binary.
 //!
 //! Layout by concern: [`data`] (files, leave-one-out split), [`batch`],
@@ -14,6 +14,7 @@ pub mod error;
 pub mod eval;
 pub mod fame;
 pub mod fused;
+pub mod fuxi;
 pub mod nn;
 pub mod optim;
 pub mod record;
@@ -34,4 +35,11 @@ pub trait Recommender {
     fn dropout_rate(&self) -> f32;
     /// The scoring inputs at `rows` (`[R]` u32 flat `b * T + t` indices).
     fn query(&self, batch: &batch::Batch, rows: &Tensor, dropout: &mut nn::Dropout) -> Result<scoring::CatalogQuery>;
+
+    /// The training loss at `rows` with `targets` (`[R]` u32): the catalog
+    /// cross-entropy, plus whatever auxiliary loss the model adds (a
+    /// mixture's load balance).
+    fn loss(&self, batch: &batch::Batch, rows: &Tensor, targets: &Tensor, dropout: &mut nn::Dropout) -> Result<Tensor> {
+        scoring::cross_entropy(&self.query(batch, rows, dropout)?, targets)
+    }
 }

@@ -152,6 +152,7 @@ impl Recommender for SasRec {
             gate_logits: None,
             items: self.encoder.items.clone(),
             mixing: Mixing::Logits,
+            scale: 1.0,
         })
     }
 }

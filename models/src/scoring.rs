@@ -23,6 +23,8 @@ pub struct CatalogQuery {
     pub items: Tensor,
     /// The mixing of the heads.
     pub mixing: Mixing,
+    /// `1 / temperature`, multiplying every head's scores (1 = none).
+    pub scale: f32,
 }
 
 impl CatalogQuery {
@@ -44,6 +46,7 @@ impl CatalogQuery {
     fn options(&self) -> Result<ScoringOptions> {
         Ok(ScoringOptions {
             mixing: self.mixing,
+            scale: self.scale,
             excluded: Some(Tensor::new(&[0u32], self.user.device())?),
             ..ScoringOptions::default()
         })
@@ -116,6 +119,7 @@ mod tests {
             gate_logits: None,
             items,
             mixing: Mixing::Logits,
+            scale: 1.0,
         };
         let loss = cross_entropy(&q, &Tensor::new(&[1u32], &dev).unwrap()).unwrap();
         let want = -(1.0f32.exp() / (1.0f32.exp() + 2.0f32.exp())).ln();
@@ -140,6 +144,7 @@ mod tests {
             gate_logits: Some(gate.clone()),
             items: items.clone(),
             mixing: Mixing::Logits,
+            scale: 1.0,
         };
         let (s1, s2) = (g[0] * 1.0, g[1] * 3.0);
         let want = -(s1 - (s1.exp() + s2.exp()).ln());
@@ -149,6 +154,7 @@ mod tests {
             gate_logits: Some(gate),
             items,
             mixing: Mixing::Probabilities,
+            scale: 1.0,
         };
         let p = g[0] * (1.0f32.exp() / (1.0f32.exp() + 1.0)) + g[1] * (1.0 / (1.0 + 3.0f32.exp()));
         assert!((cross_entropy(&probs, &target).unwrap().to_scalar::<f32>().unwrap() + p.ln()).abs() < 1e-5);

@@ -17,7 +17,6 @@ use crate::eval::{evaluate, Metrics};
 use crate::nn::Dropout;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::rng::Rng;
-use crate::scoring::cross_entropy;
 use crate::Recommender;
 
 /// How to train.
@@ -154,8 +153,7 @@ pub fn train(model: &dyn Recommender, split: &Split, config: &TrainConfig, devic
             let seqs: Vec<_> = chunk.iter().map(|&i| &split.train[i]).collect();
             let batch = TrainBatch::new(&seqs, split.max_len, device)?;
             let mut dropout = Dropout::new(model.dropout_rate(), &mut rng)?;
-            let query = model.query(&batch.batch, &batch.rows, &mut dropout)?;
-            let loss = cross_entropy(&query, &batch.targets)?;
+            let loss = model.loss(&batch.batch, &batch.rows, &batch.targets, &mut dropout)?;
             let grads = loss.backward()?;
             adam.step(params, &grads)?;
             let value = loss.to_scalar::<f32>()? as f64;

@@ -9,7 +9,6 @@ use moerec_models::batch::TrainBatch;
 use moerec_models::nn::Dropout;
 use moerec_models::rng::Rng;
 use moerec_models::sasrec::{EncoderConfig, SasRec};
-use moerec_models::scoring::cross_entropy;
 use moerec_models::Recommender;
 
 fn assert_every_parameter_learns(model: &dyn Recommender, what: &str) {
@@ -18,8 +17,10 @@ fn assert_every_parameter_learns(model: &dyn Recommender, what: &str) {
     let batch = TrainBatch::new(&seqs, split.max_len, &Device::Cpu).unwrap();
     let mut rng = Rng::new(1);
     let mut dropout = Dropout::new(model.dropout_rate(), &mut rng).unwrap();
-    let query = model.query(&batch.batch, &batch.rows, &mut dropout).unwrap();
-    let grads = cross_entropy(&query, &batch.targets).unwrap().backward().unwrap();
+    let loss = model
+        .loss(&batch.batch, &batch.rows, &batch.targets, &mut dropout)
+        .unwrap();
+    let grads = loss.backward().unwrap();
     let mut silent = Vec::new();
     for (name, var) in model.params().vars() {
         let norm = grads
@@ -54,5 +55,25 @@ fn fame_every_parameter_gets_a_gradient_with_both_mixings() {
         )
         .unwrap();
         assert_every_parameter_learns(&model, &format!("FAME ({mixing:?})"));
+    }
+}
+
+#[test]
+fn fuxi_alpha_and_fuxi_mme_every_parameter_gets_a_gradient() {
+    use moerec_models::fuxi::{Fuxi, FuxiConfig, TableScoring};
+    let mme = FuxiConfig::fuxi_mme(12101);
+    for (config, what) in [
+        (FuxiConfig::fuxi_alpha(12101), "FuXi-alpha"),
+        (mme.clone(), "Fuxi-MME (per-head scoring)"),
+        (
+            FuxiConfig {
+                scoring: TableScoring::Concatenated,
+                ..mme
+            },
+            "Fuxi-MME (concatenated scoring)",
+        ),
+    ] {
+        let model = Fuxi::new(config, 3, &Device::Cpu).unwrap();
+        assert_every_parameter_learns(&model, what);
     }
 }

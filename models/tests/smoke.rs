@@ -6,6 +6,7 @@
 mod common;
 
 use candle_core::Device;
+use moerec_models::fuxi::{Fuxi, FuxiConfig};
 use moerec_models::sasrec::{EncoderConfig, SasRec};
 use moerec_models::train::{train, TrainConfig};
 use moerec_models::{Error, Recommender};
@@ -40,11 +41,9 @@ fn weights(model: &dyn Recommender) -> Vec<Vec<f32>> {
         .collect()
 }
 
-#[test]
-fn sasrec_loss_falls_and_metrics_are_computed() {
-    let (data, split) = common::beauty_slice(400);
-    let model = small_sasrec(data.num_items);
-    let report = train(&model, &split, &config(None, 4), &Device::Cpu).unwrap();
+/// Four short epochs on 400 users: the loss falls and the metrics are in range.
+fn assert_loss_falls_and_metrics_are_computed(model: &dyn Recommender, split: &moerec_models::data::Split) {
+    let report = train(model, split, &config(None, 4), &Device::Cpu).unwrap();
     let losses: Vec<f64> = report.epochs.iter().map(|e| e.loss).collect();
     assert!(losses[3] < losses[0] - 0.05, "loss did not fall: {losses:?}");
     for m in [&report.best_valid, &report.test] {
@@ -54,28 +53,47 @@ fn sasrec_loss_falls_and_metrics_are_computed() {
     }
 }
 
-#[test]
-fn sasrec_checkpoint_resumes_exactly_and_is_not_overwritten() {
-    let dir = std::env::temp_dir().join(format!("moerec-models-smoke-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (data, split) = common::beauty_slice(200);
+/// Two epochs straight and one + one resumed from a checkpoint end with the
+/// same weights and test metrics; a second start without `resume` refuses.
+fn assert_checkpoint_resumes_exactly(
+    make: &dyn Fn() -> Box<dyn Recommender>,
+    split: &moerec_models::data::Split,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
     let straight_path = dir.join("straight.safetensors");
     let split_path = dir.join("split.safetensors");
 
-    let straight = small_sasrec(data.num_items);
-    let straight_report = train(&straight, &split, &config(Some(straight_path.clone()), 2), &Device::Cpu).unwrap();
+    let straight = make();
+    let straight_report = train(
+        straight.as_ref(),
+        split,
+        &config(Some(straight_path.clone()), 2),
+        &Device::Cpu,
+    )
+    .unwrap();
 
-    let first = small_sasrec(data.num_items);
-    train(&first, &split, &config(Some(split_path.clone()), 1), &Device::Cpu).unwrap();
+    let first = make();
+    train(
+        first.as_ref(),
+        split,
+        &config(Some(split_path.clone()), 1),
+        &Device::Cpu,
+    )
+    .unwrap();
     // A second start without --resume or --overwrite must refuse.
-    match train(&first, &split, &config(Some(split_path.clone()), 2), &Device::Cpu) {
+    match train(
+        first.as_ref(),
+        split,
+        &config(Some(split_path.clone()), 2),
+        &Device::Cpu,
+    ) {
         Err(Error::WouldOverwrite { path }) => assert_eq!(path, split_path),
         other => panic!("expected WouldOverwrite, got {other:?}"),
     }
-    let resumed = small_sasrec(data.num_items);
+    let resumed = make();
     let resumed_report = train(
-        &resumed,
-        &split,
+        resumed.as_ref(),
+        split,
         &TrainConfig {
             resume: true,
             ..config(Some(split_path.clone()), 2)
@@ -83,9 +101,33 @@ fn sasrec_checkpoint_resumes_exactly_and_is_not_overwritten() {
         &Device::Cpu,
     )
     .unwrap();
-    assert_eq!(weights(&straight), weights(&resumed), "the resumed run diverged");
+    assert_eq!(
+        weights(straight.as_ref()),
+        weights(resumed.as_ref()),
+        "the resumed run diverged"
+    );
     assert_eq!(resumed_report.epochs_total, 2);
     assert_eq!(straight_report.test, resumed_report.test);
+    split_path
+}
+
+fn temp_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("moerec-models-smoke-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn sasrec_loss_falls_and_metrics_are_computed() {
+    let (data, split) = common::beauty_slice(400);
+    assert_loss_falls_and_metrics_are_computed(&small_sasrec(data.num_items), &split);
+}
+
+#[test]
+fn sasrec_checkpoint_resumes_exactly_and_is_not_overwritten() {
+    let dir = temp_dir("sasrec");
+    let (data, split) = common::beauty_slice(200);
+    let split_path = assert_checkpoint_resumes_exactly(&|| Box::new(small_sasrec(data.num_items)), &split, &dir);
 
     // Loading into a model of another shape names the mismatch.
     let other = SasRec::new(
@@ -109,5 +151,28 @@ fn sasrec_checkpoint_resumes_exactly_and_is_not_overwritten() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("has shape"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn small_fuxi_mme(num_items: u32) -> Fuxi {
+    let mut config = FuxiConfig::fuxi_mme(num_items);
+    config.encoder.dim = 32;
+    Fuxi::new(config, 5, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn fuxi_alpha_and_fuxi_mme_losses_fall_and_metrics_are_computed() {
+    let (data, split) = common::beauty_slice(400);
+    let mut alpha = FuxiConfig::fuxi_alpha(data.num_items);
+    alpha.encoder.dim = 32;
+    assert_loss_falls_and_metrics_are_computed(&Fuxi::new(alpha, 5, &Device::Cpu).unwrap(), &split);
+    assert_loss_falls_and_metrics_are_computed(&small_fuxi_mme(data.num_items), &split);
+}
+
+#[test]
+fn fuxi_mme_checkpoint_resumes_exactly() {
+    let dir = temp_dir("fuxi-mme");
+    let (data, split) = common::beauty_slice(200);
+    assert_checkpoint_resumes_exactly(&|| Box::new(small_fuxi_mme(data.num_items)), &split, &dir);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -26,7 +26,7 @@ if os.environ.get("MOEREC_REQUIRE_TORCH") == "1":
 else:
     torch = pytest.importorskip("torch")
 
-from models import fame, sasrec  # noqa: E402
+from models import fame, fuxi, sasrec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RTOL = 1e-4
@@ -34,7 +34,16 @@ RTOL = 1e-4
 # a softmax row equally) come out of the f32 side as rounding noise of ~1e-13:
 # the tolerance's scale is at least this magnitude.
 GRAD_FLOOR = 1e-7
-MODELS = {"sasrec": sasrec.loss, "fame_logits": fame.loss, "fame_probabilities": fame.loss}
+MODELS = {
+    "sasrec": sasrec.loss,
+    "fame_logits": fame.loss,
+    "fame_probabilities": fame.loss,
+    "fuxi_alpha": fuxi.loss,
+    "fuxi_mme": fuxi.loss,
+    "fuxi_mme_concatenated": fuxi.loss,
+}
+# The weight perturbed to show the comparison can fail.
+PERTURBED = {name: "block0.uvqk" if name.startswith("fuxi") else "block0.query.weight" for name in MODELS}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +64,10 @@ def load(path):
     grads = {n: np.asarray(tensors[f"grad.{n}"], dtype=np.float32) for n in names}
     c = [int(v) for v in np.asarray(tensors["config"]).ravel()]
     config = dict(dim=c[0], heads=c[1], blocks=c[2], max_len=c[3], facets=c[4], experts=c[5], mixing=c[6])
+    if "config.fuxi" in tensors:
+        tables, experts, k = (int(v) for v in np.asarray(tensors["config.fuxi"]).ravel())
+        temperature, balance = (float(v) for v in np.asarray(tensors["config.fuxi_f"]).ravel())
+        config.update(tables=tables, experts=experts, k=k, temperature=temperature, balance=balance)
     batch = [torch.tensor(np.asarray(tensors[f"batch.{k}"]).astype(np.int64)) for k in ("inputs", "rows", "targets")]
     return params, grads, float(np.asarray(tensors["loss"]).ravel()[0]), batch, config
 
@@ -87,6 +100,6 @@ def test_loss_and_every_gradient_match(dumps, model):
 def test_a_perturbed_weight_breaks_parity(dumps, model):
     params, grads, loss, batch, config = load(dumps / f"{model}.safetensors")
     with torch.no_grad():
-        params["block0.query.weight"][3, 5] += 0.05
+        params[PERTURBED[model]][3, 5] += 0.05
     bad = mismatches(params, grads, loss, batch, config, model)
     assert bad, "parity still held after perturbing a weight: the comparison cannot fail"

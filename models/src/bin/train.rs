@@ -9,6 +9,7 @@ use candle_core::Device;
 use moerec_models::data::{self, MAX_LEN};
 use moerec_models::error::{Error, Result};
 use moerec_models::fame::{Fame, FameConfig};
+use moerec_models::fuxi::{FeedForward, Fuxi, FuxiConfig, TableScoring};
 use moerec_models::record::{self, RunRecord};
 use moerec_models::sasrec::{EncoderConfig, SasRec};
 use moerec_models::scoring::Mixing;
@@ -19,7 +20,7 @@ const HELP: &str = "\
 train: trains a seed model and prints validation and test HR/NDCG@10
 
 usage: train [options]
-  --model fame|sasrec      the model (default fame)
+  --model fame|sasrec|fuxi|fuxi-mme   the model (default fame)
   --data PATH              interaction file (default data/Beauty.txt)
   --num-items N            declared catalog size (default: the largest id)
   --seed N                 initialisation, shuffling and dropout seed (default 42)
@@ -31,6 +32,10 @@ usage: train [options]
   --dim N --heads N --blocks N --dropout X   SASRec shape (64, 2, 2, 0.2)
   --facets N --experts N   FAME's heads H and query experts per head N (4, 4)
   --mixing logits|probabilities   FAME's mixing of the heads (default logits)
+  --tables N --experts N --top-k N --balance X   Fuxi-MME's item tables H, experts E,
+                           experts per token and load-balance coefficient (4, 4, 2, 0.01)
+  --scoring per-head|concatenated   Fuxi-MME's scoring of the tables (default per-head)
+  --temperature X          FuXi scores are cosines / X (default 0.05)
   --max-steps-per-epoch N  cap every epoch (smoke runs)
   --checkpoint PATH        save after every epoch (refuses to replace an existing file)
   --resume                 continue from --checkpoint
@@ -72,6 +77,8 @@ fn run() -> Result<()> {
     let mut config = TrainConfig::default();
     let (mut dim, mut heads, mut blocks, mut dropout) = (64usize, 2usize, 2usize, 0.2f32);
     let (mut facets, mut experts, mut mixing) = (4usize, 4usize, Mixing::Logits);
+    let (mut tables, mut top_k, mut balance, mut temperature) = (4usize, 2usize, 0.01f32, 0.05f32);
+    let mut scoring = TableScoring::PerHead;
     let mut results = None;
     let mut note = String::new();
     while let Some(flag) = args.next() {
@@ -106,6 +113,17 @@ fn run() -> Result<()> {
                     other => return Err(bad("--mixing", "logits or probabilities", other)),
                 }
             }
+            "--tables" => tables = number(&flag, &value()?)?,
+            "--top-k" => top_k = number(&flag, &value()?)?,
+            "--balance" => balance = number(&flag, &value()?)?,
+            "--temperature" => temperature = number(&flag, &value()?)?,
+            "--scoring" => {
+                scoring = match value()?.as_str() {
+                    "per-head" => TableScoring::PerHead,
+                    "concatenated" => TableScoring::Concatenated,
+                    other => return Err(bad("--scoring", "per-head or concatenated", other)),
+                }
+            }
             "--max-steps-per-epoch" => config.max_steps_per_epoch = Some(number(&flag, &value()?)?),
             "--checkpoint" => config.checkpoint = Some(PathBuf::from(value()?)),
             "--resume" => config.resume = true,
@@ -129,6 +147,11 @@ fn run() -> Result<()> {
         max_len: MAX_LEN,
         dropout,
     };
+    let fuxi = FuxiConfig {
+        encoder: encoder.clone(),
+        temperature,
+        ..FuxiConfig::fuxi_alpha(dataset.num_items)
+    };
     let model: Box<dyn Recommender> = match model_name.as_str() {
         "sasrec" => Box::new(SasRec::new(encoder, seed, &device)?),
         "fame" => Box::new(Fame::new(
@@ -141,7 +164,22 @@ fn run() -> Result<()> {
             seed,
             &device,
         )?),
-        other => return Err(bad("--model", "fame or sasrec", other)),
+        "fuxi" => Box::new(Fuxi::new(fuxi, seed, &device)?),
+        "fuxi-mme" => Box::new(Fuxi::new(
+            FuxiConfig {
+                tables,
+                scoring,
+                feed_forward: FeedForward::Experts {
+                    experts,
+                    k: top_k,
+                    balance,
+                },
+                ..fuxi
+            },
+            seed,
+            &device,
+        )?),
+        other => return Err(bad("--model", "fame, sasrec, fuxi or fuxi-mme", other)),
     };
     eprintln!(
         "{model_name} on {} ({} users, {} items, {} training sequences), {} parameters, {} thread(s)",
