@@ -21,6 +21,7 @@ pub mod record;
 pub mod rng;
 pub mod sasrec;
 pub mod scoring;
+pub mod stream;
 pub mod train;
 
 use candle_core::Tensor;
