@@ -15,6 +15,7 @@ pub mod eval;
 pub mod fame;
 pub mod fused;
 pub mod fuxi;
+pub mod movielens;
 pub mod nn;
 pub mod optim;
 pub mod record;

@@ -1,6 +1,6 @@
-//! The streaming protocol of XSMoE (arXiv 2508.05993) on MovieLens
-//! (`ml-latest-small`: `ratings.csv`, `movies.csv`): the ratings in global
-//! time order cut into windows; train on window t, test on window t + 1.
+//! The streaming protocol of XSMoE (arXiv 2508.05993) on MovieLens ratings
+//! (see [`crate::movielens`]): the ratings in global time order cut into
+//! windows; train on window t, test on window t + 1.
 //!
 //! Following the public reference implementation
 //! (qykcq/Efficient-Multimodal-Streaming-Recommendation-via-Expandable-Side-Mixture-of-Experts,
@@ -30,190 +30,10 @@
 //!   candidate; popularity counts come from the training part only.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use crate::data::{RankingCase, TrainSequence};
-use crate::error::{invalid, Error, Result};
-
-/// One rating: who, which movie, when (Unix seconds). The score is not used (implicit feedback).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rating {
-    /// MovieLens `userId`.
-    pub user: u32,
-    /// MovieLens `movieId`.
-    pub movie: u32,
-    /// Unix seconds.
-    pub timestamp: i64,
-}
-
-/// A movie's content: what the frozen item encoder may read.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Movie {
-    /// MovieLens `movieId`.
-    pub movie: u32,
-    /// The title without its release year.
-    pub title: String,
-    /// The release year in the title's trailing `(YYYY)`, if any.
-    pub year: Option<u16>,
-    /// The genres (`|`-separated in the file; none for `(no genres listed)`).
-    pub genres: Vec<String>,
-}
-
-fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn data_error(file: &str, line: usize, message: String) -> Error {
-    Error::Data {
-        file: file.to_string(),
-        line,
-        message,
-    }
-}
-
-/// The lines after the expected header, numbered from 2 (CRLF endings accepted).
-fn body<'t>(text: &'t str, file: &str, header: &str) -> Result<impl Iterator<Item = (usize, &'t str)>> {
-    let mut lines = text.lines().map(|l| l.trim_end_matches('\r'));
-    match lines.next() {
-        Some(first) if first == header => {}
-        other => {
-            return Err(data_error(
-                file,
-                1,
-                format!("expected the header {header:?}, got {:?}", other.unwrap_or("")),
-            ))
-        }
-    }
-    Ok(lines.enumerate().map(|(i, l)| (i + 2, l)))
-}
-
-/// Parses `ratings.csv` (`userId,movieId,rating,timestamp`); `file` names it in errors.
-pub fn parse_ratings(text: &str, file: &str) -> Result<Vec<Rating>> {
-    let mut ratings = Vec::new();
-    for (line, row) in body(text, file, "userId,movieId,rating,timestamp")? {
-        let fields: Vec<&str> = row.split(',').collect();
-        let [user, movie, _rating, timestamp] = fields[..] else {
-            return Err(data_error(
-                file,
-                line,
-                format!("expected 4 fields, got {}: {row:?}", fields.len()),
-            ));
-        };
-        let number = |name: &str, value: &str| -> Result<u64> {
-            value
-                .parse()
-                .map_err(|_| data_error(file, line, format!("malformed {name} {value:?}: expected an integer")))
-        };
-        let id = |name: &str, value: &str| -> Result<u32> {
-            u32::try_from(number(name, value)?)
-                .map_err(|_| data_error(file, line, format!("{name} {value} is beyond 4294967295")))
-        };
-        ratings.push(Rating {
-            user: id("userId", user)?,
-            movie: id("movieId", movie)?,
-            timestamp: i64::try_from(number("timestamp", timestamp)?)
-                .map_err(|_| data_error(file, line, format!("timestamp {timestamp} is out of range")))?,
-        });
-    }
-    if ratings.is_empty() {
-        return Err(data_error(file, 0, "no ratings".into()));
-    }
-    Ok(ratings)
-}
-
-/// Splits one CSV row into fields: quoted fields may hold commas and `""`.
-fn csv_fields(row: &str) -> Option<Vec<String>> {
-    let mut fields = Vec::new();
-    let mut field = String::new();
-    let mut chars = row.chars().peekable();
-    let mut quoted = false;
-    while let Some(c) = chars.next() {
-        match (quoted, c) {
-            (true, '"') if chars.peek() == Some(&'"') => {
-                field.push('"');
-                chars.next();
-            }
-            (true, '"') => quoted = false,
-            (false, '"') if field.is_empty() => quoted = true,
-            (false, ',') => fields.push(std::mem::take(&mut field)),
-            (_, c) => field.push(c),
-        }
-    }
-    (!quoted).then(|| {
-        fields.push(field);
-        fields
-    })
-}
-
-/// Parses `movies.csv` (`movieId,title,genres`); `file` names it in errors.
-pub fn parse_movies(text: &str, file: &str) -> Result<Vec<Movie>> {
-    let mut movies = Vec::new();
-    for (line, row) in body(text, file, "movieId,title,genres")? {
-        let fields = csv_fields(row).ok_or_else(|| data_error(file, line, format!("unterminated quote: {row:?}")))?;
-        let [movie, title, genres] = &fields[..] else {
-            return Err(data_error(
-                file,
-                line,
-                format!("expected 3 fields, got {}: {row:?}", fields.len()),
-            ));
-        };
-        let movie: u32 = movie
-            .parse()
-            .map_err(|_| data_error(file, line, format!("malformed movieId {movie:?}: expected an integer")))?;
-        let title = title.trim();
-        // "Heat (1995)": the year is the trailing parenthesised 4 digits.
-        let year = title
-            .strip_suffix(')')
-            .and_then(|t| t.rsplit_once('('))
-            .and_then(|(rest, y)| Some((rest.trim_end(), y.parse::<u16>().ok().filter(|_| y.len() == 4)?)));
-        let (title, year) = match year {
-            Some((rest, y)) => (rest.to_string(), Some(y)),
-            None => (title.to_string(), None),
-        };
-        let genres = match genres.as_str() {
-            "(no genres listed)" => Vec::new(),
-            g => g.split('|').map(str::to_string).collect(),
-        };
-        movies.push(Movie {
-            movie,
-            title,
-            year,
-            genres,
-        });
-    }
-    Ok(movies)
-}
-
-/// The MovieLens files of one directory.
-#[derive(Clone, Debug)]
-pub struct MovieLens {
-    /// In file order.
-    pub ratings: Vec<Rating>,
-    /// Content by `movieId`; every rated movie has one.
-    pub movies: HashMap<u32, Movie>,
-}
-
-/// Reads `dir/ratings.csv` and `dir/movies.csv`; a rated movie missing from `movies.csv` is an error.
-pub fn load_movielens(dir: &Path) -> Result<MovieLens> {
-    let ratings_path = dir.join("ratings.csv");
-    let movies_path = dir.join("movies.csv");
-    let ratings = parse_ratings(&read(&ratings_path)?, &ratings_path.display().to_string())?;
-    let movies: HashMap<u32, Movie> = parse_movies(&read(&movies_path)?, &movies_path.display().to_string())?
-        .into_iter()
-        .map(|m| (m.movie, m))
-        .collect();
-    if let Some((i, r)) = ratings.iter().enumerate().find(|(_, r)| !movies.contains_key(&r.movie)) {
-        return Err(data_error(
-            &ratings_path.display().to_string(),
-            i + 2,
-            format!("movieId {} is not in movies.csv", r.movie),
-        ));
-    }
-    Ok(MovieLens { ratings, movies })
-}
+use crate::error::{invalid, Result};
+use crate::movielens::{Movie, Rating};
 
 /// One interaction of the stream, with the dense item id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -395,6 +215,80 @@ pub struct WindowSplit {
     pub popularity: Vec<u32>,
 }
 
+/// Content features of a stream's items, for the frozen item encoder:
+/// `[V+1, width]` row-major f32 (row 0, padding, is zero). Columns: one per
+/// genre (multi-hot, the genres sorted by name), the release year scaled to
+/// `[0, 1]` over the data's range, a missing-year flag, then the title's
+/// lowercase alphanumeric tokens hashed (FNV-1a) into `title_buckets`
+/// counts, L2-normalised.
+#[derive(Clone, Debug)]
+pub struct ItemContent {
+    /// The features, row-major.
+    pub features: Vec<f32>,
+    /// Columns per item.
+    pub width: usize,
+    /// The genre of each leading column.
+    pub genres: Vec<String>,
+}
+
+impl ItemContent {
+    /// The features of `stream`'s items from `movies`.
+    pub fn new(stream: &Stream, movies: &HashMap<u32, Movie>, title_buckets: usize) -> Result<Self> {
+        let items: Vec<&Movie> = stream.movie_of_item[1..]
+            .iter()
+            .map(|m| {
+                movies
+                    .get(m)
+                    .ok_or_else(|| invalid("movies", "every streamed movie", format!("no movieId {m}")))
+            })
+            .collect::<Result<_>>()?;
+        let mut genres: Vec<String> = items.iter().flat_map(|m| m.genres.iter().cloned()).collect();
+        genres.sort();
+        genres.dedup();
+        let years = items.iter().filter_map(|m| m.year);
+        let (first, last) = (years.clone().min().unwrap_or(0), years.max().unwrap_or(0));
+        let width = genres.len() + 2 + title_buckets;
+        let mut features = vec![0f32; (items.len() + 1) * width];
+        for (row, movie) in features.chunks_mut(width).skip(1).zip(&items) {
+            for g in &movie.genres {
+                let column = genres.binary_search(g).expect("every genre is in the vocabulary");
+                row[column] = 1.0;
+            }
+            match movie.year {
+                Some(y) => row[genres.len()] = (y - first) as f32 / (last - first).max(1) as f32,
+                None => row[genres.len() + 1] = 1.0,
+            }
+            if title_buckets > 0 {
+                let title = &mut row[genres.len() + 2..];
+                for token in movie
+                    .title
+                    .to_lowercase()
+                    .split(|c: char| !c.is_alphanumeric())
+                    .filter(|t| !t.is_empty())
+                {
+                    title[(fnv1a(token) % title_buckets as u64) as usize] += 1.0;
+                }
+                let norm = title.iter().map(|v| v * v).sum::<f32>().sqrt();
+                if norm > 0.0 {
+                    title.iter_mut().for_each(|v| *v /= norm);
+                }
+            }
+        }
+        Ok(Self {
+            features,
+            width,
+            genres,
+        })
+    }
+}
+
+/// The 64-bit FNV-1a hash (stable across runs and platforms, unlike std's hasher).
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,31 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_quoted_titles_years_and_genres() {
-        let text = "movieId,title,genres\r\n1,Toy Story (1995),Adventure|Animation\r\n\
-                    11,\"American President, The (1995)\",Comedy\r\n\
-                    7789,\"11'09\"\"01 - September 11 (2002)\",Drama\r\n\
-                    40697,Babylon 5,(no genres listed)\r\n";
-        let movies = parse_movies(text, "movies.csv").unwrap();
-        assert_eq!(movies[0].title, "Toy Story");
-        assert_eq!(movies[0].year, Some(1995));
-        assert_eq!(movies[0].genres, vec!["Adventure", "Animation"]);
-        assert_eq!(movies[1].title, "American President, The");
-        assert_eq!(movies[2].title, "11'09\"01 - September 11");
-        assert_eq!(movies[2].year, Some(2002));
-        assert_eq!((movies[3].year, movies[3].genres.len()), (None, 0));
-    }
-
-    #[test]
-    fn bad_input_names_file_line_and_value() {
-        let e = parse_ratings("userId,movieId,rating,timestamp\n1,2,4.0,x\n", "r.csv").unwrap_err();
-        assert_eq!(e.to_string(), "r.csv:2: malformed timestamp \"x\": expected an integer");
-        let e = parse_ratings("user,movie\n", "r.csv").unwrap_err().to_string();
-        assert!(e.starts_with("r.csv:1: expected the header"), "{e}");
-        let e = parse_ratings("userId,movieId,rating,timestamp\n", "r.csv").unwrap_err();
-        assert_eq!(e.to_string(), "r.csv:0: no ratings");
-        let e = parse_movies("movieId,title,genres\n1,\"open,Drama\n", "m.csv").unwrap_err();
-        assert!(e.to_string().starts_with("m.csv:2: unterminated quote"), "{e}");
+    fn too_many_windows_is_an_error() {
         let e = Stream::new(&ratings(&[(1, 1, 0)]), 2, 1).unwrap_err().to_string();
         assert!(e.starts_with("windows: expected 2..=1"), "{e}");
     }
@@ -507,5 +377,32 @@ mod tests {
         assert_eq!(split.num_items, 10);
         assert!(s.split(1, 0.15, 10).is_err());
         assert!(s.split(0, 1.0, 10).is_err());
+    }
+
+    #[test]
+    fn item_content_has_genres_year_and_hashed_title() {
+        let r = ratings(&[(1, 7, 1), (1, 8, 2)]);
+        let s = Stream::new(&r, 2, 1).unwrap();
+        let movie = |movie, title: &str, year, genres: &[&str]| Movie {
+            movie,
+            title: title.into(),
+            year,
+            genres: genres.iter().map(|g| g.to_string()).collect(),
+        };
+        let movies = HashMap::from([
+            (7, movie(7, "Heat", Some(1995), &["Crime", "Action"])),
+            (8, movie(8, "Heat heat", None, &["Drama"])),
+        ]);
+        let c = ItemContent::new(&s, &movies, 4).unwrap();
+        assert_eq!(c.genres, vec!["Action", "Crime", "Drama"]);
+        assert_eq!(c.width, 3 + 2 + 4);
+        let rows: Vec<&[f32]> = c.features.chunks(c.width).collect();
+        assert!(rows[0].iter().all(|&v| v == 0.0));
+        assert_eq!(rows[1][..5], [1.0, 1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(rows[2][..5], [0.0, 0.0, 1.0, 0.0, 1.0]);
+        // "heat" twice hashes to one bucket; normalised it is 1 in both titles.
+        let bucket = (fnv1a("heat") % 4) as usize;
+        assert_eq!((rows[1][5 + bucket], rows[2][5 + bucket]), (1.0, 1.0));
+        assert!(ItemContent::new(&s, &HashMap::new(), 4).is_err());
     }
 }

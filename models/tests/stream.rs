@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use moerec_models::stream::{load_movielens, Stream};
+use moerec_models::movielens::load_movielens;
+use moerec_models::stream::{ItemContent, Stream};
 
 #[test]
 fn movielens_windows_and_splits() {
@@ -20,6 +21,9 @@ fn movielens_windows_and_splits() {
         *stream.known_items.last().unwrap() as usize + 1,
         stream.movie_of_item.len()
     );
+    let content = ItemContent::new(&stream, &data.movies, 64).unwrap();
+    assert_eq!(content.genres.len(), 19, "{:?}", content.genres);
+    assert_eq!(content.features.len(), stream.movie_of_item.len() * content.width);
     for t in 0..9 {
         let split = stream.split(t, 0.15, 10).unwrap();
         assert!(
