@@ -21,7 +21,7 @@ pub fn fusable(t: &Tensor) -> bool {
 }
 
 /// The contiguous f32 elements of a CPU storage under `layout`.
-fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     match (storage, layout.contiguous_offsets()) {
         (CpuStorage::F32(values), Some((start, end))) => Ok(&values[start..end]),
         _ => candle_core::bail!("{what}: expected a contiguous f32 CPU tensor"),
@@ -29,7 +29,7 @@ fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_c
 }
 
 /// Runs `f` on the contiguous f32 elements of `t` (copied only when `t` is strided).
-fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
@@ -38,7 +38,7 @@ fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> candle_co
     }
 }
 
-fn cpu_tensor(values: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> {
+pub(crate) fn cpu_tensor(values: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> {
     Tensor::from_vec(values, shape.clone(), &Device::Cpu)
 }
 
@@ -433,7 +433,7 @@ pub fn apply_mask(x: &Tensor, mask: Vec<f32>) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Each fused op against the composed candle form in f64 (which the
     //! dispatch in `nn` takes for non-f32 tensors): forward and every gradient.
     use super::*;
@@ -441,7 +441,7 @@ mod tests {
     use crate::rng::Rng;
     use candle_core::Var;
 
-    fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
+    pub(crate) fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
         let n = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
@@ -471,7 +471,7 @@ mod tests {
 
     /// Runs `f` on f32 leaves (the fused path) and on f64 copies (composed),
     /// with the same random upstream gradient; compares outputs and gradients.
-    fn check(leaves: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, what: &str) {
+    pub(crate) fn check(leaves: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, what: &str) {
         let mut rng = Rng::new(7);
         let vars32: Vec<Var> = leaves.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
         let vars64: Vec<Var> = leaves

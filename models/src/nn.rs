@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor, Var, D};
 
+use crate::attention;
 use crate::error::{invalid, Result};
 use crate::fused;
 use crate::rng::Rng;
@@ -161,20 +162,29 @@ impl<'a> Dropout<'a> {
 
     /// Applies dropout to `x`.
     pub fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
-        let Some(rng) = self.rng.as_deref_mut() else {
+        let Some(mask) = self.mask(x.elem_count()) else {
             return Ok(x.clone());
         };
-        if self.rate == 0.0 {
-            return Ok(x.clone());
-        }
-        let keep = 1.0 / (1.0 - self.rate);
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.uniform() < self.rate { 0.0 } else { keep })
-            .collect();
         if fused::fusable(x) {
             return fused::apply_mask(x, mask);
         }
         Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?)
+    }
+
+    /// The next `n` multipliers (0 for a dropped element, `1 / (1 - rate)`
+    /// for a kept one); `None` when dropout is off.
+    pub fn mask(&mut self, n: usize) -> Option<Vec<f32>> {
+        let rng = self.rng.as_deref_mut()?;
+        if self.rate == 0.0 {
+            return None;
+        }
+        let keep = 1.0 / (1.0 - self.rate);
+        // A select over 0/1 (not a branch on a random bit) keeps the draw loop free of mispredictions.
+        Some(
+            (0..n)
+                .map(|_| keep * f32::from(u8::from(rng.uniform() >= self.rate)))
+                .collect(),
+        )
     }
 }
 
@@ -202,6 +212,27 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, dropout: &mut D
     };
     let weights = dropout.apply(&weights)?;
     Ok(weights.matmul(v)?)
+}
+
+/// Multi-head attention on `q, k, v: [B, T, heads * dh]` (the projections'
+/// layout) with a `[B, 1, T, T]` bias, back in that layout: the fused CPU op
+/// of [`crate::attention`] where it applies, else [`attend`] on split heads.
+/// Either way the dropout mask over the `[B, heads, T, T]` weights is drawn
+/// in the same order.
+pub fn attend_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: &Tensor,
+    dropout: &mut Dropout,
+) -> Result<Tensor> {
+    if attention::fits(q, k, v, bias, heads) {
+        let (b, t, _) = q.dims3()?;
+        return attention::attention(q, k, v, bias, heads, dropout.mask(b * heads * t * t));
+    }
+    let (q, k, v) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
+    merge_heads(&attend(&q, &k, &v, bias, dropout)?)
 }
 
 /// The position-wise feed-forward layer: `W2 ReLU(W1 x)`, hidden width = D (SASRec).
@@ -266,10 +297,8 @@ impl AttentionBlock {
     /// `x: [B, T, D]`, `bias: [B, 1, T, T]`.
     pub fn forward(&self, x: &Tensor, bias: &Tensor, dropout: &mut Dropout) -> Result<Tensor> {
         let h = self.attn_norm.forward(x)?;
-        let q = split_heads(&self.query.forward(&h)?, self.heads)?;
-        let k = split_heads(&self.key.forward(&h)?, self.heads)?;
-        let v = split_heads(&self.value.forward(&h)?, self.heads)?;
-        let attended = merge_heads(&attend(&q, &k, &v, bias, dropout)?)?;
+        let (q, k, v) = (self.query.forward(&h)?, self.key.forward(&h)?, self.value.forward(&h)?);
+        let attended = attend_heads(&q, &k, &v, self.heads, bias, dropout)?;
         let x = (x + dropout.apply(&self.output.forward(&attended)?)?)?;
         let f = self.ffn.forward(&self.ffn_norm.forward(&x)?, dropout)?;
         Ok((&x + dropout.apply(&f)?)?)
