@@ -11,6 +11,7 @@ pub mod attention;
 pub mod batch;
 pub mod checkpoint;
 pub mod data;
+pub mod dense;
 pub mod error;
 pub mod eval;
 pub mod fame;

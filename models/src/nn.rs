@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor, Var, D};
 
 use crate::attention;
+use crate::dense;
 use crate::error::{invalid, Result};
 use crate::fused;
 use crate::rng::Rng;
@@ -79,6 +80,9 @@ impl Linear {
 
     /// Applies the layer over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(out) = dense::linear(x, &self.weight, &self.bias)? {
+            return Ok(out);
+        }
         let dims = x.dims();
         let (rows, inner) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
         let product = x.reshape((rows, inner))?.matmul(&self.weight)?;
