@@ -129,11 +129,14 @@ __device__ void row_reduce(const ScoringParams& p) {
       if (b >= p.batch || !eligible(p, v)) continue;
       LogSumExp& row_part = part[Layout::slot(e)];
       const float logit = acc[e] + bias_of(p, v);
+      const u64 bj = static_cast<u64>(b) * p.heads_out + j;
       if (dot) {
-        const u64 bj = static_cast<u64>(b) * p.heads_out + j;
         row_part.sum += expf(logit - p.row_lse[bj]) * p.dscores[static_cast<u64>(b) * p.num_items + v];
       } else {
         lse_push(row_part, logit);
+        // The target's logit as it entered the lse, so that the loss
+        // lse - s(target) cancels exactly (ce_loss).
+        if (has(p, kCrossEntropy) && v == p.targets[b]) p.target_logits[bj] = logit;
       }
     }
   }
@@ -227,6 +230,24 @@ __device__ float log_target_probability(const ScoringParams& p, uint32_t b, uint
   return lse_value(log_p);
 }
 
+// The forward's -log P(y) = lse_h(G_h) - lse_h(G_h + s_h(y) - lse_h), with the
+// target logits row_reduce kept: s_h(y) - lse_h and the gates' normaliser
+// cancel exactly, so a target that is its row's only eligible item has loss
+// exactly 0 (the CPU computes it the same way).
+template <typename T>
+__device__ float mixture_loss(const ScoringParams& p, uint32_t b) {
+  const T* logits = static_cast<const T*>(p.gate_logits);
+  LogSumExp gates = lse_empty();
+  LogSumExp joint = lse_empty();
+  for (uint32_t h = 0; h < p.heads; ++h) {
+    const u64 bh = static_cast<u64>(b) * p.heads + h;
+    const float g = to_f32(logits[bh]);
+    lse_push(gates, g);
+    lse_push(joint, g + (p.target_logits[bh] - p.row_lse[bh]));
+  }
+  return lse_value(gates) - lse_value(joint);
+}
+
 template <typename T>
 __device__ void ce_loss(const ScoringParams& p) {
   for (u64 row = moerec::global_thread_index(); row < p.batch; row += moerec::global_thread_count()) {
@@ -235,9 +256,9 @@ __device__ void ce_loss(const ScoringParams& p) {
     float loss = 0.0f;
     if (target != kInactive) {
       if (has(p, kProbabilities)) {
-        loss = -log_target_probability<T>(p, b, target);
+        loss = mixture_loss<T>(p, b);
       } else {
-        loss = p.row_lse[b] - (single_score<T>(p, b, 0, target) + bias_of(p, target));
+        loss = p.row_lse[b] - p.target_logits[b];
       }
     }
     p.out[b] = loss;

@@ -42,6 +42,7 @@ struct ScoringParams {
   float* row_coef;                   // [B, heads_out]
   float* row_weight;                 // [B]
   uint32_t* row_target;              // [B]
+  float* target_logits;              // [B, heads_out] (cross-entropy forward)
   float* user_partials;              // [user_chunks, B, a_width]
   float* bias_partials;              // [user_chunks, B]
   float* out;                        // scores [B, V] or loss [B]
@@ -80,11 +81,11 @@ struct ScoringParams {
   uint32_t topk_tiles_per_chunk;
   float scale;
 };
-static_assert(sizeof(ScoringParams) == 32 * 8 + 24 * 4, "ScoringParams must match the Rust Params");
+static_assert(sizeof(ScoringParams) == 33 * 8 + 24 * 4, "ScoringParams must match the Rust Params");
 
 constexpr uint32_t kProbabilities = 1;  // Probabilities mixing (else Logits)
 constexpr uint32_t kShared = 2;         // one [V, D] table for every head
-constexpr uint32_t kCrossEntropy = 4;   // the backward's upstream is dloss (else dscores)
+constexpr uint32_t kCrossEntropy = 4;   // targets: the backward's upstream is dloss (else dscores)
 constexpr uint32_t kIgnore = 8;         // `ignore` holds an ignored target id
 constexpr uint32_t kReduceDot = 16;     // row reduction: sum_v q * dS (else log-sum-exp)
 

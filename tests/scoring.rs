@@ -974,6 +974,94 @@ fn rows_with_no_eligible_item_give_exact_zeros(device: &Device) {
     }
 }
 
+// The loss is lse - s(target): both must come from the same evaluation of
+// the target's logit, or their rounding difference is all that is left of a
+// small loss (found by the property suite: CUDA gave 2e-8 for a row whose
+// only eligible item is its target, where the loss is exactly 0). Both
+// mixings, per-head and shared tables.
+fn a_dominant_target_has_an_accurate_loss(device: &Device) {
+    let (batch, heads, width, num_items) = (2, 3, 8, 6);
+    let mut rng = Rng::new(23);
+    let user: Vec<f32> = (0..batch * heads * width).map(|_| 2.0 * rng.signed_unit()).collect();
+    let gates: Vec<f32> = rng.floats(batch * heads);
+    let bias: Vec<f32> = rng.floats(num_items);
+    let targets = [4u32, 1];
+    for shared in [false, true] {
+        let table_heads = if shared { 1 } else { heads };
+        // The target of row 0 is its user state, so its logit stands out
+        // by ~|u|^2 ~ 10 from the others' ~0.
+        let mut items: Vec<f32> = (0..table_heads * num_items * width)
+            .map(|_| 0.3 * rng.signed_unit())
+            .collect();
+        for h in 0..table_heads {
+            for d in 0..width {
+                items[(h * num_items + targets[0] as usize) * width + d] = user[h * width + d];
+            }
+        }
+        let table_shape = if shared {
+            vec![num_items, width]
+        } else {
+            vec![heads, num_items, width]
+        };
+        for mixing in [Mixing::Logits, Mixing::Probabilities] {
+            let what = format!("{device:?} {mixing:?} shared={shared}");
+            let u = tensor(user.clone(), &[batch, heads, width], device);
+            let g = tensor(gates.clone(), &[batch, heads], device);
+            let x = tensor(items.clone(), &table_shape, device);
+            let b = tensor(bias.clone(), &[num_items], device);
+            let t = tensor(targets.to_vec(), &[batch], device);
+            let inputs = Scoring::new(&u, &g, &x).with_item_bias(&b).with_mixing(mixing);
+            let (loss, _) = scoring::cross_entropy(&inputs, &t, None).unwrap();
+            let loss = loss.to_vec().unwrap();
+            for (row, &target) in targets.iter().enumerate() {
+                let logit = |h: usize, v: usize| -> f64 {
+                    let table = if shared { 0 } else { h };
+                    (0..width)
+                        .map(|d| {
+                            f64::from(user[(row * heads + h) * width + d])
+                                * f64::from(items[(table * num_items + v) * width + d])
+                        })
+                        .sum::<f64>()
+                        + f64::from(bias[v])
+                };
+                let g: Vec<f64> = gates[row * heads..][..heads]
+                    .iter()
+                    .map(|&g| f64::from(g).exp())
+                    .collect();
+                let g: Vec<f64> = g.iter().map(|x| x / g.iter().sum::<f64>()).collect();
+                let lse = |s: &dyn Fn(usize) -> f64| (0..num_items).map(|v| s(v).exp()).sum::<f64>().ln();
+                let expected = match mixing {
+                    Mixing::Logits => {
+                        let mixed = |v: usize| (0..heads).map(|h| g[h] * logit(h, v)).sum::<f64>();
+                        lse(&mixed) - mixed(target as usize)
+                    }
+                    Mixing::Probabilities => -(0..heads)
+                        .map(|h| g[h] * (logit(h, target as usize) - lse(&|v| logit(h, v))).exp())
+                        .sum::<f64>()
+                        .ln(),
+                };
+                // DESIGN 3's tolerance for a per-row loss (max|r| over the row
+                // is |r|), plus what an f32 lse of logits of size max|s|
+                // cannot resolve: a few ulps of max|s| (here ~1e-6 against a
+                // loss of ~3e-5).
+                let max_logit = (0..heads)
+                    .flat_map(|h| (0..num_items).map(move |v| (h, v)))
+                    .fold(0f64, |m, (h, v)| m.max(logit(h, v).abs()));
+                let got = f64::from(loss[row]);
+                assert!(
+                    (got - expected).abs() <= 1e-4 * 2.0 * expected.abs() + 4.0 * f64::from(f32::EPSILON) * max_logit,
+                    "{what} row {row}: loss {got}, expected {expected}"
+                );
+            }
+            // Every item but the target excluded: the loss is exactly 0.
+            let excluded = tensor(vec![0u32, 2, 3, 4, 5], &[5], device);
+            let t = tensor(vec![1u32, 1], &[batch], device);
+            let (loss, _) = scoring::cross_entropy(&inputs.clone().with_excluded(&excluded), &t, None).unwrap();
+            assert_eq!(loss.to_vec().unwrap(), vec![0.0, 0.0], "{what}: one eligible item");
+        }
+    }
+}
+
 // Issue 14, item 4: with Logits mixing d item_bias is dL/dS (the gates sum
 // to 1), so a non-finite gate logit does not reach it on either backend.
 fn logits_mixing_item_bias_gradient_does_not_depend_on_the_gates(device: &Device) {
@@ -1000,6 +1088,7 @@ common::harness::test_main! {
         non_finite_values_in_ignored_rows_and_excluded_items_contribute_nothing,
         logits_mixing_item_bias_gradient_does_not_depend_on_the_gates,
         rows_with_no_eligible_item_give_exact_zeros,
+        a_dominant_target_has_an_accurate_loss,
     ],
     cuda: [
         the_cuda_workspace_is_bounded,

@@ -180,24 +180,29 @@ pub fn cross_entropy<T: FloatElement>(
     let per_row = lse_per_row(operands.mixing, heads);
     check_len("loss", loss.len(), batch)?;
     check_len("lse", lse.len(), batch * per_row)?;
-    lse.copy_from_slice(&tiling.row_lse());
+    let (row_lse, target_logits) = tiling.row_lse_and_target_logits(&targets);
+    lse.copy_from_slice(&row_lse);
     loss.par_iter_mut()
         .zip(lse.par_chunks(per_row))
+        .zip(target_logits.par_chunks(per_row))
         .enumerate()
-        .for_each(|(b, (loss, lse))| {
-            let target = targets[b];
-            if target == u32::MAX {
+        .for_each(|(b, ((loss, lse), s))| {
+            if targets[b] == u32::MAX {
                 *loss = 0.0;
                 return;
             }
-            let mut s = vec![0f32; heads];
-            tiling.head_logits(b, target as usize, &mut s);
             *loss = match operands.mixing {
-                Mixing::Logits => lse[0] - tiling.mixed(b, &s),
+                Mixing::Logits => lse[0] - s[0],
+                // -log sum_h g_h q_h(y) as lse_h(G_h) - lse_h(G_h + s_h(y) - lse_h):
+                // the gates' normaliser cancels exactly, so a row whose
+                // target is its only eligible item has loss exactly 0.
                 Mixing::Probabilities => {
-                    let log_gates = &tiling.log_gates[b * heads..(b + 1) * heads];
-                    let log_joint: Vec<f32> = (0..heads).map(|h| log_gates[h] + s[h] - lse[h]).collect();
-                    -log_sum_exp(&log_joint)
+                    let gates: Vec<f32> = operands.gate_logits[b * heads..(b + 1) * heads]
+                        .iter()
+                        .map(|g| g.to_f32())
+                        .collect();
+                    let joint: Vec<f32> = (0..heads).map(|h| gates[h] + (s[h] - lse[h])).collect();
+                    log_sum_exp(&gates) - log_sum_exp(&joint)
                 }
             };
         });
@@ -238,7 +243,8 @@ pub fn cross_entropy_backward<T: FloatElement>(
 /// Bytes the cross-entropy (forward or backward) allocates on the host
 /// beyond its inputs and outputs: O(B * H * D) of per-row constants and
 /// folded user states, V bytes of exclusion flags, the log-sum-exp pass's
-/// partials per (row, head, item chunk) with at most 64 chunks, and per
+/// partials per (row, head, item chunk) with at most 64 chunks and its
+/// targets' logits (an index and a value per row and head), and per
 /// worker a score tile, an item tile and the backward's pairwise stack of
 /// `[64, H, D]` partial sums (log2 of V / 4096 deep).
 pub fn workspace_bytes(shape: ScoringShape) -> usize {
@@ -256,7 +262,10 @@ pub fn workspace_bytes(shape: ScoringShape) -> usize {
     let row_constants = word * (batch + 2 * batch * heads);
     let row_blocks = batch.div_ceil(TILE_ROWS);
     let chunks = chunk_count(num_items);
-    let lse_pass = row_blocks * chunks * (4 * std::mem::size_of::<usize>() + vec) + 2 * word * batch * heads * chunks;
+    let target_logits = (word + std::mem::size_of::<(usize, f32)>()) * batch * heads;
+    let lse_pass = row_blocks * chunks * (4 * std::mem::size_of::<usize>() + 2 * vec)
+        + 2 * word * batch * heads * chunks
+        + target_logits;
     let tiles = num_items.div_ceil(TILE_ITEMS);
     let levels = (usize::BITS - tiles.div_ceil(LEAF_TILES).leading_zeros()) as usize + 2;
     let leaf = word * (heads * TILE_ROWS * width + TILE_ROWS);

@@ -438,17 +438,29 @@ impl<'a, T: FloatElement> Tiling<'a, T> {
     /// pairwise within item chunks, chunks pairwise in order. Tasks are
     /// (row block, item chunk), fixed by the shape.
     pub(super) fn row_lse(&self) -> Vec<f32> {
+        self.row_lse_and_target_logits(&[]).0
+    }
+
+    /// [`Tiling::row_lse`], and the logits `[B, channels]` of each row's
+    /// target (`targets` `[B]`, or empty for none) as they entered the lse:
+    /// `loss = lse - s(target)` then cancels exactly (0 for a row with one
+    /// eligible item) instead of leaving the rounding difference of two
+    /// evaluations of s. Rows whose target is not an eligible item get 0.
+    pub(super) fn row_lse_and_target_logits(&self, targets: &[u32]) -> (Vec<f32>, Vec<f32>) {
         let ScoringShape { batch, num_items, .. } = self.shape();
         let channels = self.channels();
         let chunks = item_chunks(num_items);
         let tasks: Vec<(Range<usize>, Range<usize>)> = blocks(batch, TILE_ROWS)
             .flat_map(|rows| chunks.iter().map(move |items| (rows.clone(), items.clone())))
             .collect();
-        let partial: Vec<Vec<Lse>> = tasks
+        // Per task: its lse partials and the (index, logit) of the targets in its items.
+        type TaskResult = (Vec<Lse>, Vec<(usize, f32)>);
+        let partial: Vec<TaskResult> = tasks
             .par_iter()
             .map(|(rows, items)| {
                 let mut scratch = Scratch::new();
                 let mut sum = Pairwise::new();
+                let mut found = Vec::new();
                 for tile_items in blocks(items.len(), TILE_ITEMS) {
                     let tile_items = items.start + tile_items.start..items.start + tile_items.end;
                     let n = tile_items.len();
@@ -461,22 +473,35 @@ impl<'a, T: FloatElement> Tiling<'a, T> {
                         for (r, (&max, &sum)) in max.iter().zip(&total).enumerate() {
                             tile_lse[r * channels + channel] = Lse { max, sum };
                         }
+                        for (r, b) in rows.clone().enumerate().filter(|&(_, b)| b < targets.len()) {
+                            let target = targets[b] as usize;
+                            if tile_items.contains(&target) && self.eligible[target] {
+                                found.push((
+                                    b * channels + channel,
+                                    scratch.tile[(target - tile_items.start) * m + r],
+                                ));
+                            }
+                        }
                     }
                     sum.push(tile_lse, merge_lse);
                 }
-                sum.finish(merge_lse).expect("every chunk has items")
+                (sum.finish(merge_lse).expect("every chunk has items"), found)
             })
             .collect();
+        let mut target_logits = vec![0f32; if targets.is_empty() { 0 } else { batch * channels }];
+        for (at, logit) in partial.iter().flat_map(|(_, found)| found) {
+            target_logits[*at] = *logit;
+        }
         let mut lse = vec![0f32; batch * channels];
         for (rows, per_chunk) in blocks(batch, TILE_ROWS).zip(partial.chunks(chunks.len())) {
             let mut sum = Pairwise::new();
-            per_chunk.iter().for_each(|p| sum.push(p.clone(), merge_lse));
+            per_chunk.iter().for_each(|(p, _)| sum.push(p.clone(), merge_lse));
             let merged = sum.finish(merge_lse).expect("every row block has chunks");
             for (out, l) in lse[rows.start * channels..rows.end * channels].iter_mut().zip(merged) {
                 *out = l.value();
             }
         }
-        lse
+        (lse, target_logits)
     }
 
     /// Calls `visit(items, tiles)` for every item tile in order, `tiles`
@@ -540,10 +565,5 @@ impl<'a, T: FloatElement> Tiling<'a, T> {
                 .sum();
             *s_h = self.operands.scale * dot + bias;
         }
-    }
-
-    /// `S = sum_h g[b, h] s[h]`.
-    pub(super) fn mixed(&self, b: usize, s: &[f32]) -> f32 {
-        self.gates(b).iter().zip(s).map(|(g, s)| g * s).sum()
     }
 }

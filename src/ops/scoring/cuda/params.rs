@@ -42,6 +42,7 @@ pub(super) struct Params {
     pub(super) row_coef: u64,
     pub(super) row_weight: u64,
     pub(super) row_target: u64,
+    pub(super) target_logits: u64,
     pub(super) user_partials: u64,
     pub(super) bias_partials: u64,
     pub(super) out: u64,
@@ -81,7 +82,7 @@ pub(super) struct Params {
     pub(super) scale: f32,
 }
 
-const _: () = assert!(std::mem::size_of::<Params>() == 32 * 8 + 24 * 4);
+const _: () = assert!(std::mem::size_of::<Params>() == 33 * 8 + 24 * 4);
 
 // SAFETY: `Params` is `repr(C)` with only u64, u32 and f32 fields, pointers
 // first, and no padding (its size is asserted above and in scoring.cuh), so
