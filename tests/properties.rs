@@ -4,7 +4,7 @@
 //! malformed masks and histories, huge sizes). For every case:
 //!
 //! - nothing panics or aborts; a refused input is the documented error (kind,
-//!   argument, lowest position) where the test can predict it;
+//!   argument, lowest position);
 //! - finite inputs give no NaN;
 //! - the CPU gives bitwise-identical results on 1 and 3 rayon threads;
 //! - on a CUDA device (a GPU, or the emulated one of `scripts/emu-test.sh`)
@@ -12,15 +12,24 @@
 //!   tolerance;
 //! - f32 gradients agree with central differences of the forward.
 //!
-//! `MOEREC_PROPTEST_SEED` sets the seed (default fixed, so CI is reproducible).
-//! `MOEREC_PROPTEST_CASES` sets the cases per property (default 12, what CI
-//! runs); a long run: `MOEREC_PROPTEST_CASES=2000 cargo test --release --test
-//! properties`. Sizes shrink on failure; the data comes from a seeded
-//! generator so that a failing case replays from its printed inputs.
+//! Each property is two trials of tests/common/harness.rs: `cpu::<op>` (the
+//! CPU on 1 and 3 threads) and `cuda::<op>` (the CPU against CUDA device 0;
+//! ignored, with the reason, without a usable GPU, a failure under
+//! `MOEREC_REQUIRE_GPU=1`).
+//!
+//! Seeds: every property runs once per proptest seed in
+//! `MOEREC_PROPTEST_SEEDS`, a seed (`7`) or an inclusive range (`1..8`);
+//! the default is `1..4`, the first four seeds (fixed, so CI is
+//! reproducible; not chosen among passing ones). `MOEREC_PROPTEST_CASES` sets
+//! the cases per seed and property (default 12, what CI runs); a long run:
+//! `MOEREC_PROPTEST_CASES=2000 MOEREC_PROPTEST_SEEDS=1..8 cargo test --release
+//! --test properties`. Sizes shrink on failure and the failure names its
+//! seed; the data comes from a seeded generator so that a failing case
+//! replays from its printed inputs.
 
 mod common;
 
-use common::{devices, Rng};
+use common::Rng;
 use half::{bf16, f16};
 use moerec::embedding::{self, SparseGrad, TableShape};
 use moerec::experts::{self, Activation};
@@ -29,22 +38,45 @@ use moerec::scoring::{self, History, Mixing, Scoring};
 use moerec::{Device, Error, FloatElement, Tensor};
 use proptest::prelude::*;
 
-fn config() -> ProptestConfig {
+/// The proptest seeds of `MOEREC_PROPTEST_SEEDS` (`n` or `a..b`, inclusive;
+/// default `1..4`). proptest's own default seed is random per run, which
+/// would make CI flaky.
+fn seeds() -> std::ops::RangeInclusive<u64> {
+    let Ok(spec) = std::env::var("MOEREC_PROPTEST_SEEDS") else {
+        return 1..=4;
+    };
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .unwrap_or_else(|_| panic!("MOEREC_PROPTEST_SEEDS: expected n or a..b, got {spec:?}"))
+    };
+    match spec.split_once("..") {
+        Some((a, b)) => parse(a)..=parse(b),
+        None => parse(&spec)..=parse(&spec),
+    }
+}
+
+/// Runs `property` with the config of every seed; a failure names its seed.
+fn for_each_seed(property: impl Fn(ProptestConfig)) {
     let cases = std::env::var("MOEREC_PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(12);
-    // A fixed seed keeps CI reproducible (proptest's default seed is random per
-    // run); `MOEREC_PROPTEST_SEED` explores other inputs in long runs.
-    let seed = std::env::var("MOEREC_PROPTEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        rng_seed: proptest::test_runner::RngSeed::Fixed(seed),
-        ..ProptestConfig::default()
+    for seed in seeds() {
+        let config = ProptestConfig {
+            cases,
+            failure_persistence: None,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(seed),
+            ..ProptestConfig::default()
+        };
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| property(config))) {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("MOEREC_PROPTEST_SEEDS={seed} (replays this failure): {message}");
+        }
     }
 }
 
@@ -94,19 +126,21 @@ enum Agree {
     Errors,
 }
 
-/// Runs `op` on the CPU on 1 and on 3 rayon threads (bitwise identical) and
-/// on every CUDA device (same errors, same integers, floats within
-/// tolerance unless `finite` is false); returns the CPU outcome.
-fn check_everywhere(what: &str, finite: bool, op: impl Fn(&Device) -> Outcome + Sync) -> Outcome {
+/// Runs `op` on the CPU on 1 rayon thread, and compares it with the trial's
+/// device: the CPU on 3 threads (bitwise identical), or a CUDA device (same
+/// errors, same integers, floats within tolerance unless `finite` is false).
+/// Returns the CPU outcome.
+fn check_everywhere(trial: &Device, what: &str, finite: bool, op: impl Fn(&Device) -> Outcome + Sync) -> Outcome {
     let on_threads = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| op(&Device::cpu()))
     };
     let cpu = on_threads(1);
-    assert_same(&format!("{what}: 1 vs 3 threads"), &cpu, &on_threads(3), Agree::Bitwise);
-    let across = if finite { Agree::Tolerance } else { Agree::Errors };
-    for device in devices().into_iter().filter(|d| !matches!(d, Device::Cpu)) {
-        assert_same(&format!("{what}: cpu vs {device:?}"), &cpu, &op(&device), across);
+    if matches!(trial, Device::Cpu) {
+        assert_same(&format!("{what}: 1 vs 3 threads"), &cpu, &on_threads(3), Agree::Bitwise);
+    } else {
+        let across = if finite { Agree::Tolerance } else { Agree::Errors };
+        assert_same(&format!("{what}: cpu vs {trial:?}"), &cpu, &op(trial), across);
     }
     cpu
 }
@@ -289,30 +323,44 @@ mod scoring_props;
 
 /// A size no host or device can allocate is an error on every op that
 /// allocates from a caller's number, never an abort.
-#[test]
-fn huge_sizes_are_errors() {
-    for device in devices() {
-        assert!(Tensor::<f32>::zeros(&[1 << 40, 1 << 20], &device).is_err());
-        assert!(Tensor::<f32>::zeros(&[usize::MAX, 2], &device).is_err());
-        let shape = TableShape {
-            heads: 1 << 20,
-            num_rows: 1 << 31,
-            width: 1 << 20,
-        };
-        let grad = SparseGrad::new(
-            Tensor::from_vec(Vec::new(), &[0], &device).unwrap(),
-            Tensor::from_vec(Vec::new(), &[1 << 20, 0, 1 << 20], &device).unwrap(),
-            shape,
-        )
-        .unwrap();
-        assert!(grad.densify().is_err(), "{device:?}");
-        let user = Tensor::from_vec(vec![0.5f32; 2], &[1, 1, 2], &device).unwrap();
-        let gates = Tensor::from_vec(vec![0.0f32], &[1, 1], &device).unwrap();
-        let items = Tensor::from_vec(vec![0.5f32; 6], &[3, 2], &device).unwrap();
-        let error = scoring::topk(&Scoring::new(&user, &gates, &items), 1 << 40, None).unwrap_err();
-        assert!(matches!(error, Error::InvalidArgument { argument: "n", .. }), "{error}");
-        let logits = Tensor::from_vec(vec![0.5f32; 6], &[2, 3], &device).unwrap();
-        let error = routing::forward(&logits, &RoutingOptions::new(TopK::K(1 << 40))).unwrap_err();
-        assert!(matches!(error, Error::InvalidArgument { .. }), "{error}");
-    }
+fn huge_sizes_are_errors(device: &Device) {
+    assert!(Tensor::<f32>::zeros(&[1 << 40, 1 << 20], device).is_err());
+    assert!(Tensor::<f32>::zeros(&[usize::MAX, 2], device).is_err());
+    let shape = TableShape {
+        heads: 1 << 20,
+        num_rows: 1 << 31,
+        width: 1 << 20,
+    };
+    let grad = SparseGrad::new(
+        Tensor::from_vec(Vec::new(), &[0], device).unwrap(),
+        Tensor::from_vec(Vec::new(), &[1 << 20, 0, 1 << 20], device).unwrap(),
+        shape,
+    )
+    .unwrap();
+    assert!(grad.densify().is_err(), "{device:?}");
+    let user = Tensor::from_vec(vec![0.5f32; 2], &[1, 1, 2], device).unwrap();
+    let gates = Tensor::from_vec(vec![0.0f32], &[1, 1], device).unwrap();
+    let items = Tensor::from_vec(vec![0.5f32; 6], &[3, 2], device).unwrap();
+    let error = scoring::topk(&Scoring::new(&user, &gates, &items), 1 << 40, None).unwrap_err();
+    assert!(matches!(error, Error::InvalidArgument { argument: "n", .. }), "{error}");
+    let logits = Tensor::from_vec(vec![0.5f32; 6], &[2, 3], device).unwrap();
+    let error = routing::forward(&logits, &RoutingOptions::new(TopK::K(1 << 40))).unwrap_err();
+    assert!(matches!(error, Error::InvalidArgument { .. }), "{error}");
+}
+
+use embedding_props::embedding_properties;
+use experts_props::experts_properties;
+use routing_props::routing_properties;
+use scoring_props::scoring_properties;
+
+common::harness::test_main! {
+    devices: [
+        huge_sizes_are_errors,
+        embedding_properties,
+        experts_properties,
+        routing_properties,
+        scoring_properties,
+    ],
+    cuda: [],
+    host: [],
 }

@@ -5,6 +5,7 @@
 //! (scripts/emu-test.sh) queued work runs only when something waits for it,
 //! and a free racing with another stream's pending work is an error, so work
 //! put on the wrong stream, or an event recorded too early, fails here.
+//! Without a usable GPU every trial shows as ignored (tests/common/harness.rs).
 
 mod common;
 
@@ -88,13 +89,12 @@ impl Combine {
     }
 }
 
-fn cuda() -> Option<Arc<CudaDevice>> {
-    common::cuda_device().map(|device| device.as_cuda().unwrap().clone())
+fn cuda(device: &Device) -> Arc<CudaDevice> {
+    device.as_cuda().expect("a CUDA trial gets a CUDA device").clone()
 }
 
-#[test]
-fn backend_work_on_a_callers_stream_stays_on_that_stream() {
-    let Some(device) = cuda() else { return };
+fn backend_work_on_a_callers_stream_stays_on_that_stream(device: &Device) {
+    let device = cuda(device);
     let operands = Combine::new(&Device::Cuda(device.clone()));
     let expected = operands.reference();
     // The operands are complete; the combine runs on another stream of the
@@ -106,9 +106,8 @@ fn backend_work_on_a_callers_stream_stays_on_that_stream() {
     assert_eq!(stream.clone_dtoh(&out).unwrap(), expected);
 }
 
-#[test]
-fn a_device_on_a_callers_stream_runs_the_op_api_there() {
-    let Some(own) = cuda() else { return };
+fn a_device_on_a_callers_stream_runs_the_op_api_there(device: &Device) {
+    let own = cuda(device);
     let expected = Combine::new(&Device::Cuda(own.clone())).reference();
     let stream = own.context().new_stream().unwrap();
     let device = Device::from_cuda_stream(stream.clone()).unwrap();
@@ -121,11 +120,7 @@ fn a_device_on_a_callers_stream_runs_the_op_api_there() {
 /// an op reads must stay protected from another stream's writes until the
 /// kernel that reads it has run, so the op's read event must be recorded
 /// after its launch.
-#[test]
-fn read_events_are_recorded_after_the_launch() {
-    if cuda().is_none() {
-        return;
-    }
+fn read_events_are_recorded_after_the_launch(_: &Device) {
     let context = CudaContext::new(0).unwrap();
     assert!(context.is_event_tracking());
     let (ours, theirs) = (context.new_stream().unwrap(), context.new_stream().unwrap());
@@ -138,4 +133,14 @@ fn read_events_are_recorded_after_the_launch() {
     theirs.memset_zeros(operands.res.as_cuda_slice_mut().unwrap()).unwrap();
     theirs.synchronize().unwrap();
     assert_eq!(ours.clone_dtoh(&out).unwrap(), expected);
+}
+
+common::harness::test_main! {
+    devices: [],
+    cuda: [
+        backend_work_on_a_callers_stream_stays_on_that_stream,
+        a_device_on_a_callers_stream_runs_the_op_api_there,
+        read_events_are_recorded_after_the_launch,
+    ],
+    host: [],
 }

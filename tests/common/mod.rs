@@ -11,37 +11,6 @@ use std::path::PathBuf;
 
 pub mod harness;
 
-/// The devices a test that compares backends inside one generated case
-/// runs on (tests/properties.rs, on libtest's own harness, which cannot
-/// report part of a test as skipped): the CPU, then CUDA device 0 when
-/// usable. Without one the CUDA comparison is left out with a note on
-/// stderr; `MOEREC_REQUIRE_GPU=1` makes that a failure. Every other test
-/// binary runs one trial per device through `harness`.
-pub fn devices() -> Vec<Device> {
-    let mut devices = vec![Device::cpu()];
-    match Device::cuda(0) {
-        Ok(cuda) => devices.push(cuda),
-        Err(error) if std::env::var("MOEREC_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("MOEREC_REQUIRE_GPU=1 but CUDA device 0 is not usable: {error}")
-        }
-        Err(error) => eprintln!("note: no usable CUDA device ({error}); CUDA comparisons skipped"),
-    }
-    devices
-}
-
-/// CUDA device 0, or None (panicking when `MOEREC_REQUIRE_GPU=1`), for the
-/// binaries still on libtest's harness (tests/streams.rs); the op test
-/// binaries get their CUDA device from `harness` instead.
-pub fn cuda_device() -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(device) => Some(device),
-        Err(error) if std::env::var("MOEREC_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("MOEREC_REQUIRE_GPU=1 but CUDA device 0 is not usable: {error}")
-        }
-        Err(_) => None,
-    }
-}
-
 /// The golden folder for an op: `$MOEREC_GOLDEN_DIR/<op>` or
 /// `tests/golden/<op>` relative to the working directory (the package root
 /// under `cargo test`; the repo root when a copied binary runs elsewhere).

@@ -15,7 +15,7 @@ struct Case {
     seed: u64,
 }
 
-fn run<T: FloatElement>(case: Case) {
+fn run<T: FloatElement>(case: Case, trial: &Device) {
     let Case {
         heads,
         rows,
@@ -58,7 +58,7 @@ fn run<T: FloatElement>(case: Case) {
         None if !(eps.is_finite() && eps > 0.0) => Some(("eps", None)),
         None => None,
     };
-    let outcome = check_everywhere("embedding", !poisoned, |device| {
+    let outcome = check_everywhere(trial, "embedding", !poisoned, |device| {
         let table = t(table.clone(), &[heads, rows, width], device)?;
         let ids_t = t(id_list.clone(), &[tokens], device)?;
         let (looked_up, saved) = embedding::forward(&table, &ids_t, padding)?;
@@ -99,20 +99,21 @@ fn run<T: FloatElement>(case: Case) {
     }
 }
 
-proptest! {
-    #![proptest_config(config())]
-    #[test]
-    fn embedding_properties(
-        heads in 1usize..4, rows in 1usize..7, width in prop::sample::select(vec![1usize, 2, 3, 5, 8]),
-        tokens in 0usize..9, padding in 0usize..3, bad_ids in prop::bool::weighted(0.3),
-        poisoned in prop::bool::weighted(0.2), rates in prop::sample::select(vec![0usize, 0, 0, 1, 2, 3, 4]),
-        wrong_dy in prop::bool::weighted(0.1), dtype in 0usize..3, seed in any::<u64>(),
-    ) {
-        let case = Case { heads, rows, width, tokens, padding, bad_ids, poisoned, rates, wrong_dy, seed };
-        match dtype {
-            0 => run::<f32>(case),
-            1 => run::<bf16>(case),
-            _ => run::<f16>(case),
-        }
-    }
+/// The embedding properties on `trial` (module docs of tests/properties.rs).
+pub(super) fn embedding_properties(trial: &Device) {
+    for_each_seed(|config| {
+        proptest!(config, |(
+            heads in 1usize..4, rows in 1usize..7, width in prop::sample::select(vec![1usize, 2, 3, 5, 8]),
+            tokens in 0usize..9, padding in 0usize..3, bad_ids in prop::bool::weighted(0.3),
+            poisoned in prop::bool::weighted(0.2), rates in prop::sample::select(vec![0usize, 0, 0, 1, 2, 3, 4]),
+            wrong_dy in prop::bool::weighted(0.1), dtype in 0usize..3, seed in any::<u64>(),
+        )| {
+            let case = Case { heads, rows, width, tokens, padding, bad_ids, poisoned, rates, wrong_dy, seed };
+            match dtype {
+                0 => run::<f32>(case, trial),
+                1 => run::<bf16>(case, trial),
+                _ => run::<f16>(case, trial),
+            }
+        });
+    });
 }

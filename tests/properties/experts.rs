@@ -13,8 +13,32 @@ struct Case {
     bias: bool,
     residual: usize,
     poisoned: bool,
-    wrong_weights: bool,
+    /// An operand of the wrong shape (index into [`WRONG_SHAPE`]; 0: none).
+    wrong_shape: usize,
     seed: u64,
+}
+
+/// The operands a case may give the wrong shape, as the errors name them:
+/// "x" is the expert weights with one input row too many (the weights fix
+/// Din, so the error names x), "weights" the combine's mixing weights with
+/// one column too many; "rho without res" passes rho alone.
+const WRONG_SHAPE: [&str; 9] = [
+    "",
+    "x",
+    "bias",
+    "weights",
+    "res",
+    "rho",
+    "dout",
+    "dy",
+    "rho without res",
+];
+
+impl Case {
+    /// 1 if `argument` is the operand this case gives the wrong shape.
+    fn extra(&self, argument: &str) -> usize {
+        usize::from(self.wrong_shape != 0 && WRONG_SHAPE[self.wrong_shape] == argument)
+    }
 }
 
 struct Data<T> {
@@ -46,31 +70,33 @@ fn layer<T: FloatElement>(case: Case, device: &Device, data: &Data<T>) -> Outcom
     let plan = &routed.plan;
     let rows = routed.plan.token_of_row.len();
     let x = t(data.x.clone(), &[tokens, din], device)?;
-    let weight_din = if case.wrong_weights { din + 1 } else { din };
+    let weight_din = din + case.extra("x");
     let weights = t(
         data.weights[..experts * weight_din * width].to_vec(),
         &[experts, weight_din, width],
         device,
     )?;
-    let bias = t(data.bias.clone(), &[experts, width], device)?;
+    let bias = t(data.bias.clone(), &[experts, width + case.extra("bias")], device)?;
     let bias = case.bias.then_some(&bias);
     let (y, saved) = experts::layer_forward(&x, plan, &weights, bias, activation)?;
     // A second layer on the rows (the rows variant), no activation.
     let second = t(data.second.clone(), &[experts, dout, dout], device)?;
     let (z, saved_rows) = experts::layer_forward_rows(&y, plan, &second, None, Activation::None)?;
-    let mix = t(data.mix[..tokens * k].to_vec(), &[tokens, k], device)?;
-    let res = t(data.res.clone(), &[tokens, dout], device)?;
-    let rho = t(data.rho.clone(), &[tokens], device)?;
+    let mix = t(data.mix.clone(), &[tokens, k + case.extra("weights")], device)?;
+    let res = t(data.res.clone(), &[tokens, dout + case.extra("res")], device)?;
+    let rho = t(data.rho.clone(), &[tokens + case.extra("rho")], device)?;
     let (res, rho) = match case.residual {
+        _ if case.extra("rho without res") == 1 => (None, Some(&rho)),
         0 => (None, None),
         1 => (Some(&res), None),
         _ => (Some(&res), Some(&rho)),
     };
     let (out, util) = experts::combine(&z, &mix, plan, res, rho)?;
-    let dout_t = t(data.dout.clone(), &[tokens, dout], device)?;
+    let dout_t = t(data.dout.clone(), &[tokens, dout + case.extra("dout")], device)?;
     let combine_grads = experts::combine_backward(&dout_t, &z, &mix, plan, res, rho)?;
     let rows_grads = experts::layer_backward(&combine_grads.dy, &y, plan, &second, &saved_rows)?;
-    let dy = t(data.dy[..rows * dout].to_vec(), &[rows, dout], device)?;
+    let dy_width = dout + case.extra("dy");
+    let dy = t(data.dy[..rows * dy_width].to_vec(), &[rows, dy_width], device)?;
     let grads = experts::layer_backward(&dy, &x, plan, &weights, &saved)?;
     let (elementwise, reduction) = (1e-5f64.max(reduction_rtol::<T>() / 10.0), reduction_rtol::<T>());
     let mut outputs = vec![
@@ -98,7 +124,7 @@ fn layer<T: FloatElement>(case: Case, device: &Device, data: &Data<T>) -> Outcom
     Ok(outputs)
 }
 
-fn run<T: FloatElement>(case: Case) {
+fn run<T: FloatElement>(case: Case, trial: &Device) {
     let Case {
         tokens,
         experts,
@@ -114,23 +140,34 @@ fn run<T: FloatElement>(case: Case) {
         logits: floats(&mut rng, tokens * experts, 2.0),
         x: floats(&mut rng, tokens * din, 1.0),
         weights: floats(&mut rng, experts * (din + 1) * width, 1.0),
-        bias: floats(&mut rng, experts * width, 1.0),
+        bias: floats(&mut rng, experts * (width + case.extra("bias")), 1.0),
         second: floats(&mut rng, experts * dout * dout, 1.0),
-        mix: floats(&mut rng, tokens * k, 1.0),
-        res: floats(&mut rng, tokens * dout, 1.0),
-        rho: floats(&mut rng, tokens, 1.0),
-        dy: floats(&mut rng, tokens * k * dout, 1.0),
-        dout: floats(&mut rng, tokens * dout, 1.0),
+        mix: floats(&mut rng, tokens * (k + case.extra("weights")), 1.0),
+        res: floats(&mut rng, tokens * (dout + case.extra("res")), 1.0),
+        rho: floats(&mut rng, tokens + case.extra("rho"), 1.0),
+        dy: floats(&mut rng, tokens * k * (dout + case.extra("dy")), 1.0),
+        dout: floats(&mut rng, tokens * (dout + case.extra("dout")), 1.0),
     };
     let poisoned = case.poisoned && poison(&mut rng, &mut data.x, 0.2);
-    let outcome = check_everywhere("experts", !poisoned, |device| layer(case, device, &data));
-    if case.wrong_weights {
-        // The weights fix Din, so the error names x.
-        let refused = matches!(&outcome, Err(Error::ShapeMismatch { argument: "x", .. }));
-        assert!(refused, "{case:?}: {outcome:?}");
+    let outcome = check_everywhere(trial, "experts", !poisoned, |device| layer(case, device, &data));
+    // The documented error of the one wrong operand, where the case passes it.
+    let passed = match WRONG_SHAPE[case.wrong_shape] {
+        "bias" => case.bias,
+        "res" => case.residual >= 1,
+        "rho" => case.residual >= 2,
+        _ => true,
+    };
+    let as_predicted = match (WRONG_SHAPE[case.wrong_shape], &outcome) {
+        ("", Ok(_)) => true,
+        (_, Ok(_)) => !passed,
+        ("rho without res", Err(Error::InvalidArgument { argument, .. })) => *argument == "rho",
+        (wrong, Err(Error::ShapeMismatch { argument, .. })) => passed && *argument == wrong,
+        _ => false,
+    };
+    assert!(as_predicted, "{case:?}: {outcome:?}");
+    if outcome.is_err() {
         return;
     }
-    assert!(outcome.is_ok(), "{case:?}: {outcome:?}");
     if poisoned {
         return;
     }
@@ -167,22 +204,24 @@ fn run<T: FloatElement>(case: Case) {
     assert_central_differences("experts dx", &x0, dx, loss);
 }
 
-proptest! {
-    #![proptest_config(config())]
-    #[test]
-    fn experts_properties(
-        tokens in 0usize..6, experts in 1usize..5, k in 1usize..4,
-        din in prop::sample::select(vec![1usize, 2, 3, 5, 8]), dout in prop::sample::select(vec![1usize, 2, 3, 5]),
-        activation in prop::sample::select(vec![Activation::None, Activation::Relu, Activation::Gelu, Activation::Silu, Activation::SwiGlu]),
-        bias in any::<bool>(), residual in 0usize..3, poisoned in prop::bool::weighted(0.2),
-        wrong_weights in prop::bool::weighted(0.1), dtype in 0usize..3, seed in any::<u64>(),
-    ) {
-        let k = k.min(experts);
-        let case = Case { tokens, experts, k, din, dout, activation, bias, residual, poisoned, wrong_weights, seed };
-        match dtype {
-            0 => run::<f32>(case),
-            1 => run::<bf16>(case),
-            _ => run::<f16>(case),
-        }
-    }
+/// The experts properties on `trial` (module docs of tests/properties.rs).
+pub(super) fn experts_properties(trial: &Device) {
+    for_each_seed(|config| {
+        proptest!(config, |(
+            tokens in 0usize..6, experts in 1usize..5, k in 1usize..4,
+            din in prop::sample::select(vec![1usize, 2, 3, 5, 8]), dout in prop::sample::select(vec![1usize, 2, 3, 5]),
+            activation in prop::sample::select(vec![Activation::None, Activation::Relu, Activation::Gelu, Activation::Silu, Activation::SwiGlu]),
+            bias in any::<bool>(), residual in 0usize..3, poisoned in prop::bool::weighted(0.2),
+            wrong_shape in prop::sample::select(vec![0usize, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]),
+            dtype in 0usize..3, seed in any::<u64>(),
+        )| {
+            let k = k.min(experts);
+            let case = Case { tokens, experts, k, din, dout, activation, bias, residual, poisoned, wrong_shape, seed };
+            match dtype {
+                0 => run::<f32>(case, trial),
+                1 => run::<bf16>(case, trial),
+                _ => run::<f16>(case, trial),
+            }
+        });
+    });
 }

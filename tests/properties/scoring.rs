@@ -18,7 +18,30 @@ struct Case {
     n: usize,
     history: usize,
     poisoned: bool,
+    /// An operand of the wrong shape (index into [`WRONG_SHAPE`]; 0: none).
+    wrong_shape: usize,
     seed: u64,
+}
+
+/// The operands a case may give the wrong shape (one element too many along
+/// one axis, or a second axis for `excluded`), as the errors name them.
+const WRONG_SHAPE: [&str; 9] = [
+    "",
+    "gate_logits",
+    "items",
+    "item_bias",
+    "excluded",
+    "targets",
+    "dscores",
+    "dloss",
+    "history.offsets",
+];
+
+impl Case {
+    /// 1 if `argument` is the operand this case gives the wrong shape.
+    fn extra(&self, argument: &str) -> usize {
+        usize::from(self.wrong_shape != 0 && WRONG_SHAPE[self.wrong_shape] == argument)
+    }
 }
 
 struct Data<T> {
@@ -49,15 +72,20 @@ fn with_inputs<T: FloatElement>(
         ..
     } = case;
     let user = t(data.user.clone(), &[batch, heads, width], device)?;
-    let gates = t(data.gates.clone(), &[batch, heads], device)?;
+    let gates = t(data.gates.clone(), &[batch, heads + case.extra("gate_logits")], device)?;
+    let item_width = width + case.extra("items");
     let table_shape = if case.shared {
-        vec![items, width]
+        vec![items, item_width]
     } else {
-        vec![heads, items, width]
+        vec![heads, items, item_width]
     };
     let table = t(data.items.clone(), &table_shape, device)?;
-    let bias = t(data.bias.clone(), &[items], device)?;
-    let excluded = t(data.excluded.clone(), &[data.excluded.len()], device)?;
+    let bias = t(data.bias.clone(), &[items + case.extra("item_bias")], device)?;
+    let excluded_shape = match case.extra("excluded") {
+        0 => vec![data.excluded.len()],
+        _ => vec![1, data.excluded.len()],
+    };
+    let excluded = t(data.excluded.clone(), &excluded_shape, device)?;
     let mut inputs = Scoring::new(&user, &gates, &table)
         .with_scale(case.scale)
         .with_mixing(if case.probabilities {
@@ -84,17 +112,45 @@ fn gradients(grads: &scoring::Gradients, rtol: f64) -> Result<Vec<Out>, Error> {
 fn cross_entropy<T: FloatElement>(case: Case, device: &Device, data: &Data<T>) -> Outcome {
     let rtol = reduction_rtol::<T>();
     with_inputs(case, device, data, |inputs| {
-        let targets = t(data.targets.clone(), &[case.batch], device)?;
+        let targets = t(data.targets.clone(), &[data.targets.len()], device)?;
         let ignore = case.ignore.then_some(u32::MAX);
         let (loss, saved) = scoring::cross_entropy(inputs, &targets, ignore)?;
-        let grads = scoring::cross_entropy_backward(inputs, &t(data.dloss.clone(), &[case.batch], device)?, &saved)?;
+        let dloss = t(data.dloss.clone(), &[data.dloss.len()], device)?;
+        let grads = scoring::cross_entropy_backward(inputs, &dloss, &saved)?;
         let mut outputs = vec![f("loss", &loss, rtol)?];
         outputs.extend(gradients(&grads, rtol)?);
         Ok(outputs)
     })
 }
 
-fn run<T: FloatElement>(case: Case) {
+/// A documented error: its kind, argument, and position (an index into the
+/// argument) or a fragment its message must hold (an empty one: any).
+#[derive(Clone, Debug)]
+enum Expect {
+    Shape(&'static str),
+    Index(&'static str, usize),
+    Invalid(&'static str, String),
+}
+
+/// Whether `outcome` is Ok when nothing is expected, else the expected error.
+fn matches_expectation(expected: &Option<Expect>, outcome: &Outcome) -> bool {
+    match (expected, outcome) {
+        (None, Ok(_)) => true,
+        (Some(Expect::Shape(argument)), Err(Error::ShapeMismatch { argument: a, .. })) => a == argument,
+        (
+            Some(Expect::Index(argument, at)),
+            Err(Error::IndexOutOfRange {
+                argument: a, position, ..
+            }),
+        ) => a == argument && *position == *at as u64,
+        (Some(Expect::Invalid(argument, fragment)), Err(Error::InvalidArgument { argument: a, message })) => {
+            a == argument && message.contains(fragment.as_str())
+        }
+        _ => false,
+    }
+}
+
+fn run<T: FloatElement>(case: Case, trial: &Device) {
     let Case {
         batch,
         heads,
@@ -107,13 +163,13 @@ fn run<T: FloatElement>(case: Case) {
     let bad = if case.bad_ids { 0.2 } else { 0.0 };
     let mut data = Data {
         user: floats(&mut rng, batch * heads * width, 1.0),
-        gates: floats(&mut rng, batch * heads, 2.0),
-        items: floats(&mut rng, table_heads * items * width, 1.0),
-        bias: floats(&mut rng, items, 1.0),
+        gates: floats(&mut rng, batch * (heads + case.extra("gate_logits")), 2.0),
+        items: floats(&mut rng, table_heads * items * (width + case.extra("items")), 1.0),
+        bias: floats(&mut rng, items + case.extra("item_bias"), 1.0),
         excluded: ids(&mut rng, case.excluded, items, bad),
-        targets: ids(&mut rng, batch, items, bad),
-        dscores: floats(&mut rng, batch * items, 1.0),
-        dloss: floats(&mut rng, batch, 1.0),
+        targets: ids(&mut rng, batch + case.extra("targets"), items, bad),
+        dscores: floats(&mut rng, batch * (items + case.extra("dscores")), 1.0),
+        dloss: floats(&mut rng, batch + case.extra("dloss"), 1.0),
         offsets: Vec::new(),
         history: Vec::new(),
     };
@@ -135,6 +191,9 @@ fn run<T: FloatElement>(case: Case) {
         if case.history == 2 && batch > 0 {
             data.history.pop();
         }
+        if case.extra("history.offsets") == 1 {
+            offsets.push(*offsets.last().unwrap());
+        }
         data.offsets = offsets;
     }
     let poisoned = case.poisoned && {
@@ -145,18 +204,21 @@ fn run<T: FloatElement>(case: Case) {
     let finite = !poisoned;
     let rtol = reduction_rtol::<T>();
 
-    let scores = check_everywhere("scores", finite, |device| {
+    let scores = check_everywhere(trial, "scores", finite, |device| {
         with_inputs(case, device, &data, |inputs| {
             let scores = scoring::scores(inputs)?;
-            let grads = scoring::scores_backward(inputs, &t(data.dscores.clone(), &[batch, items], device)?)?;
+            let dscores = t(data.dscores.clone(), &[batch, items + case.extra("dscores")], device)?;
+            let grads = scoring::scores_backward(inputs, &dscores)?;
             let mut outputs = vec![f("scores", &scores, rtol)?];
             outputs.extend(gradients(&grads, rtol)?);
             Ok(outputs)
         })
     });
-    let ce = check_everywhere("cross_entropy", finite, |device| cross_entropy(case, device, &data));
+    let ce = check_everywhere(trial, "cross_entropy", finite, |device| {
+        cross_entropy(case, device, &data)
+    });
     let n = [0usize, 1, 2, items, items + 1, 1 << 40][case.n];
-    let top = check_everywhere("topk", finite, |device| {
+    let top = check_everywhere(trial, "topk", finite, |device| {
         with_inputs(case, device, &data, |inputs| {
             let offsets = t(data.offsets.clone(), &[data.offsets.len()], device)?;
             let history_ids = t(data.history.clone(), &[data.history.len()], device)?;
@@ -167,66 +229,91 @@ fn run<T: FloatElement>(case: Case) {
         })
     });
 
-    // The documented errors: the lowest excluded id >= V first, then the
-    // lowest active target >= V or excluded.
+    // The documented errors, in the order each op checks: operand shapes,
+    // then its own arguments' shapes, excluded ids >= V, and its data.
+    let operand_shape = ["gate_logits", "items", "item_bias", "excluded"]
+        .into_iter()
+        .find(|&a| case.extra(a) == 1 && (a != "item_bias" || case.bias))
+        .map(Expect::Shape);
     let excluded_error = data
         .excluded
         .iter()
         .position(|&id| id as usize >= items)
-        .map(|position| Error::IndexOutOfRange {
-            argument: "excluded",
-            position: position as u64,
-            index: u64::from(data.excluded[position]),
-            bound: items as u64,
-        });
-    if let Some(error) = &excluded_error {
-        assert_eq!(scores.as_ref().unwrap_err(), error);
-        assert_eq!(ce.as_ref().unwrap_err(), error);
-        assert_eq!(top.as_ref().unwrap_err(), error);
-        return;
-    }
+        .map(|position| Expect::Index("excluded", position));
     let eligible = |v: u32| (v as usize) < items && !data.excluded.contains(&v);
     let target_error = data.targets.iter().enumerate().find_map(|(row, &target)| {
         if case.ignore && target == u32::MAX {
             None
         } else if target as usize >= items {
-            Some(("IndexOutOfRange", row))
+            Some(Expect::Index("targets", row))
         } else if !eligible(target) {
-            Some(("InvalidArgument", row))
+            Some(Expect::Invalid("targets", format!("targets[{row}]")))
         } else {
             None
         }
     });
-    match (target_error, &ce) {
-        (None, Ok(_)) => {}
-        (
-            Some(("IndexOutOfRange", row)),
-            Err(Error::IndexOutOfRange {
-                argument: "targets",
-                position,
-                ..
-            }),
-        ) => {
-            assert_eq!(*position, row as u64)
+    let shape_of = |argument: &'static str| (case.extra(argument) == 1).then_some(Expect::Shape(argument));
+    let expected_scores = operand_shape.clone().or(excluded_error.clone()).or(shape_of("dscores"));
+    let expected_ce = operand_shape
+        .clone()
+        .or(shape_of("targets"))
+        .or(excluded_error.clone())
+        .or(target_error.clone())
+        .or(shape_of("dloss"));
+    let history_error = || -> Option<Expect> {
+        if case.history == 0 {
+            return None;
         }
-        (
-            Some(("InvalidArgument", _)),
-            Err(Error::InvalidArgument {
-                argument: "targets", ..
-            }),
-        ) => {}
-        (expected, outcome) => panic!("{case:?}: expected {expected:?}, got {outcome:?}"),
+        let offsets = &data.offsets;
+        let well_formed = offsets[0] == 0
+            && offsets.windows(2).all(|w| w[0] <= w[1])
+            && offsets[batch] as usize == data.history.len();
+        if !well_formed {
+            return Some(Expect::Invalid("history.offsets", String::new()));
+        }
+        data.history
+            .iter()
+            .position(|&id| id as usize >= items)
+            .map(|position| Expect::Index("history.ids", position))
+    };
+    let too_few = || -> Option<Expect> {
+        let eligible_count = (0..items as u32).filter(|&v| eligible(v)).count();
+        (0..batch).find_map(|row| {
+            let seen: std::collections::BTreeSet<u32> = match case.history {
+                0 => Default::default(),
+                _ => data.history[data.offsets[row] as usize..data.offsets[row + 1] as usize]
+                    .iter()
+                    .copied()
+                    .filter(|&v| eligible(v))
+                    .collect(),
+            };
+            (eligible_count - seen.len() < n).then(|| Expect::Invalid("n", format!("row {row} has")))
+        })
+    };
+    let history_shape = shape_of("history.offsets").filter(|_| case.history > 0);
+    let expected_top = operand_shape.clone().or(history_shape).or_else(|| {
+        if n > items {
+            excluded_error.clone().or_else(history_error).or_else(too_few)
+        } else if n == 0 {
+            excluded_error.clone().or(Some(Expect::Invalid("n", String::new())))
+        } else {
+            excluded_error.clone().or_else(history_error).or_else(too_few)
+        }
+    });
+    for (what, expected, outcome) in [
+        ("scores", &expected_scores, &scores),
+        ("cross_entropy", &expected_ce, &ce),
+        ("topk", &expected_top, &top),
+    ] {
+        assert!(
+            matches_expectation(expected, outcome),
+            "{case:?} n = {n}, {what}: expected {expected:?}, got {outcome:?}"
+        );
     }
-    assert!(scores.is_ok(), "{case:?}: {scores:?}");
-    if n == 0 || (n > items && batch > 0) {
-        // The history is checked first; without one the error is n's.
-        let refused = match &top {
-            Err(Error::InvalidArgument { argument: "n", .. }) => true,
-            Err(_) => case.history > 0,
-            Ok(_) => false,
-        };
-        assert!(refused, "{case:?} n = {n}: {top:?}");
-    }
+    let target_error = target_error
+        .or(operand_shape)
+        .or(shape_of("targets"))
+        .or(shape_of("dloss"));
     if poisoned {
         return;
     }
@@ -296,25 +383,27 @@ impl<T: Clone> Data<T> {
     }
 }
 
-proptest! {
-    #![proptest_config(config())]
-    #[test]
-    fn scoring_properties(
-        batch in 0usize..4, heads in 1usize..4, width in prop::sample::select(vec![1usize, 2, 3, 5]),
-        items in 1usize..10, shared in any::<bool>(), probabilities in any::<bool>(),
-        scale in prop::sample::select(vec![1.0f32, 0.5, 3.0]), bias in any::<bool>(),
-        excluded in 0usize..4, bad_ids in prop::bool::weighted(0.2), ignore in any::<bool>(),
-        n in 0usize..6, history in 0usize..3, poisoned in prop::bool::weighted(0.15),
-        dtype in 0usize..3, seed in any::<u64>(),
-    ) {
-        let case = Case {
-            batch, heads, width, items, shared, probabilities, scale, bias, excluded, bad_ids, ignore, n,
-            history, poisoned, seed,
-        };
-        match dtype {
-            0 => run::<f32>(case),
-            1 => run::<bf16>(case),
-            _ => run::<f16>(case),
-        }
-    }
+/// The scoring properties on `trial` (module docs of tests/properties.rs).
+pub(super) fn scoring_properties(trial: &Device) {
+    for_each_seed(|config| {
+        proptest!(config, |(
+            batch in 0usize..4, heads in 1usize..4, width in prop::sample::select(vec![1usize, 2, 3, 5]),
+            items in 1usize..10, shared in any::<bool>(), probabilities in any::<bool>(),
+            scale in prop::sample::select(vec![1.0f32, 0.5, 3.0]), bias in any::<bool>(),
+            excluded in 0usize..4, bad_ids in prop::bool::weighted(0.2), ignore in any::<bool>(),
+            n in 0usize..6, history in 0usize..3, poisoned in prop::bool::weighted(0.15),
+            dtype in 0usize..3, seed in any::<u64>(),
+            wrong_shape in prop::sample::select(vec![0usize, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]),
+        )| {
+            let case = Case {
+                batch, heads, width, items, shared, probabilities, scale, bias, excluded, bad_ids, ignore, n,
+                history, poisoned, wrong_shape, seed,
+            };
+            match dtype {
+                0 => run::<f32>(case, trial),
+                1 => run::<bf16>(case, trial),
+                _ => run::<f16>(case, trial),
+            }
+        });
+    });
 }
