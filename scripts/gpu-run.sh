@@ -13,6 +13,13 @@
 # minute of MOEREC_GPU_BUDGET_S (default 450 s of the call) is left; benches
 # start only while more than their estimate is left: what did not start is
 # listed as skipped. Exits non-zero when anything failed or did not run.
+#
+# Rehearsal without a GPU, on the emulated device (the fake libcuda of
+# emu/libcuda/; no nvidia-smi, compute-sanitizer or PyTorch there, so those
+# steps report their failure, which is what is rehearsed):
+#   bash scripts/gpu-stage.sh
+#   LD_LIBRARY_PATH=$(bash emu/libcuda/build.sh) OUT=/tmp/gpu-out \
+#     MOEREC_GPU_BUDGET_S=120 MOEREC_GPU_TESTS='streams-test' bash scripts/gpu-run.sh
 set -uo pipefail
 start=$SECONDS
 budget=${MOEREC_GPU_BUDGET_S:-450}
@@ -32,6 +39,7 @@ tar -C .gpu -xJf .gpu/binaries.tar.xz || fail "unpacking .gpu/binaries.tar.xz"
 # 1. Tests (MOEREC_GPU_TESTS: a glob of the staged names to run instead of
 # all, for a rehearsal on the emulated device).
 for test in .gpu/tests/${MOEREC_GPU_TESTS:-*}; do
+  [ -e "$test" ] || { fail "no staged test binary matches .gpu/tests/${MOEREC_GPU_TESTS:-*}"; continue; }
   t0=$SECONDS
   echo "== $test" >> "$out/tests.log"
   "$test" --test-threads=1 >> "$out/tests.log" 2>&1 || fail "$test"
@@ -39,6 +47,7 @@ for test in .gpu/tests/${MOEREC_GPU_TESTS:-*}; do
 done
 grep -E "^test result|FAILED|panicked" "$out/tests.log"
 for example in .gpu/examples/*; do
+  [ -e "$example" ] || { fail "no staged example"; continue; }
   "$example" >> "$out/example.log" 2>&1 || fail "$example"
 done
 
@@ -78,6 +87,8 @@ benches=(
   "scoring;^scoring_[a-z]+_[a-z]+/cuda/bf16/B4096_H4_D64_V1000000;--B 4096 --H 4 --D 64 --V 1000000 --dtype bf16;60"
 )
 criterion=(--warm-up-time 0.3 --measurement-time 1 --sample-size 10)
+# This run's results only (a rehearsal machine may hold older ones).
+criterion_home=$(mktemp -d)
 peers=()
 for entry in "${benches[@]}"; do
   IFS=';' read -r bench filter peer_args estimate <<< "$entry"
@@ -87,7 +98,7 @@ for entry in "${benches[@]}"; do
     continue
   fi
   t0=$SECONDS
-  CRITERION_HOME=/tmp/criterion timeout "$(left)" ".gpu/benches/$bench" --bench "${criterion[@]}" "$filter" \
+  CRITERION_HOME=$criterion_home timeout "$(left)" ".gpu/benches/$bench" --bench "${criterion[@]}" "$filter" \
     >> "$out/bench.log" 2>&1 || fail "bench $bench"
   peer="python_ref/${bench}_torch_peer.py"
   if [ -f "$peer" ] && [ "$(left)" -gt 10 ]; then
@@ -98,7 +109,7 @@ for entry in "${benches[@]}"; do
   fi
   note "bench $bench + peer: $((SECONDS - t0)) s"
 done
-python3 scripts/bench_records.py /tmp/criterion --device "$device" --commit "$commit" \
+python3 scripts/bench_records.py "$criterion_home" --device "$device" --commit "$commit" \
   --command "bash scripts/gpu-run.sh (reduced set)" --peers "${peers[@]}" > "$out/records.jsonl" \
   || fail "scripts/bench_records.py"
 note "records: $(wc -l < "$out/records.jsonl"); wall $((SECONDS - start)) s; failed=$failed"
