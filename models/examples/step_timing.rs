@@ -29,6 +29,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() -> moerec_models::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
+    // As the train binary does.
+    moerec_models::alloc::keep_freed_memory();
     let model_name = value("--model").map_or("sasrec", String::as_str);
     let steps: usize = value("--steps").and_then(|s| s.parse().ok()).unwrap_or(10);
     let device = Device::Cpu;

@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod attention;
 pub mod batch;
 pub mod checkpoint;

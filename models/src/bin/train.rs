@@ -46,6 +46,7 @@ usage: train [options]
 ";
 
 fn main() -> ExitCode {
+    moerec_models::alloc::keep_freed_memory();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
