@@ -3,6 +3,13 @@
 //! twin's parity test (`python_ref/models/test_parity.py` runs this).
 //! Dropout is off so both sides compute the same function.
 //!
+//! For the evaluation check it also writes a small synthetic data set
+//! (`<dir>/eval_data.txt`: 96 users over 100 items, sequences of 3 to 70
+//! items with repeats, so inputs are cut to 50 and targets may repeat a
+//! history item) and, per model, `<dir>/eval_<model>.safetensors`: freshly
+//! initialised weights for that catalog, the top-20 lists and the metrics
+//! of the validation and test cases as `eval::evaluate` computes them.
+//!
 //! `cargo run --release -p moerec-models --example parity_dump -- <dir>`
 
 use std::collections::HashMap;
@@ -10,13 +17,24 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use moerec_models::batch::TrainBatch;
-use moerec_models::data;
+use moerec_models::data::{self, Split};
+use moerec_models::eval::{evaluate, rankings, Metrics, CUTOFFS};
 use moerec_models::fame::{Fame, FameConfig};
 use moerec_models::fuxi::{FeedForward, Fuxi, FuxiConfig, TableScoring};
 use moerec_models::nn::Dropout;
+use moerec_models::rng::Rng;
 use moerec_models::sasrec::{EncoderConfig, SasRec};
 use moerec_models::scoring::Mixing;
 use moerec_models::{Recommender, Result};
+
+fn weights(model: &dyn Recommender, shape: &[u32]) -> Result<HashMap<String, Tensor>> {
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, var) in model.params().vars() {
+        tensors.insert(format!("param.{name}"), var.as_tensor().clone());
+    }
+    tensors.insert("config".into(), Tensor::new(shape, &Device::Cpu)?);
+    Ok(tensors)
+}
 
 fn dump(
     model: &dyn Recommender,
@@ -27,9 +45,8 @@ fn dump(
 ) -> Result<()> {
     let loss = model.loss(&batch.batch, &batch.rows, &batch.targets, &mut Dropout::off())?;
     let grads = loss.backward()?;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut tensors = weights(model, shape)?;
     for (name, var) in model.params().vars() {
-        tensors.insert(format!("param.{name}"), var.as_tensor().clone());
         let grad = grads
             .get(var.as_tensor())
             .ok_or_else(|| moerec_models::Error::InvalidArgument {
@@ -43,8 +60,40 @@ fn dump(
     tensors.insert("batch.inputs".into(), batch.batch.inputs.clone());
     tensors.insert("batch.rows".into(), batch.rows.clone());
     tensors.insert("batch.targets".into(), batch.targets.clone());
-    tensors.insert("config".into(), Tensor::new(shape, &Device::Cpu)?);
     tensors.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
+    candle_core::safetensors::save(&tensors, path)?;
+    Ok(())
+}
+
+/// The synthetic evaluation data (see the module doc), as file text.
+fn eval_data(users: usize, items: usize) -> String {
+    let mut rng = Rng::new(2024);
+    (1..=users)
+        .map(|user| {
+            let len = 3 + rng.below(68);
+            let seq: Vec<String> = (0..len).map(|_| (1 + rng.below(items)).to_string()).collect();
+            format!("{user} {}\n", seq.join(" "))
+        })
+        .collect()
+}
+
+/// The model's weights with its top-20 lists and metrics on `split`'s
+/// validation and test cases (ranking batches of 32: several widths).
+fn dump_eval(model: &dyn Recommender, split: &Split, shape: &[u32], path: &PathBuf) -> Result<()> {
+    let mut tensors = weights(model, shape)?;
+    let depth = CUTOFFS[CUTOFFS.len() - 1];
+    for (name, cases) in [("valid", &split.valid), ("test", &split.test)] {
+        let top: Vec<u32> = rankings(model, cases, split.max_len, 32, depth, &Device::Cpu)?.concat();
+        tensors.insert(
+            format!("eval.{name}.top"),
+            Tensor::from_vec(top, (cases.len(), depth), &Device::Cpu)?,
+        );
+        let Metrics { hr, ndcg, .. } = evaluate(model, cases, split.max_len, 32, &Device::Cpu)?;
+        tensors.insert(
+            format!("eval.{name}.metrics"),
+            Tensor::new(&[hr, ndcg].concat()[..], &Device::Cpu)?,
+        );
+    }
     candle_core::safetensors::save(&tensors, path)?;
     Ok(())
 }
@@ -85,6 +134,21 @@ fn main() -> Result<()> {
         vec![],
         &dir.join("sasrec.safetensors"),
     )?;
+    let text = eval_data(96, 100);
+    let eval_path = dir.join("eval_data.txt");
+    std::fs::write(&eval_path, &text).map_err(|source| moerec_models::Error::Io {
+        path: eval_path.clone(),
+        source,
+    })?;
+    let small = data::parse(&text, "eval_data.txt", None)?;
+    let small_split = data::split(&small, data::MAX_LEN)?;
+    let small_encoder = EncoderConfig::sasrec(small.num_items);
+    dump_eval(
+        &SasRec::new(small_encoder.clone(), 11, &Device::Cpu)?,
+        &small_split,
+        &shape(&small_encoder, 1, 1, 0),
+        &dir.join("eval_sasrec.safetensors"),
+    )?;
     for (mixing, code, name) in [
         (Mixing::Logits, 0, "fame_logits"),
         (Mixing::Probabilities, 1, "fame_probabilities"),
@@ -101,6 +165,21 @@ fn main() -> Result<()> {
             &shape(&encoder, config.facets as u32, config.experts as u32, code),
             vec![],
             &path,
+        )?;
+        let small_config = FameConfig {
+            mixing,
+            ..FameConfig::new(small.num_items)
+        };
+        dump_eval(
+            &Fame::new(small_config.clone(), 12, &Device::Cpu)?,
+            &small_split,
+            &shape(
+                &small_encoder,
+                small_config.facets as u32,
+                small_config.experts as u32,
+                code,
+            ),
+            &dir.join(format!("eval_{name}.safetensors")),
         )?;
     }
     let mme = FuxiConfig::fuxi_mme(dataset.num_items);

@@ -79,11 +79,31 @@ pub fn evaluate(
     batch_size: usize,
     device: &Device,
 ) -> Result<Metrics> {
+    let depth = CUTOFFS[CUTOFFS.len() - 1];
+    let mut metrics = Metrics::default();
+    for (ranking, case) in rankings(model, cases, max_len, batch_size, depth, device)?
+        .iter()
+        .zip(cases)
+    {
+        metrics.add(ranking.iter().position(|&i| i == case.target));
+    }
+    Ok(metrics.finish())
+}
+
+/// The `depth` best items of every case, best first (ties to the lower id),
+/// the case's history excluded except its target.
+pub fn rankings(
+    model: &dyn Recommender,
+    cases: &[RankingCase],
+    max_len: usize,
+    batch_size: usize,
+    depth: usize,
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
     if batch_size == 0 {
         return Err(invalid("batch_size", "at least 1", 0));
     }
-    let depth = CUTOFFS[CUTOFFS.len() - 1];
-    let mut metrics = Metrics::default();
+    let mut out = Vec::with_capacity(cases.len());
     for chunk in cases.chunks(batch_size) {
         let batch = RankBatch::new(chunk, max_len, device)?;
         let query = model.query(&batch.batch, &batch.rows, &mut Dropout::off())?;
@@ -91,11 +111,9 @@ pub fn evaluate(
             .iter()
             .map(|c| c.history.iter().copied().filter(|&i| i != c.target).collect())
             .collect();
-        for (ranking, case) in top_n(&query, &excluded, depth)?.iter().zip(chunk) {
-            metrics.add(ranking.iter().position(|&i| i == case.target));
-        }
+        out.extend(top_n(&query, &excluded, depth)?);
     }
-    Ok(metrics.finish())
+    Ok(out)
 }
 
 #[cfg(test)]

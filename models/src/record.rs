@@ -1,6 +1,10 @@
 //! One JSON line per training run (under `bench/results/models/`): model,
-//! data set, seed, metrics, epochs, wall time per epoch, machine, commit,
-//! date and the command, so every number in the README can be traced.
+//! implementation (`"impl": "rust"`; the PyTorch twin's trainer,
+//! `python_ref/models/train.py`, writes the same fields with `"pytorch"`),
+//! data set, seed, metrics, epochs, wall time per epoch, peak memory,
+//! machine, commit, date and the command, so every number in the README can
+//! be traced. Records written before `impl` and `peak_rss_mb` existed lack
+//! them (and are Rust's).
 
 use std::io::Write;
 use std::path::Path;
@@ -60,9 +64,9 @@ impl RunRecord<'_> {
         let losses: Vec<String> = r.epochs.iter().map(|e| format!("{:.5}", e.loss)).collect();
         let steps: Vec<String> = r.epochs.iter().map(|e| e.steps.to_string()).collect();
         format!(
-            "{{\"model\":{},\"dataset\":{},\"seed\":{},\"valid\":{},\"test\":{},\"epochs\":{},\"best_epoch\":{},\
+            "{{\"model\":{},\"impl\":\"rust\",\"dataset\":{},\"seed\":{},\"valid\":{},\"test\":{},\"epochs\":{},\"best_epoch\":{},\
              \"stopped_by\":{},\"epoch_losses\":[{}],\"epoch_steps\":[{}],\"steps_per_epoch\":{},\
-             \"wall_s_per_epoch\":{},\"cpu_s_per_epoch\":{},\"sequences_per_s\":{:.1},\"machine\":{{\"cpu\":{},\"threads\":{}}},\"commit\":{},\"date\":{},\
+             \"wall_s_per_epoch\":{},\"cpu_s_per_epoch\":{},\"sequences_per_s\":{:.1},\"peak_rss_mb\":{},\"machine\":{{\"cpu\":{},\"threads\":{}}},\"commit\":{},\"date\":{},\
              \"note\":{},\"command\":{}}}",
             json_string(self.model),
             json_string(self.dataset),
@@ -78,6 +82,7 @@ impl RunRecord<'_> {
             number(wall),
             number(cpu),
             if seconds > 0.0 { sequences / seconds } else { 0.0 },
+            number(peak_rss_mb()),
             json_string(&cpu_model()),
             candle_core::utils::get_num_threads(),
             json_string(&commit()),
@@ -103,6 +108,20 @@ pub fn append(path: &Path, record: &RunRecord) -> Result<()> {
         .open(path)
         .map_err(io)?;
     writeln!(file, "{}", record.to_json()).map_err(io)
+}
+
+/// The process's peak resident memory in MB (Linux `VmHWM`; `None` elsewhere).
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 fn cpu_model() -> String {

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::batch::TrainBatch;
 use crate::checkpoint::{self, LoopState};
-use crate::data::Split;
+use crate::data::{Split, TrainSequence};
 use crate::error::{invalid, Error, Result};
 use crate::eval::{evaluate, Metrics};
 use crate::nn::Dropout;
@@ -151,12 +151,7 @@ pub fn train(model: &dyn Recommender, split: &Split, config: &TrainConfig, devic
         let mut out_of_time = false;
         for chunk in order.chunks(config.batch_size).take(steps) {
             let seqs: Vec<_> = chunk.iter().map(|&i| &split.train[i]).collect();
-            let batch = TrainBatch::new(&seqs, split.max_len, device)?;
-            let mut dropout = Dropout::new(model.dropout_rate(), &mut rng)?;
-            let loss = model.loss(&batch.batch, &batch.rows, &batch.targets, &mut dropout)?;
-            let grads = loss.backward()?;
-            adam.step(params, &grads)?;
-            let value = loss.to_scalar::<f32>()? as f64;
+            let value = step(model, &mut adam, &seqs, split.max_len, &mut rng, device)?;
             if !value.is_finite() {
                 return Err(invalid(
                     "training loss",
@@ -259,6 +254,24 @@ pub fn train(model: &dyn Recommender, split: &Split, config: &TrainConfig, devic
         stopped_by,
         steps_per_epoch: full_steps,
     })
+}
+
+/// One training step on `seqs`: forward with dropout drawn from `rng`, the
+/// catalog cross-entropy, backward, one AdamW update; returns the loss.
+pub fn step(
+    model: &dyn Recommender,
+    adam: &mut AdamW,
+    seqs: &[&TrainSequence],
+    max_len: usize,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<f64> {
+    let batch = TrainBatch::new(seqs, max_len, device)?;
+    let mut dropout = Dropout::new(model.dropout_rate(), rng)?;
+    let loss = model.loss(&batch.batch, &batch.rows, &batch.targets, &mut dropout)?;
+    let grads = loss.backward()?;
+    adam.step(model.params(), &grads)?;
+    Ok(loss.to_scalar::<f32>()? as f64)
 }
 
 /// User + system CPU seconds of this process so far (Linux `/proc/self/stat`).

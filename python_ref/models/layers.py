@@ -11,6 +11,11 @@ import torch
 LAYER_NORM_EPS = 1e-8
 
 
+def no_dropout(x):
+    """The identity: evaluation and the parity tests."""
+    return x
+
+
 def linear(p, name, x):
     """`x W + b` with `W: [in, out]`."""
     return x @ p[f"{name}.weight"] + p[f"{name}.bias"]
@@ -40,8 +45,9 @@ def positions(width, max_len):
     return torch.arange(max_len - width, max_len)
 
 
-def block(p, name, x, bias, heads):
-    """Pre-norm causal self-attention block (models/src/nn.rs `AttentionBlock`)."""
+def block(p, name, x, bias, heads, drop=no_dropout):
+    """Pre-norm causal self-attention block (models/src/nn.rs `AttentionBlock`);
+    `drop` is applied where the Rust block applies dropout."""
     b, t, d = x.shape
     h = layer_norm(x, p[f"{name}.attn_norm.gain"], p[f"{name}.attn_norm.bias"])
 
@@ -50,21 +56,41 @@ def block(p, name, x, bias, heads):
 
     q, k, v = (split(linear(p, f"{name}.{w}", h)) for w in ("query", "key", "value"))
     scores = q @ k.transpose(2, 3) / math.sqrt(d // heads) + bias
-    attended = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, t, d)
-    x = x + linear(p, f"{name}.output", attended)
+    attended = (drop(torch.softmax(scores, -1)) @ v).transpose(1, 2).reshape(b, t, d)
+    x = x + drop(linear(p, f"{name}.output", attended))
     f = layer_norm(x, p[f"{name}.ffn_norm.gain"], p[f"{name}.ffn_norm.bias"])
-    f = linear(p, f"{name}.ffn.outer", torch.relu(linear(p, f"{name}.ffn.inner", f)))
-    return x + f
+    f = linear(p, f"{name}.ffn.outer", drop(torch.relu(linear(p, f"{name}.ffn.inner", f))))
+    return x + drop(f)
 
 
-def encode(p, inputs, blocks, heads, max_len):
+def encode(p, inputs, blocks, heads, max_len, drop=no_dropout):
     """Embeddings and the SASRec blocks: `[B, T, D]`."""
     d = p["items"].shape[1]
-    x = p["items"][inputs] * math.sqrt(d) + p["positions"][positions(inputs.shape[1], max_len)]
+    x = drop(p["items"][inputs] * math.sqrt(d) + p["positions"][positions(inputs.shape[1], max_len)])
     bias = attention_bias(inputs)
     for i in range(blocks):
-        x = block(p, f"block{i}", x, bias, heads)
+        x = block(p, f"block{i}", x, bias, heads, drop)
     return x, bias
+
+
+def scores(user, items):
+    """`[R, H, V]` per-head scores over the catalog 1..V."""
+    if items.dim() == 2:
+        return torch.einsum("rhd,vd->rhv", user, items[1:])
+    return torch.einsum("rhd,hvd->rhv", user, items[:, 1:])
+
+
+def ranking_scores(user, gate_logits, items, mixing):
+    """`[R, V]` what the ranking orders items 1..V by (models/src/scoring.rs
+    `top_n`, DESIGN 4.4 `scores`): the mixed logits S, or with Probabilities
+    mixing the mixed probabilities P."""
+    s = scores(user, items)
+    if gate_logits is None:
+        return s[:, 0]
+    g = torch.softmax(gate_logits, -1)[:, :, None]
+    if mixing == "logits":
+        return (g * s).sum(1)
+    return (g * torch.softmax(s, -1)).sum(1)
 
 
 def cross_entropy(user, gate_logits, items, targets, mixing):
@@ -73,10 +99,7 @@ def cross_entropy(user, gate_logits, items, targets, mixing):
     user `[R, H, D]`; gate_logits `[R, H]` or None (H = 1); items `[V+1, D]`
     shared or `[H, V+1, D]` per head; mixing "logits" or "probabilities".
     """
-    if items.dim() == 2:
-        s = torch.einsum("rhd,vd->rhv", user, items[1:])
-    else:
-        s = torch.einsum("rhd,hvd->rhv", user, items[:, 1:])
+    s = scores(user, items)
     column = (targets - 1)[:, None]
     if gate_logits is None:
         return -torch.log_softmax(s[:, 0], -1).gather(1, column).mean()
@@ -85,3 +108,9 @@ def cross_entropy(user, gate_logits, items, targets, mixing):
         return -torch.log_softmax(mixed, -1).gather(1, column).mean()
     terms = torch.log_softmax(s, -1) + torch.log_softmax(gate_logits, -1)[:, :, None]
     return -torch.logsumexp(terms, 1).gather(1, column).mean()
+
+
+def query_loss(query, targets):
+    """`cross_entropy` of a model's `(user, gate_logits, items, mixing)` query."""
+    user, gate_logits, items, mixing = query
+    return cross_entropy(user, gate_logits, items, targets, mixing)

@@ -8,6 +8,11 @@ f32 tolerance for reductions: `|a - r| <= 1e-4 * (|r| + max|r|)`, max over
 the tensor. Perturbing one weight must break the agreement, so the comparison
 can fail.
 
+The evaluation check: the same weights (a small synthetic catalog written by
+`parity_dump`) ranked by the Rust evaluation (models/src/eval.rs) and by the
+twin's trainer (train.py) give the same top-20 lists, up to items whose
+scores tie within the tolerance, and train.py's metrics equal Rust's.
+
 Needs torch (scripts/torch-env.sh) and cargo. Without torch the tests skip,
 unless MOEREC_REQUIRE_TORCH=1 (CI), which turns a missing torch into a failure.
 """
@@ -26,7 +31,7 @@ if os.environ.get("MOEREC_REQUIRE_TORCH") == "1":
 else:
     torch = pytest.importorskip("torch")
 
-from models import fame, fuxi, sasrec  # noqa: E402
+from models import fame, fuxi, sasrec, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RTOL = 1e-4
@@ -103,3 +108,75 @@ def test_a_perturbed_weight_breaks_parity(dumps, model):
         params[PERTURBED[model]][3, 5] += 0.05
     bad = mismatches(params, grads, loss, batch, config, model)
     assert bad, "parity still held after perturbing a weight: the comparison cannot fail"
+
+
+def load_eval(path):
+    tensors, _ = golden.read(path)
+    params = {
+        k[len("param.") :]: torch.tensor(np.asarray(v, dtype=np.float64)) for k, v in tensors.items() if k.startswith("param.")
+    }
+    c = [int(v) for v in np.asarray(tensors["config"]).ravel()]
+    config = dict(
+        num_items=params["items"].shape[0] - 1,
+        dim=c[0],
+        heads=c[1],
+        blocks=c[2],
+        max_len=c[3],
+        dropout=0.0,
+        facets=c[4],
+        experts=c[5],
+        mixing=c[6],
+    )
+    return params, config, tensors
+
+
+def evaluation_mismatches(dumps, model, params, config, tensors):
+    """Where train.py's evaluation disagrees with Rust's on the dumped weights."""
+    kind = model.split("_")[0]
+    num_items, sequences = train.load(dumps / "eval_data.txt")
+    assert num_items == config["num_items"]
+    _, valid, test = train.split(sequences)
+    keys = [f"{m}@{k}" for m in ("hr", "ndcg") for k in train.CUTOFFS]
+    bad = []
+    for name, cases in (("valid", valid), ("test", test)):
+        rust_top = np.asarray(tensors[f"eval.{name}.top"]).astype(np.int64).tolist()
+        rust_metrics = np.asarray(tensors[f"eval.{name}.metrics"], dtype=np.float64)
+        # Informative: a random model over 100 items hits often, so the lists and metrics are not all misses.
+        assert rust_metrics[2] > 0.05, f"{name}: HR@20 {rust_metrics[2]}: the check would be vacuous"
+        # train.py's metrics of Rust's lists are Rust's metrics.
+        from_rust_lists = train.metrics(rust_top, cases)
+        if not np.allclose([from_rust_lists[k] for k in keys], rust_metrics, rtol=0, atol=1e-12):
+            bad.append(f"{name}: metrics of Rust's lists {from_rust_lists} vs Rust's {rust_metrics}")
+        # The twin ranks alike: a list may differ only where the scores at a
+        # position tie within tolerance.
+        twin_top = train.rankings(kind, params, config, cases, batch_size=32)
+        differing = 0
+        for case, ours, theirs in zip(cases, twin_top, rust_top):
+            if ours == theirs:
+                continue
+            differing += 1
+            s, eligible = train.ranking_scores(kind, params, config, [case])
+            s, eligible = s[0].numpy(), eligible[0].numpy()
+            theirs_idx = np.asarray(theirs) - 1
+            if len(set(theirs)) != len(theirs) or not eligible[theirs_idx].all():
+                bad.append(f"{name}: Rust ranked an excluded item or one twice: {theirs}")
+            gap = np.abs(s[theirs_idx] - s[np.asarray(ours) - 1]).max()
+            if gap > RTOL * np.abs(s[eligible]).max():
+                bad.append(f"{name}: Rust {theirs} vs twin {ours} (score gap {gap:.3e})")
+        twin = train.metrics(twin_top, cases)
+        diff = max(abs(twin[k] - r) for k, r in zip(keys, rust_metrics))
+        if diff > differing / len(cases) + 1e-12:
+            bad.append(f"{name}: metrics differ by {diff}, {differing} lists differ")
+    return bad
+
+
+@pytest.mark.parametrize("model", ["fame_logits", "fame_probabilities", "sasrec"])
+def test_both_evaluations_rank_and_score_alike(dumps, model):
+    params, config, tensors = load_eval(dumps / f"eval_{model}.safetensors")
+    assert not evaluation_mismatches(dumps, model, params, config, tensors)
+
+
+def test_the_evaluation_check_can_fail(dumps):
+    params, config, tensors = load_eval(dumps / "eval_sasrec.safetensors")
+    params["items"][7, :8] += 0.5  # not a constant shift: the final layer norm removes those
+    assert evaluation_mismatches(dumps, "sasrec", params, config, tensors)

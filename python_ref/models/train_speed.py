@@ -1,148 +1,80 @@
-"""Training-step throughput of the PyTorch twins, for the Rust-vs-PyTorch
-speed comparison: the same data, split, batch size, model and AdamW as the
-Rust trainer (`train --max-steps-per-epoch N`), timed over N steps.
+"""Training-step throughput of a PyTorch twin at its default shape, the
+PyTorch side of the Rust-vs-PyTorch speed comparison (scripts/models-speed.py
+runs it alternately with the Rust example `train_speed`): the data, split,
+batch, model, dropout and AdamW of `train.py`, timed over N steps of a
+shuffled epoch, without the evaluation. Prints one JSON line: sequences/s,
+wall and CPU seconds per step, peak RSS (the whole process, torch's libraries
+included).
 
-usage: python -m models.train_speed --model sasrec --data data/Beauty.txt --steps 10 --threads 1
-(run from python_ref/). Prints one JSON line: sequences/s, wall and CPU seconds
-per step, peak RSS.
+usage (from python_ref/): python -m models.train_speed --model fame --steps 10 --threads 1
 """
 
 import argparse
-import datetime
 import json
-import platform
-import shlex
-import sys
 import random
-import resource
 import time
 
 import torch
 
-from . import fame, sasrec
-
-MAX_LEN = 50
+from . import layers, train
 
 
-def load_train(path):
-    """Training sequences (inputs, targets) of the leave-one-out split, last 50 items."""
-    out = []
-    with open(path) as f:
-        for line in f:
-            items = [int(t) for t in line.split()[1:]]
-            train = items[:-2]
-            if len(train) >= 2:
-                start = max(len(train) - 1 - MAX_LEN, 0)
-                out.append((train[start:-1], train[start + 1 :]))
-    return out
-
-
-def batch(seqs):
-    width = max(len(i) for i, _ in seqs)
-    inputs = torch.zeros(len(seqs), width, dtype=torch.long)
-    rows, targets = [], []
-    for b, (i, t) in enumerate(seqs):
-        inputs[b, width - len(i) :] = torch.tensor(i)
-        first = b * width + width - len(t)
-        rows.extend(range(first, first + len(t)))
-        targets.extend(t)
-    return inputs, torch.tensor(rows), torch.tensor(targets)
-
-
-def init(model, num_items, dim=64, heads=2, blocks=2, facets=4, experts=4):
-    """Parameters named and shaped as the Rust model's (values: N(0, 0.02), norms 1/0)."""
-    g = torch.Generator().manual_seed(0)
-    p = {}
-
-    def normal(name, *shape):
-        p[name] = (torch.randn(*shape, generator=g) * 0.02).requires_grad_()
-
-    def const(name, value, *shape):
-        p[name] = torch.full(shape, float(value)).requires_grad_()
-
-    def linear(name, i, o):
-        normal(f"{name}.weight", i, o)
-        const(f"{name}.bias", 0, o)
-
-    def norm(name, *shape):
-        const(f"{name}.gain", 1, *shape)
-        const(f"{name}.bias", 0, *shape)
-
-    normal("items", num_items + 1, dim)
-    normal("positions", MAX_LEN, dim)
-    shared = blocks if model == "sasrec" else blocks - 1
-    for i in range(shared):
-        n = f"block{i}"
-        norm(f"{n}.attn_norm", dim)
-        for w in ("query", "key", "value", "output", "ffn.inner", "ffn.outer"):
-            linear(f"{n}.{w}", dim, dim)
-        norm(f"{n}.ffn_norm", dim)
-    if model == "sasrec":
-        norm("final_norm", dim)
-    else:
-        h, n, dh = facets, experts, dim // facets
-        norm("fame.attn_norm", dim)
-        normal("fame.query_experts.weight", h * n, dim, dh)
-        const("fame.query_experts.bias", 0, h * n, dh)
-        linear("fame.key", dim, dim)
-        linear("fame.value", dim, dim)
-        normal("fame.router.weight", h, n * dh, n)
-        const("fame.router.bias", 0, h, 1, n)
-        norm("fame.ffn_norm", h, 1, dh)
-        for w in ("ffn_inner", "ffn_outer"):
-            normal(f"fame.{w}.weight", h, dh, dh)
-            const(f"fame.{w}.bias", 0, h, 1, dh)
-        norm("fame.final_norm", h, 1, dh)
-        normal("fame.item_facets", h, dim, dh)
-        linear("fame.gate", dim, h)
-    return p
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["sasrec", "fame"], default="sasrec")
-    ap.add_argument("--data", default="../data/Beauty.txt")
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m models.train_speed", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(train.QUERIES), default="sasrec")
+    ap.add_argument("--data", default=str(train.ROOT / "data" / "Beauty.txt"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        ap.error("--steps and --batch-size must be at least 1")
     torch.set_num_threads(args.threads)
-    seqs = load_train(args.data)
-    with open(args.data) as f:
-        num_items = max(int(t) for line in f for t in line.split()[1:])
-    random.Random(0).shuffle(seqs)
-    params = init(args.model, num_items)
-    config = dict(dim=64, heads=2, blocks=2, max_len=MAX_LEN, facets=4, experts=4, mixing=0)
-    loss_fn = sasrec.loss if args.model == "sasrec" else fame.loss
-    opt = torch.optim.AdamW(params.values(), lr=1e-3, weight_decay=0.01)
+    torch.manual_seed(args.seed)
+    defaults = train.arguments([])
+    num_items, sequences = train.load(args.data)
+    seqs, _, _ = train.split(sequences)
+    random.Random(args.seed).shuffle(seqs)
+    config = train.config_of(defaults, num_items)
+    params = train.init(args.model, config, args.seed)
+    query = train.QUERIES[args.model]
+    drop = train.dropout_fn(defaults.dropout)
+    opt = torch.optim.AdamW(params.values(), lr=defaults.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     wall = cpu = 0.0
-    done = 0
+    done = taken = 0
     for step in range(args.steps):
         chunk = seqs[step * args.batch_size : (step + 1) * args.batch_size]
-        inputs, rows, targets = batch(chunk)
+        if not chunk:
+            break
+        inputs, rows, targets = train.train_batch(chunk)
         w0, c0 = time.perf_counter(), time.process_time()
-        opt.zero_grad()
-        loss = loss_fn(params, inputs, rows, targets, config)
+        opt.zero_grad(set_to_none=True)
+        loss = layers.query_loss(query(params, inputs, rows, config, drop), targets)
         loss.backward()
         opt.step()
+        value = loss.item()
         wall += time.perf_counter() - w0
         cpu += time.process_time() - c0
         done += len(chunk)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps(dict(model=args.model, impl="pytorch", torch=torch.__version__, threads=args.threads,
-                          batch=args.batch_size, steps=args.steps, sequences_per_s=done / wall,
-                          wall_s_per_step=wall / args.steps, cpu_s_per_step=cpu / args.steps,
-                          peak_rss_mb=peak_kb / 1024, final_loss=loss.item(), cpu=cpu_model(),
-                          date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                          command=shlex.join([sys.executable, "-m", "models.train_speed", *sys.argv[1:]]))))
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
+        taken += 1
+    print(
+        json.dumps(
+            dict(
+                model=args.model,
+                impl="pytorch",
+                torch=torch.__version__,
+                threads=torch.get_num_threads(),
+                batch=args.batch_size,
+                steps=taken,
+                sequences_per_s=round(done / wall, 2),
+                wall_s_per_step=round(wall / taken, 4),
+                cpu_s_per_step=round(cpu / taken, 4),
+                peak_rss_mb=round(train.peak_rss_mb(), 1),
+                final_loss=round(value, 5),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":
