@@ -60,8 +60,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // residual.
     let weights = Tensor::from_vec(values(3, h * n * d * d, 0.2), &[h * n, d, d], &device)?;
     let bias = Tensor::zeros(&[h * n, d], &device)?;
-    let (y, layer_saved) = experts::layer_forward(&x, &routed.plan, &weights, Some(&bias), Activation::Gelu)?;
-    let (mixed, _utilisation) = experts::combine(&y, &routed.weights, &routed.plan, Some(&x), None)?;
+    let (y, layer_saved) = experts::layer_forward(&x, &routed.plan, &weights, &bias, Activation::Gelu)?;
+    let (mixed, _utilisation) = experts::combine(&y, &routed.weights, &routed.plan, &x, None)?;
     let user = mixed.reshape(&[b, h, d])?;
 
     // Per-head scores over the whole catalog, fused by a gate over heads.
@@ -82,15 +82,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let dloss = Tensor::from_vec(vec![1.0 / b as f32; b], &[b], &device)?;
     let mut ce_grads = scoring::cross_entropy_backward(&inputs, &dloss, &ce_saved)?;
     let d_mixed = ce_grads.user.reshape(&[b * h, d])?;
-    let combine_grads = experts::combine_backward(&d_mixed, &y, &routed.weights, &routed.plan, Some(&x), None)?;
+    let combine_grads = experts::combine_backward(&d_mixed, &y, &routed.weights, &routed.plan, &x, None)?;
     let layer_grads = experts::layer_backward(&combine_grads.dy, &x, &routed.plan, &weights, &layer_saved)?;
     let d_router = routing::backward(&router_logits, &combine_grads.dweights, 0.01, 0.001, &routing_saved)?;
 
     // dx from the experts plus dres from the residual: the states' gradient.
     let mut d_states = layer_grads.dx.to_vec()?;
-    if let Some(dres) = &combine_grads.dres {
-        d_states.iter_mut().zip(dres.to_vec()?).for_each(|(a, r)| *a += r);
-    }
+    let dres = combine_grads.dres.to_vec()?;
+    d_states.iter_mut().zip(dres).for_each(|(a, r)| *a += r);
     let d_states = Tensor::from_vec(d_states, &[b, h, d], &device)?;
     let lookup_grad = embedding::backward(&d_states, &lookup_saved)?;
     // Tied table: the lookup's sparse gradient into the scoring's dense dX.

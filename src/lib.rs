@@ -29,6 +29,7 @@ mod dtype;
 mod error;
 mod grouping;
 pub mod ops;
+mod optional;
 mod tensor;
 mod tensor_ref;
 
@@ -41,5 +42,6 @@ pub use error::{Error, Result};
 /// The `half` crate, whose `bf16` and `f16` are this crate's 16-bit elements.
 pub use half;
 pub use ops::{embedding, experts, routing, scoring};
+pub use optional::{OptionalGrad, OptionalOperand};
 pub use tensor::Tensor;
 pub use tensor_ref::{TensorMut, TensorRef};

@@ -35,6 +35,42 @@ pub(crate) fn element_count(argument: &'static str, shape: &[usize]) -> Result<u
         .ok_or_else(|| Error::invalid(argument, format!("shape {shape:?} has more elements than usize holds")))
 }
 
+/// Checks that `shape` holds exactly `len` elements (the data's).
+pub(crate) fn check_count(shape: &[usize], len: usize) -> Result<()> {
+    let count = element_count("shape", shape)?;
+    if count == len {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            argument: "data",
+            expected: format!("{count} elements for shape {shape:?}"),
+            actual: format!("{len} elements"),
+        })
+    }
+}
+
+/// Checks that an operand's shape is exactly `expected`.
+pub(crate) fn check_shape(argument: &'static str, expected: &[usize], actual: &[usize]) -> Result<()> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(Error::shape(argument, format!("{expected:?}"), actual))
+    }
+}
+
+/// Checks that an operand on `actual` lives on `expected`.
+pub(crate) fn check_device(argument: &'static str, expected: &Device, actual: &Device) -> Result<()> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(Error::DeviceMismatch {
+            argument,
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+        })
+    }
+}
+
 /// `len` copies of `value` on the host, or [`Error::InvalidArgument`] naming
 /// `argument` when the allocation fails: the global allocator aborts the
 /// process on failure, so every host buffer sized from the caller's shapes
@@ -66,14 +102,7 @@ impl<T: Element> Tensor<T> {
     /// A tensor holding `data` with `shape` on `device` (a copy to the GPU for
     /// CUDA devices).
     pub fn from_vec(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Self> {
-        let count = element_count("shape", shape)?;
-        if data.len() != count {
-            return Err(Error::ShapeMismatch {
-                argument: "data",
-                expected: format!("{count} elements for shape {shape:?}"),
-                actual: format!("{} elements", data.len()),
-            });
-        }
+        check_count(shape, data.len())?;
         let storage = match device {
             Device::Cpu => Storage::Cpu(data),
             Device::Cuda(cuda) => Storage::Cuda {
@@ -111,14 +140,7 @@ impl<T: Element> Tensor<T> {
 
     /// Wraps a cudarc buffer already on `device` (no copy).
     pub fn from_cuda_slice(data: CudaSlice<T>, shape: &[usize], device: &Arc<CudaDevice>) -> Result<Self> {
-        let count = element_count("shape", shape)?;
-        if data.len() != count {
-            return Err(Error::ShapeMismatch {
-                argument: "data",
-                expected: format!("{count} elements for shape {shape:?}"),
-                actual: format!("{} elements", data.len()),
-            });
-        }
+        check_count(shape, data.len())?;
         Ok(Tensor {
             shape: shape.to_vec(),
             storage: Storage::Cuda {
@@ -333,25 +355,12 @@ impl<T: Element> Tensor<T> {
 
     /// Checks that this tensor has exactly `expected` as its shape.
     pub(crate) fn expect_shape(&self, argument: &'static str, expected: &[usize]) -> Result<()> {
-        if self.shape == expected {
-            Ok(())
-        } else {
-            Err(Error::shape(argument, format!("{expected:?}"), &self.shape))
-        }
+        check_shape(argument, expected, &self.shape)
     }
 
     /// Checks that this tensor lives on `device`.
     pub(crate) fn expect_device(&self, argument: &'static str, device: &Device) -> Result<()> {
-        let own = self.device();
-        if &own == device {
-            Ok(())
-        } else {
-            Err(Error::DeviceMismatch {
-                argument,
-                expected: device.to_string(),
-                actual: own.to_string(),
-            })
-        }
+        check_device(argument, device, &self.device())
     }
 }
 
@@ -367,7 +376,7 @@ impl<T: Element> std::fmt::Debug for Tensor<T> {
 
 /// The ops check devices before they take buffers, so this is only reached
 /// on an internal mistake; it is still an error, not a panic.
-fn not_on(expected: &str, actual: &Device) -> Error {
+pub(crate) fn not_on(expected: &str, actual: &Device) -> Error {
     Error::DeviceMismatch {
         argument: "tensor",
         expected: expected.to_string(),

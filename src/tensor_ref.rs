@@ -7,8 +7,8 @@
 use crate::cuda::CudaDevice;
 use crate::device::Device;
 use crate::dtype::{DType, Element};
-use crate::error::{Error, Result};
-use crate::tensor::{element_count, Tensor};
+use crate::error::Result;
+use crate::tensor::{check_count, check_device, check_shape, not_on, Tensor};
 use cudarc::driver::{CudaView, CudaViewMut};
 use std::sync::Arc;
 
@@ -66,27 +66,6 @@ pub(crate) enum MutData<'a, T> {
         data: CudaViewMut<'a, T>,
         device: Arc<CudaDevice>,
     },
-}
-
-fn check_count(shape: &[usize], len: usize) -> Result<()> {
-    let count = element_count("shape", shape)?;
-    if count == len {
-        Ok(())
-    } else {
-        Err(Error::ShapeMismatch {
-            argument: "data",
-            expected: format!("{count} elements for shape {shape:?}"),
-            actual: format!("{len} elements"),
-        })
-    }
-}
-
-fn device_mismatch(argument: &'static str, expected: &Device, actual: &Device) -> Error {
-    Error::DeviceMismatch {
-        argument,
-        expected: expected.to_string(),
-        actual: actual.to_string(),
-    }
 }
 
 impl<'a, T: Element> TensorRef<'a, T> {
@@ -187,37 +166,31 @@ impl<'a, T: Element> TensorRef<'a, T> {
 
     /// The host elements, or an error naming the operand's device.
     pub(crate) fn host(&self) -> Result<&'a [T]> {
-        self.as_slice()
-            .ok_or_else(|| device_mismatch("tensor", &Device::Cpu, &self.device()))
+        self.as_slice().ok_or_else(|| not_on("cpu", &self.device()))
     }
 
     /// The device elements, or an error naming the operand's device.
     pub(crate) fn cuda_view(&self) -> Result<CudaView<'_, T>> {
-        self.as_cuda_view().ok_or_else(|| Error::DeviceMismatch {
-            argument: "tensor",
-            expected: "cuda".to_string(),
-            actual: self.device().to_string(),
-        })
+        self.as_cuda_view().ok_or_else(|| not_on("cuda", &self.device()))
     }
 
     /// Checks that the shape is exactly `expected`.
     pub(crate) fn expect_shape(&self, argument: &'static str, expected: &[usize]) -> Result<()> {
-        if self.shape == expected {
-            Ok(())
-        } else {
-            Err(Error::shape(argument, format!("{expected:?}"), &self.shape))
-        }
+        check_shape(argument, expected, &self.shape)
     }
 
     /// Checks that the elements live on `device`.
     pub(crate) fn expect_device(&self, argument: &'static str, device: &Device) -> Result<()> {
-        let own = self.device();
-        if &own == device {
-            Ok(())
-        } else {
-            Err(device_mismatch(argument, device, &own))
-        }
+        check_device(argument, device, &self.device())
     }
+}
+
+/// The device view of an optional operand (`None` stays `None`; a host
+/// operand is an error naming its device).
+pub(crate) fn optional_cuda_view<'t, T: Element>(
+    tensor: Option<&'t TensorRef<'_, T>>,
+) -> Result<Option<CudaView<'t, T>>> {
+    tensor.map(TensorRef::cuda_view).transpose()
 }
 
 impl<'a, T: Element> From<&'a Tensor<T>> for TensorRef<'a, T> {
@@ -327,7 +300,7 @@ impl<'a, T: Element> TensorMut<'a, T> {
         let device = self.device();
         match &mut self.data {
             MutData::Cpu(data) => Ok(data),
-            MutData::Cuda { .. } => Err(device_mismatch("tensor", &Device::Cpu, &device)),
+            MutData::Cuda { .. } => Err(not_on("cpu", &device)),
         }
     }
 
@@ -336,31 +309,18 @@ impl<'a, T: Element> TensorMut<'a, T> {
         let device = self.device();
         match &mut self.data {
             MutData::Cuda { data, .. } => Ok(data.slice_mut(..)),
-            MutData::Cpu(_) => Err(Error::DeviceMismatch {
-                argument: "tensor",
-                expected: "cuda".to_string(),
-                actual: device.to_string(),
-            }),
+            MutData::Cpu(_) => Err(not_on("cuda", &device)),
         }
     }
 
     /// Checks that the shape is exactly `expected`.
     pub(crate) fn expect_shape(&self, argument: &'static str, expected: &[usize]) -> Result<()> {
-        if self.shape == expected {
-            Ok(())
-        } else {
-            Err(Error::shape(argument, format!("{expected:?}"), &self.shape))
-        }
+        check_shape(argument, expected, &self.shape)
     }
 
     /// Checks that the elements live on `device`.
     pub(crate) fn expect_device(&self, argument: &'static str, device: &Device) -> Result<()> {
-        let own = self.device();
-        if &own == device {
-            Ok(())
-        } else {
-            Err(device_mismatch(argument, device, &own))
-        }
+        check_device(argument, device, &self.device())
     }
 }
 

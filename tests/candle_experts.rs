@@ -4,7 +4,7 @@
 
 mod candle_common;
 
-use candle_common::{assert_close, assert_grads, f64_var, values, var, TestResult};
+use candle_common::{assert_close, assert_grads, candle_main, f64_var, values, var, TestResult};
 use candle_core::{DType, Device, Tensor, Var};
 use moerec::candle::{combine, expert_layer, expert_layer_rows, route, Routed, RoutingOptions};
 use moerec::experts::Activation;
@@ -16,8 +16,8 @@ const K: usize = 2;
 const DIN: usize = 5;
 const DOUT: usize = 4;
 
-fn routed() -> candle_core::Result<Routed> {
-    let logits = Tensor::from_vec(values(1, TOKENS * EXPERTS), (TOKENS, EXPERTS), &Device::Cpu)?;
+fn routed(device: &Device) -> candle_core::Result<Routed> {
+    let logits = Tensor::from_vec(values(1, TOKENS * EXPERTS), (TOKENS, EXPERTS), device)?;
     route(&logits, &RoutingOptions::new(TopK::K(K)))
 }
 
@@ -62,9 +62,8 @@ fn reference_layer(
     activate(&Tensor::cat(&parts, 0)?, activation)
 }
 
-#[test]
-fn layer_every_activation_with_bias() -> TestResult {
-    let routed = routed()?;
+fn layer_every_activation_with_bias(device: &Device) -> TestResult {
+    let routed = routed(device)?;
     let token_of_row = u32_tensor(&routed.plan.token_of_row)?;
     for (i, activation) in [
         Activation::None,
@@ -82,15 +81,15 @@ fn layer_every_activation_with_bias() -> TestResult {
         } else {
             DOUT
         };
-        let x = var(seed, &[TOKENS, DIN], DType::F32)?;
-        let w = var(seed + 1, &[EXPERTS, DIN, width], DType::F32)?;
-        let b = var(seed + 2, &[EXPERTS, width], DType::F32)?;
+        let x = var(seed, &[TOKENS, DIN], DType::F32, device)?;
+        let w = var(seed + 1, &[EXPERTS, DIN, width], DType::F32, device)?;
+        let b = var(seed + 2, &[EXPERTS, width], DType::F32, device)?;
         let (x64, w64, b64) = (f64_var(&x)?, f64_var(&w)?, f64_var(&b)?);
         let y = expert_layer(&x, &routed.plan, &w, Some(&b), activation)?;
         let expected = reference_layer(&x64.index_select(&token_of_row, 0)?, &routed, &w64, &b64, activation)?;
         assert_close("y", &y, &expected, 1e-4)?;
         let dy = Tensor::from_vec(values(seed + 3, y.elem_count()), y.dims(), &Device::Cpu)?;
-        let grads = (y * &dy)?.sum_all()?.backward()?;
+        let grads = (y * dy.to_device(device)?)?.sum_all()?.backward()?;
         let reference = (expected * dy.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
         let pairs: [(&str, &Var, &Var); 3] = [("x", &x, &x64), ("weights", &w, &w64), ("bias", &b, &b64)];
         assert_grads(&grads, &reference, &pairs, 1e-4)?;
@@ -98,20 +97,21 @@ fn layer_every_activation_with_bias() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn rows_variant_and_bf16() -> TestResult {
-    let routed = routed()?;
+fn rows_variant_and_bf16(device: &Device) -> TestResult {
+    let routed = routed(device)?;
     let rows = TOKENS * K;
     for (dtype, rtol) in [(DType::F32, 1e-4), (DType::BF16, 1e-2)] {
-        let x = var(40, &[rows, DIN], dtype)?;
-        let w = var(41, &[EXPERTS, DIN, DOUT], dtype)?;
-        let b = var(42, &[EXPERTS, DOUT], dtype)?;
+        let x = var(40, &[rows, DIN], dtype, device)?;
+        let w = var(41, &[EXPERTS, DIN, DOUT], dtype, device)?;
+        let b = var(42, &[EXPERTS, DOUT], dtype, device)?;
         let (x64, w64, b64) = (f64_var(&x)?, f64_var(&w)?, f64_var(&b)?);
         let y = expert_layer_rows(&x, &routed.plan, &w, Some(&b), Activation::Relu)?;
         let expected = reference_layer(&x64, &routed, &w64, &b64, Activation::Relu)?;
         assert_close("y", &y, &expected, rtol)?;
         let dy = Tensor::from_vec(values(43, y.elem_count()), y.dims(), &Device::Cpu)?;
-        let grads = (y.to_dtype(DType::F32)? * &dy)?.sum_all()?.backward()?;
+        let grads = (y.to_dtype(DType::F32)? * dy.to_device(device)?)?
+            .sum_all()?
+            .backward()?;
         let reference = (expected * dy.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
         let pairs: [(&str, &Var, &Var); 3] = [("x_rows", &x, &x64), ("weights", &w, &w64), ("bias", &b, &b64)];
         assert_grads(&grads, &reference, &pairs, rtol)?;
@@ -119,14 +119,13 @@ fn rows_variant_and_bf16() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn combine_with_residual_and_rho() -> TestResult {
-    let routed = routed()?;
+fn combine_with_residual_and_rho(device: &Device) -> TestResult {
+    let routed = routed(device)?;
     let row_of_slot = u32_tensor(&routed.plan.row_of_slot)?;
-    let y = var(50, &[TOKENS * K, DOUT], DType::F32)?;
+    let y = var(50, &[TOKENS * K, DOUT], DType::F32, device)?;
     let weights = Var::from_tensor(&routed.weights.detach())?;
-    let res = var(51, &[TOKENS, DOUT], DType::F32)?;
-    let rho = var(52, &[TOKENS], DType::F32)?;
+    let res = var(51, &[TOKENS, DOUT], DType::F32, device)?;
+    let rho = var(52, &[TOKENS], DType::F32, device)?;
     let (y64, w64, res64, rho64) = (f64_var(&y)?, f64_var(&weights)?, f64_var(&res)?, f64_var(&rho)?);
     let out = combine(&y, &weights, &routed.plan, Some(&res), Some(&rho))?;
     let gathered = y64.index_select(&row_of_slot, 0)?.reshape((TOKENS, K, DOUT))?;
@@ -134,7 +133,7 @@ fn combine_with_residual_and_rho() -> TestResult {
     let expected = (res64.broadcast_mul(&rho64.unsqueeze(1)?)? + mixed)?;
     assert_close("out", &out, &expected, 1e-4)?;
     let dout = Tensor::from_vec(values(53, out.elem_count()), out.dims(), &Device::Cpu)?;
-    let grads = (out * &dout)?.sum_all()?.backward()?;
+    let grads = (out * dout.to_device(device)?)?.sum_all()?.backward()?;
     let reference = (expected * dout.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
     let pairs: [(&str, &Var, &Var); 4] = [
         ("y", &y, &y64),
@@ -145,20 +144,26 @@ fn combine_with_residual_and_rho() -> TestResult {
     assert_grads(&grads, &reference, &pairs, 1e-4)
 }
 
-#[test]
-fn errors_name_the_argument() -> TestResult {
-    let routed = routed()?;
-    let x = var(60, &[TOKENS + 1, DIN], DType::F32)?;
-    let w = var(61, &[EXPERTS, DIN, DOUT], DType::F32)?;
+fn errors_name_the_argument(device: &Device) -> TestResult {
+    let routed = routed(device)?;
+    let x = var(60, &[TOKENS + 1, DIN], DType::F32, device)?;
+    let w = var(61, &[EXPERTS, DIN, DOUT], DType::F32, device)?;
     let error = expert_layer_rows(&x, &routed.plan, &w, None, Activation::None)
         .expect_err("7 rows for a plan of 12")
         .to_string();
     assert!(error.contains("x_rows"), "{error}");
-    let odd = var(62, &[EXPERTS, DIN, 3], DType::F32)?;
-    let x = var(63, &[TOKENS, DIN], DType::F32)?;
+    let odd = var(62, &[EXPERTS, DIN, 3], DType::F32, device)?;
+    let x = var(63, &[TOKENS, DIN], DType::F32, device)?;
     let error = expert_layer(&x, &routed.plan, &odd, None, Activation::SwiGlu)
         .expect_err("SwiGlu needs an even width")
         .to_string();
     assert!(error.contains("weights"), "{error}");
     Ok(())
 }
+
+candle_main!(
+    layer_every_activation_with_bias,
+    rows_variant_and_bf16,
+    combine_with_residual_and_rho,
+    errors_name_the_argument,
+);

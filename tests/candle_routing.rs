@@ -4,7 +4,7 @@
 
 mod candle_common;
 
-use candle_common::{assert_close, assert_grads, f64_var, values, var, TestResult};
+use candle_common::{assert_close, assert_grads, candle_main, f64_var, values, var, TestResult};
 use candle_core::{DType, Device, Tensor, D};
 use moerec::candle::{route, RoutingOptions};
 use moerec::routing::{Score, TopK};
@@ -58,8 +58,8 @@ fn reference(
     Ok((weights, lb, z_loss))
 }
 
-fn check(options: RoutingOptions, experts: usize, seed: u64) -> TestResult {
-    let logits = var(seed, &[TOKENS, experts], DType::F32)?;
+fn check(device: &Device, options: RoutingOptions, experts: usize, seed: u64) -> TestResult {
+    let logits = var(seed, &[TOKENS, experts], DType::F32, device)?;
     let theirs = f64_var(&logits)?;
     let routed = route(&logits, &options)?;
     let indices = routed.indices.flatten_all()?.to_vec1::<u32>()?;
@@ -74,7 +74,7 @@ fn check(options: RoutingOptions, experts: usize, seed: u64) -> TestResult {
         &Device::Cpu,
     )?;
     let (a, b) = (0.3, 0.05);
-    let ours = ((routed.weights * &w)?.sum_all()? + (routed.lb_loss * a)? + (routed.z_loss * b)?)?;
+    let ours = ((routed.weights * w.to_device(device)?)?.sum_all()? + (routed.lb_loss * a)? + (routed.z_loss * b)?)?;
     let expected = ((weights * w.to_dtype(DType::F64)?)?.sum_all()? + (lb * a)? + (z_loss * b)?)?;
     assert_grads(
         &ours.backward()?,
@@ -84,9 +84,9 @@ fn check(options: RoutingOptions, experts: usize, seed: u64) -> TestResult {
     )
 }
 
-#[test]
-fn grouped_dense_router_of_fame() -> TestResult {
+fn grouped_dense_router_of_fame(device: &Device) -> TestResult {
     check(
+        device,
         RoutingOptions {
             groups: 3,
             ..RoutingOptions::new(TopK::All)
@@ -96,9 +96,9 @@ fn grouped_dense_router_of_fame() -> TestResult {
     )
 }
 
-#[test]
-fn top_k_softmax_renormalised() -> TestResult {
+fn top_k_softmax_renormalised(device: &Device) -> TestResult {
     check(
+        device,
         RoutingOptions {
             renormalize: true,
             ..RoutingOptions::new(TopK::K(2))
@@ -108,9 +108,9 @@ fn top_k_softmax_renormalised() -> TestResult {
     )
 }
 
-#[test]
-fn top_k_sigmoid_grouped() -> TestResult {
+fn top_k_sigmoid_grouped(device: &Device) -> TestResult {
     check(
+        device,
         RoutingOptions {
             score: Score::Sigmoid,
             groups: 2,
@@ -121,14 +121,13 @@ fn top_k_sigmoid_grouped() -> TestResult {
     )
 }
 
-#[test]
-fn errors_name_the_argument() -> TestResult {
-    let logits = var(4, &[TOKENS, 4], DType::F32)?;
+fn errors_name_the_argument(device: &Device) -> TestResult {
+    let logits = var(4, &[TOKENS, 4], DType::F32, device)?;
     let error = route(&logits, &RoutingOptions::new(TopK::K(5)))
         .expect_err("k = 5 of 4")
         .to_string();
     assert!(error.contains('k'), "{error}");
-    let mask = Tensor::new(&[1u32, 1], &Device::Cpu)?;
+    let mask = Tensor::new(&[1u32, 1], device)?;
     let options = RoutingOptions {
         expert_mask: Some(mask),
         ..RoutingOptions::new(TopK::K(1))
@@ -139,3 +138,10 @@ fn errors_name_the_argument() -> TestResult {
     assert!(error.contains("expert_mask"), "{error}");
     Ok(())
 }
+
+candle_main!(
+    grouped_dense_router_of_fame,
+    top_k_softmax_renormalised,
+    top_k_sigmoid_grouped,
+    errors_name_the_argument,
+);

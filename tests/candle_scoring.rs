@@ -4,7 +4,7 @@
 
 mod candle_common;
 
-use candle_common::{assert_close, assert_grads, f64_var, values, var, TestResult};
+use candle_common::{assert_close, assert_grads, candle_main, f64_var, values, var, TestResult};
 use candle_core::{DType, Device, Tensor, Var, D};
 use moerec::candle::{cross_entropy, scores, topk, ScoringOptions};
 use moerec::scoring::Mixing;
@@ -45,24 +45,24 @@ struct Operands {
 }
 
 impl Case {
-    fn operands(&self, seed: u64) -> candle_core::Result<Operands> {
+    fn operands(&self, seed: u64, device: &Device) -> candle_core::Result<Operands> {
         let items_shape = if self.shared {
             vec![self.items, self.width]
         } else {
             vec![self.heads, self.items, self.width]
         };
         Ok(Operands {
-            user: var(seed, &[self.batch, self.heads, self.width], self.dtype)?,
-            gates: var(seed + 1, &[self.batch, self.heads], self.dtype)?,
-            items: var(seed + 2, &items_shape, self.dtype)?,
+            user: var(seed, &[self.batch, self.heads, self.width], self.dtype, device)?,
+            gates: var(seed + 1, &[self.batch, self.heads], self.dtype, device)?,
+            items: var(seed + 2, &items_shape, self.dtype, device)?,
             bias: self
                 .bias
-                .then(|| var(seed + 3, &[self.items], DType::F32))
+                .then(|| var(seed + 3, &[self.items], DType::F32, device))
                 .transpose()?,
         })
     }
 
-    fn options(&self, operands: &Operands) -> candle_core::Result<ScoringOptions> {
+    fn options(&self, operands: &Operands, device: &Device) -> candle_core::Result<ScoringOptions> {
         Ok(ScoringOptions {
             scale: self.scale,
             mixing: self.mixing,
@@ -70,7 +70,7 @@ impl Case {
             excluded: if self.excluded.is_empty() {
                 None
             } else {
-                Some(Tensor::new(self.excluded, &Device::Cpu)?)
+                Some(Tensor::new(self.excluded, device)?)
             },
         })
     }
@@ -170,10 +170,10 @@ fn pairs<'a>(ours: &'a Operands, theirs: &'a Operands) -> Vec<(&'static str, &'a
     pairs
 }
 
-fn check_cross_entropy(case: Case, seed: u64) -> TestResult {
-    let ours = case.operands(seed)?;
+fn check_cross_entropy(device: &Device, case: Case, seed: u64) -> TestResult {
+    let ours = case.operands(seed, device)?;
     let theirs = case.reference(&ours)?;
-    let options = case.options(&ours)?;
+    let options = case.options(&ours, device)?;
     let ignore = 2u32;
     let targets: Vec<u32> = (0..case.batch as u32)
         .map(|b| {
@@ -188,7 +188,7 @@ fn check_cross_entropy(case: Case, seed: u64) -> TestResult {
             }
         })
         .collect();
-    let target_tensor = Tensor::new(targets.as_slice(), &Device::Cpu)?;
+    let target_tensor = Tensor::new(targets.as_slice(), device)?;
     // Non-uniform row weights, so each row's dloss differs.
     let weights = Tensor::from_vec(values(seed + 9, case.batch), case.batch, &Device::Cpu)?;
 
@@ -200,7 +200,7 @@ fn check_cross_entropy(case: Case, seed: u64) -> TestResult {
         Some(ignore),
         &options,
     )?;
-    let grads = (&loss * &weights)?.sum_all()?.backward()?;
+    let grads = (&loss * weights.to_device(device)?)?.sum_all()?.backward()?;
 
     // Ignored rows pick any eligible item, then are masked to 0.
     let picked: Vec<u32> = targets
@@ -223,14 +223,13 @@ fn check_cross_entropy(case: Case, seed: u64) -> TestResult {
     assert_grads(&grads, &reference_grads, &pairs(&ours, &theirs), case.rtol())
 }
 
-#[test]
-fn cross_entropy_logits_per_head() -> TestResult {
-    check_cross_entropy(BASE, 1)
+fn cross_entropy_logits_per_head(device: &Device) -> TestResult {
+    check_cross_entropy(device, BASE, 1)
 }
 
-#[test]
-fn cross_entropy_probabilities_per_head() -> TestResult {
+fn cross_entropy_probabilities_per_head(device: &Device) -> TestResult {
     check_cross_entropy(
+        device,
         Case {
             mixing: Mixing::Probabilities,
             ..BASE
@@ -239,11 +238,11 @@ fn cross_entropy_probabilities_per_head() -> TestResult {
     )
 }
 
-#[test]
-fn cross_entropy_every_option_both_mixings_both_layouts() -> TestResult {
+fn cross_entropy_every_option_both_mixings_both_layouts(device: &Device) -> TestResult {
     for (i, mixing) in [Mixing::Logits, Mixing::Probabilities].into_iter().enumerate() {
         for shared in [false, true] {
             check_cross_entropy(
+                device,
                 Case {
                     mixing,
                     shared,
@@ -259,10 +258,10 @@ fn cross_entropy_every_option_both_mixings_both_layouts() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn cross_entropy_bf16_and_f16() -> TestResult {
+fn cross_entropy_bf16_and_f16(device: &Device) -> TestResult {
     for dtype in [DType::BF16, DType::F16] {
         check_cross_entropy(
+            device,
             Case {
                 dtype,
                 bias: true,
@@ -275,8 +274,7 @@ fn cross_entropy_bf16_and_f16() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn scores_forward_and_backward() -> TestResult {
+fn scores_forward_and_backward(device: &Device) -> TestResult {
     for mixing in [Mixing::Logits, Mixing::Probabilities] {
         for shared in [false, true] {
             let case = Case {
@@ -287,9 +285,10 @@ fn scores_forward_and_backward() -> TestResult {
                 excluded: &[3],
                 ..BASE
             };
-            let ours = case.operands(30)?;
+            let ours = case.operands(30, device)?;
             let theirs = case.reference(&ours)?;
-            let s = scores(&ours.user, &ours.gates, &ours.items, &case.options(&ours)?)?;
+            let s_device = scores(&ours.user, &ours.gates, &ours.items, &case.options(&ours, device)?)?;
+            let s = s_device.detach();
             let reference = case.scores(&theirs)?;
             // Weights zero at the excluded item, whose score is -inf (Logits)
             // or 0 (Probabilities) and carries no gradient.
@@ -305,6 +304,7 @@ fn scores_forward_and_backward() -> TestResult {
             )?;
             let keep = keep.broadcast_as((case.batch, case.items))?;
             let zeros = Tensor::zeros((case.batch, case.items), DType::F32, &Device::Cpu)?;
+            let (s, keep_ours) = (s.to_device(&Device::Cpu)?, keep.to_device(device)?);
             let finite = keep.where_cond(&s, &zeros)?;
             assert_close(
                 "scores",
@@ -316,7 +316,9 @@ fn scores_forward_and_backward() -> TestResult {
                 let at_excluded = s.narrow(1, 3, 1)?.flatten_all()?.to_vec1::<f32>()?;
                 assert!(at_excluded.iter().all(|x| *x == f32::NEG_INFINITY));
             }
-            let grads = (finite * &w)?.sum_all()?.backward()?;
+            // The gradient flows through the op's own (device) output.
+            let ours_finite = keep_ours.where_cond(&s_device, &zeros.to_device(device)?)?;
+            let grads = (ours_finite * w.to_device(device)?)?.sum_all()?.backward()?;
             let reference_grads = (reference * w.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
             assert_grads(&grads, &reference_grads, &pairs(&ours, &theirs), 1e-4)?;
         }
@@ -324,8 +326,7 @@ fn scores_forward_and_backward() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn topk_matches_the_reference_ranking() -> TestResult {
+fn topk_matches_the_reference_ranking(device: &Device) -> TestResult {
     for mixing in [Mixing::Logits, Mixing::Probabilities] {
         let case = Case {
             mixing,
@@ -333,12 +334,12 @@ fn topk_matches_the_reference_ranking() -> TestResult {
             excluded: &[1],
             ..BASE
         };
-        let ours = case.operands(40)?;
+        let ours = case.operands(40, device)?;
         let theirs = case.reference(&ours)?;
         // Row 0 has seen items 0 and 4, row 2 item 7.
-        let offsets = Tensor::new(&[0u32, 2, 2, 3, 3, 3], &Device::Cpu)?;
+        let offsets = Tensor::new(&[0u32, 2, 2, 3, 3, 3], device)?;
         let seen_ids = [0u32, 4, 7];
-        let seen = Tensor::new(&seen_ids, &Device::Cpu)?;
+        let seen = Tensor::new(&seen_ids, device)?;
         let n = 4;
         let (ids, best) = topk(
             &ours.user,
@@ -346,7 +347,7 @@ fn topk_matches_the_reference_ranking() -> TestResult {
             &ours.items,
             n,
             Some((&offsets, &seen)),
-            &case.options(&ours)?,
+            &case.options(&ours, device)?,
         )?;
         let reference = case.scores(&theirs)?.to_vec2::<f64>()?;
         let ids = ids.to_vec2::<u32>()?;
@@ -374,16 +375,15 @@ fn topk_matches_the_reference_ranking() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn errors_name_the_argument() -> TestResult {
-    let ours = BASE.operands(50)?;
-    let options = BASE.options(&ours)?;
-    let bad_targets = Tensor::new(&[0u32, 1, 2, 3, 99], &Device::Cpu)?;
+fn errors_name_the_argument(device: &Device) -> TestResult {
+    let ours = BASE.operands(50, device)?;
+    let options = BASE.options(&ours, device)?;
+    let bad_targets = Tensor::new(&[0u32, 1, 2, 3, 99], device)?;
     let error = cross_entropy(&ours.user, &ours.gates, &ours.items, &bad_targets, None, &options)
         .expect_err("target 99 is out of range")
         .to_string();
     assert!(error.contains("targets") && error.contains("99"), "{error}");
-    let short = Tensor::new(&[0u32, 1], &Device::Cpu)?;
+    let short = Tensor::new(&[0u32, 1], device)?;
     let error = cross_entropy(&ours.user, &ours.gates, &ours.items, &short, None, &options)
         .expect_err("two targets for five rows")
         .to_string();
@@ -400,16 +400,22 @@ fn errors_name_the_argument() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn non_contiguous_operands_keep_their_gradient() -> TestResult {
+fn non_contiguous_operands_keep_their_gradient(device: &Device) -> TestResult {
     let case = BASE;
-    let ours = case.operands(60)?;
+    let ours = case.operands(60, device)?;
     let theirs = case.reference(&ours)?;
     // The user states as the transpose of a [H, B, D] variable.
     let transposed = Var::from_tensor(&ours.user.transpose(0, 1)?.contiguous()?)?;
     let user = transposed.transpose(0, 1)?;
-    let targets = Tensor::new(&[0u32, 1, 2, 3, 4], &Device::Cpu)?;
-    let loss = cross_entropy(&user, &ours.gates, &ours.items, &targets, None, &case.options(&ours)?)?;
+    let targets = Tensor::new(&[0u32, 1, 2, 3, 4], device)?;
+    let loss = cross_entropy(
+        &user,
+        &ours.gates,
+        &ours.items,
+        &targets,
+        None,
+        &case.options(&ours, device)?,
+    )?;
     let grads = loss.sum_all()?.backward()?;
     let picked = Tensor::new(&[[0u32], [1], [2], [3], [4]], &Device::Cpu)?;
     let reference = case.log_probability(&theirs, &picked)?.neg()?;
@@ -423,3 +429,14 @@ fn non_contiguous_operands_keep_their_gradient() -> TestResult {
         1e-4,
     )
 }
+
+candle_main!(
+    cross_entropy_logits_per_head,
+    cross_entropy_probabilities_per_head,
+    cross_entropy_every_option_both_mixings_both_layouts,
+    cross_entropy_bf16_and_f16,
+    scores_forward_and_backward,
+    topk_matches_the_reference_ranking,
+    errors_name_the_argument,
+    non_contiguous_operands_keep_their_gradient,
+);

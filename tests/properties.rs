@@ -35,7 +35,7 @@ use moerec::embedding::{self, SparseGrad, TableShape};
 use moerec::experts::{self, Activation};
 use moerec::routing::{self, RoutingOptions, Score, TopK};
 use moerec::scoring::{self, History, Mixing, Scoring};
-use moerec::{Device, Error, FloatElement, Tensor};
+use moerec::{Device, Error, FloatElement, Tensor, TensorRef};
 use proptest::prelude::*;
 
 /// The proptest seeds of `MOEREC_PROPTEST_SEEDS` (`n` or `a..b`, inclusive;

@@ -7,7 +7,7 @@ mod common;
 use common::{assert_close, for_each_golden, rtol, Golden, Rng};
 use half::{bf16, f16};
 use moerec::routing::{self, RoutingOptions, Score, TopK};
-use moerec::{DType, Device, Element, Error, FloatElement, Tensor};
+use moerec::{DType, Device, Element, Error, FloatElement, Tensor, TensorRef};
 
 fn tensor<T: Element>(data: Vec<T>, shape: &[usize], device: &Device) -> Tensor<T> {
     Tensor::from_vec(data, shape, device).unwrap()
@@ -67,9 +67,9 @@ impl<T: FloatElement> Problem<T> {
             .with_score(self.score)
             .with_renormalize(self.renormalize)
             .with_groups(self.groups);
-        options.expert_mask = expert_mask.as_ref();
-        options.token_mask = token_mask.as_ref();
-        options.selection_bias = bias.as_ref();
+        options.expert_mask = expert_mask.as_ref().map(TensorRef::from);
+        options.token_mask = token_mask.as_ref().map(TensorRef::from);
+        options.selection_bias = bias.as_ref().map(TensorRef::from);
         let (out, saved) = routing::forward(&logits, &options)?;
         let (k, rows) = (saved.config().k, self.tokens * self.groups);
         let dweights = tensor(self.dweights[..rows * k].to_vec(), &[rows, k], device);
@@ -429,7 +429,7 @@ fn masks_and_bias_of_the_wrong_shape_are_refused(device: &Device) {
     let logits = zeros(&[2, 4], device);
     let short = tensor(vec![1u32; 3], &[3], device);
     let options = RoutingOptions::new(TopK::K(1));
-    let error = routing::forward(&logits, &options.with_expert_mask(&short)).unwrap_err();
+    let error = routing::forward(&logits, &options.clone().with_expert_mask(&short)).unwrap_err();
     assert!(
         matches!(
             error,
@@ -440,7 +440,7 @@ fn masks_and_bias_of_the_wrong_shape_are_refused(device: &Device) {
         ),
         "{error}"
     );
-    let error = routing::forward(&logits, &options.with_token_mask(&short)).unwrap_err();
+    let error = routing::forward(&logits, &options.clone().with_token_mask(&short)).unwrap_err();
     assert!(
         matches!(
             error,
@@ -471,7 +471,7 @@ fn mask_entries_other_than_zero_and_one_are_refused(device: &Device) {
     let logits = tensor(logits, &[3, 4], device);
     let options = RoutingOptions::new(TopK::K(1));
     let expert_mask = tensor(vec![1u32, 2, 1, 1], &[4], device);
-    let error = routing::forward(&logits, &options.with_expert_mask(&expert_mask)).unwrap_err();
+    let error = routing::forward(&logits, &options.clone().with_expert_mask(&expert_mask)).unwrap_err();
     assert!(
         matches!(
             error,

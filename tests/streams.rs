@@ -45,7 +45,7 @@ impl Combine {
 
     /// The op API's result (it waits for its data checks).
     fn reference(&self) -> Vec<f32> {
-        let (out, _) = experts::combine(&self.y, &self.weights, &self.plan, Some(&self.res), None).unwrap();
+        let (out, _) = experts::combine(&self.y, &self.weights, &self.plan, &self.res, None).unwrap();
         out.to_vec().unwrap()
     }
 

@@ -10,6 +10,8 @@
 //! stash, which the link's backward (run after it: the link is an ancestor)
 //! hands to candle.
 
+#[cfg(feature = "candle-cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -37,14 +39,32 @@ pub(crate) fn attach(
     };
     match inputs {
         [] => Err(candle_core::Error::msg(format!("moerec {name}: no input to attach"))),
-        [a] => a.apply_op1(node),
-        [a, b] => a.apply_op2(b, node),
-        [a, b, c] => a.apply_op3(b, c, node),
-        [a, b, rest @ ..] => {
+        [a, b, rest @ ..] if rest.len() > 1 => {
             let link = link(name, rest, node.stash.clone(), 2)?;
-            a.apply_op3(b, &link, node)
+            a.apply_op3(b, &link, Op(node))
         }
+        _ => apply(inputs, node),
     }
+}
+
+/// Applies `rule` to one, two or three inputs.
+fn apply<R: Rule + 'static>(inputs: &[&Tensor], rule: R) -> candle_core::Result<Tensor> {
+    match inputs {
+        [a] => a.apply_op1(Op(rule)),
+        [a, b] => a.apply_op2(b, Op(rule)),
+        [a, b, c] => a.apply_op3(b, c, Op(rule)),
+        _ => Err(candle_core::Error::msg(format!(
+            "moerec {}: {} inputs for one custom op",
+            rule.name(),
+            inputs.len()
+        ))),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> candle_core::Result<std::sync::MutexGuard<'_, T>> {
+    mutex
+        .lock()
+        .map_err(|_| candle_core::Error::msg("moerec: a poisoned lock"))
 }
 
 /// Converts a gradient to its input's element type (moerec's are f32).
@@ -59,6 +79,77 @@ fn cast(grad: Option<Tensor>, input: &Tensor) -> candle_core::Result<Option<Tens
     .transpose()
 }
 
+/// What a custom op of this module does: its forward output (already
+/// computed, or a zero) and its inputs' gradients.
+trait Rule: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// The output when the inputs live on the CPU.
+    fn cpu_output(&self) -> candle_core::Result<(CpuStorage, Shape)>;
+
+    /// The output when the inputs live on `first`'s CUDA device.
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_output(&self, first: &CudaStorage) -> candle_core::Result<(CudaStorage, Shape)>;
+
+    /// The gradients of `args` from the output's gradient `grad`.
+    fn gradients(&self, args: &[&Tensor], grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>>;
+}
+
+/// A [`Rule`] as a candle custom op of one, two or three inputs.
+struct Op<R>(R);
+
+/// `Op` as candle's custom op of the arity of the argument names given
+/// (candle has one trait per arity, with the same three methods).
+macro_rules! custom_op {
+    ($trait:ident, $grads:ty, $first:ident $(, $rest:ident)*) => {
+        impl<R: Rule> $trait for Op<R> {
+            fn name(&self) -> &'static str {
+                self.0.name()
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                $($rest: &CpuStorage, _: &Layout,)*
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                $(let _ = $rest;)*
+                self.0.cpu_output()
+            }
+
+            #[cfg(feature = "candle-cuda")]
+            fn cuda_fwd(
+                &self,
+                first: &CudaStorage,
+                _: &Layout,
+                $($rest: &CudaStorage, _: &Layout,)*
+            ) -> candle_core::Result<(CudaStorage, Shape)> {
+                $(let _ = $rest;)*
+                self.0.cuda_output(first)
+            }
+
+            // One input expands to `Ok((next()))`: a single gradient, no tuple.
+            #[allow(clippy::double_parens)]
+            fn bwd(
+                &self,
+                $first: &Tensor,
+                $($rest: &Tensor,)*
+                _: &Tensor,
+                grad: &Tensor,
+            ) -> candle_core::Result<$grads> {
+                let mut grads = self.0.gradients(&[$first $(, $rest)*], grad)?.into_iter();
+                let mut next = || grads.next().flatten();
+                Ok((next() $(, { let _ = $rest; next() })*))
+            }
+        }
+    };
+}
+
+custom_op!(CustomOp1, Option<Tensor>, a);
+custom_op!(CustomOp2, (Option<Tensor>, Option<Tensor>), a, b);
+custom_op!(CustomOp3, (Option<Tensor>, Option<Tensor>, Option<Tensor>), a, b, c);
+
+/// The op's node: its computed output and its backward.
 struct Node {
     name: &'static str,
     output: Mutex<Option<(Storage, Shape)>>,
@@ -69,20 +160,33 @@ struct Node {
 
 impl Node {
     fn take_output(&self) -> candle_core::Result<(Storage, Shape)> {
-        self.output
-            .lock()
-            .map_err(|_| candle_core::Error::msg("moerec: a poisoned lock"))?
+        lock(&self.output)?
             .take()
             .ok_or_else(|| candle_core::Error::msg(format!("moerec {}: the output was already taken", self.name)))
+    }
+
+    fn misplaced(&self, expected: &str) -> candle_core::Error {
+        candle_core::Error::msg(format!("moerec {}: the output is not on the {expected}", self.name))
+    }
+}
+
+impl Rule for Node {
+    fn name(&self) -> &'static str {
+        self.name
     }
 
     fn cpu_output(&self) -> candle_core::Result<(CpuStorage, Shape)> {
         match self.take_output()? {
             (Storage::Cpu(storage), shape) => Ok((storage, shape)),
-            _ => Err(candle_core::Error::msg(format!(
-                "moerec {}: output not on the CPU",
-                self.name
-            ))),
+            _ => Err(self.misplaced("CPU")),
+        }
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_output(&self, _: &CudaStorage) -> candle_core::Result<(CudaStorage, Shape)> {
+        match self.take_output()? {
+            (Storage::Cuda(storage), shape) => Ok((storage, shape)),
+            _ => Err(self.misplaced("CUDA device")),
         }
     }
 
@@ -100,84 +204,10 @@ impl Node {
         }
         if self.arity > 3 {
             let linked = grads.split_off(2);
-            *self
-                .stash
-                .lock()
-                .map_err(|_| candle_core::Error::msg("moerec: a poisoned lock"))? = linked;
+            *lock(&self.stash)? = linked;
             grads.push(Some(args[2].zeros_like()?));
         }
         grads.into_iter().zip(args).map(|(g, input)| cast(g, input)).collect()
-    }
-}
-
-impl CustomOp1 for Node {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.cpu_output()
-    }
-
-    fn bwd(&self, a: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(self.gradients(&[a], grad)?.pop().flatten())
-    }
-}
-
-impl CustomOp2 for Node {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.cpu_output()
-    }
-
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut grads = self.gradients(&[a, b], grad)?.into_iter();
-        Ok((grads.next().flatten(), grads.next().flatten()))
-    }
-}
-
-impl CustomOp3 for Node {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.cpu_output()
-    }
-
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut grads = self.gradients(&[a, b, c], grad)?.into_iter();
-        Ok((grads.next().flatten(), grads.next().flatten(), grads.next().flatten()))
     }
 }
 
@@ -192,14 +222,12 @@ fn link(name: &'static str, inputs: &[&Tensor], stash: Stash, first: usize) -> c
         count: inputs.len().min(3),
     };
     match inputs {
-        [a] => a.apply_op1(op),
-        [a, b] => a.apply_op2(b, op),
-        [a, b, c] => a.apply_op3(b, c, op),
-        [a, b, rest @ ..] => {
+        [a, b, rest @ ..] if rest.len() > 1 => {
             let inner = link(name, rest, stash, first + 2)?;
-            a.apply_op3(b, &inner, Link { count: 2, ..op })
+            a.apply_op3(b, &inner, Op(Link { count: 2, ..op }))
         }
         [] => Err(candle_core::Error::msg(format!("moerec {name}: an empty link"))),
+        _ => apply(inputs, op),
     }
 }
 
@@ -212,16 +240,24 @@ struct Link {
     count: usize,
 }
 
-impl Link {
-    fn zero() -> (CpuStorage, Shape) {
-        (CpuStorage::F32(vec![0.0]), Shape::from(1))
+impl Rule for Link {
+    fn name(&self) -> &'static str {
+        self.name
     }
 
-    fn gradients(&self, args: &[&Tensor]) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let mut stash = self
-            .stash
-            .lock()
-            .map_err(|_| candle_core::Error::msg("moerec: a poisoned lock"))?;
+    fn cpu_output(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(1)))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_output(&self, first: &CudaStorage) -> candle_core::Result<(CudaStorage, Shape)> {
+        let device = first.device.clone();
+        let zero = device.alloc_zeros::<f32>(1)?;
+        Ok((CudaStorage::wrap_cuda_slice(zero, device), Shape::from(1)))
+    }
+
+    fn gradients(&self, args: &[&Tensor], _: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let mut stash = lock(&self.stash)?;
         // The node stashed from index 2 on.
         let base = self.first - 2;
         let mut grads = Vec::with_capacity(args.len());
@@ -237,76 +273,5 @@ impl Link {
             grads.push(grad);
         }
         Ok(grads)
-    }
-}
-
-impl CustomOp1 for Link {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok(Link::zero())
-    }
-
-    fn bwd(&self, a: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(self.gradients(&[a])?.pop().flatten())
-    }
-}
-
-impl CustomOp2 for Link {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok(Link::zero())
-    }
-
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut grads = self.gradients(&[a, b])?.into_iter();
-        Ok((grads.next().flatten(), grads.next().flatten()))
-    }
-}
-
-impl CustomOp3 for Link {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok(Link::zero())
-    }
-
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut grads = self.gradients(&[a, b, c])?.into_iter();
-        Ok((grads.next().flatten(), grads.next().flatten(), grads.next().flatten()))
     }
 }

@@ -3,12 +3,16 @@
 //! for training loops that update the table themselves.
 
 use super::autograd::{attach, Backward};
+#[cfg(feature = "candle-cuda")]
+use super::on_stream_of;
 use super::{into_storage, to_candle, with_float, Borrowed, Shared};
 use crate::dtype::FloatElement;
 use crate::error::Error;
 use crate::ops::embedding::{self, Saved, SparseGrad, TableShape};
 use crate::tensor_ref::TensorMut;
 use candle_core::backend::BackendStorage;
+#[cfg(feature = "candle-cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 
 /// Looks up `ids` (u32, any shape) in `table: [H, V, D]`: returns
@@ -36,16 +40,17 @@ pub fn embedding(table: &Tensor, ids: &Tensor, padding: Option<u32>) -> candle_c
     let table = table.contiguous()?;
     let ids = ids.contiguous()?;
     let dtype = table.dtype();
+    let device = table.device().clone();
     let ((storage, shape), saved) = with_float!("table", dtype, T => {
         let (t, i) = (Borrowed::new("table", &table), Borrowed::new("ids", &ids));
         let (rows, saved) = embedding::forward(t.get::<T>()?, i.get::<u32>()?, padding)?;
-        Ok::<_, candle_core::Error>((into_storage(rows)?, saved))
+        Ok::<_, candle_core::Error>((into_storage(rows, &device)?, saved))
     })?;
     let backward: Backward = Box::new(move |dy| {
         let dy = dy.contiguous()?.to_dtype(candle_core::DType::F32)?;
         let d = Borrowed::new("dy", &dy);
         let dense = embedding::backward(d.get::<f32>()?, &saved)?.densify()?;
-        Ok(vec![Some(to_candle(dense)?)])
+        Ok(vec![Some(to_candle(dense, &device)?)])
     });
     attach("moerec-embedding", storage, shape, &[&table], backward)
 }
@@ -99,15 +104,44 @@ struct SparseSgd {
 }
 
 impl SparseSgd {
-    fn apply<T: Shared + FloatElement>(&self, data: &mut [T], layout: &Layout) -> crate::Result<()> {
+    /// The table's elements in `layout`'s range of `len`, checked.
+    fn region(layout: &Layout, len: usize) -> crate::Result<std::ops::Range<usize>> {
         let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| Error::invalid("table", "expected a contiguous table"))?;
-        let len = data.len();
-        let data = data
-            .get_mut(start..end)
-            .ok_or_else(|| Error::invalid("table", format!("layout {start}..{end} beyond {len} elements")))?;
-        embedding::sgd(TensorMut::from_slice(data, layout.dims())?, &self.grad, self.lr)
+        if start > end || end > len {
+            return Err(Error::invalid(
+                "table",
+                format!("layout {start}..{end} beyond {len} elements"),
+            ));
+        }
+        Ok(start..end)
+    }
+
+    fn host<T: Shared + FloatElement>(&self, data: &mut [T], layout: &Layout) -> crate::Result<()> {
+        let range = Self::region(layout, data.len())?;
+        embedding::sgd(
+            TensorMut::from_slice(&mut data[range], layout.dims())?,
+            &self.grad,
+            self.lr,
+        )
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn device<T: Shared + FloatElement>(&self, storage: &mut CudaStorage, layout: &Layout) -> crate::Result<()> {
+        let device = on_stream_of(&storage.device)?;
+        let data = storage
+            .as_cuda_slice_mut::<T>()
+            .map_err(|e| Error::invalid("table", e.to_string()))?;
+        let range = Self::region(layout, data.len())?;
+        let view = data
+            .try_slice_mut(range)
+            .ok_or_else(|| Error::invalid("table", "layout beyond the storage"))?;
+        embedding::sgd(
+            TensorMut::from_cuda_view(view, layout.dims(), &device)?,
+            &self.grad,
+            self.lr,
+        )
     }
 }
 
@@ -118,14 +152,19 @@ impl InplaceOp1 for SparseSgd {
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
         match storage {
-            CpuStorage::F32(data) => self.apply(data, layout),
-            CpuStorage::BF16(data) => self.apply(data, layout),
-            CpuStorage::F16(data) => self.apply(data, layout),
+            CpuStorage::F32(data) => self.host(data, layout),
+            CpuStorage::BF16(data) => self.host(data, layout),
+            CpuStorage::F16(data) => self.host(data, layout),
             other => Err(Error::invalid(
                 "table",
                 format!("expected f32, bf16 or f16, got {:?}", other.dtype()),
             )),
         }
         .map_err(candle_core::Error::from)
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(&self, storage: &mut CudaStorage, layout: &Layout) -> candle_core::Result<()> {
+        with_float!("table", storage.dtype(), T => Ok(self.device::<T>(storage, layout)?))
     }
 }

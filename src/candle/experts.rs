@@ -8,12 +8,14 @@ use crate::ops::routing::DispatchPlan;
 use candle_core::{DType, Tensor};
 use std::sync::Arc;
 
-/// A small optional operand (bias, rho) or the residual as an owned moerec
-/// tensor: a copy (the op API takes these owned).
-fn owned<T: Shared>(argument: &'static str, tensor: Option<&Tensor>) -> candle_core::Result<Option<crate::Tensor<T>>> {
-    tensor
-        .map(|t| -> candle_core::Result<crate::Tensor<T>> { Ok(Borrowed::new(argument, t).get::<T>()?.to_tensor()?) })
-        .transpose()
+/// An optional operand's storage, read-locked.
+fn borrow_optional<'t>(argument: &'static str, tensor: &'t Option<Tensor>) -> Option<Borrowed<'t>> {
+    tensor.as_ref().map(|t| Borrowed::new(argument, t))
+}
+
+/// The borrowed optional operand as a moerec operand, without a copy.
+fn optional<'b, T: Shared>(borrowed: &'b Option<Borrowed<'_>>) -> crate::Result<Option<crate::TensorRef<'b, T>>> {
+    borrowed.as_ref().map(Borrowed::get::<T>).transpose()
 }
 
 fn layer(
@@ -25,28 +27,25 @@ fn layer(
     activation: Activation,
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
+    let device = x.device().clone();
     let weights = weights.contiguous()?;
     let bias = bias.map(Tensor::contiguous).transpose()?;
     let mut inputs = vec![x.clone(), weights.clone()];
     inputs.extend(bias.clone());
     with_float!("x", x.dtype(), T => {
-        let bias_owned = owned::<T>("bias", bias.as_ref())?;
         let ((storage, shape), saved) = {
-            let (bx, bw) = (Borrowed::new("x", &x), Borrowed::new("weights", &weights));
-            let forward = if rows_variant { experts::layer_forward_rows::<T> } else { experts::layer_forward::<T> };
-            let (y, saved) = forward(bx.get::<T>()?, plan, bw.get::<T>()?, bias_owned.as_ref(), activation)?;
-            (into_storage(y)?, saved)
+            let (bx, bw, bb) = (Borrowed::new("x", &x), Borrowed::new("weights", &weights), borrow_optional("bias", &bias));
+            let forward = if rows_variant { experts::layer_forward_rows } else { experts::layer_forward };
+            let (y, saved) = forward(bx.get::<T>()?, plan, bw.get::<T>()?, optional::<T>(&bb)?, activation)?;
+            (into_storage(y, &device)?, saved)
         };
         let plan = plan.clone();
-        let has_bias = bias.is_some();
         let backward: Backward = Box::new(move |dy| {
             let dy = dy.contiguous()?.to_dtype(DType::F32)?;
             let (bd, bx, bw) = (Borrowed::new("dy", &dy), Borrowed::new("x", &x), Borrowed::new("weights", &weights));
             let grads = experts::layer_backward(bd.get::<f32>()?, bx.get::<T>()?, &plan, bw.get::<T>()?, &saved)?;
-            let mut out = vec![Some(to_candle(grads.dx)?), Some(to_candle(grads.dweights)?)];
-            if has_bias {
-                out.push(grads.dbias.map(to_candle).transpose()?);
-            }
+            let mut out = vec![Some(to_candle(grads.dx, &device)?), Some(to_candle(grads.dweights, &device)?)];
+            out.extend(grads.dbias.map(|d| to_candle(d, &device)).transpose()?.map(Some));
             Ok(out)
         });
         attach("moerec-expert-layer", storage, shape, &inputs.iter().collect::<Vec<_>>(), backward)
@@ -57,8 +56,8 @@ fn layer(
 /// grouped routing `[T * G, Din]`, the per-group inputs): `y: [R, Dout]` in
 /// the input type, rows in plan order, `y[r] = act(x[token_of_row[r]] W[e] +
 /// b[e])` — see [`crate::experts::layer_forward`]. `weights` is
-/// `[E, Din, Dout']` (`Dout' = 2 Dout` for SwiGlu), `bias` `[E, Dout']`
-/// (copied: the op API holds it owned). On the tape: gradients to `x`,
+/// `[E, Din, Dout']` (`Dout' = 2 Dout` for SwiGlu), `bias` `[E, Dout']`.
+/// Every operand is borrowed, never copied. On the tape: gradients to `x`,
 /// `weights` and `bias`.
 ///
 /// ```
@@ -121,8 +120,7 @@ pub fn expert_layer_rows(
 /// `out[t] = rho[t] * res[t] + sum_j weights[t, j] * y[row_of_slot[t, j]]`,
 /// `[T, Dout]` in y's type — see [`crate::experts::combine`]. `y: [R, Dout]`,
 /// `weights: [T, k]` f32 (the routing weights), `res: [T, Dout]` in y's
-/// type and `rho: [T]` f32 optional (copied: the op API holds them owned).
-/// On the tape: gradients to `y`, `weights`, `res` and `rho`.
+/// type and `rho: [T]` f32 optional, all borrowed (never copied). On the tape: gradients to `y`, `weights`, `res` and `rho`.
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
@@ -150,6 +148,7 @@ pub fn combine(
     rho: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     let y = y.contiguous()?;
+    let device = y.device().clone();
     let weights = weights.contiguous()?;
     let res = res.map(Tensor::contiguous).transpose()?;
     let rho = rho.map(Tensor::contiguous).transpose()?;
@@ -157,33 +156,31 @@ pub fn combine(
     inputs.extend(res.clone());
     inputs.extend(rho.clone());
     with_float!("y", y.dtype(), T => {
-        let res_owned = owned::<T>("res", res.as_ref())?;
-        let rho_owned = owned::<f32>("rho", rho.as_ref())?;
         let (storage, shape) = {
             let (by, bw) = (Borrowed::new("y", &y), Borrowed::new("weights", &weights));
+            let (bres, brho) = (borrow_optional("res", &res), borrow_optional("rho", &rho));
             let (out, _utilisation) =
-                experts::combine(by.get::<T>()?, bw.get::<f32>()?, plan, res_owned.as_ref(), rho_owned.as_ref())?;
-            into_storage(out)?
+                experts::combine(by.get::<T>()?, bw.get::<f32>()?, plan, optional::<T>(&bres)?, optional::<f32>(&brho)?)?;
+            into_storage(out, &device)?
         };
         let plan = plan.clone();
         let backward: Backward = Box::new(move |dout| {
             let dout = dout.contiguous()?.to_dtype(DType::F32)?;
             let (bd, by, bw) = (Borrowed::new("dout", &dout), Borrowed::new("y", &y), Borrowed::new("weights", &weights));
+            let (bres, brho) = (borrow_optional("res", &res), borrow_optional("rho", &rho));
             let grads = experts::combine_backward(
                 bd.get::<f32>()?,
                 by.get::<T>()?,
                 bw.get::<f32>()?,
                 &plan,
-                res_owned.as_ref(),
-                rho_owned.as_ref(),
+                optional::<T>(&bres)?,
+                optional::<f32>(&brho)?,
             )?;
-            let mut out = vec![Some(to_candle(grads.dy)?), Some(to_candle(grads.dweights)?)];
-            if res_owned.is_some() {
-                out.push(grads.dres.map(to_candle).transpose()?);
-            }
-            if rho_owned.is_some() {
-                out.push(grads.drho.map(to_candle).transpose()?);
-            }
+            let candle = |grad| to_candle(grad, &device);
+            let mut out = vec![Some(candle(grads.dy)?), Some(candle(grads.dweights)?)];
+            // Gradients only for the inputs attached: res and rho when given.
+            out.extend(grads.dres.map(candle).transpose()?.map(Some));
+            out.extend(grads.drho.map(candle).transpose()?.map(Some));
             Ok(out)
         });
         attach("moerec-combine", storage, shape, &inputs.iter().collect::<Vec<_>>(), backward)

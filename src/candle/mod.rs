@@ -22,9 +22,15 @@
 //! | [`combine`] | 4.3 | the expert rows, the routing weights, the residual, rho |
 //! | [`route`] | 4.2 | the logits, through the weights, the load-balance and the z-loss (indices, plan and gate mass carry none) |
 //!
-//! Devices: the CPU runs zero-copy on candle's CPU storage. CUDA tensors
-//! are refused with a clear error until the CUDA side is built (on candle's
-//! `CudaStorage` and its stream).
+//! Devices: the CPU runs zero-copy on candle's CPU storage. With the
+//! `candle-cuda` feature, CUDA tensors run zero-copy on candle's
+//! `CudaStorage`: every op queues its work on the stream of the candle
+//! device its operands live on ([`crate::Device::from_cuda_stream`]), its
+//! outputs are moerec's device buffers handed to candle without a copy, and
+//! forward and backward keep every tensor on the device. Like the op API,
+//! an op waits once for its data checks (and the routing backward reads its
+//! two loss coefficients back). Without the feature a CUDA tensor is an
+//! error naming the operand.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -56,8 +62,12 @@ pub use scoring::{cross_entropy, scores, topk, ScoringOptions};
 use crate::dtype::Element;
 use crate::error::Error;
 use crate::tensor_ref::TensorRef;
+#[cfg(feature = "candle-cuda")]
+use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
-use candle_core::{DType, Layout, Shape, Storage, StorageRef, Tensor, WithDType};
+#[cfg(feature = "candle-cuda")]
+use candle_core::CudaStorage;
+use candle_core::{DType, Device, Layout, Shape, Storage, StorageRef, Tensor, WithDType};
 
 impl From<Error> for candle_core::Error {
     fn from(error: Error) -> Self {
@@ -66,8 +76,16 @@ impl From<Error> for candle_core::Error {
 }
 
 /// An element both crates hold: f32, bf16, f16 and u32.
+#[cfg(not(feature = "candle-cuda"))]
 pub(crate) trait Shared: Element + WithDType {}
+#[cfg(not(feature = "candle-cuda"))]
 impl<T: Element + WithDType> Shared for T {}
+
+/// An element both crates hold: f32, bf16, f16 and u32.
+#[cfg(feature = "candle-cuda")]
+pub(crate) trait Shared: Element + WithDType + CudaDType {}
+#[cfg(feature = "candle-cuda")]
+impl<T: Element + WithDType + CudaDType> Shared for T {}
 
 /// Runs `$body` with `$T` the moerec float type of candle dtype `$dtype`.
 macro_rules! with_float {
@@ -126,41 +144,67 @@ impl<'t> Borrowed<'t> {
             .layout
             .contiguous_offsets()
             .ok_or_else(|| Error::invalid(self.argument, "expected a contiguous tensor"))?;
+        let beyond = |len: usize| Error::invalid(self.argument, format!("layout {start}..{end} beyond {len} elements"));
         match &*self.guard {
             Storage::Cpu(storage) => {
                 let all = storage
                     .as_slice::<T>()
                     .map_err(|e| Error::invalid(self.argument, e.to_string()))?;
-                let data = all.get(start..end).ok_or_else(|| {
-                    Error::invalid(
-                        self.argument,
-                        format!("layout {start}..{end} beyond {} elements", all.len()),
-                    )
-                })?;
+                let data = all.get(start..end).ok_or_else(|| beyond(all.len()))?;
                 TensorRef::from_slice(data, self.layout.dims())
+            }
+            #[cfg(feature = "candle-cuda")]
+            Storage::Cuda(storage) => {
+                let all = storage
+                    .as_cuda_slice::<T>()
+                    .map_err(|e| Error::invalid(self.argument, e.to_string()))?;
+                let data = all.try_slice(start..end).ok_or_else(|| beyond(all.len()))?;
+                TensorRef::from_cuda_view(data, self.layout.dims(), &on_stream_of(&storage.device)?)
             }
             _ => Err(Error::DeviceUnavailable {
                 requested: format!("{:?} for `{}`", self.guard.device().location(), self.argument),
-                reason: "moerec's candle ops run on candle's CPU storage; the CUDA side is not built yet".into(),
+                reason: UNAVAILABLE.into(),
             }),
         }
     }
 }
 
-/// The tensor as a candle storage and shape, moved without a copy.
-pub(crate) fn into_storage<T: Shared>(tensor: crate::Tensor<T>) -> crate::Result<(Storage, Shape)> {
+/// Why a candle tensor on another device is refused.
+#[cfg(feature = "candle-cuda")]
+const UNAVAILABLE: &str = "moerec's candle ops run on candle's CPU and CUDA storage";
+#[cfg(not(feature = "candle-cuda"))]
+const UNAVAILABLE: &str =
+    "moerec's candle ops run on candle's CPU storage; CUDA tensors need moerec's `candle-cuda` feature";
+
+/// A moerec device queueing on the stream of candle's `device` (its
+/// context's moerec kernels load once per process).
+#[cfg(feature = "candle-cuda")]
+pub(crate) fn on_stream_of(device: &candle_core::CudaDevice) -> crate::Result<std::sync::Arc<crate::cuda::CudaDevice>> {
+    crate::cuda::CudaDevice::from_stream(device.cuda_stream())
+}
+
+/// The tensor as a candle storage and shape, moved without a copy. A CUDA
+/// tensor is handed to `device`, the candle device whose stream the op ran
+/// on (that of its operands).
+pub(crate) fn into_storage<T: Shared>(tensor: crate::Tensor<T>, device: &Device) -> crate::Result<(Storage, Shape)> {
     let shape = Shape::from(tensor.shape().to_vec());
-    match tensor.device() {
-        crate::Device::Cpu => Ok((Storage::Cpu(T::to_cpu_storage_owned(tensor.into_vec()?)), shape)),
-        device @ crate::Device::Cuda(_) => Err(Error::DeviceUnavailable {
-            requested: device.to_string(),
-            reason: "moerec's candle ops hand back CPU storage only so far".into(),
+    match (tensor.device(), device) {
+        (crate::Device::Cpu, _) => Ok((Storage::Cpu(T::to_cpu_storage_owned(tensor.into_vec()?)), shape)),
+        #[cfg(feature = "candle-cuda")]
+        (crate::Device::Cuda(_), Device::Cuda(candle)) => Ok((
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(tensor.into_cuda_slice()?, candle.clone())),
+            shape,
+        )),
+        (own, _) => Err(Error::DeviceMismatch {
+            argument: "output",
+            expected: format!("{:?}", device.location()),
+            actual: own.to_string(),
         }),
     }
 }
 
-/// A moerec tensor as a candle tensor off the tape (no copy).
-pub(crate) fn to_candle<T: Shared>(tensor: crate::Tensor<T>) -> candle_core::Result<Tensor> {
-    let (storage, shape) = into_storage(tensor)?;
+/// A moerec tensor as a candle tensor on `device`, off the tape (no copy).
+pub(crate) fn to_candle<T: Shared>(tensor: crate::Tensor<T>, device: &Device) -> candle_core::Result<Tensor> {
+    let (storage, shape) = into_storage(tensor, device)?;
     Ok(Tensor::from_storage(storage, shape, BackpropOp::none(), false))
 }

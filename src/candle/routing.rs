@@ -2,10 +2,12 @@
 //! losses on the tape, indices and the dispatch plan as plain values.
 
 use super::autograd::{attach, Backward};
-use super::{to_candle, with_float, Borrowed};
+use super::{into_storage, to_candle, with_float, Borrowed};
+use crate::cuda::driver_error;
 use crate::error::Error;
 use crate::ops::routing::{self, DispatchPlan, Score, TopK};
-use candle_core::{CpuStorage, Shape, Storage, Tensor};
+use crate::tensor::alloc_uninit;
+use candle_core::Tensor;
 use std::sync::Arc;
 
 /// The options of [`route`]: those of [`crate::routing::RoutingOptions`],
@@ -60,20 +62,38 @@ pub struct Routed {
     pub plan: Arc<DispatchPlan>,
 }
 
-/// A small operand (mask, bias) as an owned moerec tensor: a copy of `[E]`
-/// or `[T]` elements.
-fn small<T: super::Shared>(
-    argument: &'static str,
-    tensor: &Option<Tensor>,
-) -> candle_core::Result<Option<crate::Tensor<T>>> {
-    tensor
-        .as_ref()
-        .map(|t| -> candle_core::Result<crate::Tensor<T>> {
-            let t = t.contiguous()?;
-            let borrowed = Borrowed::new(argument, &t);
-            Ok(borrowed.get::<T>()?.to_tensor()?)
-        })
-        .transpose()
+/// Moerec f32 tensors laid end to end in one flat tensor, on their device
+/// (a device-to-device copy on CUDA).
+fn pack(parts: [crate::Tensor<f32>; 3]) -> crate::Result<crate::Tensor<f32>> {
+    let len = parts.iter().map(crate::Tensor::len).sum::<usize>();
+    match parts[0].device() {
+        crate::Device::Cpu => {
+            let mut all = Vec::with_capacity(len);
+            for part in parts {
+                all.extend(part.into_vec()?);
+            }
+            crate::Tensor::from_vec(all, &[len], &crate::Device::Cpu)
+        }
+        crate::Device::Cuda(device) => {
+            let stream = device.stream();
+            let mut all = alloc_uninit::<f32>(stream, len)?;
+            let mut offset = 0;
+            for part in &parts {
+                let source = part.device_slice()?;
+                let end = offset + source.len();
+                if end > offset {
+                    let mut target = all
+                        .try_slice_mut(offset..end)
+                        .ok_or_else(|| Error::invalid("weights", format!("{offset}..{end} beyond {len} elements")))?;
+                    stream
+                        .memcpy_dtod(source, &mut target)
+                        .map_err(driver_error("cuMemcpyDtoDAsync"))?;
+                }
+                offset = end;
+            }
+            crate::Tensor::from_cuda_slice(all, &[len], &device)
+        }
+    }
 }
 
 /// Routes `logits: [T, E]` (f32, bf16 or f16): see
@@ -99,22 +119,28 @@ fn small<T: super::Shared>(
 /// ```
 pub fn route(logits: &Tensor, options: &RoutingOptions) -> candle_core::Result<Routed> {
     let logits = logits.contiguous()?;
-    let expert_mask = small::<u32>("expert_mask", &options.expert_mask)?;
-    let token_mask = small::<u32>("token_mask", &options.token_mask)?;
-    let selection_bias = small::<f32>("selection_bias", &options.selection_bias)?;
-    let mut moerec_options = routing::RoutingOptions::new(options.k)
-        .with_score(options.score)
-        .with_renormalize(options.renormalize)
-        .with_groups(options.groups);
-    if let Some(mask) = &expert_mask {
-        moerec_options = moerec_options.with_expert_mask(mask);
-    }
-    if let Some(mask) = &token_mask {
-        moerec_options = moerec_options.with_token_mask(mask);
-    }
-    if let Some(bias) = &selection_bias {
-        moerec_options = moerec_options.with_selection_bias(bias);
-    }
+    let contiguous = |t: &Option<Tensor>| t.as_ref().map(Tensor::contiguous).transpose();
+    let (expert_mask, token_mask, selection_bias) = (
+        contiguous(&options.expert_mask)?,
+        contiguous(&options.token_mask)?,
+        contiguous(&options.selection_bias)?,
+    );
+    let borrowed = [
+        ("expert_mask", &expert_mask),
+        ("token_mask", &token_mask),
+        ("selection_bias", &selection_bias),
+    ]
+    .map(|(argument, tensor)| tensor.as_ref().map(|t| Borrowed::new(argument, t)));
+    let [expert_mask, token_mask, selection_bias] = &borrowed;
+    let moerec_options = routing::RoutingOptions {
+        expert_mask: expert_mask.as_ref().map(Borrowed::get::<u32>).transpose()?,
+        token_mask: token_mask.as_ref().map(Borrowed::get::<u32>).transpose()?,
+        selection_bias: selection_bias.as_ref().map(Borrowed::get::<f32>).transpose()?,
+        ..routing::RoutingOptions::new(options.k)
+            .with_score(options.score)
+            .with_renormalize(options.renormalize)
+            .with_groups(options.groups)
+    };
     let dtype = logits.dtype();
     let (routed, saved) = with_float!("logits", dtype, T => {
         let borrowed = Borrowed::new("logits", &logits);
@@ -125,40 +151,33 @@ pub fn route(logits: &Tensor, options: &RoutingOptions) -> candle_core::Result<R
         return Err(Error::invalid("weights", format!("expected [R, k], got {weight_shape:?}")).into());
     };
     let slots = routed.weights.len();
+    let device = logits.device().clone();
     // The differentiable outputs packed in one tensor: weights, lb, z.
-    let mut packed = routed.weights.into_vec()?;
-    packed.extend(routed.lb_loss.into_vec()?);
-    packed.extend(routed.z_loss.into_vec()?);
+    let (storage, shape) = into_storage(pack([routed.weights, routed.lb_loss, routed.z_loss])?, &device)?;
     let input = logits.clone();
+    let output_device = device.clone();
     let backward: Backward = Box::new(move |grad| {
         let grad = grad.contiguous()?;
-        let borrowed = Borrowed::new("grad", &grad);
-        let all = borrowed.get::<f32>()?;
-        let host = all
-            .as_slice()
-            .ok_or_else(|| Error::invalid("grad", "expected CPU storage"))?;
-        let (dweights, coefficients) = host.split_at(slots);
-        let dweights = crate::TensorRef::from_slice(dweights, &weight_shape)?;
+        // The loss coefficients are arguments of the backward kernels: 8
+        // bytes read back (the backward waits for its data check anyway).
+        let coefficients = grad.narrow(0, slots, 2)?.to_vec1::<f32>()?;
+        let dweights = grad.narrow(0, 0, slots)?;
+        let borrowed = Borrowed::new("grad", &dweights);
+        let dweights = borrowed.get::<f32>()?.reshape(&weight_shape)?;
         let dlogits = with_float!("logits", dtype, T => {
             let borrowed = Borrowed::new("logits", &logits);
             routing::backward(borrowed.get::<T>()?, dweights, coefficients[0], coefficients[1], &saved)
                 .map_err(candle_core::Error::from)
         })?;
-        Ok(vec![Some(to_candle(dlogits)?)])
+        Ok(vec![Some(to_candle(dlogits, &device)?)])
     });
-    let packed = attach(
-        "moerec-routing",
-        Storage::Cpu(CpuStorage::F32(packed)),
-        Shape::from(slots + 2),
-        &[&input],
-        backward,
-    )?;
+    let packed = attach("moerec-routing", storage, shape, &[&input], backward)?;
     Ok(Routed {
         weights: packed.narrow(0, 0, slots)?.reshape((rows, k))?,
         lb_loss: packed.narrow(0, slots, 1)?.reshape(())?,
         z_loss: packed.narrow(0, slots + 1, 1)?.reshape(())?,
-        indices: to_candle(routed.indices)?,
-        gate_mass: to_candle(routed.gate_mass)?,
+        indices: to_candle(routed.indices, &output_device)?,
+        gate_mass: to_candle(routed.gate_mass, &output_device)?,
         plan: Arc::new(routed.plan),
     })
 }

@@ -5,7 +5,7 @@ use super::autograd::{attach, Backward};
 use super::{to_candle, with_float, Borrowed, Shared};
 use crate::dtype::FloatElement;
 use crate::ops::scoring::{self, History, Mixing, Scoring};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 /// Everything the scoring ops take beside the user states, gate logits and
 /// item tables.
@@ -105,14 +105,14 @@ impl Locked<'_> {
 }
 
 /// The gradients in the operands' order (the item bias only when given).
-fn gradients(grads: scoring::Gradients, with_bias: bool) -> candle_core::Result<Vec<Option<Tensor>>> {
+fn gradients(grads: scoring::Gradients, with_bias: bool, device: &Device) -> candle_core::Result<Vec<Option<Tensor>>> {
     let mut out = vec![
-        Some(to_candle(grads.user)?),
-        Some(to_candle(grads.gate_logits)?),
-        Some(to_candle(grads.items)?),
+        Some(to_candle(grads.user, device)?),
+        Some(to_candle(grads.gate_logits, device)?),
+        Some(to_candle(grads.items, device)?),
     ];
     if with_bias {
-        out.push(Some(to_candle(grads.item_bias)?));
+        out.push(Some(to_candle(grads.item_bias, device)?));
     }
     Ok(out)
 }
@@ -165,7 +165,8 @@ pub fn cross_entropy(
         scoring::cross_entropy(&locked.scoring::<T>()?, target_ids.get::<u32>()?, ignore)
             .map_err(candle_core::Error::from)
     })?;
-    let (storage, shape) = super::into_storage(loss)?;
+    let device = user.device().clone();
+    let (storage, shape) = super::into_storage(loss, &device)?;
     let with_bias = options.item_bias.is_some();
     let dtype = user.dtype();
     let inputs = operands.inputs().into_iter().cloned().collect::<Vec<_>>();
@@ -177,7 +178,7 @@ pub fn cross_entropy(
             scoring::cross_entropy_backward(&locked.scoring::<T>()?, dloss.get::<f32>()?, &saved)
                 .map_err(candle_core::Error::from)
         })?;
-        gradients(grads, with_bias)
+        gradients(grads, with_bias, &device)
     });
     attach(
         "moerec-cross-entropy",
@@ -216,7 +217,8 @@ pub fn scores(
         let locked = operands.borrow();
         scoring::scores(&locked.scoring::<T>()?).map_err(candle_core::Error::from)
     })?;
-    let (storage, shape) = super::into_storage(out)?;
+    let device = user.device().clone();
+    let (storage, shape) = super::into_storage(out, &device)?;
     let with_bias = options.item_bias.is_some();
     let dtype = user.dtype();
     let inputs = operands.inputs().into_iter().cloned().collect::<Vec<_>>();
@@ -227,7 +229,7 @@ pub fn scores(
             let dscores = Borrowed::new("dscores", &dscores);
             scoring::scores_backward(&locked.scoring::<T>()?, dscores.get::<f32>()?).map_err(candle_core::Error::from)
         })?;
-        gradients(grads, with_bias)
+        gradients(grads, with_bias, &device)
     });
     attach(
         "moerec-scores",
@@ -285,5 +287,8 @@ pub fn topk(
             .transpose()?;
         scoring::topk(&locked.scoring::<T>()?, n, history).map_err(candle_core::Error::from)
     })?;
-    Ok((to_candle(best.ids)?, to_candle(best.values)?))
+    Ok((
+        to_candle(best.ids, user.device())?,
+        to_candle(best.values, user.device())?,
+    ))
 }

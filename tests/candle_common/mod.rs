@@ -1,10 +1,14 @@
-//! Shared helpers of the candle op tests: deterministic inputs, DESIGN's
-//! tolerance, and gradients that must exist.
+//! Shared helpers of the candle op tests: each test body runs on candle's
+//! CPU and on its CUDA device 0 (`cpu::<name>`, `cuda::<name>`); the
+//! references run in plain candle ops on the CPU in float64. Deterministic
+//! inputs, DESIGN's tolerance, and gradients that must exist.
 
 #![allow(dead_code)]
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use std::process::ExitCode;
 
 /// A test error: a message naming what failed.
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -22,17 +26,18 @@ pub fn values(seed: u64, len: usize) -> Vec<f32> {
         .collect()
 }
 
-/// A variable of `shape` and `dtype` holding [`values`].
-pub fn var(seed: u64, shape: &[usize], dtype: DType) -> candle_core::Result<Var> {
+/// A variable of `shape` and `dtype` on `device` holding [`values`].
+pub fn var(seed: u64, shape: &[usize], dtype: DType, device: &Device) -> candle_core::Result<Var> {
     let len = shape.iter().product();
     let t = Tensor::from_vec(values(seed, len), shape, &Device::Cpu)?.to_dtype(dtype)?;
-    Var::from_tensor(&t)
+    Var::from_tensor(&t.to_device(device)?)
 }
 
-/// The same values in f64 as a fresh variable: the reference's operand
-/// (inputs rounded to the element type first, as DESIGN's references do).
+/// The same values in f64 on the CPU as a fresh variable: the reference's
+/// operand (inputs rounded to the element type first, as DESIGN's
+/// references do).
 pub fn f64_var(v: &Var) -> candle_core::Result<Var> {
-    Var::from_tensor(&v.as_tensor().to_dtype(DType::F64)?)
+    Var::from_tensor(&v.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F64)?)
 }
 
 /// DESIGN 3's tolerance: `|a - r| <= rtol * (|r| + max|r|)` elementwise.
@@ -40,8 +45,13 @@ pub fn assert_close(what: &str, actual: &Tensor, reference: &Tensor, rtol: f64) 
     if actual.dims() != reference.dims() {
         return Err(format!("{what}: shape {:?} vs reference {:?}", actual.dims(), reference.dims()).into());
     }
-    let a = actual.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let r = reference.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let host = |t: &Tensor| {
+        t.to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()
+    };
+    let (a, r) = (host(actual)?, host(reference)?);
     let max = r.iter().fold(0.0f64, |m, x| m.max(x.abs()));
     for (i, (x, y)) in a.iter().zip(&r).enumerate() {
         let within = (x - y).abs() <= rtol * (y.abs() + max);
@@ -71,3 +81,71 @@ pub fn assert_grads(grads: &GradStore, reference: &GradStore, pairs: &[(&str, &V
     }
     Ok(())
 }
+
+/// A test body run once per candle device.
+pub type Body = (&'static str, fn(&Device) -> TestResult);
+
+fn require_gpu() -> bool {
+    std::env::var("MOEREC_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// candle's CUDA device 0 with moerec's kernels compiled in, or why not.
+fn cuda_device() -> Result<Device, String> {
+    if !cfg!(feature = "candle-cuda") {
+        return Err("moerec's `candle-cuda` feature is off (candle's CUDA tensors are refused)".into());
+    }
+    if !moerec::cuda::kernels_compiled() {
+        return Err("moerec's kernels were not compiled into this build (no nvcc)".into());
+    }
+    Device::new_cuda(0).map_err(|error| format!("candle has no CUDA device 0: {error}"))
+}
+
+fn outcome(result: TestResult) -> Result<(), Failed> {
+    result.map_err(|error| Failed::from(error.to_string()))
+}
+
+/// Runs every body as `cpu::<name>` and `cuda::<name>` with libtest's
+/// command line and output. A CUDA trial that cannot run is reported as
+/// ignored with the reason (with `MOEREC_REQUIRE_GPU=1`: failed), never as
+/// passed. `source` is the binary's own text, which must hold no `#[test]`:
+/// under `harness = false` such a test would never run.
+pub fn run(source: &str, bodies: &[Body]) -> ExitCode {
+    let mut trials = Vec::new();
+    for &(name, body) in bodies {
+        trials.push(Trial::test(format!("cpu::{name}"), move || outcome(body(&Device::Cpu))));
+        trials.push(Trial::ignorable_test(
+            format!("cuda::{name}"),
+            move || match cuda_device() {
+                Ok(device) => outcome(body(&device)).map(|()| Completion::Completed),
+                Err(reason) if require_gpu() => Err(Failed::from(format!(
+                    "MOEREC_REQUIRE_GPU=1 but the candle CUDA trial cannot run: {reason}"
+                ))),
+                Err(reason) => Ok(Completion::ignored_with(reason)),
+            },
+        ));
+    }
+    let stray = source.matches(concat!("#[", "test]")).count();
+    trials.push(Trial::test("harness::every_test_is_registered", move || {
+        if stray == 0 {
+            Ok(())
+        } else {
+            Err(Failed::from(format!(
+                "{stray} #[test] function(s) in a harness = false binary never run: list them in main"
+            )))
+        }
+    }));
+    libtest_mimic::run(&Arguments::from_args(), trials).exit_code()
+}
+
+/// `fn main` of a candle test binary: its test bodies by name.
+macro_rules! candle_main {
+    ($($body:ident),* $(,)?) => {
+        fn main() -> std::process::ExitCode {
+            candle_common::run(
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/", file!())),
+                &[$((stringify!($body), $body as fn(&candle_core::Device) -> candle_common::TestResult)),*],
+            )
+        }
+    };
+}
+pub(crate) use candle_main;

@@ -77,7 +77,7 @@ fn layer<T: FloatElement>(case: Case, device: &Device, data: &Data<T>) -> Outcom
         device,
     )?;
     let bias = t(data.bias.clone(), &[experts, width + case.extra("bias")], device)?;
-    let bias = case.bias.then_some(&bias);
+    let bias = case.bias.then_some(TensorRef::from(&bias));
     let (y, saved) = experts::layer_forward(&x, plan, &weights, bias, activation)?;
     // A second layer on the rows (the rows variant), no activation.
     let second = t(data.second.clone(), &[experts, dout, dout], device)?;
@@ -86,12 +86,12 @@ fn layer<T: FloatElement>(case: Case, device: &Device, data: &Data<T>) -> Outcom
     let res = t(data.res.clone(), &[tokens, dout + case.extra("res")], device)?;
     let rho = t(data.rho.clone(), &[tokens + case.extra("rho")], device)?;
     let (res, rho) = match case.residual {
-        _ if case.extra("rho without res") == 1 => (None, Some(&rho)),
+        _ if case.extra("rho without res") == 1 => (None, Some(TensorRef::from(&rho))),
         0 => (None, None),
-        1 => (Some(&res), None),
-        _ => (Some(&res), Some(&rho)),
+        1 => (Some(TensorRef::from(&res)), None),
+        _ => (Some(TensorRef::from(&res)), Some(TensorRef::from(&rho))),
     };
-    let (out, util) = experts::combine(&z, &mix, plan, res, rho)?;
+    let (out, util) = experts::combine(&z, &mix, plan, res.clone(), rho.clone())?;
     let dout_t = t(data.dout.clone(), &[tokens, dout + case.extra("dout")], device)?;
     let combine_grads = experts::combine_backward(&dout_t, &z, &mix, plan, res, rho)?;
     let rows_grads = experts::layer_backward(&combine_grads.dy, &y, plan, &second, &saved_rows)?;
@@ -192,7 +192,14 @@ fn run<T: FloatElement>(case: Case, trial: &Device) {
         )
         .ok()?;
         let bias = t(data.bias.clone(), &[experts, width], &device).ok()?;
-        let (y, _) = experts::layer_forward(&x, &routed.plan, &weights, case.bias.then_some(&bias), activation).ok()?;
+        let (y, _) = experts::layer_forward(
+            &x,
+            &routed.plan,
+            &weights,
+            case.bias.then_some(TensorRef::from(&bias)),
+            activation,
+        )
+        .ok()?;
         let y = y.to_vec().ok()?;
         Some(
             y.iter()

@@ -52,12 +52,13 @@ use crate::device::Device;
 use crate::dtype::{Element, FloatElement};
 use crate::error::{Error, Result};
 use crate::ops::routing::DispatchPlan;
+use crate::optional::{OptionalGrad, OptionalOperand};
 use crate::tensor::{alloc_uninit, element_count, host_filled, host_uninit, Tensor};
-use crate::tensor_ref::TensorRef;
-use cudarc::driver::{CudaSlice, CudaView};
+use crate::tensor_ref::{optional_cuda_view, TensorRef};
 pub use plan::PlanParts;
 use plan::{await_plan_check, check_plan_shapes, device_plan, host_plan, u32_count};
 pub(crate) use plan::{check_plan, index_slots};
+use std::marker::PhantomData;
 
 /// The activation of an expert layer. Gelu is exact, `x Phi(x)`; SwiGlu
 /// splits h into halves `[gate, up]` and gives `silu(gate) * up`.
@@ -159,21 +160,20 @@ pub struct CombineShape {
     pub dout: usize,
 }
 
-/// The device view of an optional operand.
-fn optional_view<T: Element>(tensor: Option<&Tensor<T>>) -> Result<Option<CudaView<'_, T>>> {
-    Ok(tensor.map(Tensor::device_slice).transpose()?.map(CudaSlice::as_view))
-}
-
 /// What [`layer_backward`] needs beyond what the caller passes again (x,
-/// the plan, W): h, the pre-activation, in the input type.
+/// the plan, W): h, the pre-activation, in the input type. `DBias` is the
+/// type of the bias gradient [`layer_backward`] returns: `Tensor<f32>` when
+/// the forward was given a bias itself, `Option<Tensor<f32>>` when it was
+/// given an `Option` ([`OptionalOperand`]).
 #[derive(Debug)]
-pub struct LayerSaved<T: Element> {
+pub struct LayerSaved<T: Element, DBias = Option<Tensor<f32>>> {
     h: Tensor<T>,
     shape: LayerShape,
     has_bias: bool,
+    dbias: PhantomData<fn() -> DBias>,
 }
 
-impl<T: Element> LayerSaved<T> {
+impl<T: Element, DBias> LayerSaved<T, DBias> {
     /// `[R, Dout']`: `x W + b` before the activation.
     pub fn h(&self) -> &Tensor<T> {
         &self.h
@@ -185,28 +185,36 @@ impl<T: Element> LayerSaved<T> {
     }
 }
 
-/// The gradients of one layer, f32.
+/// What [`layer_forward`] and [`layer_forward_rows`] return: `y: [R, Dout]`
+/// and what the backward needs.
+pub type LayerOutput<T, DBias> = (Tensor<T>, LayerSaved<T, DBias>);
+
+/// The gradients of one layer, f32. `DBias` follows how the forward was
+/// given its bias ([`LayerSaved`]).
 #[derive(Debug)]
-pub struct LayerGrads {
+pub struct LayerGrads<DBias = Option<Tensor<f32>>> {
     /// `[T, Din]` ([`layer_forward`]) or `[R, Din]` ([`layer_forward_rows`]).
     pub dx: Tensor<f32>,
     /// `[E, Din, Dout']`; exact zeros for an expert without rows.
     pub dweights: Tensor<f32>,
-    /// `[E, Dout']` when the forward had a bias.
-    pub dbias: Option<Tensor<f32>>,
+    /// `[E, Dout']`: a plain tensor when the forward was given the bias
+    /// itself, an `Option` (`None` without a bias) when given an `Option`.
+    pub dbias: DBias,
 }
 
-/// The gradients of [`combine`], f32.
+/// The gradients of [`combine`], f32. `DRes` and `DRho` follow how
+/// [`combine_backward`] was given `res` and `rho` ([`OptionalOperand`]):
+/// plain tensors for the operands themselves, `Option`s for `Option`s.
 #[derive(Debug)]
-pub struct CombineGrads {
+pub struct CombineGrads<DRes = Option<Tensor<f32>>, DRho = Option<Tensor<f32>>> {
     /// `[R, Dout]`: `weights[t, j] * dout[t]` for the slot naming the row.
     pub dy: Tensor<f32>,
     /// `[T, k]`: `<dout[t], y[row_of_slot[t, j]]>`, 0 for empty slots.
     pub dweights: Tensor<f32>,
-    /// `[T, Dout]`: `rho * dout`, when `res` was given.
-    pub dres: Option<Tensor<f32>>,
-    /// `[T]`: `<dout[t], res[t]>`, when `rho` was given.
-    pub drho: Option<Tensor<f32>>,
+    /// `[T, Dout]`: `rho * dout` (`dout` without `rho`).
+    pub dres: DRes,
+    /// `[T]`: `<dout[t], res[t]>`.
+    pub drho: DRho,
 }
 
 /// The layer's shape from its operands, every shape and device checked.
@@ -289,14 +297,22 @@ fn layer_shape<T: FloatElement>(
 /// assert_eq!((y.to_vec()?, saved.h().to_vec()?), (vec![2.0, 0.0], vec![2.0, -2.0]));
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn layer_forward<'x, 'w, T: FloatElement>(
+pub fn layer_forward<'x, 'w, 'b, T: FloatElement, B: OptionalOperand<'b, T>>(
     x: impl Into<TensorRef<'x, T>>,
     plan: &DispatchPlan,
     weights: impl Into<TensorRef<'w, T>>,
-    bias: Option<&Tensor<T>>,
+    bias: B,
     activation: Activation,
-) -> Result<(Tensor<T>, LayerSaved<T>)> {
-    forward_variant(Variant::Tokens, &x.into(), plan, &weights.into(), bias, activation)
+) -> Result<LayerOutput<T, B::Grad>> {
+    let bias = bias.into_operand();
+    forward_variant(
+        Variant::Tokens,
+        &x.into(),
+        plan,
+        &weights.into(),
+        bias.as_ref(),
+        activation,
+    )
 }
 
 /// [`layer_forward`] on `x_rows: [R, Din]`, already in plan order (e.g. the
@@ -320,24 +336,32 @@ pub fn layer_forward<'x, 'w, T: FloatElement>(
 /// assert_eq!(y.to_vec()?, vec![6.0, -4.0]);
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn layer_forward_rows<'x, 'w, T: FloatElement>(
+pub fn layer_forward_rows<'x, 'w, 'b, T: FloatElement, B: OptionalOperand<'b, T>>(
     x_rows: impl Into<TensorRef<'x, T>>,
     plan: &DispatchPlan,
     weights: impl Into<TensorRef<'w, T>>,
-    bias: Option<&Tensor<T>>,
+    bias: B,
     activation: Activation,
-) -> Result<(Tensor<T>, LayerSaved<T>)> {
-    forward_variant(Variant::Rows, &x_rows.into(), plan, &weights.into(), bias, activation)
+) -> Result<LayerOutput<T, B::Grad>> {
+    let bias = bias.into_operand();
+    forward_variant(
+        Variant::Rows,
+        &x_rows.into(),
+        plan,
+        &weights.into(),
+        bias.as_ref(),
+        activation,
+    )
 }
 
-fn forward_variant<T: FloatElement>(
+fn forward_variant<T: FloatElement, DBias>(
     variant: Variant,
     x: &TensorRef<'_, T>,
     plan: &DispatchPlan,
     weights: &TensorRef<'_, T>,
-    bias: Option<&Tensor<T>>,
+    bias: Option<&TensorRef<'_, T>>,
     activation: Activation,
-) -> Result<(Tensor<T>, LayerSaved<T>)> {
+) -> Result<LayerOutput<T, DBias>> {
     let shape = layer_shape(variant, x, plan, weights, activation)?;
     let device = x.device();
     if let Some(bias) = bias {
@@ -356,7 +380,7 @@ fn forward_variant<T: FloatElement>(
                 x.host()?,
                 &host_plan(plan)?,
                 weights.host()?,
-                bias.map(Tensor::host).transpose()?,
+                bias.map(TensorRef::host).transpose()?,
                 &shape,
                 &mut h.spare_capacity_mut()[..h_len],
                 &mut y.spare_capacity_mut()[..y_len],
@@ -383,7 +407,7 @@ fn forward_variant<T: FloatElement>(
                 &x.cuda_view()?,
                 &device_plan(plan)?,
                 &weights.cuda_view()?,
-                optional_view(bias)?.as_ref(),
+                optional_cuda_view(bias)?.as_ref(),
                 &shape,
                 &mut h.as_view_mut(),
                 &mut y.as_view_mut(),
@@ -400,6 +424,7 @@ fn forward_variant<T: FloatElement>(
         h,
         shape,
         has_bias: bias.is_some(),
+        dbias: PhantomData,
     };
     Ok((y, saved))
 }
@@ -434,13 +459,13 @@ fn forward_variant<T: FloatElement>(
 /// assert_eq!(grads.dweights.to_vec()?, vec![1.0, 2.0]); // x^T dy per expert
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn layer_backward<'d, 'x, 'w, T: FloatElement>(
+pub fn layer_backward<'d, 'x, 'w, T: FloatElement, DBias: OptionalGrad>(
     dy: impl Into<TensorRef<'d, f32>>,
     x: impl Into<TensorRef<'x, T>>,
     plan: &DispatchPlan,
     weights: impl Into<TensorRef<'w, T>>,
-    saved: &LayerSaved<T>,
-) -> Result<LayerGrads> {
+    saved: &LayerSaved<T, DBias>,
+) -> Result<LayerGrads<DBias>> {
     let (dy, x, weights) = (dy.into(), x.into(), weights.into());
     let (x, weights) = (&x, &weights);
     let shape = layer_shape(saved.shape.variant, x, plan, weights, saved.shape.activation)?;
@@ -521,7 +546,11 @@ pub fn layer_backward<'d, 'x, 'w, T: FloatElement>(
             )
         }
     };
-    Ok(LayerGrads { dx, dweights, dbias })
+    Ok(LayerGrads {
+        dx,
+        dweights,
+        dbias: DBias::from_computed("bias", dbias)?,
+    })
 }
 
 /// The combine's shape from its operands, every shape and device checked.
@@ -529,8 +558,8 @@ fn combine_shape<T: FloatElement>(
     y: &TensorRef<'_, T>,
     weights: &TensorRef<'_, f32>,
     plan: &DispatchPlan,
-    res: Option<&Tensor<T>>,
-    rho: Option<&Tensor<f32>>,
+    res: Option<&TensorRef<'_, T>>,
+    rho: Option<&TensorRef<'_, f32>>,
 ) -> Result<CombineShape> {
     let device = y.device();
     weights.expect_device("weights", &device)?;
@@ -597,15 +626,17 @@ fn combine_shape<T: FloatElement>(
 /// assert_eq!(util.to_vec()?, vec![1.0, 4.0]); // ||weight * y|| per expert
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn combine<'y, 'w, T: FloatElement>(
+pub fn combine<'y, 'w, 'r, 'p, T: FloatElement>(
     y: impl Into<TensorRef<'y, T>>,
     weights: impl Into<TensorRef<'w, f32>>,
     plan: &DispatchPlan,
-    res: Option<&Tensor<T>>,
-    rho: Option<&Tensor<f32>>,
+    res: impl OptionalOperand<'r, T>,
+    rho: impl OptionalOperand<'p, f32>,
 ) -> Result<(Tensor<T>, Tensor<f32>)> {
     let (y, weights) = (y.into(), weights.into());
     let (y, weights) = (&y, &weights);
+    let (res, rho) = (res.into_operand(), rho.into_operand());
+    let (res, rho) = (res.as_ref(), rho.as_ref());
     let shape = combine_shape(y, weights, plan, res, rho)?;
     let device = y.device();
     let out_shape = [shape.tokens, shape.dout];
@@ -618,8 +649,8 @@ pub fn combine<'y, 'w, T: FloatElement>(
                 y.host()?,
                 weights.host()?,
                 &host_plan(plan)?,
-                res.map(Tensor::host).transpose()?,
-                rho.map(Tensor::host).transpose()?,
+                res.map(TensorRef::host).transpose()?,
+                rho.map(TensorRef::host).transpose()?,
                 &shape,
                 &mut out,
                 &mut util,
@@ -640,8 +671,8 @@ pub fn combine<'y, 'w, T: FloatElement>(
                 &y.cuda_view()?,
                 &weights.cuda_view()?,
                 &device_plan(plan)?,
-                optional_view(res)?.as_ref(),
-                optional_view(rho)?.as_ref(),
+                optional_cuda_view(res)?.as_ref(),
+                optional_cuda_view(rho)?.as_ref(),
                 &shape,
                 &mut out.as_view_mut(),
                 &mut util.as_view_mut(),
@@ -679,16 +710,18 @@ pub fn combine<'y, 'w, T: FloatElement>(
 /// assert_eq!(grads.dweights.to_vec()?, vec![2.0, -2.0]); // <dout, y>
 /// # Ok::<(), moerec::Error>(())
 /// ```
-pub fn combine_backward<'d, 'y, 'w, T: FloatElement>(
+pub fn combine_backward<'d, 'y, 'w, 'r, 'p, T: FloatElement, R: OptionalOperand<'r, T>, P: OptionalOperand<'p, f32>>(
     dout: impl Into<TensorRef<'d, f32>>,
     y: impl Into<TensorRef<'y, T>>,
     weights: impl Into<TensorRef<'w, f32>>,
     plan: &DispatchPlan,
-    res: Option<&Tensor<T>>,
-    rho: Option<&Tensor<f32>>,
-) -> Result<CombineGrads> {
+    res: R,
+    rho: P,
+) -> Result<CombineGrads<R::Grad, P::Grad>> {
     let (dout, y, weights) = (dout.into(), y.into(), weights.into());
     let (y, weights) = (&y, &weights);
+    let (res, rho) = (res.into_operand(), rho.into_operand());
+    let (res, rho) = (res.as_ref(), rho.as_ref());
     let shape = combine_shape(y, weights, plan, res, rho)?;
     let device = y.device();
     dout.expect_device("dout", &device)?;
@@ -707,8 +740,8 @@ pub fn combine_backward<'d, 'y, 'w, T: FloatElement>(
                 y.host()?,
                 weights.host()?,
                 &host_plan(plan)?,
-                res.map(Tensor::host).transpose()?,
-                rho.map(Tensor::host).transpose()?,
+                res.map(TensorRef::host).transpose()?,
+                rho.map(TensorRef::host).transpose()?,
                 &shape,
                 &mut dy,
                 &mut dweights,
@@ -738,8 +771,8 @@ pub fn combine_backward<'d, 'y, 'w, T: FloatElement>(
                 &y.cuda_view()?,
                 &weights.cuda_view()?,
                 &device_plan(plan)?,
-                optional_view(res)?.as_ref(),
-                optional_view(rho)?.as_ref(),
+                optional_cuda_view(res)?.as_ref(),
+                optional_cuda_view(rho)?.as_ref(),
                 &shape,
                 &mut dy.as_view_mut(),
                 &mut dweights.as_view_mut(),
@@ -761,7 +794,7 @@ pub fn combine_backward<'d, 'y, 'w, T: FloatElement>(
     Ok(CombineGrads {
         dy,
         dweights,
-        dres,
-        drho,
+        dres: R::Grad::from_computed("res", dres)?,
+        drho: P::Grad::from_computed("rho", drho)?,
     })
 }

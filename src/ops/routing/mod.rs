@@ -50,7 +50,7 @@ use crate::device::Device;
 use crate::dtype::{DType, Element, FloatElement};
 use crate::error::{Error, Result};
 use crate::tensor::{alloc_uninit, Tensor};
-use crate::tensor_ref::TensorRef;
+use crate::tensor_ref::{optional_cuda_view, TensorRef};
 use cudarc::driver::CudaSlice;
 
 /// How many experts each valid token is routed to.
@@ -74,7 +74,7 @@ pub enum Score {
 
 /// The options of [`forward`]; the masks and the bias live on the logits'
 /// device.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RoutingOptions<'a> {
     /// Experts per valid token.
     pub k: TopK,
@@ -84,11 +84,11 @@ pub struct RoutingOptions<'a> {
     /// exact ratio where the scores underflow, so the weights sum to 1).
     pub renormalize: bool,
     /// `[E]` u32, 1 = active, 0 = inactive (takes no mass, never selected).
-    pub expert_mask: Option<&'a Tensor<u32>>,
+    pub expert_mask: Option<TensorRef<'a, u32>>,
     /// `[T]` u32, 1 = valid, 0 = invalid (e.g. sequence padding).
-    pub token_mask: Option<&'a Tensor<u32>>,
+    pub token_mask: Option<TensorRef<'a, u32>>,
     /// `[E]` f32, finite, added to the selection key only.
-    pub selection_bias: Option<&'a Tensor<f32>>,
+    pub selection_bias: Option<TensorRef<'a, f32>>,
     /// G, the expert groups: each token routes once within each group of
     /// `N = E / G` consecutive experts (see [`RoutingOptions::with_groups`]).
     pub groups: usize,
@@ -121,21 +121,23 @@ impl<'a> RoutingOptions<'a> {
         self
     }
 
-    /// Sets the expert mask `[E]` (1 = active).
-    pub fn with_expert_mask(mut self, expert_mask: &'a Tensor<u32>) -> Self {
-        self.expert_mask = Some(expert_mask);
+    /// Sets the expert mask `[E]` (1 = active), borrowed (`&tensor` or a
+    /// [`TensorRef`]).
+    pub fn with_expert_mask(mut self, expert_mask: impl Into<TensorRef<'a, u32>>) -> Self {
+        self.expert_mask = Some(expert_mask.into());
         self
     }
 
-    /// Sets the token mask `[T]` (1 = valid).
-    pub fn with_token_mask(mut self, token_mask: &'a Tensor<u32>) -> Self {
-        self.token_mask = Some(token_mask);
+    /// Sets the token mask `[T]` (1 = valid), borrowed.
+    pub fn with_token_mask(mut self, token_mask: impl Into<TensorRef<'a, u32>>) -> Self {
+        self.token_mask = Some(token_mask.into());
         self
     }
 
-    /// Sets the selection bias `[E]` f32, added to the selection key only.
-    pub fn with_selection_bias(mut self, selection_bias: &'a Tensor<f32>) -> Self {
-        self.selection_bias = Some(selection_bias);
+    /// Sets the selection bias `[E]` f32, added to the selection key only;
+    /// borrowed.
+    pub fn with_selection_bias(mut self, selection_bias: impl Into<TensorRef<'a, f32>>) -> Self {
+        self.selection_bias = Some(selection_bias.into());
         self
     }
 
@@ -379,11 +381,6 @@ fn non_finite(position: u64, experts: usize) -> Error {
     }
 }
 
-/// The device buffer of an optional operand.
-fn optional_device_slice<T: Element>(tensor: Option<&Tensor<T>>) -> Result<Option<&CudaSlice<T>>> {
-    tensor.map(Tensor::device_slice).transpose()
-}
-
 /// Where each (token, slot) goes, grouped by expert (DESIGN 4.2).
 #[derive(Debug)]
 pub struct DispatchPlan {
@@ -562,19 +559,24 @@ pub fn forward<'l, T: FloatElement>(
         _ => return Err(Error::shape("logits", "[T, E] with E >= 1", logits.shape())),
     };
     let device = logits.device();
-    if let Some(mask) = options.expert_mask {
+    let (expert_mask, token_mask, selection_bias) = (
+        options.expert_mask.as_ref(),
+        options.token_mask.as_ref(),
+        options.selection_bias.as_ref(),
+    );
+    if let Some(mask) = expert_mask {
         mask.expect_device("expert_mask", &device)?;
         mask.expect_shape("expert_mask", &[experts])?;
     }
-    if let Some(mask) = options.token_mask {
+    if let Some(mask) = token_mask {
         mask.expect_device("token_mask", &device)?;
         mask.expect_shape("token_mask", &[tokens])?;
     }
-    if let Some(bias) = options.selection_bias {
+    if let Some(bias) = selection_bias {
         bias.expect_device("selection_bias", &device)?;
         bias.expect_shape("selection_bias", &[experts])?;
     }
-    let expert_mask = options.expert_mask.map(Tensor::to_vec).transpose()?;
+    let host_expert_mask = expert_mask.map(TensorRef::to_vec).transpose()?;
     let config = RoutingConfig::new_grouped(
         tokens,
         experts,
@@ -582,20 +584,17 @@ pub fn forward<'l, T: FloatElement>(
         options.k,
         options.score,
         options.renormalize,
-        expert_mask.as_deref(),
+        host_expert_mask.as_deref(),
     )?;
-    check_selection_bias(
-        options.selection_bias.map(Tensor::to_vec).transpose()?.as_deref(),
-        experts,
-    )?;
+    check_selection_bias(selection_bias.map(TensorRef::to_vec).transpose()?.as_deref(), experts)?;
 
     let (routing, grad_scales) = match &device {
         Device::Cpu => {
             let out = cpu::forward(
                 logits.host()?,
-                options.expert_mask.map(Tensor::host).transpose()?,
-                options.token_mask.map(Tensor::host).transpose()?,
-                options.selection_bias.map(Tensor::host).transpose()?,
+                expert_mask.map(TensorRef::host).transpose()?,
+                token_mask.map(TensorRef::host).transpose()?,
+                selection_bias.map(TensorRef::host).transpose()?,
                 &config,
             )?;
             let rows = out.token_of_row.len();
@@ -604,25 +603,21 @@ pub fn forward<'l, T: FloatElement>(
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
             let mut report = cuda::new_report(stream)?;
-            let token_mask = optional_device_slice(options.token_mask)?;
+            let token_mask = optional_cuda_view(token_mask)?;
             let mut out = cuda::forward(
                 cuda_device,
                 stream,
                 &logits.cuda_view()?,
-                optional_device_slice(options.expert_mask)?
-                    .map(|m| m.as_view())
-                    .as_ref(),
-                token_mask.map(|m| m.as_view()).as_ref(),
-                optional_device_slice(options.selection_bias)?
-                    .map(|b| b.as_view())
-                    .as_ref(),
+                optional_cuda_view(expert_mask)?.as_ref(),
+                token_mask.as_ref(),
+                optional_cuda_view(selection_bias)?.as_ref(),
                 &config,
                 &mut report.as_view_mut(),
             )?;
             // The one synchronisation: the data checks and the number of rows.
             let report = cuda::read_report(stream, &report)?;
             if let (Some(position), Some(mask)) = (report.bad_token_mask, token_mask) {
-                let value = read_element(stream, &mask.as_view(), position)?;
+                let value = read_element(stream, &mask, position)?;
                 return Err(mask_value_error("token_mask", position as usize, value));
             }
             if let Some(position) = report.non_finite {
@@ -637,8 +632,8 @@ pub fn forward<'l, T: FloatElement>(
         config,
         dtype: T::DTYPE,
         indices: routing.indices.try_clone()?,
-        expert_mask: options.expert_mask.map(Tensor::try_clone).transpose()?,
-        token_mask: options.token_mask.map(Tensor::try_clone).transpose()?,
+        expert_mask: expert_mask.map(TensorRef::to_tensor).transpose()?,
+        token_mask: token_mask.map(TensorRef::to_tensor).transpose()?,
         grad_scales,
     };
     Ok((routing, saved))
@@ -716,16 +711,16 @@ pub fn backward<'l, 'd, T: FloatElement>(
             let stream = cuda_device.stream();
             let mut dlogits = alloc_uninit::<f32>(stream, config.tokens * config.experts)?;
             let mut status = cuda_device.new_status(stream)?;
+            let (expert_mask, token_mask) = (
+                saved.expert_mask.as_ref().map(Tensor::as_tensor_ref),
+                saved.token_mask.as_ref().map(Tensor::as_tensor_ref),
+            );
             cuda::backward(
                 cuda_device,
                 stream,
                 &logits.cuda_view()?,
-                optional_device_slice(saved.expert_mask.as_ref())?
-                    .map(|m| m.as_view())
-                    .as_ref(),
-                optional_device_slice(saved.token_mask.as_ref())?
-                    .map(|m| m.as_view())
-                    .as_ref(),
+                optional_cuda_view(expert_mask.as_ref())?.as_ref(),
+                optional_cuda_view(token_mask.as_ref())?.as_ref(),
                 &saved.indices.device_slice()?.as_view(),
                 &dweights.cuda_view()?,
                 &saved.grad_scales.device_slice()?.as_view(),
