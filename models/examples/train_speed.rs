@@ -30,6 +30,8 @@ fn bad(name: &str, expected: &str, actual: &str) -> Error {
 }
 
 fn main() -> Result<()> {
+    // As the train binary does: the speed measured is the trainer's.
+    moerec_models::alloc::keep_freed_memory();
     let (mut model_name, mut data_path) = ("sasrec".to_string(), PathBuf::from("data/Beauty.txt"));
     let (mut steps, mut batch_size, mut seed) = (10usize, 256usize, 0u64);
     let mut args = std::env::args().skip(1);
