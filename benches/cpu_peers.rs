@@ -8,18 +8,20 @@
 //!
 //! ```sh
 //! MOEREC_TORCH_PYTHON=/path/to/python-with-torch \
-//!     cargo bench --bench cpu_peers -- [scoring] [scoring-train] [--rounds 3] [--full]
+//!     cargo bench --bench cpu_peers -- [scoring] [scoring-train] [routing] [--rounds 3] [--full]
 //! ```
 //!
 //! Without `MOEREC_TORCH_PYTHON` the peer is skipped (ratios null).
 //! `scoring`: B = 256, H in {1, 4}, D = 64, V = 10^5; `scoring-train` (or
 //! `--full`): the seed models' training shapes, rows 256 x 50, H in {1, 4},
-//! D = 64, V = 12,102. The peer runs with `OMP_WAIT_POLICY=PASSIVE`. Threads: rayon's pool (`RAYON_NUM_THREADS`),
+//! D = 64, V = 12,102; `routing` (or `--full`): T = 65,536, E = 64, k = 2,
+//! f32, forward and backward with the losses. The peer runs with `OMP_WAIT_POLICY=PASSIVE`. Threads: rayon's pool (`RAYON_NUM_THREADS`),
 //! passed to torch as `--threads`. JSON lines go to stdout and are appended
 //! to `MOEREC_BENCH_OUT` (default `bench/results/cpu/cpu_peers.jsonl`), each
 //! with the processor, threads, commit, date and command.
 
 use gemm::Parallelism;
+use moerec::routing::{self, RoutingOptions, TopK};
 use moerec::scoring::{self, Mixing, Scoring};
 use moerec::{Device, Tensor};
 use std::collections::BTreeMap;
@@ -124,7 +126,9 @@ fn run_peer(python: &str, op: &str, args: &[String], threads: usize) -> BTreeMap
             (Some(pass), _) => pass,
             _ => continue,
         };
-        if let (Some(variant), Some(ms)) = (field("variant"), field("median_ms").and_then(|v| v.parse().ok())) {
+        // Peers with one variant per op (routing) name none.
+        let variant = field("variant").unwrap_or(op);
+        if let Some(ms) = field("median_ms").and_then(|v| v.parse().ok()) {
             medians.insert((variant.to_string(), pass.to_string()), ms);
         }
     }
@@ -337,6 +341,57 @@ fn bench_scoring(ctx: &mut Context, batch: usize, heads: usize, width: usize, it
     }
 }
 
+/// Routing forward and backward (with the load-balance and z losses) of
+/// `tokens` rows over `experts` experts, top-`k`, f32 logits, beside
+/// `routing_torch_peer.py` at the same shape. The bound is a copy of the logits.
+fn bench_routing(ctx: &mut Context, tokens: usize, experts: usize, k: usize) {
+    let device = Device::cpu();
+    let logits = values(tokens * experts, 11).iter().map(|v| 8.0 * v).collect();
+    let data = Tensor::from_vec(logits, &[tokens, experts], &device).unwrap();
+    let options = RoutingOptions::new(TopK::K(k));
+    let dweights = Tensor::from_vec(values(tokens * k, 12), &[tokens, k], &device).unwrap();
+    let shape = format!("\"T\": {tokens}, \"E\": {experts}, \"k\": {k}");
+    let mut series: BTreeMap<&str, Series> = BTreeMap::new();
+    for round in 0..ctx.rounds {
+        let source = values(tokens * experts, 13);
+        let mut copy = vec![0f32; tokens * experts];
+        let copy_ms = median_ms(9, || copy.copy_from_slice(&source));
+        let fwd = median_ms(9, || drop(routing::forward(&data, &options).unwrap()));
+        let (_, saved) = routing::forward(&data, &options).unwrap();
+        let bwd = median_ms(9, || {
+            drop(routing::backward(&data, &dweights, 0.01, 0.001, &saved).unwrap())
+        });
+        for (pass, ms) in [("fwd", fwd), ("bwd", bwd)] {
+            let entry = series.entry(pass).or_default();
+            entry.moerec.push(ms);
+            entry.bound.push(copy_ms);
+        }
+        if let Some(python) = ctx.python.clone() {
+            let args: Vec<String> = ["--dtype", "f32", "--iters", "9", "--warmup", "1"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(
+                    ["--T", "--E", "--k"]
+                        .iter()
+                        .zip([tokens, experts, k])
+                        .flat_map(|(flag, v)| [flag.to_string(), v.to_string()]),
+                )
+                .collect();
+            let peer = run_peer(&python, "routing", &args, ctx.threads);
+            for (pass, entry) in series.iter_mut() {
+                if let Some(&ms) = peer.get(&("routing".to_string(), pass.to_string())) {
+                    entry.peer.push(ms);
+                }
+            }
+        }
+        eprintln!("routing {shape}: round {} of {} done", round + 1, ctx.rounds);
+    }
+    for (pass, s) in &series {
+        let fields = format!("\"op\": \"routing\", \"function\": \"{pass}\", \"pass\": \"{pass}\", {shape}");
+        ctx.record(&fields, s, "torch routing (with losses)", "copy of the [T, E] logits");
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| args.iter().position(|a| a == name);
@@ -348,7 +403,7 @@ fn main() {
     let ops: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| ["scoring"].contains(a))
+        .filter(|a| ["scoring", "scoring-train", "routing"].contains(a))
         .collect();
     let threads = rayon::current_num_threads();
     let command = format!("cargo bench --bench cpu_peers -- {}", args.join(" "));
@@ -383,6 +438,9 @@ fn main() {
         for heads in [1, 4] {
             bench_scoring(&mut ctx, 256 * 50, heads, 64, 12_102);
         }
+    }
+    if full || ops.contains(&"routing") {
+        bench_routing(&mut ctx, 65_536, 64, 2);
     }
     let out = std::env::var("MOEREC_BENCH_OUT").unwrap_or_else(|_| "bench/results/cpu/cpu_peers.jsonl".into());
     if let Some(dir) = std::path::Path::new(&out).parent() {
