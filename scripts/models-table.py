@@ -37,6 +37,12 @@ def dataset_name(path):
     return Path(path).stem.split("_")[0]
 
 
+def model_name(record):
+    """The model, with the record's `variant` (a non-default setting) if any."""
+    variant = record.get("variant")
+    return f"{record['model']} ({variant})" if variant else record["model"]
+
+
 def budget(record):
     stopped = record.get("stopped_by", "")
     if m := re.match(r"max_epochs \((\d+)\)", stopped):
@@ -76,7 +82,7 @@ def mean_std(values):
 def results_table(runs):
     latest = {}
     for r in sorted(runs, key=lambda r: r.get("date", "")):
-        latest[(r["model"], dataset_name(r["dataset"]), r["impl"], budget(r), r["seed"])] = r
+        latest[(model_name(r), dataset_name(r["dataset"]), r["impl"], budget(r), r["seed"])] = r
     groups = defaultdict(list)
     for (model, data, impl, bud, _), r in latest.items():
         groups[(data, model, impl, bud)].append(r)
