@@ -18,7 +18,8 @@
 //! f32, forward and backward with the losses. The peer runs with `OMP_WAIT_POLICY=PASSIVE`. Threads: rayon's pool (`RAYON_NUM_THREADS`),
 //! passed to torch as `--threads`. JSON lines go to stdout and are appended
 //! to `MOEREC_BENCH_OUT` (default `bench/results/cpu/cpu_peers.jsonl`), each
-//! with the processor, threads, commit, date and command.
+//! with the processor, threads, commit (`MOEREC_BENCH_COMMIT` overrides it,
+//! for a baseline binary built from other sources), date and command.
 
 use gemm::Parallelism;
 use moerec::routing::{self, RoutingOptions, TopK};
@@ -289,15 +290,21 @@ fn bench_scoring(ctx: &mut Context, batch: usize, heads: usize, width: usize, it
                 .push(if mixing == Mixing::Logits { gemm_ms } else { gemm_exp_ms });
         }
         if let Some(python) = ctx.python.clone() {
+            // As many timed calls as moerec's, and only the passes compared
+            // (not the backward on a retained graph): at the training shapes
+            // one call of the peer takes seconds.
             let args: Vec<String> = [
                 "--dtype",
                 "f32",
                 "--iters",
-                "10",
+                &iters.to_string(),
                 "--warmup",
                 "1",
                 "--max-materialised",
                 "3e9",
+                "--passes",
+                "fwd",
+                "fwdbwd",
                 "--variant",
                 "logits_ce",
                 "probabilities_ce",
@@ -410,7 +417,8 @@ fn main() {
     let common = format!(
         "\"device\": \"{}\", \"threads\": {threads}, \"commit\": \"{}\", \"date\": \"{}\", \"command\": \"{}\"",
         cpu_name(),
-        git(&["rev-parse", "--short", "HEAD"]),
+        // A baseline binary built from other sources says which.
+        std::env::var("MOEREC_BENCH_COMMIT").unwrap_or_else(|_| git(&["rev-parse", "--short", "HEAD"])),
         Command::new("date")
             .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
             .output()

@@ -101,7 +101,8 @@ def parse_args(ap, op, *, iters, min_iters, warmup=None):
     """Add the flags every peer has, parse, check them and that CUDA is there.
 
     `--warmup` (untimed calls, default `warmup`; left out where None), `--iters`
-    (timed calls, default `iters`, at least `min_iters` for the median) and
+    (timed calls, default `iters`, at least `min_iters` for the median, at
+    most 3 on the CPU) and
     `--out` (a file the JSON lines are also appended to).
     """
     import torch
@@ -113,6 +114,10 @@ def parse_args(ap, op, *, iters, min_iters, warmup=None):
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--threads", type=int, help="intra-op threads on the CPU (default: torch's)")
     args = ap.parse_args()
+    # On the CPU one call of a large shape takes seconds, and wall-clock
+    # timing has no launch jitter to average out: 3 calls give a median.
+    if args.device == "cpu":
+        min_iters = min(min_iters, 3)
     if args.iters < min_iters:
         ap.error(f"--iters: expected >= {min_iters} (the median needs them)")
     global _DEVICE

@@ -46,7 +46,8 @@ Shapes whose materialised f32 tensor (B*V for the logits variants, B*H*V for
 the probabilities one) exceeds `--max-materialised` bytes (8e9) are skipped
 with a note on stderr. FLOPs are the op's: 2*B*V*H*D per score pass, so fwd
 counts 2, bwd 4 (dU and dX) and bwd with fwd 6 times B*V*H*D. Timing: CUDA events
-around each call, `--warmup` calls first, the median of `--iters` (>= 10).
+around each call, `--warmup` calls first, the median of `--iters` (>= 10; >= 3
+on the CPU). `--passes` picks the cross-entropy passes timed.
 `peak_extra_bytes` is torch.cuda.max_memory_allocated during one more call
 minus what was allocated before it. Where inputs plus the materialised
 scores fit in twice the L2, calls rotate over several input sets.
@@ -67,6 +68,7 @@ import peer
 
 DTYPES = ("bf16", "f32")
 VARIANTS = ("logits_ce", "probabilities_ce", "matmul", "scores_topk", "topk")
+PASSES = ("fwd", "fwdbwd", "bwd")
 TOPK_N = 100
 MAX_SETS = 8
 # What each variant measures, in the fields the moerec records carry.
@@ -124,6 +126,9 @@ def main():
     ap.add_argument("--V", type=int, nargs="+", default=[10**4, 10**5, 10**6])
     ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
     ap.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES,
+                    help="which passes of the cross-entropy variants to time (fwdbwd: forward "
+                         "plus backward in one call; bwd: the backward on a retained graph)")
     ap.add_argument("--max-materialised", type=float, default=8e9,
                     help="skip shapes whose materialised f32 scores exceed this many bytes")
     args = peer.parse_args(ap, "scoring", warmup=3, iters=20, min_iters=10)
@@ -199,14 +204,16 @@ def main():
                                 peer.log(f"skip {variant} {dtype} {shape}: {materialised:.3g} bytes "
                                          f"materialised")
                                 continue
-                            run_variant(torch, F, variant, dtype, shape, inputs, score_flops, emit)
+                            run_variant(torch, F, variant, dtype, shape, inputs, score_flops, emit,
+                                        args.passes)
                         del inputs
                         peer.empty_cache()
     out.close()
 
 
-def run_variant(torch, F, variant, dtype, shape, inputs, score_flops, emit):
-    """Time one variant on one shape (all of its passes)."""
+def run_variant(torch, F, variant, dtype, shape, inputs, score_flops, emit, passes=PASSES):
+    """Time one variant on one shape (of the cross-entropy variants, the
+    `passes` asked for)."""
     sets = len(inputs)
 
     if variant == "matmul":
@@ -247,7 +254,10 @@ def run_variant(torch, F, variant, dtype, shape, inputs, score_flops, emit):
         with torch.no_grad():
             loss_of(*inputs[i % sets])
 
-    emit("fwd", variant, dtype, shape, fwd, score_flops)
+    if "fwd" in passes:
+        emit("fwd", variant, dtype, shape, fwd, score_flops)
+    if "fwdbwd" not in passes and "bwd" not in passes:
+        return
 
     leaves = [tuple(t.detach().requires_grad_(True) for t in inp[:4]) for inp in inputs]
     dloss = torch.randn(shape["B"], device=inputs[0][0].device)
@@ -257,7 +267,10 @@ def run_variant(torch, F, variant, dtype, shape, inputs, score_flops, emit):
         loss = loss_of(*leaf, inputs[i % sets][4])
         torch.autograd.grad(loss, leaf, dloss)
 
-    emit("bwd", variant, dtype, shape, fwd_bwd, 3 * score_flops, includes_fwd=True)
+    if "fwdbwd" in passes:
+        emit("bwd", variant, dtype, shape, fwd_bwd, 3 * score_flops, includes_fwd=True)
+    if "bwd" not in passes:
+        return
 
     graphs = [loss_of(*leaf, inp[4]) for leaf, inp in zip(leaves, inputs)]
 

@@ -646,14 +646,15 @@ fn output_bits(o: &Outputs) -> Vec<Vec<u32>> {
 }
 
 /// The CPU splits rows and items by shape alone: one thread and three give
-/// the same bits, at a shape of three row blocks and two leaves of item
-/// tiles (two item chunks of the log-sum-exp pass).
+/// the same bits, at a shape of nine row blocks in two row groups of the
+/// backward and five leaves of its item tiles (two item chunks of the
+/// log-sum-exp pass).
 fn cpu_results_are_bitwise_identical_across_thread_counts() {
     let pool = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     let (one, three) = (pool(1), pool(3));
     for shared in [false, true] {
         for mixing in [Mixing::Logits, Mixing::Probabilities] {
-            let problem = RandomProblem::new(5, 130, 3, 9, 4500, shared);
+            let problem = RandomProblem::new(5, 530, 3, 9, 4500, shared);
             let single = one.install(|| problem.run::<f32>(mixing, &Device::cpu()));
             let several = three.install(|| problem.run::<f32>(mixing, &Device::cpu()));
             assert!(

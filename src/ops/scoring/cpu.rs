@@ -14,9 +14,10 @@ use super::{Mixing, ScoringShape};
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
 use crate::ops::check_len;
+use backward::{wave_leaves, BACKWARD_LEAF_TILES, GROUP_ROWS};
 use backward::{Backward, Upstream};
 use rayon::prelude::*;
-use tiles::{blocks, chunk_count, Lse, Scratch, Tiling, LEAF_TILES, TILE_ITEMS, TILE_ROWS};
+use tiles::{blocks, chunk_count, Lse, Scratch, Tiling, TILE_ITEMS, TILE_ROWS};
 
 pub(crate) use topk::topk_rows;
 pub use topk::{topk, HistoryRef};
@@ -244,9 +245,11 @@ pub fn cross_entropy_backward<T: FloatElement>(
 /// beyond its inputs and outputs: O(B * H * D) of per-row constants and
 /// folded user states, V bytes of exclusion flags, the log-sum-exp pass's
 /// partials per (row, head, item chunk) with at most 64 chunks and its
-/// targets' logits (an index and a value per row and head), and per
-/// worker a score tile, an item tile and the backward's pairwise stack of
-/// `[64, H, D]` partial sums (log2 of V / 4096 deep).
+/// targets' logits (an index and a value per row and head), per worker a
+/// score tile and an item tile, and the backward's partial sums: per row
+/// block a pairwise stack of `[64, H, D]` (log2 of V / 1024 deep) and, for
+/// the leaves in flight, the rows' `[B, H, D]` and the later row groups'
+/// `[1024, H, D]` dX partials.
 pub fn workspace_bytes(shape: ScoringShape) -> usize {
     let ScoringShape {
         batch,
@@ -266,11 +269,19 @@ pub fn workspace_bytes(shape: ScoringShape) -> usize {
     let lse_pass = row_blocks * chunks * (4 * std::mem::size_of::<usize>() + 2 * vec)
         + 2 * word * batch * heads * chunks
         + target_logits;
-    let tiles = num_items.div_ceil(TILE_ITEMS);
-    let levels = (usize::BITS - tiles.div_ceil(LEAF_TILES).leading_zeros()) as usize + 2;
-    let leaf = word * (heads * TILE_ROWS * width + TILE_ROWS);
+    let levels = (usize::BITS - chunks.leading_zeros()) as usize + 2;
     let pairwise_lse = levels * (2 * word * TILE_ROWS * heads + 2 * vec);
-    let per_thread = Scratch::bytes(width) + levels * (leaf + vec) + pairwise_lse + word * heads;
-    let per_tile = tiles * (vec + heads * 2 * std::mem::size_of::<usize>()) + tiles * 2 * std::mem::size_of::<usize>();
-    tiling + row_constants + lse_pass + threads * per_thread + per_tile
+    let forward = lse_pass + threads * (Scratch::bytes(width) + pairwise_lse);
+    let leaf_items = BACKWARD_LEAF_TILES * TILE_ITEMS;
+    let leaves = num_items.div_ceil(leaf_items);
+    let groups = batch.div_ceil(GROUP_ROWS);
+    let wave = wave_leaves(groups, threads).min(leaves);
+    let per_row = word * (heads * width + 1);
+    let stack_levels = (usize::BITS - leaves.leading_zeros()) as usize + 1;
+    let stacks = batch * per_row * stack_levels + row_blocks * (stack_levels + 1) * (vec + 2 * word);
+    let in_flight = wave * (batch * per_row + row_blocks * vec)
+        + wave * groups.saturating_sub(1) * (leaf_items * per_row + 2 * vec)
+        + wave * groups * (3 * vec + 4 * std::mem::size_of::<usize>()) * 2;
+    let backward = stacks + in_flight + threads * Scratch::bytes(width);
+    tiling + row_constants + forward.max(backward)
 }

@@ -1,13 +1,15 @@
-//! The backward passes on tiles. Each recomputes the score tiles, turns
-//! them in place into the gradient of the channel's logits (dC), and feeds
-//! gemm: a pass over row blocks sums `A_p += dC X_p` (dU and dG), a pass over
-//! item tiles sums `dX_p += dC^T U'_p` and the item bias's gradient. Each
-//! pass owns its outputs, so the work splits by shape alone and the bits do
-//! not depend on the thread count.
+//! The backward passes on tiles. One pass over the (row block, item tile)
+//! grid recomputes each score tile once, turns it in place into the
+//! gradient of the channel's logits (dC), and feeds both of its products to
+//! gemm: `A_p += dC X_p` (dU and dG) and `dX_p += dC^T U'_p` with the item
+//! bias's gradient. A task is a group of rows against a leaf of item tiles;
+//! each sum runs in an order fixed by the shapes (row blocks in order within
+//! a group, groups in order; tiles in order within a leaf, leaves
+//! pairwise), so the bits do not depend on the thread count.
 
 use super::super::{Mixing, ScoringShape};
 use super::tiles::{
-    add_buffers, blocks, softmax_scaled, weighted_rows, Pairwise, Scratch, Tiling, LEAF_TILES, TILE_ITEMS, TILE_ROWS,
+    add_assign, add_buffers, blocks, softmax_scaled, weighted_rows, Pairwise, Scratch, Tiling, TILE_ITEMS, TILE_ROWS,
 };
 use super::GradientsMut;
 use crate::dtype::FloatElement;
@@ -18,6 +20,21 @@ use std::ops::Range;
 /// Rows per `dC X` product: gemm reads X in place (no packing copy per
 /// tile) for up to two of its 16-row kernels.
 const GEMM_ROWS: usize = 32;
+/// Item tiles per backward task: a row block's `A_p` sums them in order.
+/// Small, so that a catalog of a few thousand items still makes several
+/// tasks and a task's dX partial (`[1024, H * D]`) stays near the cache.
+pub(super) const BACKWARD_LEAF_TILES: usize = 4;
+/// Rows per backward task: the dX partial of a task sums its row blocks in
+/// order, and the groups' partials are added in order. Catalog-sized partials
+/// for groups after the first cost `(B / GROUP_ROWS) * 1024 * H * D` floats
+/// per leaf in flight.
+pub(super) const GROUP_ROWS: usize = 8 * TILE_ROWS;
+
+/// Leaves of item tiles run at once: enough tasks for every thread twice
+/// over, the whole catalog at most. Changes no sum, only the memory held.
+pub(super) fn wave_leaves(groups: usize, threads: usize) -> usize {
+    (2 * threads).div_ceil(groups.max(1)).max(1)
+}
 
 /// Which gradient flows into the scores.
 pub(super) enum Upstream<'a> {
@@ -140,45 +157,153 @@ impl<'a, T: FloatElement> Backward<'a, T> {
     }
 
     pub(super) fn run(&self, grads: GradientsMut<'_>) {
-        self.user_and_gates(grads.user, grads.gate_logits);
-        self.items_and_bias(grads.items, grads.item_bias);
+        let sums = self.products(grads.items, grads.item_bias);
+        self.user_and_gates(sums, grads.user, grads.gate_logits);
     }
 
-    /// dU and dG: row blocks in parallel, each summing `A_p = dC X_p` (and
-    /// for Logits mixing `dC . bias`) over the items, tiles in order within a
-    /// leaf of [`LEAF_TILES`], leaves pairwise.
-    fn user_and_gates(&self, d_user: &mut [f32], d_gates: &mut [f32]) {
+    /// One pass over the (row block, item tile) grid that recomputes each
+    /// tile once and runs both of its products: `A_p += dC X_p` (summed per
+    /// row block over the tiles of a leaf of [`BACKWARD_LEAF_TILES`] in
+    /// order, leaves pairwise; returned per row block, with `dC . bias` after
+    /// the pairs' `A^T`) and `dX_p += dC^T U'_p` with the item bias's
+    /// gradient (per item tile over the row blocks of a group of
+    /// [`GROUP_ROWS`] in order, groups in order). A task is one (row group,
+    /// leaf); how many leaves run at once (a wave) bounds the partials held
+    /// and changes no sum.
+    fn products(&self, d_items: &mut [f32], d_bias: &mut [f32]) -> Vec<Vec<f32>> {
         let ScoringShape {
             batch,
-            heads,
             width,
             num_items,
-            shared,
+            ..
         } = self.tiling.shape();
+        let leaf_items = BACKWARD_LEAF_TILES * TILE_ITEMS;
+        let leaves: Vec<Range<usize>> = blocks(num_items, leaf_items).collect();
+        let groups: Vec<Range<usize>> = blocks(batch, GROUP_ROWS).collect();
+        if groups.is_empty() {
+            // No rows: no products, and the gradients are exact zeros.
+            d_items.fill(0.0);
+            d_bias.fill(0.0);
+            return Vec::new();
+        }
+        let tables = d_items.len() / (num_items * width).max(1);
+        let mut stacks: Vec<Pairwise<Vec<f32>>> = blocks(batch, TILE_ROWS).map(|_| Pairwise::new()).collect();
+        let wave = wave_leaves(groups.len(), rayon::current_num_threads());
+        for wave_leaves in leaves.chunks(wave) {
+            // Group 0 of each leaf writes dX and dbias in place; later
+            // groups into partials added in group order below.
+            let mut in_place: Vec<(Vec<&mut [f32]>, &mut [f32])> = wave_leaves
+                .iter()
+                .map(|_| (Vec::with_capacity(tables), &mut [][..]))
+                .collect();
+            let span = wave_leaves[0].start..wave_leaves[wave_leaves.len() - 1].end;
+            for table in d_items.chunks_mut(num_items * width) {
+                let table = &mut table[span.start * width..span.end * width];
+                for (target, rows) in in_place.iter_mut().zip(table.chunks_mut(leaf_items * width)) {
+                    target.0.push(rows);
+                }
+            }
+            for (target, bias) in in_place.iter_mut().zip(d_bias[span.clone()].chunks_mut(leaf_items)) {
+                target.1 = bias;
+            }
+            let mut tasks = Vec::with_capacity(wave_leaves.len() * groups.len());
+            for (items, target) in wave_leaves.iter().zip(in_place) {
+                tasks.push((groups[0].clone(), items.clone(), Some(target)));
+                tasks.extend(groups[1..].iter().map(|rows| (rows.clone(), items.clone(), None)));
+            }
+            let results: Vec<(Vec<Vec<f32>>, Vec<f32>)> = tasks
+                .into_par_iter()
+                .map(|(rows, items, target)| {
+                    let n = items.len();
+                    match target {
+                        Some((mut d_tables, d_bias)) => {
+                            (self.leaf_products(rows, items, &mut d_tables, d_bias), Vec::new())
+                        }
+                        None => {
+                            let mut partial = vec![0f32; (tables * width + 1) * n];
+                            let (tables_part, bias_part) = partial.split_at_mut(tables * width * n);
+                            let mut d_tables: Vec<&mut [f32]> = tables_part.chunks_mut(width * n).collect();
+                            let sums = self.leaf_products(rows, items, &mut d_tables, bias_part);
+                            (sums, partial)
+                        }
+                    }
+                })
+                .collect();
+            let mut results = results.into_iter();
+            for items in wave_leaves {
+                let n = items.len();
+                for rows in &groups {
+                    let (sums, partial) = results.next().expect("one result per (leaf, group)");
+                    let first = rows.start / TILE_ROWS;
+                    for (stack, sum) in stacks[first..].iter_mut().zip(sums) {
+                        stack.push(sum, add_buffers);
+                    }
+                    if partial.is_empty() {
+                        continue;
+                    }
+                    for (table, part) in partial.chunks_exact(width * n).take(tables).enumerate() {
+                        let at = (table * num_items + items.start) * width;
+                        add_assign(&mut d_items[at..at + width * n], part);
+                    }
+                    add_assign(&mut d_bias[items.clone()], &partial[tables * width * n..]);
+                }
+            }
+        }
+        // Excluded items get exact zeros whatever the user states hold
+        // (their dC is 0; 0 * inf would be NaN).
+        for (v, _) in self.tiling.eligible.iter().enumerate().filter(|(_, &e)| !e) {
+            for table in d_items.chunks_mut(num_items * width) {
+                table[v * width..(v + 1) * width].fill(0.0);
+            }
+        }
+        let pairs = self.tiling.pairs.len();
+        blocks(batch, TILE_ROWS)
+            .zip(stacks)
+            .map(|(rows, stack)| {
+                stack
+                    .finish(add_buffers)
+                    .unwrap_or_else(|| vec![0f32; (pairs * width + 1) * rows.len()])
+            })
+            .collect()
+    }
+
+    /// One task of [`Backward::products`]: rows `rows` (a group) against the
+    /// items of one leaf. Adds `dC^T U'_p` into `d_tables[table]` (`[leaf
+    /// items, D]`, zeroed first) and the columns of dC into `d_bias`; returns
+    /// per row block the leaf's `A^T` of every pair (`[pairs, D, rows]` in
+    /// halves of [`GEMM_ROWS`]) followed by `dC . bias` (Logits mixing).
+    fn leaf_products(
+        &self,
+        rows: Range<usize>,
+        items: Range<usize>,
+        d_tables: &mut [&mut [f32]],
+        d_bias: &mut [f32],
+    ) -> Vec<Vec<f32>> {
+        let width = self.tiling.shape().width;
         let pairs = self.tiling.pairs.len();
         let mixing = self.tiling.operands.mixing;
         let item_bias = self.tiling.operands.item_bias.filter(|_| mixing == Mixing::Logits);
-        let row_blocks: Vec<Range<usize>> = blocks(batch, TILE_ROWS).collect();
-        d_user
-            .par_chunks_mut(TILE_ROWS * heads * width)
-            .zip(d_gates.par_chunks_mut(TILE_ROWS * heads))
-            .zip(row_blocks)
-            .for_each(|((d_user, d_gates), rows)| {
+        d_tables.iter_mut().for_each(|d| d.fill(0.0));
+        d_bias.fill(0.0);
+        let mut scratch = Scratch::new();
+        blocks(rows.len(), TILE_ROWS)
+            .map(|block| {
+                let rows = rows.start + block.start..rows.start + block.end;
                 let m = rows.len();
-                let leaf_len = pairs * m * width + m;
-                let mut leaf = vec![0f32; leaf_len];
-                let mut sum = Pairwise::new();
-                let mut scratch = Scratch::new();
-                let tiles = num_items.div_ceil(TILE_ITEMS);
-                for (t, items) in blocks(num_items, TILE_ITEMS).enumerate() {
-                    let n = items.len();
+                let mut leaf = vec![0f32; pairs * m * width + m];
+                for tile in blocks(items.len(), TILE_ITEMS) {
+                    let local = tile.clone();
+                    let tile_items = items.start + tile.start..items.start + tile.end;
+                    let n = tile_items.len();
                     for channel in 0..self.tiling.channels() {
                         self.tiling
-                            .channel_tile(channel, rows.clone(), items.clone(), &mut scratch);
+                            .channel_tile(channel, rows.clone(), tile_items.clone(), &mut scratch);
                         let tile = &mut scratch.tile[..m * n];
-                        self.form_grad(channel, rows.clone(), items.clone(), tile);
+                        self.form_grad(channel, rows.clone(), tile_items.clone(), tile);
                         for (p, pair) in self.tiling.pairs_of(channel) {
-                            let x = self.tiling.items_f32(pair.table, items.clone(), &mut scratch.items);
+                            let x = self
+                                .tiling
+                                .items_f32(pair.table, tile_items.clone(), &mut scratch.items);
                             let x_t = Matrix::row_major(x, n, width).transposed();
                             let a_t = &mut leaf[p * m * width..(p + 1) * m * width];
                             // A^T [D, rows] += X^T dC^T, in halves of at most
@@ -188,24 +313,53 @@ impl<'a, T: FloatElement> Backward<'a, T> {
                                 let a_t = &mut a_t[half.start * width..half.end * width];
                                 matmul_add(x_t, d_c, a_t);
                             }
+                            // dX [items, D] += dC^T U' with dC^T item-major.
+                            matmul_add(
+                                Matrix::row_major(tile, n, m),
+                                Matrix::row_major(&pair.user[rows.start * width..rows.end * width], m, width),
+                                &mut d_tables[pair.table][local.start * width..local.end * width],
+                            );
                         }
                         if let Some(bias) = item_bias {
                             let masked = &mut scratch.bias;
                             masked.clear();
                             masked.extend(
-                                bias[items.clone()]
+                                bias[tile_items.clone()]
                                     .iter()
-                                    .zip(&self.tiling.eligible[items.clone()])
+                                    .zip(&self.tiling.eligible[tile_items.clone()])
                                     .map(|(&b, &e)| if e { b } else { 0.0 }),
                             );
                             weighted_rows(&mut leaf[pairs * m * width..], tile, masked);
                         }
-                    }
-                    if (t + 1) % LEAF_TILES == 0 || t + 1 == tiles {
-                        sum.push(std::mem::replace(&mut leaf, vec![0f32; leaf_len]), add_buffers);
+                        for (db, column) in d_bias[local.clone()].iter_mut().zip(tile.chunks_exact(m)) {
+                            *db += column.iter().sum::<f32>();
+                        }
                     }
                 }
-                let sums = sum.finish(add_buffers).unwrap_or_else(|| vec![0f32; leaf_len]);
+                leaf
+            })
+            .collect()
+    }
+
+    /// dU and dG of every row block from its sums of [`Backward::products`].
+    fn user_and_gates(&self, sums: Vec<Vec<f32>>, d_user: &mut [f32], d_gates: &mut [f32]) {
+        let ScoringShape {
+            batch,
+            heads,
+            width,
+            shared,
+            ..
+        } = self.tiling.shape();
+        let pairs = self.tiling.pairs.len();
+        let mixing = self.tiling.operands.mixing;
+        let row_blocks: Vec<Range<usize>> = blocks(batch, TILE_ROWS).collect();
+        d_user
+            .par_chunks_mut(TILE_ROWS * heads * width)
+            .zip(d_gates.par_chunks_mut(TILE_ROWS * heads))
+            .zip(row_blocks)
+            .zip(sums)
+            .for_each(|(((d_user, d_gates), rows), sums)| {
+                let m = rows.len();
                 for (r, b) in rows.enumerate() {
                     let d_user = &mut d_user[r * heads * width..(r + 1) * heads * width];
                     let d_gates = &mut d_gates[r * heads..(r + 1) * heads];
@@ -261,61 +415,6 @@ impl<'a, T: FloatElement> Backward<'a, T> {
                                 d_gates[h] = gates[h] * (dg[h] - mean);
                             }
                         }
-                    }
-                }
-            });
-    }
-
-    /// dX and ditem_bias: item tiles in parallel, each summing
-    /// `dX_p += dC^T U'_p` over the row blocks in order.
-    fn items_and_bias(&self, d_items: &mut [f32], d_bias: &mut [f32]) {
-        let ScoringShape {
-            batch,
-            width,
-            num_items,
-            ..
-        } = self.tiling.shape();
-        let tiles = num_items.div_ceil(TILE_ITEMS);
-        let mut per_tile: Vec<Vec<&mut [f32]>> = (0..tiles).map(|_| Vec::new()).collect();
-        for table in d_items.chunks_mut(num_items * width) {
-            for (t, rows) in table.chunks_mut(TILE_ITEMS * width).enumerate() {
-                per_tile[t].push(rows);
-            }
-        }
-        per_tile
-            .into_par_iter()
-            .zip(d_bias.par_chunks_mut(TILE_ITEMS))
-            .zip(blocks(num_items, TILE_ITEMS).collect::<Vec<_>>())
-            .for_each(|((mut d_tables, d_bias), items)| {
-                d_tables.iter_mut().for_each(|d| d.fill(0.0));
-                d_bias.fill(0.0);
-                let n = items.len();
-                let mut scratch = Scratch::new();
-                for rows in blocks(batch, TILE_ROWS) {
-                    let m = rows.len();
-                    for channel in 0..self.tiling.channels() {
-                        self.tiling
-                            .channel_tile(channel, rows.clone(), items.clone(), &mut scratch);
-                        let tile = &mut scratch.tile[..m * n];
-                        self.form_grad(channel, rows.clone(), items.clone(), tile);
-                        for (_, pair) in self.tiling.pairs_of(channel) {
-                            // dX [items, D] += dC^T U' with dC^T item-major.
-                            matmul_add(
-                                Matrix::row_major(tile, n, m),
-                                Matrix::row_major(&pair.user[rows.start * width..rows.end * width], m, width),
-                                d_tables[pair.table],
-                            );
-                        }
-                        for (db, column) in d_bias.iter_mut().zip(tile.chunks_exact(m)) {
-                            *db += column.iter().sum::<f32>();
-                        }
-                    }
-                }
-                // Excluded items get exact zeros whatever the user states
-                // hold (their dC is 0; 0 * inf would be NaN).
-                for (j, _) in self.tiling.eligible[items].iter().enumerate().filter(|(_, &e)| !e) {
-                    for d_table in d_tables.iter_mut() {
-                        d_table[j * width..(j + 1) * width].fill(0.0);
                     }
                 }
             });
