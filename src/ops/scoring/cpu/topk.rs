@@ -7,11 +7,11 @@ use super::Operands;
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
 use crate::ops::check_len;
+use crate::ops::host::vectorised;
 use rayon::prelude::*;
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
 
-/// A candidate of a top-n: ordered so that the heap's top is the worst kept.
+/// A candidate of a top-n, ordered best first.
 #[derive(Clone, Copy)]
 struct Candidate {
     value: f32,
@@ -98,14 +98,18 @@ fn history_rows(history: Option<HistoryRef<'_>>, batch: usize, num_items: usize)
         .collect())
 }
 
-/// The n best so far of each row of a block, and the value a new item must
-/// beat once a row has n (its n-th), so that most of a tile is passed over
-/// with one compare.
+/// Each row's candidates (the n best so far among them), and the value a
+/// new item must beat, so that most of a tile is passed over with one
+/// compare. A row collects up to 2n candidates, then keeps its n best
+/// (a selection, O(n)) and raises its bar to their n-th: a few compares per
+/// candidate where a heap of n takes ~2 log2 n.
 struct Best {
     n: usize,
-    heaps: Vec<BinaryHeap<Candidate>>,
-    /// Per row: the n-th value, or NaN while the row has fewer than n or its
-    /// n-th is NaN (every value passes `!(value <= bar)` then).
+    kept: Vec<Vec<Candidate>>,
+    /// Per row: the n-th value at the last selection, or NaN before the first
+    /// or when that n-th is NaN (every value passes `!(value <= bar)` then).
+    /// An item equal to the bar comes after it in id order, so it ranks below
+    /// n kept ones and is rightly passed over.
     bars: Vec<f32>,
 }
 
@@ -113,39 +117,81 @@ impl Best {
     fn new(rows: usize, n: usize) -> Self {
         Best {
             n,
-            heaps: (0..rows).map(|_| BinaryHeap::with_capacity(n + 1)).collect(),
+            kept: (0..rows).map(|_| Vec::with_capacity(2 * n)).collect(),
             bars: vec![f32::NAN; rows],
         }
     }
 
     /// Offers an item-major tile of scores for items `first..`, in id order
     /// (so an equal value never beats the n-th); `seen(r, id)` says whether
-    /// the item is in row r's history.
-    fn offer(&mut self, tile: &[f32], first: usize, eligible: &[bool], seen: impl Fn(usize, u32) -> bool) {
+    /// the item is in row r's history. A vectorised pass first flags the
+    /// runs of [`LANES`] rows of each column where some value beats its
+    /// row's n-th as it stood before the tile; only those reach the scalar
+    /// check against the current n-th and the heap.
+    fn offer(
+        &mut self,
+        tile: &[f32],
+        first: usize,
+        eligible: &[bool],
+        flags: &mut Vec<bool>,
+        seen: impl Fn(usize, u32) -> bool,
+    ) {
         let rows = self.bars.len();
-        for (j, column) in tile.chunks_exact(rows).enumerate() {
-            for (r, &value) in column.iter().enumerate() {
-                if value <= self.bars[r] {
-                    continue;
-                }
-                let id = first + j;
-                if !eligible[id] || seen(r, id as u32) {
-                    continue;
-                }
-                let candidate = Candidate { value, id: id as u32 };
-                let heap = &mut self.heaps[r];
-                if heap.len() < self.n {
-                    heap.push(candidate);
-                } else if heap.peek().is_some_and(|worst| candidate < *worst) {
-                    heap.pop();
-                    heap.push(candidate);
-                }
-                if heap.len() == self.n {
-                    self.bars[r] = heap.peek().map_or(f32::NAN, |worst| worst.value);
+        let runs = rows.div_ceil(LANES);
+        flags.resize(runs * tile.len() / rows, false);
+        survivors(tile, &self.bars, flags);
+        for (j, (column, flags)) in tile.chunks_exact(rows).zip(flags.chunks_exact(runs)).enumerate() {
+            for (run, _) in flags.iter().enumerate().filter(|(_, &any)| any) {
+                let start = run * LANES;
+                for (r, &value) in column.iter().enumerate().skip(start).take(LANES) {
+                    if value <= self.bars[r] {
+                        continue;
+                    }
+                    let id = first + j;
+                    if !eligible[id] || seen(r, id as u32) {
+                        continue;
+                    }
+                    let kept = &mut self.kept[r];
+                    kept.push(Candidate { value, id: id as u32 });
+                    if kept.len() == 2 * self.n {
+                        self.bars[r] = keep_best(kept, self.n).value;
+                    }
                 }
             }
         }
     }
+}
+
+/// Keeps the n best of `kept` (n >= 1, at least n of them), unordered;
+/// returns the n-th.
+fn keep_best(kept: &mut Vec<Candidate>, n: usize) -> Candidate {
+    let (_, nth, _) = kept.select_nth_unstable(n - 1);
+    let nth = *nth;
+    kept.truncate(n);
+    nth
+}
+
+/// Rows per flag of [`survivors`].
+const LANES: usize = 16;
+
+// `!(v <= bar)` is meant: true where either is NaN, which `v > bar` is not.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+#[inline(always)]
+fn survivors_body(tile: &[f32], bars: &[f32], flags: &mut [bool]) {
+    let rows = bars.len();
+    let runs = rows.div_ceil(LANES);
+    for (column, flags) in tile.chunks_exact(rows).zip(flags.chunks_exact_mut(runs)) {
+        for ((values, bars), flag) in column.chunks(LANES).zip(bars.chunks(LANES)).zip(flags) {
+            // `!(v <= bar)`: also true for a NaN value or bar, as in `offer`.
+            *flag = values.iter().zip(bars).fold(false, |any, (&v, &b)| any | !(v <= b));
+        }
+    }
+}
+
+vectorised! {
+    /// Per column of an item-major tile and run of [`LANES`] rows: whether
+    /// some value there is not at most its row's bar.
+    fn survivors(tile: &[f32], bars: &[f32], flags: &mut [bool]) = survivors_body;
 }
 
 /// The checks of a top-n request that need no scores, after the excluded
@@ -204,6 +250,7 @@ pub fn topk<T: FloatElement>(
             let m = rows.len();
             let mut best = Best::new(m, n);
             let mut mixed = Vec::new();
+            let mut flags = Vec::new();
             tiling.sweep(rows.clone(), |items, tiles| {
                 let scores = match operands.mixing {
                     Mixing::Logits => tiles,
@@ -213,17 +260,20 @@ pub fn topk<T: FloatElement>(
                         &mixed
                     }
                 };
-                best.offer(scores, items.start, &tiling.eligible, |r, id| {
+                best.offer(scores, items.start, &tiling.eligible, &mut flags, |r, id| {
                     history[rows.start + r].binary_search(&id).is_ok()
                 });
             });
-            for ((best, ids), values) in best
-                .heaps
+            for ((mut kept, ids), values) in best
+                .kept
                 .into_iter()
                 .zip(block_ids.chunks_exact_mut(n))
                 .zip(block_values.chunks_exact_mut(n))
             {
-                for (j, candidate) in best.into_sorted_vec().into_iter().enumerate() {
+                // Every row has at least n eligible items (checked above).
+                keep_best(&mut kept, n);
+                kept.sort_unstable();
+                for (j, candidate) in kept.into_iter().enumerate() {
                     ids[j] = candidate.id;
                     values[j] = candidate.value;
                 }
