@@ -21,10 +21,13 @@ use moerec_models::data::{self, Split};
 use moerec_models::eval::{evaluate, rankings, Metrics, CUTOFFS};
 use moerec_models::fame::{Fame, FameConfig};
 use moerec_models::fuxi::{FeedForward, Fuxi, FuxiConfig, TableScoring};
+use moerec_models::movielens::load_movielens;
 use moerec_models::nn::Dropout;
 use moerec_models::rng::Rng;
 use moerec_models::sasrec::{EncoderConfig, SasRec};
 use moerec_models::scoring::Mixing;
+use moerec_models::stream::{ItemContent, Stream};
+use moerec_models::xsmoe::{Side, Xsmoe, XsmoeConfig};
 use moerec_models::{Recommender, Result};
 
 fn weights(model: &dyn Recommender, shape: &[u32]) -> Result<HashMap<String, Tensor>> {
@@ -211,6 +214,55 @@ fn main() -> Result<()> {
         let path = dir.join(format!("{name}.safetensors"));
         dump(&model, &batch, &shape(&c.encoder, 1, 1, 0), extra, &path)?;
     }
+    dump_xsmoe(&dir)?;
     println!("{}", dir.display());
     Ok(())
+}
+
+/// XSMoE at the shape over a MovieLens stream, in the state of its
+/// second window: layer 0 with a frozen and a pruned expert beside the new
+/// trainable one, layer 1 with two frozen and one trainable; the window's
+/// popularity bias and a batch of its training sequences. The frozen parts
+/// (backbone states, frozen experts, active masks, item bias) go as `const.*`.
+fn dump_xsmoe(dir: &std::path::Path) -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/ml-latest-small");
+    let data = load_movielens(&root)?;
+    let stream = Stream::new(&data.ratings[..15_000], 4, 5)?;
+    let content = ItemContent::new(&stream, &data.movies, 64)?;
+    let config = XsmoeConfig {
+        side: Side::Expandable { experts: 2 },
+        ..XsmoeConfig::new(stream.movie_of_item.len() as u32 - 1)
+    };
+    let mut model = Xsmoe::new(config.clone(), &content, 14, &Device::Cpu)?;
+    model.set_window(&stream.split(0, 0.15, config.encoder.max_len)?)?;
+    model.expand()?;
+    model.prune(&[vec![0.6, 0.05, 0.35], vec![0.3, 0.3, 0.4]], 0.1)?;
+    let window = stream.split(1, 0.15, config.encoder.max_len)?;
+    model.set_window(&window)?;
+    let picked: Vec<_> = window.train.iter().take(24).collect();
+    let batch = TrainBatch::new(&picked, config.encoder.max_len, &Device::Cpu)?;
+    let mut extra = vec![(
+        "config.xsmoe".to_string(),
+        Tensor::new(&[config.layers as u32], &Device::Cpu)?,
+    )];
+    for (l, state) in model.backbone()?.into_iter().enumerate() {
+        extra.push((format!("const.backbone{l}"), state));
+    }
+    let bias = model.item_bias().expect("the window sets it").clone();
+    extra.push(("const.item_bias".into(), bias));
+    for (l, (frozen, active)) in model.frozen_experts().into_iter().enumerate() {
+        if let Some((down, up)) = frozen {
+            extra.push((format!("const.side{l}.frozen_down"), down));
+            extra.push((format!("const.side{l}.frozen_up"), up));
+        }
+        let active: Vec<u32> = active.into_iter().map(u32::from).collect();
+        extra.push((
+            format!("const.side{l}.active"),
+            Tensor::new(active.as_slice(), &Device::Cpu)?,
+        ));
+    }
+    let c = &config.encoder;
+    let shape = [c.dim as u32, c.heads as u32, c.blocks as u32, c.max_len as u32, 0, 0, 0];
+    let extra = extra.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    dump(&model, &batch, &shape, extra, &dir.join("xsmoe.safetensors"))
 }

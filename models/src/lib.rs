@@ -1,4 +1,4 @@
-//! moerec's seed models — SASRec, FAME, FuXi-alpha and Fuxi-MME — on candle, with the data
+//! moerec's seed models — SASRec, FAME, FuXi-alpha, Fuxi-MME and XSMoE — on candle, with the data
 //! pipeline, full-catalog evaluation and the trainer behind the `train` binary.
 //!
 //! Layout by concern: [`data`] (files, leave-one-out split), [`batch`],
@@ -26,7 +26,9 @@ pub mod rng;
 pub mod sasrec;
 pub mod scoring;
 pub mod stream;
+pub mod streaming;
 pub mod train;
+pub mod xsmoe;
 
 use candle_core::Tensor;
 

@@ -52,6 +52,14 @@ impl Params {
         self.add(name, Tensor::full(value, shape, device)?)
     }
 
+    /// Takes a parameter out (a model that changes shape between training
+    /// runs, as XSMoE's side network, replaces or freezes it).
+    pub fn remove(&mut self, name: &str) -> Result<Var> {
+        self.vars
+            .remove(name)
+            .ok_or_else(|| invalid("parameter name", "one the model has", name))
+    }
+
     /// The parameters by name.
     pub fn vars(&self) -> &BTreeMap<String, Var> {
         &self.vars

@@ -95,6 +95,11 @@ impl RunRecord<'_> {
 
 /// Appends `record` as one line to `path` (creating the file and its folder).
 pub fn append(path: &Path, record: &RunRecord) -> Result<()> {
+    append_line(path, &record.to_json())
+}
+
+/// Appends one line of text to `path` (creating the file and its folder).
+pub fn append_line(path: &Path, line: &str) -> Result<()> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -107,7 +112,7 @@ pub fn append(path: &Path, record: &RunRecord) -> Result<()> {
         .append(true)
         .open(path)
         .map_err(io)?;
-    writeln!(file, "{}", record.to_json()).map_err(io)
+    writeln!(file, "{line}").map_err(io)
 }
 
 /// The process's peak resident memory in MB (Linux `VmHWM`; `None` elsewhere).
@@ -124,7 +129,8 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn cpu_model() -> String {
+/// The processor's model name (Linux `/proc/cpuinfo`; "unknown" elsewhere).
+pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -135,7 +141,8 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn commit() -> String {
+/// The commit checked out where the process runs ("unknown" outside git).
+pub fn commit() -> String {
     let out = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output();
     match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
@@ -144,7 +151,7 @@ fn commit() -> String {
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` from the system clock (Howard Hinnant's civil-from-days).
-fn utc_now() -> String {
+pub fn utc_now() -> String {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let z = days + 719_468;

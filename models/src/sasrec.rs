@@ -53,15 +53,13 @@ impl EncoderConfig {
 pub struct Encoder {
     /// `[V+1, D]` item embeddings, row 0 for padding; also the output table.
     pub items: Tensor,
-    positions: Tensor,
-    blocks: Vec<AttentionBlock>,
-    dim: usize,
+    stack: CausalStack,
 }
 
 impl Encoder {
     /// Parameters `items`, `positions`, `block{i}.*`.
     pub fn new(params: &mut Params, config: &EncoderConfig, rng: &mut Rng, device: &Device) -> Result<Self> {
-        if config.num_items == 0 || config.dim == 0 || config.max_len == 0 {
+        if config.num_items == 0 {
             return Err(invalid(
                 "encoder config",
                 "non-zero catalog, width and length",
@@ -75,23 +73,51 @@ impl Encoder {
             rng,
             device,
         )?;
+        let stack = CausalStack::new(params, config, rng, device)?;
+        Ok(Self { items, stack })
+    }
+
+    /// `[B, T, D]` hidden states: `sqrt(D) E[ids] + P[positions]`, dropout, the blocks.
+    pub fn forward(&self, batch: &Batch, dropout: &mut Dropout) -> Result<Tensor> {
+        self.stack.forward(&self.items, batch, dropout)
+    }
+}
+
+/// Learned positions and the causal self-attention blocks over item vectors
+/// looked up in a table the caller supplies: SASRec's own embeddings, or
+/// XSMoE's item representations (`crate::xsmoe`).
+pub struct CausalStack {
+    positions: Tensor,
+    blocks: Vec<AttentionBlock>,
+    dim: usize,
+}
+
+impl CausalStack {
+    /// Parameters `positions`, `block{i}.*` (`config.num_items` is not used).
+    pub fn new(params: &mut Params, config: &EncoderConfig, rng: &mut Rng, device: &Device) -> Result<Self> {
+        if config.dim == 0 || config.max_len == 0 {
+            return Err(invalid(
+                "encoder config",
+                "non-zero catalog, width and length",
+                format!("{config:?}"),
+            ));
+        }
         let positions = params.normal("positions", &[config.max_len, config.dim], INIT_STD, rng, device)?;
         let blocks = (0..config.blocks)
             .map(|i| AttentionBlock::new(params, &format!("block{i}"), config.dim, config.heads, rng, device))
             .collect::<Result<_>>()?;
         Ok(Self {
-            items,
             positions,
             blocks,
             dim: config.dim,
         })
     }
 
-    /// `[B, T, D]` hidden states: `sqrt(D) E[ids] + P[positions]`, dropout, the blocks.
-    pub fn forward(&self, batch: &Batch, dropout: &mut Dropout) -> Result<Tensor> {
+    /// `[B, T, D]` hidden states: `sqrt(D) items[ids] + P[positions]`,
+    /// dropout, the blocks (`items: [V+1, D]`, row 0 for padding).
+    pub fn forward(&self, items: &Tensor, batch: &Batch, dropout: &mut Dropout) -> Result<Tensor> {
         let (b, t) = (batch.size, batch.width);
-        let items = self
-            .items
+        let items = items
             .index_select(&batch.inputs.flatten_all()?, 0)?
             .reshape((b, t, self.dim))?;
         let positions = self.positions.index_select(&batch.positions, 0)?;

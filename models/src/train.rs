@@ -44,6 +44,9 @@ pub struct TrainConfig {
     pub adam: AdamWConfig,
     /// Draw a progress bar.
     pub progress: bool,
+    /// Leave the model with the best epoch's weights (a streaming run goes on
+    /// from them) instead of the last epoch's.
+    pub keep_best: bool,
 }
 
 impl Default for TrainConfig {
@@ -60,6 +63,7 @@ impl Default for TrainConfig {
             overwrite: false,
             adam: AdamWConfig::default(),
             progress: true,
+            keep_best: false,
         }
     }
 }
@@ -241,9 +245,11 @@ pub fn train(model: &dyn Recommender, split: &Split, config: &TrainConfig, devic
     }
     let best_valid = evaluate(model, &split.valid, split.max_len, config.batch_size, device)?;
     let test = evaluate(model, &split.test, split.max_len, config.batch_size, device)?;
-    // Leave the model as trained last (the checkpoint holds both).
-    for (name, value) in current {
-        params.vars()[&name].set(&value)?;
+    // Leave the model as trained last (the checkpoint holds both), unless asked for the best.
+    if !config.keep_best {
+        for (name, value) in current {
+            params.vars()[&name].set(&value)?;
+        }
     }
     Ok(TrainReport {
         epochs,

@@ -63,10 +63,12 @@ def block(p, name, x, bias, heads, drop=no_dropout):
     return x + drop(f)
 
 
-def encode(p, inputs, blocks, heads, max_len, drop=no_dropout):
-    """Embeddings and the SASRec blocks: `[B, T, D]`."""
-    d = p["items"].shape[1]
-    x = drop(p["items"][inputs] * math.sqrt(d) + p["positions"][positions(inputs.shape[1], max_len)])
+def encode(p, inputs, blocks, heads, max_len, drop=no_dropout, table=None):
+    """Embeddings and the SASRec blocks: `[B, T, D]`. The items are looked up
+    in `table` (`[V+1, D]`; XSMoE's item vectors), by default `p["items"]`."""
+    table = p["items"] if table is None else table
+    d = table.shape[1]
+    x = drop(table[inputs] * math.sqrt(d) + p["positions"][positions(inputs.shape[1], max_len)])
     bias = attention_bias(inputs)
     for i in range(blocks):
         x = block(p, f"block{i}", x, bias, heads, drop)

@@ -31,7 +31,7 @@ if os.environ.get("MOEREC_REQUIRE_TORCH") == "1":
 else:
     torch = pytest.importorskip("torch")
 
-from models import fame, fuxi, sasrec, train  # noqa: E402
+from models import fame, fuxi, sasrec, train, xsmoe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RTOL = 1e-4
@@ -46,6 +46,7 @@ MODELS = {
     "fuxi_alpha": fuxi.loss,
     "fuxi_mme": fuxi.loss,
     "fuxi_mme_concatenated": fuxi.loss,
+    "xsmoe": xsmoe.loss,
 }
 # The weight perturbed to show the comparison can fail.
 PERTURBED = {name: "block0.uvqk" if name.startswith("fuxi") else "block0.query.weight" for name in MODELS}
@@ -73,6 +74,11 @@ def load(path):
         tables, experts, k = (int(v) for v in np.asarray(tensors["config.fuxi"]).ravel())
         temperature, balance = (float(v) for v in np.asarray(tensors["config.fuxi_f"]).ravel())
         config.update(tables=tables, experts=experts, k=k, temperature=temperature, balance=balance)
+    if "config.xsmoe" in tensors:
+        consts = {
+            k[len("const.") :]: torch.tensor(np.asarray(v, dtype=np.float64)) for k, v in tensors.items() if k.startswith("const.")
+        }
+        config.update(layers=int(np.asarray(tensors["config.xsmoe"]).ravel()[0]), consts=consts)
     batch = [torch.tensor(np.asarray(tensors[f"batch.{k}"]).astype(np.int64)) for k in ("inputs", "rows", "targets")]
     return params, grads, float(np.asarray(tensors["loss"]).ravel()[0]), batch, config
 

@@ -147,6 +147,35 @@ pub fn combine(
     res: Option<&Tensor>,
     rho: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    Ok(combine_with_utilisation(y, weights, plan, res, rho)?.0)
+}
+
+/// [`combine`] that also returns each expert's utilisation
+/// `util[e] = sum over e's rows of ||weights[t, j] * y[r]||_2` (`[E]` f32,
+/// no gradient; DESIGN 4.3): what XSMoE prunes by.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use moerec::candle::{combine_with_utilisation, route, RoutingOptions};
+/// use moerec::routing::TopK;
+///
+/// let device = Device::Cpu;
+/// // Two tokens, both routed to both experts with weights 0.5.
+/// let routed = route(&Tensor::zeros((2, 2), candle_core::DType::F32, &device)?, &RoutingOptions::new(TopK::All))?;
+/// // Rows in plan order: expert 0's two tokens, then expert 1's.
+/// let y = Tensor::new(&[[3f32, 4.0], [0.0, 2.0], [1.0, 0.0], [0.0, 0.0]], &device)?;
+/// let (out, utilisation) = combine_with_utilisation(&y, &routed.weights, &routed.plan, None, None)?;
+/// assert_eq!(out.dims(), &[2, 2]);
+/// assert_eq!(utilisation.to_vec1::<f32>()?, vec![3.5, 0.5]); // 0.5 * (5 + 2), 0.5 * 1
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn combine_with_utilisation(
+    y: &Tensor,
+    weights: &Tensor,
+    plan: &Arc<DispatchPlan>,
+    res: Option<&Tensor>,
+    rho: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let y = y.contiguous()?;
     let device = y.device().clone();
     let weights = weights.contiguous()?;
@@ -156,12 +185,13 @@ pub fn combine(
     inputs.extend(res.clone());
     inputs.extend(rho.clone());
     with_float!("y", y.dtype(), T => {
-        let (storage, shape) = {
+        let (storage, shape, utilisation) = {
             let (by, bw) = (Borrowed::new("y", &y), Borrowed::new("weights", &weights));
             let (bres, brho) = (borrow_optional("res", &res), borrow_optional("rho", &rho));
-            let (out, _utilisation) =
+            let (out, utilisation) =
                 experts::combine(by.get::<T>()?, bw.get::<f32>()?, plan, optional::<T>(&bres)?, optional::<f32>(&brho)?)?;
-            into_storage(out, &device)?
+            let (storage, shape) = into_storage(out, &device)?;
+            (storage, shape, to_candle(utilisation, &device)?)
         };
         let plan = plan.clone();
         let backward: Backward = Box::new(move |dout| {
@@ -183,6 +213,7 @@ pub fn combine(
             out.extend(grads.drho.map(candle).transpose()?.map(Some));
             Ok(out)
         });
-        attach("moerec-combine", storage, shape, &inputs.iter().collect::<Vec<_>>(), backward)
+        let out = attach("moerec-combine", storage, shape, &inputs.iter().collect::<Vec<_>>(), backward)?;
+        Ok((out, utilisation))
     })
 }

@@ -19,7 +19,7 @@
 //! | [`embedding`] | 4.1 | the table (dense gradient) |
 //! | [`embedding_sgd`] | 4.1 | (a fused sparse SGD step of the table, in place) |
 //! | [`expert_layer`], [`expert_layer_rows`] | 4.3 | x, the expert weights, the bias |
-//! | [`combine`] | 4.3 | the expert rows, the routing weights, the residual, rho |
+//! | [`combine`], [`combine_with_utilisation`] | 4.3 | the expert rows, the routing weights, the residual, rho (utilisation carries none) |
 //! | [`route`] | 4.2 | the logits, through the weights, the load-balance and the z-loss (indices, plan and gate mass carry none) |
 //!
 //! Devices: the CPU runs zero-copy on candle's CPU storage. With the
@@ -55,7 +55,7 @@ mod routing;
 mod scoring;
 
 pub use embedding::{embedding, embedding_sgd};
-pub use experts::{combine, expert_layer, expert_layer_rows};
+pub use experts::{combine, combine_with_utilisation, expert_layer, expert_layer_rows};
 pub use routing::{route, Routed, RoutingOptions};
 pub use scoring::{cross_entropy, scores, topk, ScoringOptions};
 
