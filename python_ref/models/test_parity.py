@@ -36,9 +36,10 @@ from models import fame, fuxi, sasrec, train, xsmoe  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 RTOL = 1e-4
 # Gradients that are zero in exact arithmetic (a key bias shifts every score of
-# a softmax row equally) come out of the f32 side as rounding noise of ~1e-13:
-# the tolerance's scale is at least this magnitude.
-GRAD_FLOOR = 1e-7
+# a softmax row equally) come out of the f32 side as rounding noise: ~1e-13 for
+# the Amazon models, up to ~1.3e-11 for XSMoE (d = 128, the catalog-wide side
+# network): the tolerance's scale is at least this magnitude.
+GRAD_FLOOR = 1e-6
 MODELS = {
     "sasrec": sasrec.loss,
     "fame_logits": fame.loss,
