@@ -10,14 +10,52 @@
 //! tensors and other dtypes, and the reference the tests compare against).
 //! Every kernel is a sequential loop over rows, so results do not depend on
 //! the thread count.
+//!
+//! What runs where (this module, [`crate::attention`] and [`crate::dense`]):
+//! each fused op is taken only for f32 tensors on the CPU ([`fusable`]); on a
+//! CUDA tensor the caller in [`crate::nn`] composes the same function from
+//! candle ops, which candle runs on the GPU (none of these ops has a
+//! `cuda_fwd`: the composed forms are candle's own CUDA kernels and cuBLAS).
+//!
+//! | op | CPU f32 | CUDA |
+//! |---|---|---|
+//! | layer norm ([`layer_norm`]) | fused | composed: mean, centre, variance, scale |
+//! | softmax, masked softmax | fused | composed: max-shifted exp over its sum |
+//! | bias add ([`add_bias`]) | fused | composed `broadcast_add` |
+//! | dropout ([`apply_mask`]) | fused | `x * mask`, the mask uploaded |
+//! | attention ([`crate::attention`]) | fused, visible keys only | composed split-head `softmax(q kᵀ/√dh + bias) v` |
+//! | linear ([`crate::dense`]) | fused gemm | `matmul` (cuBLAS) + bias add |
+//!
+//! Dropout masks are drawn on the host from the run's seeded generator on
+//! every device (and uploaded on CUDA), so a seed gives the same masks
+//! everywhere. [`composed`] makes the CPU take the composed forms too (the
+//! reference for the fused path).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
 
 use crate::error::Result;
 
-/// Whether `t` can take the fused path (an f32 tensor on the CPU).
+thread_local! {
+    static COMPOSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every fused op of this crate stepping aside for its composed
+/// candle form on this thread, as on a CUDA device: the reference a fused
+/// training step is compared with (`models/tests/devices.rs`).
+pub fn composed<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            COMPOSED.set(self.0);
+        }
+    }
+    let _restore = Restore(COMPOSED.replace(true));
+    f()
+}
+
+/// Whether `t` can take the fused path: an f32 tensor on the CPU, outside [`composed`].
 pub fn fusable(t: &Tensor) -> bool {
-    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && !COMPOSED.get()
 }
 
 /// The contiguous f32 elements of a CPU storage under `layout`.
@@ -595,5 +633,20 @@ pub(crate) mod tests {
         );
         let x = random(&[4, 3], &mut rng);
         assert!(apply_mask(&x, vec![1.0; 5]).is_err());
+    }
+
+    #[test]
+    fn composed_turns_the_fused_path_off_on_its_thread_only() {
+        let x = random(&[2, 3], &mut Rng::new(4));
+        assert!(fusable(&x));
+        composed(|| {
+            assert!(!fusable(&x));
+            std::thread::scope(|s| s.spawn(|| assert!(fusable(&x))).join().unwrap());
+            assert!(layer_norm(&x, &x.get(0).unwrap(), &x.get(1).unwrap(), 1e-8)
+                .unwrap()
+                .is_none());
+        });
+        assert!(fusable(&x));
+        assert!(!fusable(&x.to_dtype(DType::F64).unwrap()));
     }
 }

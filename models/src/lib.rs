@@ -13,6 +13,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod data;
 pub mod dense;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod fame;

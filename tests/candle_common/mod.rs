@@ -89,10 +89,12 @@ fn require_gpu() -> bool {
     std::env::var("MOEREC_REQUIRE_GPU").is_ok_and(|v| v == "1")
 }
 
-/// candle's CUDA device 0 with moerec's kernels compiled in, or why not.
-fn cuda_device() -> Result<Device, String> {
-    if !cfg!(feature = "candle-cuda") {
-        return Err("moerec's `candle-cuda` feature is off (candle's CUDA tensors are refused)".into());
+/// candle's CUDA device 0 with moerec's kernels compiled in, or why not;
+/// `feature_off`: why the test crate's CUDA feature is off (the feature is
+/// the calling crate's, so the caller evaluates it: see [`candle_main`]).
+fn cuda_device(feature_off: Option<&str>) -> Result<Device, String> {
+    if let Some(reason) = feature_off {
+        return Err(reason.into());
     }
     if !moerec::cuda::kernels_compiled() {
         return Err("moerec's kernels were not compiled into this build (no nvcc)".into());
@@ -108,14 +110,16 @@ fn outcome(result: TestResult) -> Result<(), Failed> {
 /// command line and output. A CUDA trial that cannot run is reported as
 /// ignored with the reason (with `MOEREC_REQUIRE_GPU=1`: failed), never as
 /// passed. `source` is the binary's own text, which must hold no `#[test]`:
-/// under `harness = false` such a test would never run.
-pub fn run(source: &str, bodies: &[Body]) -> ExitCode {
+/// under `harness = false` such a test would never run. `feature_off`: why
+/// the calling crate cannot reach candle's CUDA tensors (its feature is off),
+/// or `None`.
+pub fn run(source: &str, feature_off: Option<&'static str>, bodies: &[Body]) -> ExitCode {
     let mut trials = Vec::new();
     for &(name, body) in bodies {
         trials.push(Trial::test(format!("cpu::{name}"), move || outcome(body(&Device::Cpu))));
         trials.push(Trial::ignorable_test(
             format!("cuda::{name}"),
-            move || match cuda_device() {
+            move || match cuda_device(feature_off) {
                 Ok(device) => outcome(body(&device)).map(|()| Completion::Completed),
                 Err(reason) if require_gpu() => Err(Failed::from(format!(
                     "MOEREC_REQUIRE_GPU=1 but the candle CUDA trial cannot run: {reason}"
@@ -137,15 +141,20 @@ pub fn run(source: &str, bodies: &[Body]) -> ExitCode {
     libtest_mimic::run(&Arguments::from_args(), trials).exit_code()
 }
 
-/// `fn main` of a candle test binary: its test bodies by name.
+/// `fn main` of a candle test binary of the moerec crate: its test bodies by
+/// name (`models/tests/devices.rs` calls [`run`] with its own crate's feature).
+#[allow(unused_macros)]
 macro_rules! candle_main {
     ($($body:ident),* $(,)?) => {
         fn main() -> std::process::ExitCode {
             candle_common::run(
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/", file!())),
+                (!cfg!(feature = "candle-cuda"))
+                    .then_some("moerec's `candle-cuda` feature is off (candle's CUDA tensors are refused)"),
                 &[$((stringify!($body), $body as fn(&candle_core::Device) -> candle_common::TestResult)),*],
             )
         }
     };
 }
+#[allow(unused_imports)]
 pub(crate) use candle_main;

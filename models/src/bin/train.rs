@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use moerec_models::data::{self, MAX_LEN};
+use moerec_models::device::{self, DeviceChoice};
 use moerec_models::error::{Error, Result};
 use moerec_models::fame::{Fame, FameConfig};
 use moerec_models::fuxi::{FeedForward, Fuxi, FuxiConfig, TableScoring};
@@ -31,6 +32,8 @@ usage: train [options]
   --data PATH              interaction file (default data/Beauty.txt)
   --num-items N            declared catalog size (default: the largest id)
   --seed N                 initialisation, shuffling and dropout seed (default 42)
+  --device auto|cpu|cuda   where to train (default auto: CUDA device 0 when this build
+                           has the `cuda` feature and a usable GPU, else the CPU)
   --time-budget SECONDS    stop training after this long; 0 = no limit (default 180)
   --max-epochs N           (default 200)
   --patience N             epochs without a better validation NDCG@10 (default 10)
@@ -95,6 +98,7 @@ fn run() -> Result<()> {
     let mut scoring = TableScoring::PerHead;
     let mut results = None;
     let mut note = String::new();
+    let mut device_choice = DeviceChoice::Auto;
     while let Some(flag) = args.next() {
         let mut value = || {
             args.next()
@@ -109,6 +113,7 @@ fn run() -> Result<()> {
             "--data" => data_path = PathBuf::from(value()?),
             "--num-items" => num_items = Some(number(&flag, &value()?)?),
             "--seed" => seed = number(&flag, &value()?)?,
+            "--device" => device_choice = value()?.parse()?,
             "--time-budget" => budget = number(&flag, &value()?)?,
             "--max-epochs" => config.max_epochs = number(&flag, &value()?)?,
             "--patience" => config.patience = number(&flag, &value()?)?,
@@ -154,8 +159,16 @@ fn run() -> Result<()> {
     }
     config.seed = seed;
     config.time_budget = (budget > 0).then(|| Duration::from_secs(budget));
-    let device = Device::Cpu;
     if model_name.starts_with("xsmoe") {
+        // XSMoE's stream trainer builds its tensors on the CPU (not checked on CUDA).
+        if device_choice == DeviceChoice::Cuda {
+            return Err(bad(
+                "--device",
+                "cpu or auto for XSMoE (its trainer runs on the CPU)",
+                "cuda",
+            ));
+        }
+        eprintln!("device: cpu (XSMoE trains on the CPU)");
         let side = match model_name.as_str() {
             "xsmoe" => Side::Expandable {
                 experts: experts.unwrap_or(1),
@@ -180,6 +193,8 @@ fn run() -> Result<()> {
         );
     }
     let (dim, experts) = (dim.unwrap_or(64), experts.unwrap_or(4));
+    let (device, picked) = device::select(device_choice)?;
+    eprintln!("device: {picked}");
     let dataset = data::load(&data_path, num_items)?;
     let split = data::split(&dataset, MAX_LEN)?;
     let encoder = EncoderConfig {
