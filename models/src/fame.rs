@@ -79,6 +79,28 @@ impl FameConfig {
     }
 }
 
+/// `name.weight` `[shape]` drawn N(0, [`INIT_STD`]²) and a zero `name.bias` of `bias_shape`.
+fn stacked(
+    params: &mut Params,
+    name: &str,
+    shape: (usize, usize, usize),
+    bias_shape: &[usize],
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let weight = params.normal(
+        &format!("{name}.weight"),
+        &[shape.0, shape.1, shape.2],
+        INIT_STD,
+        rng,
+        device,
+    )?;
+    Ok((
+        weight,
+        params.constant(&format!("{name}.bias"), bias_shape, 0.0, device)?,
+    ))
+}
+
 /// Per-head parameters stacked over heads: `[H, ...]`, applied with batched matmuls.
 struct PerHead {
     weight: Tensor,
@@ -94,16 +116,8 @@ impl PerHead {
         rng: &mut Rng,
         device: &Device,
     ) -> Result<Self> {
-        Ok(Self {
-            weight: params.normal(
-                &format!("{name}.weight"),
-                &[shape.0, shape.1, shape.2],
-                INIT_STD,
-                rng,
-                device,
-            )?,
-            bias: params.constant(&format!("{name}.bias"), &[shape.0, 1, shape.2], 0.0, device)?,
-        })
+        let (weight, bias) = stacked(params, name, shape, &[shape.0, 1, shape.2], rng, device)?;
+        Ok(Self { weight, bias })
     }
 
     /// `x: [H, R, fan_in]` -> `[H, R, fan_out]`.
@@ -121,17 +135,8 @@ struct QueryExperts {
 
 impl QueryExperts {
     fn new(params: &mut Params, shape: (usize, usize, usize), rng: &mut Rng, device: &Device) -> Result<Self> {
-        let name = "fame.query_experts";
-        Ok(Self {
-            weight: params.normal(
-                &format!("{name}.weight"),
-                &[shape.0, shape.1, shape.2],
-                INIT_STD,
-                rng,
-                device,
-            )?,
-            bias: params.constant(&format!("{name}.bias"), &[shape.0, shape.2], 0.0, device)?,
-        })
+        let (weight, bias) = stacked(params, "fame.query_experts", shape, &[shape.0, shape.2], rng, device)?;
+        Ok(Self { weight, bias })
     }
 
     /// `x: [tokens, D]` -> `[E, tokens, dh]`: every token through every expert
