@@ -3,7 +3,9 @@
 #   run(command="bash scripts/gpu-run.sh", carry=[".gpu"], timeout_s=540)
 # From the repo root on the GPU machine (nvcc, driver, PyTorch; no Rust):
 #   1. every test binary with MOEREC_REQUIRE_GPU=1 (a CUDA trial that cannot
-#      run fails), then the example;
+#      run fails), then the example; then the candle CUDA trials (moerec's
+#      `candle_*`, the models' `devices`) and a short CUDA-vs-CPU training
+#      smoke of `train` (1b);
 #   2. compute-sanitizer memcheck, racecheck, synccheck and initcheck on one
 #      short CUDA test per kernel family;
 #   3. a reduced benchmark set (DESIGN 5 reference points, short criterion
@@ -20,6 +22,10 @@
 #   bash scripts/gpu-stage.sh
 #   LD_LIBRARY_PATH=$(bash emu/libcuda/build.sh) OUT=/tmp/gpu-out \
 #     MOEREC_GPU_BUDGET_S=120 MOEREC_GPU_TESTS='streams-test' bash scripts/gpu-run.sh
+# Step 1b without the CUDA build: stage default-feature `train`, `devices`
+# and `candle_*` binaries as .gpu/cuda/<name> in binaries.tar.xz; their CUDA
+# trials then fail under MOEREC_REQUIRE_GPU=1 and `train --device cuda`
+# fails naming the missing feature, which is what is rehearsed.
 set -uo pipefail
 start=$SECONDS
 budget=${MOEREC_GPU_BUDGET_S:-450}
@@ -50,6 +56,75 @@ for example in .gpu/examples/*; do
   [ -e "$example" ] || { fail "no staged example"; continue; }
   "$example" >> "$out/example.log" 2>&1 || fail "$example"
 done
+
+# 1b. candle on CUDA (binaries built with candle-core's `cuda`, which links
+# the CUDA 13 libraries: the driver's libcuda and PyTorch's or the toolkit's
+# cuBLAS, cuBLASLt, cuRAND, NVRTC): moerec's candle trials, the models'
+# device trials, then a training smoke of `train` (SASRec and FAME on
+# Beauty's first 2560 users: 10 steps of 256 on CUDA and the same on the CPU
+# for the ratio; loss and seq/s in $out/train-smoke.jsonl and .log). Inside
+# the budget: ~2 min estimated on a GPU machine, taken from the sanitizer
+# and bench steps after it.
+cuda_libs=$(python3 - <<'PY' 2>/dev/null
+import glob, os, site, sys
+roots = site.getsitepackages() + [site.getusersitepackages()]
+dirs = [d for r in roots for d in glob.glob(os.path.join(r, "nvidia", "*", "lib"))]
+dirs += glob.glob("/usr/local/cuda*/lib64") + glob.glob("/usr/local/cuda*/targets/*/lib")
+print(":".join(sorted(set(dirs))))
+PY
+)
+cuda_env=(env "LD_LIBRARY_PATH=${cuda_libs:+$cuda_libs:}${LD_LIBRARY_PATH:-}")
+if [ ! -x .gpu/cuda/train ]; then
+  fail "no staged candle CUDA binaries (.gpu/cuda): run scripts/gpu-stage.sh"
+elif missing=$("${cuda_env[@]}" ldd .gpu/cuda/train | grep 'not found'); then
+  fail "candle CUDA binaries cannot load (searched ${cuda_libs:-nothing}): $(echo "$missing" | tr -s ' \t\n' ' ')"
+else
+  for test in .gpu/cuda/candle_* .gpu/cuda/devices; do
+    if [ "$(left)" -le 60 ]; then
+      fail "skipped $test: $(left) s left of $budget"
+      continue
+    fi
+    t0=$SECONDS
+    echo "== $test" >> "$out/candle-cuda.log"
+    "${cuda_env[@]}" timeout 120 "$test" --test-threads=1 >> "$out/candle-cuda.log" 2>&1 || fail "$test"
+    note "$(basename "$test") (candle CUDA): $((SECONDS - t0)) s"
+  done
+  grep -E "^test result|FAILED|panicked" "$out/candle-cuda.log"
+  # Each evaluation ranks these users against the whole catalog; the
+  # steps' seq/s include CUDA's start-up (cuBLAS handles, PTX loading).
+  head -n 2560 data/Beauty.txt > "$out/beauty-2560.txt"
+  for model in sasrec fame; do
+    for dev in cuda cpu; do
+      if [ "$(left)" -le 60 ]; then
+        fail "skipped the $model training smoke on $dev: $(left) s left of $budget"
+        continue
+      fi
+      t0=$SECONDS
+      echo "== $model on $dev" >> "$out/train-smoke.log"
+      "${cuda_env[@]}" timeout 90 .gpu/cuda/train --model "$model" --device "$dev" \
+        --data "$out/beauty-2560.txt" --num-items 12101 --seed 1 --max-epochs 1 --time-budget 0 --quiet \
+        --results "$out/train-smoke.jsonl" --note "gpu-run.sh smoke on $dev ($device), 10 steps" \
+        >> "$out/train-smoke.log" 2>&1 || fail "train --model $model --device $dev"
+      note "train $model on $dev: $((SECONDS - t0)) s"
+    done
+  done
+  [ -s "$out/train-smoke.jsonl" ] && python3 - "$out/train-smoke.jsonl" <<'PY' | tee -a "$out/summary.log" || fail "reading $out/train-smoke.jsonl"
+import json, sys
+runs = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    runs[(r["model"], "cuda" if " on cuda " in r["note"] else "cpu")] = r
+for model in ("sasrec", "fame"):
+    got = {d: runs.get((model, d)) for d in ("cuda", "cpu")}
+    line = [f"{model}:"]
+    for d, r in got.items():
+        if r:
+            line.append(f"{d} loss {r['epoch_losses'][-1]:.5f} {r['sequences_per_s']:.0f} seq/s")
+    if all(got.values()):
+        line.append(f"cuda/cpu {got['cuda']['sequences_per_s'] / got['cpu']['sequences_per_s']:.2f}x")
+    print("  ".join(line))
+PY
+fi
 
 # 2. compute-sanitizer: one short CUDA test per kernel family.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
