@@ -29,10 +29,11 @@
 //   scoring_scores_<T>           S or P, -inf / 0 at excluded items
 //   scoring_ce_loss_<T>          per row: target checks and the loss
 //   scoring_backward_rows_<T>    per row: target checks, weight, responsibilities
+//                                (and dG of Probabilities cross-entropy)
 //   scoring_backward_user_<T>    per (item chunk, row tile, head, K group): dA partials
 //   scoring_backward_items_<T>   per (item tile, K group): dX and d item_bias
 //   scoring_backward_finish_user chunks of dA summed in order -> dU
-//   scoring_backward_finish_gates_<T>  dG per row
+//   scoring_backward_finish_gates_<T>  dG per row (the other passes)
 // Every reduction runs in an order fixed by the shapes: no float atomics.
 #include "scoring.cuh"
 
@@ -216,18 +217,10 @@ __device__ uint32_t checked_target(const ScoringParams& p, uint32_t b) {
   return target;
 }
 
-// log(g_h q_h(y)) = log g_h + s_h(y) - lse_h: head h's share of P(y) in log space.
-template <typename T>
-__device__ float log_joint(const ScoringParams& p, uint32_t b, uint32_t h, uint32_t target) {
-  const u64 bh = static_cast<u64>(b) * p.heads + h;
-  return p.log_gates[bh] + (single_score<T>(p, b, h, target) + bias_of(p, target)) - p.row_lse[bh];
-}
-
-template <typename T>
-__device__ float log_target_probability(const ScoringParams& p, uint32_t b, uint32_t target) {
-  LogSumExp log_p = lse_empty();
-  for (uint32_t h = 0; h < p.heads; ++h) lse_push(log_p, log_joint<T>(p, b, h, target));
-  return lse_value(log_p);
+// l_h = log q_h(y) = s_h(y) - lse_h of row b, head h, from the forward's
+// target logit and lse (exactly 0 for a target that is the only eligible item).
+__device__ __forceinline__ float log_target_probability(const ScoringParams& p, u64 bh) {
+  return p.target_logits[bh] - p.row_lse[bh];
 }
 
 // The forward's -log P(y) = lse_h(G_h) - lse_h(G_h + s_h(y) - lse_h), with the
@@ -243,7 +236,7 @@ __device__ float mixture_loss(const ScoringParams& p, uint32_t b) {
     const u64 bh = static_cast<u64>(b) * p.heads + h;
     const float g = to_f32(logits[bh]);
     lse_push(gates, g);
-    lse_push(joint, g + (p.target_logits[bh] - p.row_lse[bh]));
+    lse_push(joint, g + log_target_probability(p, bh));
   }
   return lse_value(gates) - lse_value(joint);
 }
@@ -267,9 +260,34 @@ __device__ void ce_loss(const ScoringParams& p) {
 
 // ---------------------------------------------------------------- backward
 
+// Probabilities cross-entropy, an active row b: coef_h = dloss * r_h with the
+// responsibilities r_h = g_h q_h(y) / P(y) from log space (finite where P
+// underflows), and dG_h = dloss * (g_h - r_h) as g_h t_h / (1 + t_h) with
+// t_h = sum_k g_k expm1(l_k - l_h) (= P / q_h - 1, the gates summing to 1):
+// exactly 0 when every head gives the target the same probability (one
+// eligible item: every l_h = 0) and accurate where r is close to g, where
+// g_h - r_h is rounding noise. Outside t_h in [-1/2, 1] (or for a non-finite
+// t_h) the difference does not cancel and is taken directly. The CPU
+// (MixtureTerms in src/ops/scoring/cpu/backward.rs) computes the same.
+__device__ void mixture_row(const ScoringParams& p, u64 b, float dloss) {
+  const u64 row = b * p.heads;
+  LogSumExp joint = lse_empty();
+  for (uint32_t h = 0; h < p.heads; ++h) lse_push(joint, p.log_gates[row + h] + log_target_probability(p, row + h));
+  const float log_p = lse_value(joint);
+  for (uint32_t h = 0; h < p.heads; ++h) {
+    const float l = log_target_probability(p, row + h);
+    const float r = expf(p.log_gates[row + h] + l - log_p);
+    float t = 0.0f;
+    for (uint32_t k = 0; k < p.heads; ++k) t += p.gates[row + k] * expm1f(log_target_probability(p, row + k) - l);
+    const float g = p.gates[row + h];
+    p.row_coef[row + h] = dloss * r;
+    p.d_gates[row + h] = dloss * (t >= -0.5f && t <= 1.0f ? g * (t / (1.0f + t)) : g - r);
+  }
+}
+
 // Per row: the target (kNoTarget for scores), the weight dloss, and for
-// Probabilities cross-entropy coef_h = dloss * r_h with the responsibilities
-// r_h = g_h q_h(y) / P(y) from log space.
+// Probabilities cross-entropy coef_h and dG (mixture_row; zeros for an
+// inactive row).
 template <typename T>
 __device__ void backward_rows(const ScoringParams& p) {
   for (u64 row = moerec::global_thread_index(); row < p.batch; row += moerec::global_thread_count()) {
@@ -284,10 +302,13 @@ __device__ void backward_rows(const ScoringParams& p) {
     p.row_target[b] = target;
     p.row_weight[b] = weight;
     if (!has(p, kProbabilities)) continue;
-    const float log_p = target == kInactive ? 0.0f : log_target_probability<T>(p, b, target);
+    if (target != kInactive) {
+      mixture_row(p, row, weight);
+      continue;
+    }
     for (uint32_t h = 0; h < p.heads; ++h) {
-      p.row_coef[row * p.heads + h] =
-          target == kInactive ? 0.0f : weight * expf(log_joint<T>(p, b, h, target) - log_p);
+      p.row_coef[row * p.heads + h] = 0.0f;
+      p.d_gates[row * p.heads + h] = 0.0f;
     }
   }
 }
@@ -691,10 +712,14 @@ __device__ void backward_finish_user(const ScoringParams& p) {
 
 // One thread per row: dG. dL/dg_h is scale <U[b, h], dA_h> + sum_v dS item_bias
 // for Logits mixing (dA summed by backward_finish_user), <q_h, dS> for
-// Probabilities scores; then through the gate softmax. Probabilities
-// cross-entropy: dloss * (g - r) directly.
+// Probabilities scores; then through the gate softmax,
+// g_h (dg_h - sum_k g_k dg_k), taken relative to dg_0 (the gates sum to 1) so
+// that it is exactly 0 when every head's dg is the same (Probabilities scores
+// of a row with one eligible item) instead of rounding noise; the CPU
+// computes the same. Probabilities cross-entropy: backward_rows wrote dG.
 template <typename T>
 __device__ void backward_finish_gates(const ScoringParams& p) {
+  if (has(p, kProbabilities) && has(p, kCrossEntropy)) return;
   const T* user = static_cast<const T*>(p.user);
   for (u64 b = moerec::global_thread_index(); b < p.batch; b += moerec::global_thread_count()) {
     const u64 row = b * p.heads;
@@ -702,15 +727,12 @@ __device__ void backward_finish_gates(const ScoringParams& p) {
       for (uint32_t h = 0; h < p.heads; ++h) p.d_gates[row + h] = 0.0f;
       continue;
     }
-    if (has(p, kProbabilities) && has(p, kCrossEntropy)) {
-      for (uint32_t h = 0; h < p.heads; ++h) p.d_gates[row + h] = p.row_weight[b] * p.gates[row + h] - p.row_coef[row + h];
-      continue;
-    }
     float bias_sum = 0.0f;
     if (!has(p, kProbabilities)) {
       for (uint32_t c = 0; c < p.user_chunks; ++c) bias_sum += p.bias_partials[static_cast<u64>(c) * p.batch + b];
     }
     float mean = 0.0f;
+    float pivot = 0.0f;
     for (uint32_t h = 0; h < p.heads; ++h) {
       float d_gate;
       if (has(p, kProbabilities)) {
@@ -726,10 +748,13 @@ __device__ void backward_finish_gates(const ScoringParams& p) {
         }
         d_gate = p.scale * dot + bias_sum;
       }
+      if (h == 0) pivot = d_gate;
       p.d_gates[row + h] = d_gate;
-      mean += p.gates[row + h] * d_gate;
+      mean += p.gates[row + h] * (d_gate - pivot);
     }
-    for (uint32_t h = 0; h < p.heads; ++h) p.d_gates[row + h] = p.gates[row + h] * (p.d_gates[row + h] - mean);
+    for (uint32_t h = 0; h < p.heads; ++h) {
+      p.d_gates[row + h] = p.gates[row + h] * ((p.d_gates[row + h] - pivot) - mean);
+    }
   }
 }
 }  // namespace

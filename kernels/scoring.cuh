@@ -42,7 +42,7 @@ struct ScoringParams {
   float* row_coef;                   // [B, heads_out]
   float* row_weight;                 // [B]
   uint32_t* row_target;              // [B]
-  float* target_logits;              // [B, heads_out] (cross-entropy forward)
+  float* target_logits;              // [B, heads_out] (cross-entropy: forward output, backward input)
   float* user_partials;              // [user_chunks, B, a_width]
   float* bias_partials;              // [user_chunks, B]
   float* out;                        // scores [B, V] or loss [B]
@@ -263,33 +263,6 @@ __device__ __forceinline__ unsigned long long table_offset(const ScoringParams& 
                                                            uint32_t d) {
   const unsigned long long table = has(p, kShared) ? 0 : h;
   return (table * p.num_items + v) * p.width + d;
-}
-
-// The tile value of row b, item v, output head j computed alone (the target
-// logit of the cross-entropy): the tile's arithmetic in its order for f32
-// (bitwise equal), per-head f32 dot products for bf16/f16 (equal up to the
-// accumulation order inside the tensor cores).
-template <typename T>
-__device__ float single_score(const ScoringParams& p, uint32_t b, uint32_t j, uint32_t v) {
-  const T* items = static_cast<const T*>(p.items);
-  if constexpr (kTensorCores<T>) {
-    const T* user = static_cast<const T*>(p.user);
-    float total = 0.0f;
-    for (uint32_t h = first_head(p, j); h < end_head(p, j); ++h) {
-      float dot = 0.0f;
-      for (uint32_t d = 0; d < p.width; ++d) {
-        dot = fmaf(moerec::to_f32(user[user_offset(p, b, h, d)]), moerec::to_f32(items[table_offset(p, h, v, d)]), dot);
-      }
-      total = fmaf(head_coefficient(p, b, h), dot, total);
-    }
-    return total;
-  } else {
-    const float* a =
-        p.mixed_user + static_cast<unsigned long long>(b) * p.a_width + static_cast<unsigned long long>(j) * p.k;
-    float acc = 0.0f;
-    for (uint32_t k = 0; k < p.k; ++k) acc = fmaf(a[k], moerec::to_f32(items[item_offset(p, j, v, k)]), acc);
-    return acc;
-  }
 }
 
 // The f32 engine: value 4 i + jj = <A_j[row0 + ty + 16 i], X_j[item0 + tx + 16 jj]>

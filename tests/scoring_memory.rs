@@ -80,7 +80,7 @@ fn cross_entropy_memory_stays_within_its_workspace() {
         PEAK.store(baseline, Ordering::SeqCst);
         let (loss, saved) = scoring::cross_entropy(&inputs, &targets, None).unwrap();
         let grads = scoring::cross_entropy_backward(&inputs, &dloss, &saved).unwrap();
-        let outputs = 4 * (loss.len() + saved.lse().len() + batch)
+        let outputs = 4 * (loss.len() + saved.lse().len() + saved.target_logits().len() + batch)
             + 4 * (grads.user.len() + grads.gate_logits.len() + grads.items.len() + grads.item_bias.len());
         let extra = PEAK.load(Ordering::SeqCst) - baseline - outputs;
         assert!(

@@ -10,7 +10,7 @@ mod backward;
 mod tiles;
 mod topk;
 
-use super::{Mixing, ScoringShape};
+use super::{Mixing, RowTerms, ScoringShape};
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
 use crate::ops::check_len;
@@ -165,26 +165,28 @@ fn active_targets(tiling: &Tiling<'_, impl FloatElement>, targets: &[u32], ignor
         .collect()
 }
 
-/// `loss[b] = -log P[b, targets[b]]` (0 for ignored rows) and the row
-/// log-sum-exps the backward needs: `lse` is `[B]` for Logits mixing, `[B, H]`
-/// for Probabilities.
+/// `loss[b] = -log P[b, targets[b]]` (0 for ignored rows) and the row terms
+/// the backward needs: `[B]` each for Logits mixing, `[B, H]` for
+/// Probabilities.
 pub fn cross_entropy<T: FloatElement>(
     operands: Operands<'_, T>,
     targets: &[u32],
     ignore: Option<u32>,
     loss: &mut [f32],
-    lse: &mut [f32],
+    saved: RowTerms<&mut [f32]>,
 ) -> Result<()> {
     let tiling = Tiling::new(operands)?;
     let ScoringShape { batch, heads, .. } = tiling.shape();
     let targets = active_targets(&tiling, targets, ignore)?;
     let per_row = lse_per_row(operands.mixing, heads);
     check_len("loss", loss.len(), batch)?;
-    check_len("lse", lse.len(), batch * per_row)?;
+    check_len("lse", saved.lse.len(), batch * per_row)?;
+    check_len("target_logits", saved.target_logits.len(), batch * per_row)?;
     let (row_lse, target_logits) = tiling.row_lse_and_target_logits(&targets);
-    lse.copy_from_slice(&row_lse);
+    saved.lse.copy_from_slice(&row_lse);
+    saved.target_logits.copy_from_slice(&target_logits);
     loss.par_iter_mut()
-        .zip(lse.par_chunks(per_row))
+        .zip(row_lse.par_chunks(per_row))
         .zip(target_logits.par_chunks(per_row))
         .enumerate()
         .for_each(|(b, ((loss, lse), s))| {
@@ -218,26 +220,24 @@ pub fn lse_per_row(mixing: Mixing, heads: usize) -> usize {
     }
 }
 
-/// Gradients of `L = sum_b dloss[b] * loss[b]`, from the forward's `lse`.
+/// Gradients of `L = sum_b dloss[b] * loss[b]`, from the forward's row terms.
 pub fn cross_entropy_backward<T: FloatElement>(
     operands: Operands<'_, T>,
     targets: &[u32],
     ignore: Option<u32>,
     dloss: &[f32],
-    lse: &[f32],
+    saved: RowTerms<&[f32]>,
     grads: GradientsMut<'_>,
 ) -> Result<()> {
     let tiling = Tiling::new(operands)?;
     let shape = tiling.shape();
     let targets = active_targets(&tiling, targets, ignore)?;
     check_len("dloss", dloss.len(), shape.batch)?;
-    check_len(
-        "lse",
-        lse.len(),
-        shape.batch * lse_per_row(operands.mixing, shape.heads),
-    )?;
+    let per_row = shape.batch * lse_per_row(operands.mixing, shape.heads);
+    check_len("lse", saved.lse.len(), per_row)?;
+    check_len("target_logits", saved.target_logits.len(), per_row)?;
     check_gradients(shape, &grads)?;
-    Backward::new(tiling, Upstream::CrossEntropy { dloss, targets, lse }).run(grads);
+    Backward::new(tiling, Upstream::CrossEntropy { dloss, targets, saved }).run(grads);
     Ok(())
 }
 

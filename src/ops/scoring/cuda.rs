@@ -14,7 +14,7 @@ mod plan;
 pub use params::{decode_status, DataError};
 pub use plan::{cross_entropy_workspace_bytes, Pass, Plan};
 
-use super::{Mixing, ScoringShape};
+use super::{Mixing, RowTerms, ScoringShape};
 use crate::cuda::{driver_error, grid_stride_config, CudaDevice};
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
@@ -218,8 +218,9 @@ pub fn scores_backward<T: FloatElement>(
     unsafe { launcher.backward(&params) }
 }
 
-/// `loss [B]` and the per-row log-sum-exps `lse` (`[B]` Logits, `[B, H]`
-/// Probabilities). Targets >= V and excluded targets go to `status`.
+/// `loss [B]` and the row terms the backward needs (`[B]` each for Logits,
+/// `[B, H]` for Probabilities). Targets >= V and excluded targets go to
+/// `status`.
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy<T: FloatElement>(
     device: &CudaDevice,
@@ -228,14 +229,15 @@ pub fn cross_entropy<T: FloatElement>(
     targets: &CudaView<u32>,
     ignore: Option<u32>,
     loss: &mut CudaViewMut<f32>,
-    lse: &mut CudaViewMut<f32>,
+    saved: RowTerms<&mut CudaViewMut<f32>>,
     status: &mut CudaViewMut<u64>,
 ) -> Result<()> {
     let (plan, lens) = start(operands, status, Pass::CrossEntropy)?;
     let batch = plan.shape.batch;
     check_len("targets", targets.len(), batch)?;
     check_len("loss", loss.len(), batch)?;
-    check_len("lse", lse.len(), batch * plan.heads_out)?;
+    check_len("lse", saved.lse.len(), batch * plan.heads_out)?;
+    check_len("target_logits", saved.target_logits.len(), batch * plan.heads_out)?;
     let mut workspace = Workspace::new(stream, lens)?;
     let mut params = plan.params(operands.scale);
     let mut pointers = Pointers::new(stream);
@@ -244,7 +246,8 @@ pub fn cross_entropy<T: FloatElement>(
     targets_flags(&mut params, ignore);
     params.targets = pointers.read(targets);
     params.out = pointers.write(loss);
-    params.row_lse = pointers.write(lse);
+    params.row_lse = pointers.write(saved.lse);
+    params.target_logits = pointers.write(saved.target_logits);
     params.status = pointers.write(status);
     let launcher = Launcher::new(device, stream, T::DTYPE, plan);
     // SAFETY: bound above: operands checked, the CrossEntropy workspace, status [1].
@@ -252,7 +255,7 @@ pub fn cross_entropy<T: FloatElement>(
     if batch == 0 {
         return Ok(());
     }
-    // SAFETY: row_lse is the `lse` output, B * heads_out (checked).
+    // SAFETY: row_lse and target_logits are the outputs, B * heads_out (checked).
     unsafe { launcher.row_reduction(&mut params, false)? };
     // SAFETY: one thread per row: targets [B], loss [B] (checked); X is read
     // only at targets below V.
@@ -267,7 +270,7 @@ pub fn cross_entropy<T: FloatElement>(
     }
 }
 
-/// Gradients of `sum_b dloss[b] * loss[b]` from the forward's `lse`;
+/// Gradients of `sum_b dloss[b] * loss[b]` from the forward's row terms;
 /// ignored rows and excluded items contribute exact zeros.
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_backward<T: FloatElement>(
@@ -277,7 +280,7 @@ pub fn cross_entropy_backward<T: FloatElement>(
     targets: &CudaView<u32>,
     ignore: Option<u32>,
     dloss: &CudaView<f32>,
-    lse: &CudaView<f32>,
+    saved: RowTerms<&CudaView<f32>>,
     grads: &mut GradientsMut<'_>,
     status: &mut CudaViewMut<u64>,
 ) -> Result<()> {
@@ -285,7 +288,8 @@ pub fn cross_entropy_backward<T: FloatElement>(
     let batch = plan.shape.batch;
     check_len("targets", targets.len(), batch)?;
     check_len("dloss", dloss.len(), batch)?;
-    check_len("lse", lse.len(), batch * plan.heads_out)?;
+    check_len("lse", saved.lse.len(), batch * plan.heads_out)?;
+    check_len("target_logits", saved.target_logits.len(), batch * plan.heads_out)?;
     check_gradients(plan.shape, grads)?;
     let mut workspace = Workspace::new(stream, lens)?;
     let mut params = plan.params(operands.scale);
@@ -295,8 +299,9 @@ pub fn cross_entropy_backward<T: FloatElement>(
     targets_flags(&mut params, ignore);
     params.targets = pointers.read(targets);
     params.dloss = pointers.read(dloss);
-    // Read only: the backward kernels never write row_lse.
-    params.row_lse = pointers.read(lse);
+    // Read only: the backward kernels never write row_lse or target_logits.
+    params.row_lse = pointers.read(saved.lse);
+    params.target_logits = pointers.read(saved.target_logits);
     bind_gradients(stream, batch, grads, &mut params, &mut pointers)?;
     params.status = pointers.write(status);
     let launcher = Launcher::new(device, stream, T::DTYPE, plan);
@@ -305,7 +310,8 @@ pub fn cross_entropy_backward<T: FloatElement>(
     if batch == 0 {
         return Ok(());
     }
-    // SAFETY: targets and dloss [B], lse [B, heads_out] (checked), gradients checked.
+    // SAFETY: targets and dloss [B], lse and target_logits [B, heads_out]
+    // (checked), gradients checked.
     unsafe { launcher.backward(&params) }
 }
 

@@ -10,8 +10,9 @@
 //!   (Logits mixing, -inf at excluded items) or the probabilities P
 //!   (Probabilities mixing, 0 there) — the quantity [`topk`] ranks by.
 //! - [`topk`] returns the n best items per row without materialising `[B, V]`.
-//! - [`cross_entropy`] keeps only per-row log-sum-exps; its backward
-//!   recomputes the scores tile by tile. Nothing of size `B * V` is allocated
+//! - [`cross_entropy`] keeps only per-row log-sum-exps and the targets'
+//!   logits ([`Saved`], O(B * H)); its backward recomputes the scores tile
+//!   by tile. Nothing of size `B * V` is allocated
 //!   ([`workspace_bytes`] and, per device, [`workspace_bytes_on`] bound the
 //!   memory beyond inputs and outputs).
 //!
@@ -24,6 +25,15 @@
 //! gate-gradient term whose item sum is exactly 0 counts as 0 (an infinite
 //! user value with no eligible item gives `dG = 0`, not NaN). Both backends
 //! follow this rule.
+//!
+//! Where a gradient is exactly 0 because the heads agree, both backends give
+//! exact zeros, not rounding noise: a row whose one eligible item is its
+//! target (cross-entropy, either mixing) or any row with one eligible item
+//! (Probabilities `scores`) has zero gradients; heads that give the target
+//! the same probability have zero cross-entropy `dG`. The gate-softmax
+//! backward is taken relative to one head's term and the mixture's
+//! `g_h - r_h` through `expm1` of the heads' log-probability differences
+//! for that reason.
 //!
 //! On a CUDA device every op queues its kernels on the device's stream and
 //! synchronises once, to read the status word of the data checks (excluded
@@ -75,6 +85,18 @@ pub enum Mixing {
     Logits,
     /// Mix the per-head softmaxes: `P = sum_h g_h softmax_v s_h`.
     Probabilities,
+}
+
+/// What the cross-entropy keeps per row for its backward, each `[B]` for
+/// Logits mixing and `[B, H]` for Probabilities (host slices or device
+/// views, for the backend layer).
+#[derive(Debug)]
+pub struct RowTerms<S> {
+    /// The log-sum-exps of the scores over the eligible items.
+    pub lse: S,
+    /// The targets' scores as they entered `lse` (unspecified in ignored
+    /// rows).
+    pub target_logits: S,
 }
 
 /// The sizes of a scoring problem.
@@ -285,13 +307,19 @@ pub struct Gradients {
 }
 
 /// What [`cross_entropy_backward`] needs beyond the operands: the targets,
-/// the ignored id and the per-row log-sum-exps (`[B]` for Logits mixing,
-/// `[B, H]` for Probabilities) — O(B * H), never O(B * V).
+/// the ignored id, the per-row log-sum-exps (`[B]` for Logits mixing,
+/// `[B, H]` for Probabilities) and the targets' logits as they entered them
+/// (same shape) — O(B * H), never O(B * V). The backward forms the heads'
+/// log-probabilities of the target, `s_h(y) - lse_h`, from the very values
+/// the loss was computed from, so that they are exactly 0 where the forward's
+/// are (a row with one eligible item) instead of the rounding difference of
+/// a second evaluation of `s_h(y)`.
 #[derive(Debug)]
 pub struct Saved {
     targets: Tensor<u32>,
     ignore: Option<u32>,
     lse: Tensor<f32>,
+    target_logits: Tensor<f32>,
     mixing: Mixing,
     shape: ScoringShape,
 }
@@ -300,6 +328,12 @@ impl Saved {
     /// The per-row log-sum-exps.
     pub fn lse(&self) -> &Tensor<f32> {
         &self.lse
+    }
+
+    /// The targets' logits as they entered [`Saved::lse`] (unspecified in
+    /// ignored rows).
+    pub fn target_logits(&self) -> &Tensor<f32> {
+        &self.target_logits
     }
 }
 
@@ -515,7 +549,8 @@ pub fn topk<T: FloatElement>(inputs: &Scoring<'_, T>, n: usize, history: Option<
 /// `loss[b] = -log P[b, targets[b]]` f32 `[B]`, 0 for rows whose target is
 /// `ignore` (checked before the range check; it may be >= V). A target >= V
 /// is [`Error::IndexOutOfRange`], an excluded target
-/// [`Error::InvalidArgument`]. Keeps only the per-row log-sum-exps.
+/// [`Error::InvalidArgument`]. Keeps only the per-row log-sum-exps and the
+/// targets' logits ([`Saved`]).
 ///
 /// ```
 /// use moerec::scoring::{self, Scoring};
@@ -550,13 +585,17 @@ pub fn cross_entropy<'t, T: FloatElement>(
     debug_assert_eq!(lse_shape.iter().product::<usize>(), shape.batch * per_row);
     let mut loss = Tensor::zeros(&[shape.batch], &device)?;
     let mut lse = Tensor::zeros(&lse_shape, &device)?;
+    let mut target_logits = Tensor::zeros(&lse_shape, &device)?;
     match &device {
         Device::Cpu => cpu::cross_entropy(
             inputs.host(shape)?,
             targets.host()?,
             ignore,
             loss.host_mut()?,
-            lse.host_mut()?,
+            RowTerms {
+                lse: lse.host_mut()?,
+                target_logits: target_logits.host_mut()?,
+            },
         )?,
         Device::Cuda(cuda_device) => {
             let stream = cuda_device.stream();
@@ -568,7 +607,10 @@ pub fn cross_entropy<'t, T: FloatElement>(
                 &targets.cuda_view()?,
                 ignore,
                 &mut loss.device_slice_mut()?.as_view_mut(),
-                &mut lse.device_slice_mut()?.as_view_mut(),
+                RowTerms {
+                    lse: &mut lse.device_slice_mut()?.as_view_mut(),
+                    target_logits: &mut target_logits.device_slice_mut()?.as_view_mut(),
+                },
                 &mut status.as_view_mut(),
             )?;
             let sources = StatusSources {
@@ -582,6 +624,7 @@ pub fn cross_entropy<'t, T: FloatElement>(
         targets: targets.to_tensor()?,
         ignore,
         lse,
+        target_logits,
         mixing: inputs.mixing,
         shape,
     };
@@ -630,6 +673,7 @@ pub fn cross_entropy_backward<'d, T: FloatElement>(
     dloss.expect_shape("dloss", &[shape.batch])?;
     dloss.expect_device("dloss", &device)?;
     saved.lse.expect_device("saved", &device)?;
+    saved.target_logits.expect_device("saved", &device)?;
     let mut grads = zeros_like_gradients(shape, &device)?;
     match &device {
         Device::Cpu => cpu::cross_entropy_backward(
@@ -637,7 +681,10 @@ pub fn cross_entropy_backward<'d, T: FloatElement>(
             saved.targets.host()?,
             saved.ignore,
             dloss.host()?,
-            saved.lse.host()?,
+            RowTerms {
+                lse: saved.lse.host()?,
+                target_logits: saved.target_logits.host()?,
+            },
             gradients_mut(&mut grads)?,
         )?,
         Device::Cuda(cuda_device) => {
@@ -650,7 +697,10 @@ pub fn cross_entropy_backward<'d, T: FloatElement>(
                 &saved.targets.device_slice()?.as_view(),
                 saved.ignore,
                 &dloss.cuda_view()?,
-                &saved.lse.device_slice()?.as_view(),
+                RowTerms {
+                    lse: &saved.lse.device_slice()?.as_view(),
+                    target_logits: &saved.target_logits.device_slice()?.as_view(),
+                },
                 &mut device_gradients_mut(&mut grads)?,
                 &mut status.as_view_mut(),
             )?;

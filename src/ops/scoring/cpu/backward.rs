@@ -7,7 +7,7 @@
 //! a group, groups in order; tiles in order within a leaf, leaves
 //! pairwise), so the bits do not depend on the thread count.
 
-use super::super::{Mixing, ScoringShape};
+use super::super::{Mixing, RowTerms, ScoringShape};
 use super::tiles::{
     add_assign, add_buffers, blocks, softmax_scaled, weighted_rows, Pairwise, Scratch, Tiling, TILE_ITEMS, TILE_ROWS,
 };
@@ -41,11 +41,11 @@ pub(super) enum Upstream<'a> {
     /// From dS `[B, V]` of `scores`.
     Scores(&'a [f32]),
     /// From dloss `[B]` of the cross-entropy with these targets (u32::MAX for
-    /// ignored rows) and the forward's log-sum-exps `[B, channels]`.
+    /// ignored rows) and the forward's row terms `[B, channels]`.
     CrossEntropy {
         dloss: &'a [f32],
         targets: Vec<u32>,
-        lse: &'a [f32],
+        saved: RowTerms<&'a [f32]>,
     },
 }
 
@@ -57,12 +57,15 @@ pub(super) struct Backward<'a, T> {
     /// `[B, channels]`: for Probabilities mixing of scores `<q_h, dS>`, for
     /// Probabilities cross-entropy `dloss * r_h` (the responsibilities).
     coef: Vec<f32>,
+    /// `[B, H]`, Probabilities cross-entropy only: dG = `dloss * (g_h - r_h)`.
+    gate_grads: Vec<f32>,
 }
 
 impl<'a, T: FloatElement> Backward<'a, T> {
     pub(super) fn new(tiling: Tiling<'a, T>, upstream: Upstream<'a>) -> Self {
         let ScoringShape { batch, heads, .. } = tiling.shape();
         let channels = tiling.channels();
+        let mut gate_grads = Vec::new();
         let (lse, coef) = match (&upstream, tiling.operands.mixing) {
             (Upstream::Scores(_), Mixing::Logits) => (Vec::new(), Vec::new()),
             (Upstream::Scores(dscores), Mixing::Probabilities) => {
@@ -70,17 +73,26 @@ impl<'a, T: FloatElement> Backward<'a, T> {
                 let coef = probability_dots(&tiling, &lse, dscores);
                 (lse, coef)
             }
-            (Upstream::CrossEntropy { dloss, targets, lse }, mixing) => {
+            (Upstream::CrossEntropy { dloss, targets, saved }, mixing) => {
                 let mut coef = vec![0f32; batch * channels];
                 if mixing == Mixing::Probabilities {
-                    for (b, coef) in coef.chunks_mut(heads).enumerate() {
-                        if targets[b] != u32::MAX {
-                            let r = responsibilities(&tiling, b, targets[b], &lse[b * heads..(b + 1) * heads]);
-                            coef.iter_mut().zip(r).for_each(|(c, r)| *c = dloss[b] * r);
+                    gate_grads = vec![0f32; batch * heads];
+                    let rows = coef.chunks_mut(heads).zip(gate_grads.chunks_mut(heads));
+                    for (b, (coef, gate_grads)) in rows.enumerate().filter(|&(b, _)| targets[b] != u32::MAX) {
+                        let at = b * heads..(b + 1) * heads;
+                        let log_q: Vec<f32> = saved.target_logits[at.clone()]
+                            .iter()
+                            .zip(&saved.lse[at.clone()])
+                            .map(|(s, lse)| s - lse)
+                            .collect();
+                        let terms = MixtureTerms::new(&tiling.log_gates[at.clone()], &tiling.gates[at], &log_q);
+                        for h in 0..heads {
+                            coef[h] = dloss[b] * terms.responsibility[h];
+                            gate_grads[h] = dloss[b] * terms.gate_minus_responsibility[h];
                         }
                     }
                 }
-                (lse.to_vec(), coef)
+                (saved.lse.to_vec(), coef)
             }
         };
         let mut backward = Backward {
@@ -88,6 +100,7 @@ impl<'a, T: FloatElement> Backward<'a, T> {
             upstream,
             lse,
             coef,
+            gate_grads,
         };
         // Ignored rows contribute exact zeros to dX whatever they hold: their
         // dC is 0, and so is their user operand of `dC^T U'`.
@@ -404,15 +417,19 @@ impl<'a, T: FloatElement> Backward<'a, T> {
                         }
                     }
                     match (&self.upstream, mixing) {
-                        (Upstream::CrossEntropy { dloss, .. }, Mixing::Probabilities) => {
-                            for h in 0..heads {
-                                d_gates[h] = dloss[b] * gates[h] - dg[h];
-                            }
+                        (Upstream::CrossEntropy { .. }, Mixing::Probabilities) => {
+                            d_gates.copy_from_slice(&self.gate_grads[b * heads..(b + 1) * heads]);
                         }
+                        // Through the gate softmax, g_h (dg_h - sum_k g_k dg_k),
+                        // relative to dg_0 (the gates sum to 1): exactly 0
+                        // when every head's dg is the same (Probabilities
+                        // scores of a row with one eligible item), where
+                        // dg_h - sum_k g_k dg_k leaves rounding noise.
+                        // kernels/scoring.cu computes the same.
                         _ => {
-                            let mean: f32 = gates.iter().zip(&dg).map(|(g, d)| g * d).sum();
+                            let mean: f32 = gates.iter().zip(&dg).map(|(g, d)| g * (d - dg[0])).sum();
                             for h in 0..heads {
-                                d_gates[h] = gates[h] * (dg[h] - mean);
+                                d_gates[h] = gates[h] * ((dg[h] - dg[0]) - mean);
                             }
                         }
                     }
@@ -453,14 +470,40 @@ fn probability_dots<T: FloatElement>(tiling: &Tiling<'_, T>, lse: &[f32], dscore
     dots
 }
 
-/// `r_h = g_h q_h(y) / P(y)`, in log space so that a P that underflows
-/// still gives finite responsibilities.
-fn responsibilities<T: FloatElement>(tiling: &Tiling<'_, T>, b: usize, target: u32, lse: &[f32]) -> Vec<f32> {
-    let heads = tiling.shape().heads;
-    let mut s = vec![0f32; heads];
-    tiling.head_logits(b, target as usize, &mut s);
-    let log_gates = &tiling.log_gates[b * heads..(b + 1) * heads];
-    let log_joint: Vec<f32> = (0..heads).map(|h| log_gates[h] + s[h] - lse[h]).collect();
-    let log_p = super::log_sum_exp(&log_joint);
-    log_joint.iter().map(|x| (x - log_p).exp()).collect()
+/// The mixture's share of each head in the target, from `log g` and
+/// `g` of the gates and the heads' log-probabilities of the target
+/// `l_h = log q_h(y) = s_h(y) - lse_h` (kernels/scoring.cu computes the same).
+struct MixtureTerms {
+    /// `r_h = g_h q_h(y) / P(y)`, in log space so that a P that underflows
+    /// still gives finite responsibilities.
+    responsibility: Vec<f32>,
+    /// `g_h - r_h = g_h t_h / (1 + t_h)` with `t_h = sum_k g_k expm1(l_k - l_h)`
+    /// (`= P / q_h - 1`, as the gates sum to 1): exactly 0 when every head
+    /// gives the target the same probability (one eligible item: every
+    /// `l_h = 0`), and accurate when r is close to g, where `g_h - r_h`
+    /// would be rounding noise. Outside `t_h` in [-1/2, 1] (or for a
+    /// non-finite `t_h`) the difference does not cancel: taken directly.
+    gate_minus_responsibility: Vec<f32>,
+}
+
+impl MixtureTerms {
+    fn new(log_gates: &[f32], gates: &[f32], log_q: &[f32]) -> Self {
+        let log_joint: Vec<f32> = log_gates.iter().zip(log_q).map(|(g, l)| g + l).collect();
+        let log_p = super::log_sum_exp(&log_joint);
+        let responsibility: Vec<f32> = log_joint.iter().map(|x| (x - log_p).exp()).collect();
+        let gate_minus_responsibility = (0..gates.len())
+            .map(|h| {
+                let t: f32 = gates.iter().zip(log_q).map(|(g, l)| g * (l - log_q[h]).exp_m1()).sum();
+                if (-0.5..=1.0).contains(&t) {
+                    gates[h] * (t / (1.0 + t))
+                } else {
+                    gates[h] - responsibility[h]
+                }
+            })
+            .collect();
+        MixtureTerms {
+            responsibility,
+            gate_minus_responsibility,
+        }
+    }
 }

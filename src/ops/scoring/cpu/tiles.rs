@@ -548,22 +548,4 @@ impl<'a, T: FloatElement> Tiling<'a, T> {
             column.fill(0.0);
         }
     }
-
-    /// `s[h] = scale * <U[b, h], X[h, v]> + item_bias[v]` for every head, by
-    /// direct dot products (the targets' logits).
-    pub(super) fn head_logits(&self, b: usize, v: usize, s: &mut [f32]) {
-        let ScoringShape {
-            heads, width, shared, ..
-        } = self.shape();
-        let bias = self.operands.item_bias.map_or(0.0, |bias| bias[v]);
-        for (h, s_h) in s.iter_mut().enumerate() {
-            let table = if shared { 0 } else { h };
-            let dot: f32 = self.user[(b * heads + h) * width..][..width]
-                .iter()
-                .zip(self.item_rows(table, v..v + 1))
-                .map(|(u, x)| u * x.to_f32())
-                .sum();
-            *s_h = self.operands.scale * dot + bias;
-        }
-    }
 }

@@ -145,7 +145,8 @@ impl<'a> Launcher<'a> {
     pub(super) unsafe fn backward(&self, params: &Params) -> Result<()> {
         let plan = &self.plan;
         let batch = plan.shape.batch as u64;
-        // SAFETY: one thread per row < B: targets, dloss, row constants.
+        // SAFETY: one thread per row < B: targets, dloss, row constants, and
+        // for Probabilities cross-entropy target_logits and dG [B, H].
         self.launch(MODULE, "scoring_backward_rows", true, grid_stride_config(batch), params)?;
         // SAFETY: tiles of A and X; user_partials [user_chunks, B, a_width], bias_partials [user_chunks, B];
         // the dynamic shared memory Plan::backward_user_shared_bytes names.

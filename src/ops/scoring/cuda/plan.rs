@@ -102,7 +102,6 @@ pub(super) struct Lens {
     row_lse: usize,
     row_coef: usize,
     rows: usize,
-    target_logits: usize,
     user_partials: usize,
     bias_partials: usize,
     candidates: usize,
@@ -118,7 +117,6 @@ impl Lens {
             + self.row_lse
             + self.row_coef
             + 2 * self.rows
-            + self.target_logits
             + self.user_partials
             + self.bias_partials
             + 2 * self.candidates
@@ -226,11 +224,8 @@ impl Plan {
                 lens.row_lse = per_row_heads;
             }
             Pass::Scores | Pass::TopK { .. } => {}
-            // The lse is the pass's output.
-            Pass::CrossEntropy => {
-                lens.row_partials = reduction;
-                lens.target_logits = per_row_heads;
-            }
+            // The lse and the target logits are the pass's outputs.
+            Pass::CrossEntropy => lens.row_partials = reduction,
             Pass::ScoresBackward | Pass::CrossEntropyBackward => {
                 if prob {
                     lens.row_coef = per_row_heads;
@@ -349,7 +344,6 @@ pub(super) struct Workspace {
     row_coef: CudaSlice<f32>,
     row_weight: CudaSlice<f32>,
     row_target: CudaSlice<u32>,
-    target_logits: CudaSlice<f32>,
     user_partials: CudaSlice<f32>,
     bias_partials: CudaSlice<f32>,
     candidate_values: CudaSlice<f32>,
@@ -375,7 +369,6 @@ impl Workspace {
             row_coef: uninit(stream, lens.row_coef)?,
             row_weight: uninit(stream, lens.rows)?,
             row_target: uninit(stream, lens.rows)?,
-            target_logits: uninit(stream, lens.target_logits)?,
             user_partials: uninit(stream, lens.user_partials)?,
             bias_partials: uninit(stream, lens.bias_partials)?,
             candidate_values: uninit(stream, lens.candidates)?,
@@ -394,7 +387,6 @@ impl Workspace {
         params.row_coef = pointers.write(&mut self.row_coef);
         params.row_weight = pointers.write(&mut self.row_weight);
         params.row_target = pointers.write(&mut self.row_target);
-        params.target_logits = pointers.write(&mut self.target_logits);
         params.user_partials = pointers.write(&mut self.user_partials);
         params.bias_partials = pointers.write(&mut self.bias_partials);
         params.candidate_values = pointers.write(&mut self.candidate_values);
