@@ -820,6 +820,32 @@ fn a_huge_n_is_refused_before_anything_is_allocated(device: &Device) {
     assert_eq!(best.ids.shape(), &[0, 1 << 33]);
 }
 
+// The backend layer takes n as given: for an empty batch every n gives
+// empty outputs (n = 2^58 made the row-block size 64 n wrap to 0, and rayon
+// panicked on a zero chunk size).
+fn cpu_backend_topk_of_an_empty_batch_takes_any_n() {
+    let items: Vec<f32> = (0..15).map(|i| i as f32 / 10.0).collect();
+    let operands = scoring::cpu::Operands {
+        user: &[],
+        gate_logits: &[],
+        items: &items,
+        item_bias: None,
+        excluded: &[],
+        scale: 1.0,
+        mixing: Mixing::Logits,
+        shape: scoring::ScoringShape {
+            batch: 0,
+            heads: 1,
+            width: 3,
+            num_items: 5,
+            shared: true,
+        },
+    };
+    for n in [1usize, 1 << 58, usize::MAX] {
+        scoring::cpu::topk(operands, n, None, &mut [], &mut []).unwrap();
+    }
+}
+
 fn all_zero(what: &str, values: &[f32]) {
     assert!(values.iter().all(|&v| v == 0.0), "{what}: {values:?}");
 }
@@ -1186,6 +1212,7 @@ common::harness::test_main! {
         cuda_data_errors_equal_the_cpu_errors,
     ],
     host: [
+        cpu_backend_topk_of_an_empty_batch_takes_any_n,
         cpu_topk_is_the_exact_top_n_of_cpu_scores,
         cpu_results_are_bitwise_identical_across_thread_counts,
     ],

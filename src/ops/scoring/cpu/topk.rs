@@ -239,12 +239,17 @@ pub fn topk<T: FloatElement>(
     check_len("ids", ids.len(), output_len)?;
     check_len("values", values.len(), output_len)?;
     let history = topk_rows(&tiling.eligible, n, history, batch)?;
+    if batch == 0 {
+        return Ok(());
+    }
     let lse = match operands.mixing {
         Mixing::Logits => Vec::new(),
         Mixing::Probabilities => tiling.row_lse(),
     };
-    ids.par_chunks_mut(TILE_ROWS * n)
-        .zip(values.par_chunks_mut(TILE_ROWS * n))
+    // At most B * n (checked above), never 0: TILE_ROWS * n could wrap.
+    let block = TILE_ROWS.min(batch) * n;
+    ids.par_chunks_mut(block)
+        .zip(values.par_chunks_mut(block))
         .zip(blocks(batch, TILE_ROWS).collect::<Vec<_>>())
         .for_each(|((block_ids, block_values), rows)| {
             let m = rows.len();
