@@ -33,6 +33,14 @@ for entry in "cuda driver libcuda.so.1" "nvrtc nvrtc libnvrtc.so.13" "curand cur
   cc -shared -fPIC -Wl,-soname,"$soname" -o "$out/lib$lib.so" "$out/$lib.c"
   rm "$out/$lib.c"
 done
+# candle-kernels' MoE kernels (its static libmoe) call the CUDA runtime, so
+# the binaries also link -lcudart: the real libcudart.so.13 of the pinned
+# PyPI toolkit (scripts/install-nvcc.sh) links without a driver, and its
+# SONAME sends the binaries to the device's own libcudart.so.13.
+nvcc=${NVCC:-$(eval "$(bash "$root/scripts/install-nvcc.sh")" && echo "$NVCC")}
+cudart=$(dirname "$nvcc")/../lib/libcudart.so.13
+[ -e "$cudart" ] || { echo "no libcudart.so.13 beside $nvcc (expected $cudart)" >&2; exit 1; }
+ln -sf "$(cd "$(dirname "$cudart")" && pwd)/libcudart.so.13" "$out/libcudart.so"
 cat > "$out/cc" <<EOF
 #!/bin/sh
 exec cc -L"$out" "\$@"
