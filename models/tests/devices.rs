@@ -11,8 +11,8 @@
 mod candle_common;
 mod common;
 
-use candle_common::{assert_close, TestResult};
-use candle_core::{DType, Device, Tensor};
+use candle_common::{assert_close, assert_close_with_floor, TestResult};
+use candle_core::{Device, Tensor};
 use moerec_models::batch::TrainBatch;
 use moerec_models::fame::{Fame, FameConfig};
 use moerec_models::fused;
@@ -30,29 +30,6 @@ const RTOL: f64 = 1e-4;
 /// score of a softmax row equally) come out as rounding noise of ~1e-12: the
 /// tolerance's `max|r|` is at least this (as in python_ref/models/test_parity.py).
 const GRAD_FLOOR: f64 = 1e-7;
-
-/// DESIGN's measure with `max|r|` at least [`GRAD_FLOOR`].
-fn assert_grad_close(what: &str, actual: &Tensor, reference: &Tensor) -> TestResult {
-    let host = |t: &Tensor| {
-        t.to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()
-    };
-    let (a, r) = (host(actual)?, host(reference)?);
-    if a.len() != r.len() {
-        return Err(format!("{what}: {} values vs {}", a.len(), r.len()).into());
-    }
-    let scale = r.iter().fold(GRAD_FLOOR, |m, x| m.max(x.abs()));
-    match a
-        .iter()
-        .zip(&r)
-        .position(|(x, y)| (x - y).abs() > RTOL * (y.abs() + scale))
-    {
-        Some(i) => Err(format!("{what}[{i}]: {} vs reference {} (scale {scale})", a[i], r[i]).into()),
-        None => Ok(()),
-    }
-}
 
 type Make = fn(u32, &Device) -> moerec_models::Result<Box<dyn Recommender>>;
 
@@ -118,7 +95,7 @@ fn a_training_step_matches_the_composed_cpu_step(device: &Device) -> TestResult 
         let (want, want_grads) = fused::composed(|| loss_and_gradients(make, &Device::Cpu))?;
         assert_close(&format!("{what} loss"), &loss, &want, RTOL)?;
         for ((name, grad), (_, want)) in grads.iter().zip(&want_grads) {
-            assert_grad_close(&format!("{what} d{name}"), grad, want)?;
+            assert_close_with_floor(&format!("{what} d{name}"), grad, want, RTOL, GRAD_FLOOR)?;
         }
     }
     Ok(())

@@ -42,6 +42,12 @@ pub fn f64_var(v: &Var) -> candle_core::Result<Var> {
 
 /// DESIGN 3's tolerance: `|a - r| <= rtol * (|r| + max|r|)` elementwise.
 pub fn assert_close(what: &str, actual: &Tensor, reference: &Tensor, rtol: f64) -> TestResult {
+    assert_close_with_floor(what, actual, reference, rtol, 0.0)
+}
+
+/// [`assert_close`] with `max|r|` at least `floor`: for values that are zero
+/// in exact arithmetic and come out of f32 as rounding noise.
+pub fn assert_close_with_floor(what: &str, actual: &Tensor, reference: &Tensor, rtol: f64, floor: f64) -> TestResult {
     if actual.dims() != reference.dims() {
         return Err(format!("{what}: shape {:?} vs reference {:?}", actual.dims(), reference.dims()).into());
     }
@@ -52,7 +58,7 @@ pub fn assert_close(what: &str, actual: &Tensor, reference: &Tensor, rtol: f64) 
             .to_vec1::<f64>()
     };
     let (a, r) = (host(actual)?, host(reference)?);
-    let max = r.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let max = r.iter().fold(floor, |m, x| m.max(x.abs()));
     for (i, (x, y)) in a.iter().zip(&r).enumerate() {
         let within = (x - y).abs() <= rtol * (y.abs() + max);
         if !within {
