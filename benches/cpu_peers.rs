@@ -8,20 +8,24 @@
 //!
 //! ```sh
 //! MOEREC_TORCH_PYTHON=/path/to/python-with-torch \
-//!     cargo bench --bench cpu_peers -- [scoring] [scoring-train] [routing] [--rounds 3] [--full]
+//!     cargo bench --bench cpu_peers -- [scoring] [scoring-train] [routing] [embedding] [--rounds 3] [--full]
 //! ```
 //!
 //! Without `MOEREC_TORCH_PYTHON` the peer is skipped (ratios null).
 //! `scoring`: B = 256, H in {1, 4}, D = 64, V = 10^5; `scoring-train` (or
 //! `--full`): the seed models' training shapes, rows 256 x 50, H in {1, 4},
 //! D = 64, V = 12,102; `routing` (or `--full`): T = 65,536, E = 64, k = 2,
-//! f32, forward and backward with the losses. The peer runs with `OMP_WAIT_POLICY=PASSIVE`. Threads: rayon's pool (`RAYON_NUM_THREADS`),
+//! f32, forward and backward with the losses; `embedding` (or `--full`): the
+//! lookup forward, backward and backward + SGD at H = 4, V = 10^6, D = 64,
+//! T = 51,200 and at Fuxi-MME's training shape (T = 256 x 50, V = 12,102,
+//! D = 16, and D = 64). The peer runs with `OMP_WAIT_POLICY=PASSIVE`. Threads: rayon's pool (`RAYON_NUM_THREADS`),
 //! passed to torch as `--threads`. JSON lines go to stdout and are appended
 //! to `MOEREC_BENCH_OUT` (default `bench/results/cpu/cpu_peers.jsonl`), each
 //! with the processor, threads, commit (`MOEREC_BENCH_COMMIT` overrides it,
 //! for a baseline binary built from other sources), date and command.
 
 use gemm::Parallelism;
+use moerec::embedding;
 use moerec::routing::{self, RoutingOptions, TopK};
 use moerec::scoring::{self, Mixing, Scoring};
 use moerec::{Device, Tensor};
@@ -399,6 +403,93 @@ fn bench_routing(ctx: &mut Context, tokens: usize, experts: usize, k: usize) {
     }
 }
 
+/// The lookup forward, backward and fused SGD step of `tokens` uniform ids
+/// (no padding) in `heads` tables `[V, D]` f32, beside
+/// `embedding_torch_peer.py` at the same shape (its own uniform ids, same
+/// distribution). The backward is compared with the peer that returns the
+/// same thing, the sparse gradient (`torch.unique` + `index_add_` into the
+/// unique rows), and with `index_add_` into a dense gradient whose zero fill
+/// is not timed; backward + `sgd` with `index_add_(alpha = -lr)` into the
+/// table. The bound is a copy of `[T, H, D]` f32 (dy, or the forward's output).
+fn bench_embedding(ctx: &mut Context, heads: usize, rows: usize, width: usize, tokens: usize) {
+    let device = Device::cpu();
+    let mut table = Tensor::from_vec(values(heads * rows * width, 21), &[heads, rows, width], &device).unwrap();
+    let ids: Vec<u32> = (0..tokens as u64)
+        .map(|t| ((t ^ 0x5bd1_e995).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 % rows as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, &[tokens], &device).unwrap();
+    let dy = Tensor::from_vec(values(tokens * heads * width, 22), &[tokens, heads, width], &device).unwrap();
+    let shape = format!("\"H\": {heads}, \"V\": {rows}, \"D\": {width}, \"T\": {tokens}");
+    let iters = 9;
+    // (function, pass, peer variant, peer pass) of each record.
+    let records = [
+        ("forward", "fwd", "gather", "fwd"),
+        ("backward", "bwd", "unique_index_add", "bwd"),
+        ("backward", "bwd", "index_add", "bwd"),
+        ("backward+sgd", "step", "index_add_sgd", "step"),
+    ];
+    let mut series: BTreeMap<(&str, &str), Series> = BTreeMap::new();
+    for round in 0..ctx.rounds {
+        let source = values(tokens * heads * width, 23);
+        let mut copy = vec![0f32; tokens * heads * width];
+        let copy_ms = median_ms(iters, || copy.copy_from_slice(&source));
+        let fwd = median_ms(iters, || drop(embedding::forward(&table, &ids, None).unwrap()));
+        let (_, saved) = embedding::forward(&table, &ids, None).unwrap();
+        let bwd = median_ms(iters, || drop(embedding::backward(&dy, &saved).unwrap()));
+        let step = median_ms(iters, || {
+            let grad = embedding::backward(&dy, &saved).unwrap();
+            embedding::sgd(&mut table, &grad, 0.01).unwrap();
+        });
+        for (function, _, variant, _) in records {
+            let entry = series.entry((function, variant)).or_default();
+            entry.moerec.push(match function {
+                "forward" => fwd,
+                "backward" => bwd,
+                _ => step,
+            });
+            entry.bound.push(copy_ms);
+        }
+        if let Some(python) = ctx.python.clone() {
+            let args: Vec<String> = [
+                "--dtype",
+                "f32",
+                "--iters",
+                &iters.to_string(),
+                "--warmup",
+                "1",
+                "--variant",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(records.iter().map(|r| r.2.to_string()))
+            .chain(
+                ["--H", "--V", "--D", "--T"]
+                    .iter()
+                    .zip([heads, rows, width, tokens])
+                    .flat_map(|(flag, v)| [flag.to_string(), v.to_string()]),
+            )
+            .collect();
+            let peer = run_peer(&python, "embedding", &args, ctx.threads);
+            for (function, _, variant, peer_pass) in records {
+                if let Some(&ms) = peer.get(&(variant.to_string(), peer_pass.to_string())) {
+                    series.get_mut(&(function, variant)).unwrap().peer.push(ms);
+                }
+            }
+        }
+        eprintln!("embedding {shape}: round {} of {} done", round + 1, ctx.rounds);
+    }
+    for (function, pass, variant, _) in records {
+        let fields = format!("\"op\": \"embedding\", \"function\": \"{function}\", \"pass\": \"{pass}\", {shape}");
+        let peer = match variant {
+            "unique_index_add" => "torch unique + index_add_ (sparse, rows [U, H, D])",
+            "index_add" => "torch index_add_ into a dense [H*V, D] (zero fill untimed)",
+            "index_add_sgd" => "torch index_add_(alpha=-lr) into the table",
+            _ => "torch F.embedding on [H*V, D] with offset ids",
+        };
+        ctx.record(&fields, &series[&(function, variant)], peer, "copy of [T, H, D] f32");
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| args.iter().position(|a| a == name);
@@ -410,7 +501,7 @@ fn main() {
     let ops: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| ["scoring", "scoring-train", "routing"].contains(a))
+        .filter(|a| ["scoring", "scoring-train", "routing", "embedding"].contains(a))
         .collect();
     let threads = rayon::current_num_threads();
     let command = format!("cargo bench --bench cpu_peers -- {}", args.join(" "));
@@ -449,6 +540,17 @@ fn main() {
     }
     if full || ops.contains(&"routing") {
         bench_routing(&mut ctx, 65_536, 64, 2);
+    }
+    if full || ops.contains(&"embedding") {
+        // Issue 13's shape, then Fuxi-MME's lookup at the training shape
+        // (tables [4, V+1, D/4], D = 64) and the same at D = 64 per head.
+        for (heads, rows, width, tokens) in [
+            (4, 1_000_000, 64, 51_200),
+            (4, 12_102, 16, 12_800),
+            (4, 12_102, 64, 12_800),
+        ] {
+            bench_embedding(&mut ctx, heads, rows, width, tokens);
+        }
     }
     let out = std::env::var("MOEREC_BENCH_OUT").unwrap_or_else(|_| "bench/results/cpu/cpu_peers.jsonl".into());
     if let Some(dir) = std::path::Path::new(&out).parent() {
