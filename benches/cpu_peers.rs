@@ -8,7 +8,7 @@
 //!
 //! ```sh
 //! MOEREC_TORCH_PYTHON=/path/to/python-with-torch \
-//!     cargo bench --bench cpu_peers -- [scoring] [scoring-train] [routing] [embedding] [--rounds 3] [--full]
+//!     cargo bench --bench cpu_peers -- [scoring] [scoring-train] [routing] [embedding] [experts] [--rounds 3] [--full]
 //! ```
 //!
 //! Without `MOEREC_TORCH_PYTHON` the peer is skipped (ratios null).
@@ -18,7 +18,9 @@
 //! f32, forward and backward with the losses; `embedding` (or `--full`): the
 //! lookup forward, backward and backward + SGD at H = 4, V = 10^6, D = 64,
 //! T = 51,200 and at Fuxi-MME's training shape (T = 256 x 50, V = 12,102,
-//! D = 16, and D = 64). The peer runs with `OMP_WAIT_POLICY=PASSIVE`. Threads: rayon's pool (`RAYON_NUM_THREADS`),
+//! D = 16, and D = 64); `experts` (or `--full`): the
+//! expert layers of issue 13 and of the seed models (`EXPERT_LAYERS`),
+//! forward and forward+backward. The peer runs with `OMP_WAIT_POLICY=PASSIVE`. Threads: rayon's pool (`RAYON_NUM_THREADS`),
 //! passed to torch as `--threads`. JSON lines go to stdout and are appended
 //! to `MOEREC_BENCH_OUT` (default `bench/results/cpu/cpu_peers.jsonl`), each
 //! with the processor, threads, commit (`MOEREC_BENCH_COMMIT` overrides it,
@@ -26,9 +28,10 @@
 
 use gemm::Parallelism;
 use moerec::embedding;
+use moerec::experts::{self, Activation};
 use moerec::routing::{self, RoutingOptions, TopK};
 use moerec::scoring::{self, Mixing, Scoring};
-use moerec::{Device, Tensor};
+use moerec::{Device, Tensor, TensorRef};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::Command;
@@ -490,6 +493,211 @@ fn bench_embedding(ctx: &mut Context, heads: usize, rows: usize, width: usize, t
     }
 }
 
+/// One expert layer benchmarked by [`bench_experts`]: the op's shape and
+/// variant as a model calls it.
+struct ExpertLayer {
+    /// What calls the layer this way (the record's `function`).
+    name: &'static str,
+    tokens: usize,
+    experts: usize,
+    /// Experts per token; None is k = All (every token to every expert).
+    k: Option<usize>,
+    din: usize,
+    dout: usize,
+    activation: Activation,
+    bias: bool,
+    /// `layer_forward_rows` on `x_rows: [R, Din]` in plan order (the second
+    /// layer of an FFN) instead of `layer_forward` on `x: [T, Din]`.
+    rows: bool,
+}
+
+/// The expert layers of issue 13 and of the seed models, f32: the issue's
+/// T = 51,200 (256 x 200), 256 -> 256, E = 8, k = 2, SwiGlu; FAME's query
+/// experts (rows 256 x 50, D = 64 -> dh = 16, H·N = 16 experts, k = All,
+/// bias, no activation); Fuxi-MME's FFN (rows 256 x 50, D = 64, E = 4, k = 2:
+/// the SwiGlu layer up and the rows layer down).
+const EXPERT_LAYERS: [ExpertLayer; 4] = [
+    ExpertLayer {
+        name: "layer",
+        tokens: 51_200,
+        experts: 8,
+        k: Some(2),
+        din: 256,
+        dout: 256,
+        activation: Activation::SwiGlu,
+        bias: false,
+        rows: false,
+    },
+    ExpertLayer {
+        name: "fame_query_experts",
+        tokens: 12_800,
+        experts: 16,
+        k: None,
+        din: 64,
+        dout: 16,
+        activation: Activation::None,
+        bias: true,
+        rows: false,
+    },
+    ExpertLayer {
+        name: "fuxi_mme_up",
+        tokens: 12_800,
+        experts: 4,
+        k: Some(2),
+        din: 64,
+        dout: 64,
+        activation: Activation::SwiGlu,
+        bias: false,
+        rows: false,
+    },
+    ExpertLayer {
+        name: "fuxi_mme_down",
+        tokens: 12_800,
+        experts: 4,
+        k: Some(2),
+        din: 64,
+        dout: 64,
+        activation: Activation::None,
+        bias: false,
+        rows: true,
+    },
+];
+
+/// One expert layer's forward (`y` and the saved `h`) and forward+backward
+/// (plus `dx`, `dW` and, with a bias, `db`), f32, beside
+/// `experts_torch_peer.py` at the same shape: the faster per round of its
+/// per-expert `torch.mm`/`addmm` loop and `torch._grouped_mm`, both with
+/// the gather (unless `rows`), bias and activation, gradients by
+/// `autograd.grad`. Plans come from `routing::forward` on fixed logits (the
+/// peer's from the top-k of its own random logits: both near-balanced),
+/// outside the timed region. The bound is a bare gemm of the same FLOPs,
+/// `[R, Din] x [Din, Dout']` (3 of them for fwd+bwd).
+fn bench_experts(ctx: &mut Context, layer: &ExpertLayer) {
+    let ExpertLayer {
+        tokens,
+        experts: count,
+        din,
+        dout,
+        activation,
+        ..
+    } = *layer;
+    let device = Device::cpu();
+    let logits = values(tokens * count, 21).iter().map(|v| 8.0 * v).collect();
+    let logits = Tensor::from_vec(logits, &[tokens, count], &device).unwrap();
+    let top_k = layer.k.map_or(TopK::All, TopK::K);
+    let plan = routing::forward(&logits, &RoutingOptions::new(top_k)).unwrap().0.plan;
+    let k = layer.k.unwrap_or(count);
+    let (rows, width) = (tokens * k, activation.width(dout));
+    let inputs = if layer.rows { rows } else { tokens };
+    let x = Tensor::from_vec(values(inputs * din, 22), &[inputs, din], &device).unwrap();
+    let scale = 2.0 / (din as f32).sqrt();
+    let w = values(count * din * width, 23).iter().map(|v| scale * v).collect();
+    let w = Tensor::from_vec(w, &[count, din, width], &device).unwrap();
+    let bias = layer
+        .bias
+        .then(|| Tensor::from_vec(values(count * width, 24), &[count, width], &device).unwrap());
+    let dy = Tensor::from_vec(values(rows * dout, 25), &[rows, dout], &device).unwrap();
+    let forward = || {
+        let bias = bias.as_ref().map(TensorRef::from);
+        if layer.rows {
+            experts::layer_forward_rows(&x, &plan, &w, bias, activation).unwrap()
+        } else {
+            experts::layer_forward(&x, &plan, &w, bias, activation).unwrap()
+        }
+    };
+    let a = values(rows * din, 26);
+    let bt = values(width * din, 27);
+    let mut c = vec![0f32; rows * width];
+    let iters = if rows * din * width > 1 << 30 { 3 } else { 5 };
+    let activation_name = format!("{activation:?}").to_lowercase();
+    let shape = format!(
+        "\"T\": {tokens}, \"E\": {count}, \"k\": {k}, \"Din\": {din}, \"Dout\": {dout}, \
+         \"activation\": \"{activation_name}\", \"bias\": {}, \"rows\": {}",
+        layer.bias, layer.rows
+    );
+    let mut series: BTreeMap<&str, Series> = BTreeMap::new();
+    for round in 0..ctx.rounds {
+        let threads = ctx.threads;
+        let gemm_ms = median_ms(iters, || gemm_abt(rows, width, din, &a, &bt, &mut c, threads));
+        let fwd = median_ms(iters, || drop(forward()));
+        let both = median_ms(iters, || {
+            let (_, saved) = forward();
+            drop(experts::layer_backward(&dy, &x, &plan, &w, &saved).unwrap());
+        });
+        for (pass, ms, bound) in [("fwd", fwd, gemm_ms), ("fwdbwd", both, 3.0 * gemm_ms)] {
+            let entry = series.entry(pass).or_default();
+            entry.moerec.push(ms);
+            entry.bound.push(bound);
+        }
+        if let Some(python) = ctx.python.clone() {
+            let mut args: Vec<String> = [
+                "--shapes",
+                "recsys",
+                "--dtype",
+                "f32",
+                "--variants",
+                "loop",
+                "grouped_mm",
+                "--passes",
+                "fwd",
+                "fwdbwd",
+                "--warmup",
+                "1",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let k_arg = layer.k.map_or("all".to_string(), |k| k.to_string());
+            for (flag, value) in [
+                ("--iters", iters.to_string()),
+                ("--T", tokens.to_string()),
+                ("--E", count.to_string()),
+                ("--k", k_arg),
+                ("--din", din.to_string()),
+                ("--dout", dout.to_string()),
+                ("--activation", activation_name.clone()),
+            ] {
+                args.extend([flag.to_string(), value]);
+            }
+            args.extend(
+                [("--bias", layer.bias), ("--rows", layer.rows)]
+                    .into_iter()
+                    .filter(|&(_, on)| on)
+                    .map(|(flag, _)| flag.to_string()),
+            );
+            let peer = run_peer(&python, "experts", &args, ctx.threads);
+            for (pass, entry) in series.iter_mut() {
+                let best = ["loop", "grouped_mm"]
+                    .iter()
+                    .filter_map(|variant| peer.get(&(variant.to_string(), pass.to_string())))
+                    .copied()
+                    .reduce(f64::min);
+                if let Some(ms) = best {
+                    entry.peer.push(ms);
+                }
+            }
+        }
+        eprintln!(
+            "experts {} {shape}: round {} of {} done",
+            layer.name,
+            round + 1,
+            ctx.rounds
+        );
+    }
+    for (pass, s) in &series {
+        let fields = format!(
+            "\"op\": \"experts\", \"function\": \"{}\", \"pass\": \"{pass}\", {shape}",
+            layer.name
+        );
+        let bound = if *pass == "fwd" {
+            "gemm [R, Din] x [Din, Dout']"
+        } else {
+            "3 x gemm [R, Din] x [Din, Dout']"
+        };
+        ctx.record(&fields, s, "torch min(loop of mm/addmm, _grouped_mm)", bound);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| args.iter().position(|a| a == name);
@@ -501,7 +709,7 @@ fn main() {
     let ops: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| ["scoring", "scoring-train", "routing", "embedding"].contains(a))
+        .filter(|a| ["scoring", "scoring-train", "routing", "embedding", "experts"].contains(a))
         .collect();
     let threads = rayon::current_num_threads();
     let command = format!("cargo bench --bench cpu_peers -- {}", args.join(" "));
@@ -550,6 +758,11 @@ fn main() {
             (4, 12_102, 64, 12_800),
         ] {
             bench_embedding(&mut ctx, heads, rows, width, tokens);
+        }
+    }
+    if full || ops.contains(&"experts") {
+        for layer in &EXPERT_LAYERS {
+            bench_experts(&mut ctx, layer);
         }
     }
     let out = std::env::var("MOEREC_BENCH_OUT").unwrap_or_else(|_| "bench/results/cpu/cpu_peers.jsonl".into());
