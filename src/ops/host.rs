@@ -191,3 +191,15 @@ pub(crate) fn exp(x: f32) -> f32 {
     let two_n = f32::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     e_r * two_n
 }
+
+/// e^x, exactly 0 below -87 (where [`exp`] would stand in e^-87) so that
+/// -inf logits (excluded items, experts, scores) weigh nothing.
+#[inline(always)]
+pub(crate) fn exp_or_zero(x: f32) -> f32 {
+    let e = exp(x);
+    if x < -87.0 {
+        0.0
+    } else {
+        e
+    }
+}

@@ -10,8 +10,12 @@ use crate::error::{Error, Result};
 use crate::grouping::cpu::group_by_key;
 use crate::ops::check_len;
 use rayon::prelude::*;
+use rows::{lane_dot, Block, Renormaliser};
 
-/// Token rows per chunk of the forward: the partition of every statistic's sum.
+mod rows;
+
+/// Routing rows per chunk: the partition of every statistic's sum, and the
+/// block whose scores are computed in one vectorised pass.
 const CHUNK_ROWS: usize = 256;
 
 /// The forward's outputs on the host.
@@ -34,142 +38,57 @@ fn candidate(key: u32, expert: usize) -> u64 {
     (u64::from(key) << 32) | u64::from(!(expert as u32))
 }
 
-/// Overflow-free logistic function (sigmoid(-inf) = 0).
-fn sigmoid(z: f32) -> f32 {
-    if z >= 0.0 {
-        1.0 / (1.0 + (-z).exp())
-    } else {
-        let e = z.exp();
-        e / (1.0 + e)
-    }
+/// The active and the inactive experts of each group, as columns within the
+/// group, ascending.
+struct Columns {
+    active: Vec<Vec<usize>>,
+    inactive: Vec<Vec<usize>>,
 }
 
-/// The largest logit of a set, over whose score the set's scores are taken
-/// (`relative`) before any ratio of them, so the ratios are exact where the
-/// scores underflow f32 (sigmoids of logits below about -87), at one
-/// exponential per score (as `Anchor` in kernels/routing.cu).
-#[derive(Clone, Copy)]
-struct Anchor {
-    value: f32,
-    score: Score,
-    /// For sigmoid: `sigmoid(value)` when `value >= 0`, else `e^value`.
-    constant: f32,
-}
-
-impl Anchor {
-    fn new(score: Score, value: f32) -> Anchor {
-        let constant = match score {
-            Score::Softmax => 0.0,
-            Score::Sigmoid if value >= 0.0 => sigmoid(value),
-            Score::Sigmoid => value.exp(),
-        };
-        Anchor { value, score, constant }
-    }
-
-    /// The unnormalised score of `z <= value` over the anchor's, 1 at the
-    /// anchor: `e^(z - value)`, or `sigmoid(z) / sigmoid(value)`, which below
-    /// 0 is `u (1 + e^value) / (1 + u e^value)` with `u = e^(z - value)`.
-    fn relative(&self, z: f32) -> f32 {
-        match self.score {
-            Score::Softmax => (z - self.value).exp(),
-            Score::Sigmoid if self.value >= 0.0 => sigmoid(z) / self.constant,
-            Score::Sigmoid => {
-                let u = (z - self.value).exp();
-                u * (1.0 + self.constant) / (1.0 + u * self.constant)
-            }
-        }
-    }
-}
-
-/// A row's statistics over its active logits.
-struct RowStats {
-    /// The row's max.
-    anchor: Anchor,
-    sum_exp: f32,
-    /// The sum of the scores relative to the row's max: at least 1, so the
-    /// shares `p / sum of p` never divide by an underflowed sum.
-    relative_sum: f32,
-}
-
-impl RowStats {
-    /// The active logits of a row, or the column to report as non-finite:
-    /// the lowest NaN/+inf one, else the first active one if all are -inf.
-    fn of<T: FloatElement>(row: &[T], active: &[usize], score: Score) -> std::result::Result<RowStats, usize> {
-        let mut max = f32::NEG_INFINITY;
-        for &c in active {
-            let z = row[c].to_f32();
-            if z.is_nan() || z == f32::INFINITY {
-                return Err(c);
-            }
-            max = max.max(z);
-        }
-        if max == f32::NEG_INFINITY {
-            return Err(active[0]);
-        }
-        let anchor = Anchor::new(score, max);
-        let sum_exp = active.iter().map(|&c| (row[c].to_f32() - max).exp()).sum();
-        let relative_sum = match score {
-            Score::Softmax => sum_exp,
-            Score::Sigmoid => active.iter().map(|&c| anchor.relative(row[c].to_f32())).sum(),
-        };
-        Ok(RowStats {
-            anchor,
-            sum_exp,
-            relative_sum,
-        })
-    }
-
-    fn softmax(&self, z: f32) -> f32 {
-        (z - self.anchor.value).exp() / self.sum_exp
-    }
-
-    fn score(&self, z: f32) -> f32 {
-        match self.anchor.score {
-            Score::Softmax => self.softmax(z),
-            Score::Sigmoid => sigmoid(z),
-        }
-    }
-
-    /// q = p / (sum of p), the row's share of z's expert.
-    fn share(&self, z: f32) -> f32 {
-        self.anchor.relative(z) / self.relative_sum
-    }
-
-    fn lse(&self) -> f32 {
-        self.anchor.value + self.sum_exp.ln()
-    }
-}
-
-/// Renormalisation over a row's selected experts: each score over the sum of
-/// the selected scores, both relative to the largest selected logit, so the
-/// sum is at least 1 (a valid row's best key has a finite logit).
-struct Renormaliser {
-    anchor: Anchor,
-    sum: f32,
-}
-
-impl Renormaliser {
-    fn new(score: Score, selected: impl Iterator<Item = f32> + Clone) -> Renormaliser {
-        let anchor = Anchor::new(score, selected.clone().fold(f32::NEG_INFINITY, f32::max));
-        let sum = selected.map(|z| anchor.relative(z)).sum();
-        Renormaliser { anchor, sum }
-    }
-
-    fn weight(&self, z: f32) -> f32 {
-        self.anchor.relative(z) / self.sum
-    }
-}
-
-/// The active experts of each group, as columns within the group, ascending.
-fn active_lists(expert_mask: Option<&[u32]>, config: &RoutingConfig) -> Vec<Vec<usize>> {
-    let group_experts = config.group_experts();
-    (0..config.groups)
-        .map(|g| {
+impl Columns {
+    fn new(expert_mask: Option<&[u32]>, config: &RoutingConfig) -> Columns {
+        let group_experts = config.group_experts();
+        let of_group = |g: usize, value: bool| -> Vec<usize> {
             (0..group_experts)
-                .filter(|&c| expert_mask.map_or(true, |mask| mask[g * group_experts + c] == 1))
+                .filter(|&c| expert_mask.map_or(true, |mask| mask[g * group_experts + c] == 1) == value)
                 .collect()
-        })
-        .collect()
+        };
+        Columns {
+            active: (0..config.groups).map(|g| of_group(g, true)).collect(),
+            inactive: (0..config.groups).map(|g| of_group(g, false)).collect(),
+        }
+    }
+
+    /// Loads routing rows `first..` (as many as `z` holds; row r is token
+    /// r / G within group r % G, logits `r * N..(r + 1) * N`) into `z` as
+    /// f32, inactive experts -inf; the rows of invalid tokens are 0 (never
+    /// read).
+    fn load<T: FloatElement>(&self, logits: &[T], token_mask: Option<&[u32]>, first: usize, z: &mut [f32]) {
+        let n = self.active[0].len() + self.inactive[0].len();
+        let groups = self.active.len();
+        let len = z.len();
+        z.iter_mut()
+            .zip(&logits[first * n..first * n + len])
+            .for_each(|(z, logit)| *z = logit.to_f32());
+        for (i, row) in z.chunks_exact_mut(n).enumerate() {
+            let r = first + i;
+            if token_mask.is_some_and(|mask| mask[r / groups] != 1) {
+                row.fill(0.0);
+            } else {
+                self.inactive[r % groups]
+                    .iter()
+                    .for_each(|&c| row[c] = f32::NEG_INFINITY);
+            }
+        }
+    }
+}
+
+/// The column to report for a non-finite row (inactive experts -inf): the
+/// lowest NaN/+inf, else (all active logits -inf) the first active one.
+fn bad_column(row: &[f32], active: &[usize]) -> usize {
+    row.iter()
+        .position(|&z| z.is_nan() || z == f32::INFINITY)
+        .unwrap_or(active[0])
 }
 
 /// Checks the backend operands against `config`: lengths, mask values and the
@@ -222,66 +141,110 @@ struct Forward<'a, T> {
     logits: &'a [T],
     token_mask: Option<&'a [u32]>,
     selection_bias: Option<&'a [f32]>,
-    /// Per group.
-    active: &'a [Vec<usize>],
+    columns: &'a Columns,
     config: &'a RoutingConfig,
+}
+
+/// Per-thread scratch of the forward.
+struct ForwardScratch {
+    block: Block,
+    candidates: Vec<u64>,
+}
+
+/// Up to this k, the best k candidates are kept by insertion in one pass
+/// over the row; beyond, by a selection.
+const INSERTION_K: usize = 8;
+
+/// The k largest of `candidates` into `best`, largest first.
+fn top_k(candidates: impl Iterator<Item = u64>, k: usize, best: &mut Vec<u64>) {
+    best.clear();
+    if k <= INSERTION_K {
+        // Every valid candidate is above 0 (its key is), so k of them fill it.
+        best.resize(k, 0);
+        for candidate in candidates {
+            if candidate > best[k - 1] {
+                let mut j = k - 1;
+                while j > 0 && best[j - 1] < candidate {
+                    best[j] = best[j - 1];
+                    j -= 1;
+                }
+                best[j] = candidate;
+            }
+        }
+        return;
+    }
+    best.extend(candidates);
+    if k < best.len() {
+        best.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        best.truncate(k);
+    }
+    best.sort_unstable_by(|a, b| b.cmp(a));
 }
 
 impl<T: FloatElement> Forward<'_, T> {
     /// Routes routing rows `first..` (row r: token r / G within group r % G)
     /// into the chunk's `indices` and `weights`.
-    fn chunk(&self, first: usize, indices: &mut [u32], weights: &mut [f32]) -> ChunkSums {
-        let RoutingConfig { experts, groups, k, .. } = *self.config;
-        let group_experts = self.config.group_experts();
+    fn chunk(&self, scratch: &mut ForwardScratch, first: usize, indices: &mut [u32], weights: &mut [f32]) -> ChunkSums {
+        let RoutingConfig {
+            experts,
+            groups,
+            k,
+            score,
+            ..
+        } = *self.config;
+        let n = self.config.group_experts();
+        let rows = indices.len() / k;
         let mut sums = ChunkSums {
             share: vec![0.0; experts],
             gate: vec![0.0; experts],
             z: 0.0,
             non_finite: None,
         };
-        let mut candidates = Vec::with_capacity(group_experts);
+        let ForwardScratch { block, candidates } = scratch;
+        self.columns
+            .load(self.logits, self.token_mask, first, &mut block.z[..rows * n]);
+        block.compute(rows, n, score == Score::Sigmoid);
         for (i, (row_indices, row_weights)) in indices.chunks_mut(k).zip(weights.chunks_mut(k)).enumerate() {
             let r = first + i;
             if self.token_mask.is_some_and(|mask| mask[r / groups] != 1) {
                 continue; // indices u32::MAX and weights 0 already
             }
-            let base = (r % groups) * group_experts;
-            let active = &self.active[r % groups];
-            let row = &self.logits[r * group_experts..(r + 1) * group_experts];
-            let stats = match RowStats::of(row, active, self.config.score) {
-                Ok(stats) => stats,
-                Err(column) => {
-                    sums.non_finite = Some(r * group_experts + column);
-                    return sums;
-                }
-            };
+            let base = (r % groups) * n;
+            let active = &self.columns.active[r % groups];
+            let cells = i * n..(i + 1) * n;
+            let row = &block.z[cells.clone()];
+            let stats = block.rows[i];
+            if stats.bad {
+                sums.non_finite = Some(r * n + bad_column(row, active));
+                return sums;
+            }
             sums.z += stats.lse() * stats.lse();
-            for &c in active {
-                sums.share[base + c] += stats.share(row[c].to_f32());
-            }
-            candidates.clear();
-            candidates.extend(active.iter().map(|&c| {
+            let shares = &block.shares[cells.clone()];
+            sums.share[base..base + n]
+                .iter_mut()
+                .zip(shares)
+                .for_each(|(total, q)| *total += q);
+            let keys = active.iter().map(|&c| {
                 let bias = self.selection_bias.map_or(0.0, |b| b[base + c]);
-                candidate(selection_key(row[c].to_f32(), bias), c)
-            }));
-            if k < candidates.len() {
-                candidates.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-                candidates.truncate(k);
-            }
-            candidates.sort_unstable_by(|a, b| b.cmp(a));
-            let z = |c: u32| row[c as usize].to_f32();
-            let local = || candidates.iter().map(|&winner| !(winner as u32));
+                candidate(selection_key(row[c], bias), c)
+            });
+            top_k(keys, k, candidates);
+            let local = || candidates.iter().map(|&winner| !(winner as u32) as usize);
             let renormaliser = self
                 .config
                 .renormalize
-                .then(|| Renormaliser::new(self.config.score, local().map(z)));
+                .then(|| Renormaliser::new(score, local().map(|c| row[c])));
+            let scores = match score {
+                Score::Softmax => shares,
+                Score::Sigmoid => &block.sigmoids[cells],
+            };
             for ((index, weight), c) in row_indices.iter_mut().zip(row_weights.iter_mut()).zip(local()) {
-                *index = (base + c as usize) as u32;
+                *index = (base + c) as u32;
                 *weight = match &renormaliser {
-                    Some(renormaliser) => renormaliser.weight(z(c)),
-                    None => stats.score(z(c)),
+                    Some(renormaliser) => renormaliser.weight(row[c]),
+                    None => scores[c],
                 };
-                sums.gate[*index as usize] += *weight;
+                sums.gate[base + c] += *weight;
             }
         }
         sums
@@ -302,21 +265,28 @@ pub fn forward<T: FloatElement>(
     check_operands(logits, expert_mask, token_mask, config)?;
     check_selection_bias(selection_bias, config.experts)?;
     let RoutingConfig { experts, k, .. } = *config;
-    let active = active_lists(expert_mask, config);
+    let columns = Columns::new(expert_mask, config);
     let routing = Forward {
         logits,
         token_mask,
         selection_bias,
-        active: &active,
+        columns: &columns,
         config,
     };
+    let n = config.group_experts();
     let mut indices = vec![u32::MAX; config.slots()];
     let mut weights = vec![0f32; config.slots()];
     let chunks: Vec<ChunkSums> = indices
         .par_chunks_mut(CHUNK_ROWS * k)
         .zip(weights.par_chunks_mut(CHUNK_ROWS * k))
         .enumerate()
-        .map(|(chunk, (indices, weights))| routing.chunk(chunk * CHUNK_ROWS, indices, weights))
+        .map_init(
+            || ForwardScratch {
+                block: Block::new(CHUNK_ROWS, n),
+                candidates: Vec::with_capacity(n),
+            },
+            |scratch, (chunk, (indices, weights))| routing.chunk(scratch, chunk * CHUNK_ROWS, indices, weights),
+        )
         .collect();
     if let Some(position) = chunks.iter().find_map(|chunk| chunk.non_finite) {
         return Err(non_finite(position as u64, experts));
@@ -354,7 +324,7 @@ pub fn forward<T: FloatElement>(
         row_of_slot[slot as usize] = row as u32;
     }
 
-    let losses = Losses::new(&share, z_sum, &counts, rows, &active, config);
+    let losses = Losses::new(&share, z_sum, &counts, rows, &columns.active, config);
     Ok(HostRouting {
         indices,
         weights,
@@ -441,39 +411,50 @@ pub fn backward<T: FloatElement>(
     check_len("indices", indices.len(), config.slots())?;
     check_len("dweights", dweights.len(), config.slots())?;
     check_len("grad_scales", grad_scales.len(), experts + 1)?;
-    let active = active_lists(expert_mask, config);
+    let columns = Columns::new(expert_mask, config);
+    let sigmoid_scores = config.score == Score::Sigmoid;
+    // The load-balance loss's gradient per expert, lb * grad_scales[e].
+    let balance_scales: Vec<f32> = grad_scales[..experts].iter().map(|&g| coefficients.lb * g).collect();
     let mut dlogits = vec![0f32; config.tokens * experts];
     let first_bad = dlogits
-        .par_chunks_mut(group_experts)
+        .par_chunks_mut(CHUNK_ROWS * group_experts)
         .enumerate()
         .map_init(
-            || RowScratch {
-                selected: Vec::with_capacity(k),
-                grad: vec![0.0; group_experts],
-                shares: vec![0.0; group_experts],
-                scores: vec![0.0; group_experts],
-            },
-            |scratch, (r, out)| {
-                if token_mask.is_some_and(|mask| mask[r / groups] != 1) {
-                    return None; // zeros already
+            || Block::new(CHUNK_ROWS, group_experts),
+            |block, (chunk, out)| {
+                let first = chunk * CHUNK_ROWS;
+                let rows = out.len() / group_experts;
+                columns.load(logits, token_mask, first, &mut block.z[..out.len()]);
+                block.compute(rows, group_experts, sigmoid_scores);
+                for (i, out) in out.chunks_exact_mut(group_experts).enumerate() {
+                    let r = first + i;
+                    if token_mask.is_some_and(|mask| mask[r / groups] != 1) {
+                        continue; // zeros already
+                    }
+                    let base = (r % groups) * group_experts;
+                    let cells = i * group_experts..(i + 1) * group_experts;
+                    let stats = block.rows[i];
+                    let active = &columns.active[r % groups];
+                    if stats.bad {
+                        return Some(r * group_experts + bad_column(&block.z[cells], active));
+                    }
+                    let slots = r * k..(r + 1) * k;
+                    let inputs = BackwardRow {
+                        z: &block.z[cells.clone()],
+                        exps: &block.exps[cells.clone()],
+                        sigmoids: &block.sigmoids[cells.clone()],
+                        shares: &block.shares[cells],
+                        sum_exp: stats.sum_exp,
+                        base,
+                        indices: &indices[slots.clone()],
+                        dweights: &dweights[slots],
+                        balance_scales: &balance_scales[base..base + group_experts],
+                        z_scale: coefficients.z * 2.0 * stats.lse() * grad_scales[experts],
+                    };
+                    inputs.write(config.score, config.renormalize, out);
+                    columns.inactive[r % groups].iter().for_each(|&c| out[c] = 0.0);
                 }
-                let base = (r % groups) * group_experts;
-                let slots = r * k..(r + 1) * k;
-                let inputs = BackwardRow {
-                    row: &logits[r * group_experts..(r + 1) * group_experts],
-                    active: &active[r % groups],
-                    base,
-                    indices: &indices[slots.clone()],
-                    dweights: &dweights[slots],
-                    grad_scales: &grad_scales[base..base + group_experts],
-                    inv_valid_rows: grad_scales[experts],
-                    coefficients,
-                    renormalize: config.renormalize,
-                };
-                inputs
-                    .write(config.score, scratch, out)
-                    .err()
-                    .map(|column| r * group_experts + column)
+                None
             },
         )
         .find_map_first(|bad| bad);
@@ -483,104 +464,84 @@ pub fn backward<T: FloatElement>(
     }
 }
 
-/// One valid routing row's backward operands; columns within its group.
-struct BackwardRow<'a, T> {
-    row: &'a [T],
-    active: &'a [usize],
+/// One valid routing row's backward operands; columns within its group,
+/// inactive experts with logit -inf and exponential, score and share 0.
+struct BackwardRow<'a> {
+    z: &'a [f32],
+    /// e^(z - row max), and its sum.
+    exps: &'a [f32],
+    sum_exp: f32,
+    /// Unused for softmax.
+    sigmoids: &'a [f32],
+    shares: &'a [f32],
     /// The group's first expert: `indices` are global.
     base: usize,
     indices: &'a [u32],
     dweights: &'a [f32],
-    /// The group's.
-    grad_scales: &'a [f32],
-    inv_valid_rows: f32,
-    coefficients: LossCoefficients,
-    renormalize: bool,
+    /// The group's lb * grad_scales.
+    balance_scales: &'a [f32],
+    /// z_coef * 2 lse / T', the z-loss gradient over softmax(z).
+    z_scale: f32,
 }
 
-impl<T: FloatElement> BackwardRow<'_, T> {
-    /// Writes the row's dZ into `out` (inactive entries stay 0), with
-    /// `selected` and `grad` as scratch; Err(column) for a non-finite row.
+impl BackwardRow<'_> {
+    /// Writes the row's dZ into `out` (the caller zeroes the inactive
+    /// entries).
     ///
     /// Each score-dependent term is differentiated through v = the log of
     /// the unnormalised score (z, or log sigmoid(z)): a ratio y = u / sum of
     /// u over a set gives dL/dv_i = y_i (g_i - <g, y>), and dz = dv/dz dL/dv.
     /// Nothing is divided by a sum of scores, which may underflow.
-    fn write(&self, score: Score, scratch: &mut RowScratch, out: &mut [f32]) -> std::result::Result<(), usize> {
-        let stats = RowStats::of(self.row, self.active, score)?;
-        let group_experts = self.row.len();
-        let z = |c: usize| self.row[c].to_f32();
-        let RowScratch {
-            selected,
-            grad,
-            shares,
-            scores,
-        } = scratch;
-        selected.clear();
-        selected.extend(
+    fn write(&self, score: Score, renormalize: bool, out: &mut [f32]) {
+        let n = self.z.len();
+        let selected = || {
             self.indices
                 .iter()
                 .zip(self.dweights)
                 .map(|(&e, &dw)| ((e as usize).wrapping_sub(self.base), dw))
-                .filter(|&(c, _)| c < group_experts),
-        );
-        for &c in self.active {
-            shares[c] = stats.share(z(c));
-            scores[c] = match score {
-                Score::Softmax => shares[c],
-                Score::Sigmoid => sigmoid(z(c)),
-            };
-        }
-        let LossCoefficients { lb, z: z_coef } = self.coefficients;
+                .filter(move |&(c, _)| c < n)
+        };
+        let scores = match score {
+            Score::Softmax => self.shares,
+            Score::Sigmoid => self.sigmoids,
+        };
         // Load balance: sum_e c_e q_e with c_e = lb * grad_scales[e] and
         // q = p / (sum of p) over the active experts.
-        let balance: f32 = self.active.iter().map(|&c| lb * self.grad_scales[c] * shares[c]).sum();
-        grad.fill(0.0);
-        for &c in self.active {
-            grad[c] = shares[c] * (lb * self.grad_scales[c] - balance);
+        let balance = lane_dot(self.balance_scales, self.shares);
+        for ((g, &q), &c) in out.iter_mut().zip(self.shares).zip(self.balance_scales) {
+            *g = q * (c - balance);
         }
         // The weights: renormalised, a ratio over the selected experts; else
         // the scores, a ratio over the active experts for softmax and
         // independent sigmoids.
-        if self.renormalize {
-            let renormaliser = Renormaliser::new(score, selected.iter().map(|&(e, _)| z(e)));
-            let weighted: f32 = selected.iter().map(|&(e, dw)| dw * renormaliser.weight(z(e))).sum();
-            for &(e, dw) in selected.iter() {
-                grad[e] += renormaliser.weight(z(e)) * (dw - weighted);
+        if renormalize {
+            let renormaliser = Renormaliser::new(score, selected().map(|(e, _)| self.z[e]));
+            let weighted: f32 = selected().map(|(e, dw)| dw * renormaliser.weight(self.z[e])).sum();
+            for (e, dw) in selected() {
+                out[e] += renormaliser.weight(self.z[e]) * (dw - weighted);
             }
         } else {
-            for &(e, dw) in selected.iter() {
-                grad[e] += dw * scores[e];
+            for (e, dw) in selected() {
+                out[e] += dw * scores[e];
             }
             if score == Score::Softmax {
-                let weighted: f32 = selected.iter().map(|&(e, dw)| dw * scores[e]).sum();
-                for &c in self.active {
-                    grad[c] -= weighted * scores[c];
+                let weighted: f32 = selected().map(|(e, dw)| dw * scores[e]).sum();
+                out.iter_mut().zip(scores).for_each(|(g, &p)| *g -= weighted * p);
+            }
+        }
+        // z-loss: d lse^2 / dz = 2 lse softmax(z), averaged over valid tokens;
+        // d log(unnormalised score) / dz: 1 for e^z, 1 - p for a sigmoid.
+        let z_scale = self.z_scale;
+        match score {
+            Score::Softmax => out.iter_mut().zip(self.shares).for_each(|(g, &q)| *g += z_scale * q),
+            Score::Sigmoid => {
+                let sum_exp = self.sum_exp;
+                for ((g, &s), &u) in out.iter_mut().zip(self.sigmoids).zip(self.exps) {
+                    *g = (1.0 - s) * *g + z_scale * (u / sum_exp);
                 }
             }
         }
-        // z-loss: d lse^2 / dz = 2 lse softmax(z), averaged over valid tokens.
-        let z_scale = z_coef * 2.0 * stats.lse() * self.inv_valid_rows;
-        for &c in self.active {
-            // d log(unnormalised score) / dz: 1 for e^z, 1 - p for a sigmoid.
-            let (log_slope, softmax) = match score {
-                Score::Softmax => (1.0, shares[c]),
-                Score::Sigmoid if z_scale == 0.0 => (1.0 - scores[c], 0.0),
-                Score::Sigmoid => (1.0 - scores[c], stats.softmax(z(c))),
-            };
-            out[c] = log_slope * grad[c] + z_scale * softmax;
-        }
-        Ok(())
     }
-}
-
-/// Per-thread scratch of the backward: a row's selected (column, dweight)
-/// pairs, and per column dL/dv, the share and the score.
-struct RowScratch {
-    selected: Vec<(usize, f32)>,
-    grad: Vec<f32>,
-    shares: Vec<f32>,
-    scores: Vec<f32>,
 }
 
 #[cfg(test)]
@@ -596,5 +557,23 @@ mod tests {
         assert!(keys[0] > 0, "-inf keeps a key above 0 (reserved for inactive experts)");
         assert!(candidate(7, 1) > candidate(7, 2), "ties go to the lower expert");
         assert!(candidate(8, 9) > candidate(7, 0));
+    }
+
+    #[test]
+    fn insertion_and_selection_keep_the_same_top_k() {
+        // Keys with ties (few distinct values), experts in a shuffled order.
+        let candidates: Vec<u64> = (0..37u64)
+            .map(|i| {
+                let expert = (i * 17) % 37;
+                candidate(1 + ((i * 7919) % 5) as u32, expert as usize)
+            })
+            .collect();
+        let mut sorted = candidates.clone();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let mut best = Vec::new();
+        for k in 1..=candidates.len() {
+            top_k(candidates.iter().copied(), k, &mut best);
+            assert_eq!(best, sorted[..k], "k = {k}");
+        }
     }
 }

@@ -23,7 +23,7 @@ use super::super::{Mixing, ScoringShape};
 use super::Operands;
 use crate::dtype::FloatElement;
 use crate::error::Result;
-use crate::ops::host::{exp, gemm_f32, vectorised, widened_into, Matrix};
+use crate::ops::host::{exp_or_zero, gemm_f32, vectorised, widened_into, Matrix};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -143,18 +143,6 @@ impl Lse {
 fn merge_lse(mut a: Vec<Lse>, b: Vec<Lse>) -> Vec<Lse> {
     a.iter_mut().zip(b).for_each(|(a, b)| *a = a.merge(b));
     a
-}
-
-/// e^x, exactly 0 below -87 (where [`exp`] would stand in e^-87) so that
-/// -inf logits (excluded items) weigh nothing.
-#[inline(always)]
-fn exp_or_zero(x: f32) -> f32 {
-    let e = exp(x);
-    if x < -87.0 {
-        0.0
-    } else {
-        e
-    }
 }
 
 #[inline(always)]
