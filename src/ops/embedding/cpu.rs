@@ -5,14 +5,39 @@ use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
 use crate::grouping::cpu::group_by_key;
 use crate::ops::check_len;
+use crate::tensor::host_uninit;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// The lowest position whose id is neither the padding nor below `num_rows`.
 /// Unique rows per task of the backward: enough to amortise a task, few
 /// enough to spread a batch over the cores.
 const ROWS_PER_TASK: usize = 256;
 
+/// Tokens per task of the forward.
+const TOKENS_PER_TASK: usize = 512;
+
+/// How many tokens ahead the forward prefetches table rows and the backward
+/// gradient rows.
+const PREFETCH_TOKENS: usize = 8;
+
+/// Hints that `row` will be read soon (every cache line of it).
+#[inline]
+fn prefetch<T>(row: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = std::mem::size_of_val(row);
+        let base = row.as_ptr() as *const i8;
+        for offset in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch hint at an address inside `row`; it reads
+            // nothing architecturally and cannot fault.
+            unsafe { std::arch::x86_64::_mm_prefetch(base.add(offset), std::arch::x86_64::_MM_HINT_T0) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
+/// The lowest position whose id is neither the padding nor below `num_rows`.
 fn first_bad_id(ids: &[u32], padding: Option<u32>, num_rows: usize) -> Option<usize> {
     ids.iter()
         .position(|&id| Some(id) != padding && id as usize >= num_rows)
@@ -36,21 +61,47 @@ pub fn forward<T: FloatElement>(
     shape: TableShape,
     out: &mut [T],
 ) -> Result<()> {
+    // SAFETY: MaybeUninit<T> has T's layout, and gather writes only
+    // initialised values of T, so `out` stays valid throughout.
+    let out = unsafe { &mut *(out as *mut [T] as *mut [MaybeUninit<T>]) };
+    gather(table, ids, padding, shape, out)
+}
+
+/// [`forward`] into uninitialised memory (a fresh output: a zero fill first
+/// would be a second pass over it); every element is written on `Ok`.
+pub(crate) fn gather<T: FloatElement>(
+    table: &[T],
+    ids: &[u32],
+    padding: Option<u32>,
+    shape: TableShape,
+    out: &mut [MaybeUninit<T>],
+) -> Result<()> {
     let TableShape { heads, num_rows, width } = shape;
     check_len("table", table.len(), shape.table_len())?;
     check_len("out", out.len(), ids.len() * heads * width)?;
     if let Some(position) = first_bad_id(ids, padding, num_rows) {
         return Err(out_of_range(ids, position, num_rows));
     }
-    out.par_chunks_mut(heads * width)
-        .zip(ids.par_iter())
-        .for_each(|(token_rows, &id)| {
-            for (h, row) in token_rows.chunks_mut(width).enumerate() {
-                if Some(id) == padding {
-                    row.fill(T::default());
-                } else {
-                    let start = (h * num_rows + id as usize) * width;
-                    row.copy_from_slice(&table[start..start + width]);
+    let row_of = |h: usize, id: u32| &table[(h * num_rows + id as usize) * width..][..width];
+    out.par_chunks_mut(TOKENS_PER_TASK * heads * width)
+        .zip(ids.par_chunks(TOKENS_PER_TASK))
+        .for_each(|(block, block_ids)| {
+            for (t, (token_rows, &id)) in block.chunks_mut(heads * width).zip(block_ids).enumerate() {
+                // Rows are scattered over the tables (a cache and TLB miss
+                // each): ask for a later token's while this one's are copied.
+                if let Some(&ahead) = block_ids.get(t + PREFETCH_TOKENS) {
+                    if Some(ahead) != padding {
+                        (0..heads).for_each(|h| prefetch(row_of(h, ahead)));
+                    }
+                }
+                for (h, row) in token_rows.chunks_mut(width).enumerate() {
+                    if Some(id) == padding {
+                        row.fill(MaybeUninit::new(T::default()));
+                    } else {
+                        for (out, &w) in row.iter_mut().zip(row_of(h, id)) {
+                            out.write(w);
+                        }
+                    }
                 }
             }
         });
@@ -78,7 +129,7 @@ pub fn backward(dy: &[f32], ids: &[u32], padding: Option<u32>, shape: TableShape
     // Written once per element from a row accumulator, never zeroed first: a
     // zeroed buffer of this size costs a read fault and a copy-on-write
     // fault per page, which dominated the backward.
-    let mut values: Vec<f32> = Vec::with_capacity(len);
+    let mut values: Vec<f32> = host_uninit("dy", len)?;
     // Blocks of unique rows in parallel, each with its rows of every head:
     // a token's gradient `[H, D]` is read once, in one piece.
     let mut blocks: Vec<Vec<&mut [MaybeUninit<f32>]>> =
@@ -90,12 +141,20 @@ pub fn backward(dy: &[f32], ids: &[u32], padding: Option<u32>, shape: TableShape
     }
     blocks.into_par_iter().enumerate().for_each(|(block, mut heads_rows)| {
         let first = block * ROWS_PER_TASK;
+        let last = unique.min(first + ROWS_PER_TASK);
+        let token_of = |t: u32| &dy[t as usize * heads * width..][..heads * width];
+        // The block's tokens in the order they are summed: scattered over
+        // dy, so a later one's gradient is prefetched while one is added.
+        let order = &groups.order[groups.starts[first] as usize..groups.starts[last] as usize];
+        let offset = groups.starts[first] as usize;
         let mut sum = vec![0f32; heads * width];
-        for (i, u) in (first..unique.min(first + ROWS_PER_TASK)).enumerate() {
+        for (i, u) in (first..last).enumerate() {
             sum.fill(0.0);
-            for &t in &groups.order[groups.starts[u] as usize..groups.starts[u + 1] as usize] {
-                let token = &dy[t as usize * heads * width..][..heads * width];
-                sum.iter_mut().zip(token).for_each(|(acc, &g)| *acc += g);
+            for j in groups.starts[u] as usize - offset..groups.starts[u + 1] as usize - offset {
+                if let Some(&ahead) = order.get(j + PREFETCH_TOKENS) {
+                    prefetch(token_of(ahead));
+                }
+                sum.iter_mut().zip(token_of(order[j])).for_each(|(acc, &g)| *acc += g);
             }
             for (rows, sum) in heads_rows.iter_mut().zip(sum.chunks_exact(width)) {
                 for (out, &v) in rows[i * width..(i + 1) * width].iter_mut().zip(sum) {

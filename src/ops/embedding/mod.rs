@@ -33,7 +33,7 @@ use crate::cuda::{read_element, read_status, CudaDevice};
 use crate::device::Device;
 use crate::dtype::FloatElement;
 use crate::error::{Error, Result};
-use crate::tensor::{alloc_uninit, element_count, host_filled, Tensor};
+use crate::tensor::{alloc_uninit, element_count, host_uninit, Tensor};
 use crate::tensor_ref::{TensorMut, TensorRef};
 use cudarc::driver::{CudaStream, CudaView};
 use std::sync::Arc;
@@ -308,8 +308,16 @@ pub fn forward<'t, 'i, T: FloatElement>(
     let out_len = element_count("ids", &out_shape)?;
     let out = match &device {
         Device::Cpu => {
-            let mut out = host_filled("ids", T::default(), out_len)?;
-            cpu::forward(table.host()?, ids.host()?, padding, shape, &mut out)?;
+            let mut out = host_uninit("ids", out_len)?;
+            cpu::gather(
+                table.host()?,
+                ids.host()?,
+                padding,
+                shape,
+                &mut out.spare_capacity_mut()[..out_len],
+            )?;
+            // SAFETY: gather wrote all out_len elements (it returned Ok).
+            unsafe { out.set_len(out_len) };
             Tensor::from_vec(out, &out_shape, &device)?
         }
         Device::Cuda(cuda_device) => {
