@@ -9,7 +9,8 @@
 
 use super::super::{Mixing, RowTerms, ScoringShape};
 use super::tiles::{
-    add_assign, add_buffers, blocks, softmax_scaled, weighted_rows, Pairwise, Scratch, Tiling, TILE_ITEMS, TILE_ROWS,
+    add_assign, add_buffers, blocks, column_sums, softmax_scaled, weighted_rows, Pairwise, Scratch, Tiling, TILE_ITEMS,
+    TILE_ROWS,
 };
 use super::GradientsMut;
 use crate::dtype::FloatElement;
@@ -344,9 +345,7 @@ impl<'a, T: FloatElement> Backward<'a, T> {
                             );
                             weighted_rows(&mut leaf[pairs * m * width..], tile, masked);
                         }
-                        for (db, column) in d_bias[local.clone()].iter_mut().zip(tile.chunks_exact(m)) {
-                            *db += column.iter().sum::<f32>();
-                        }
+                        column_sums(&mut d_bias[local.clone()], tile, m);
                     }
                 }
                 leaf

@@ -197,6 +197,22 @@ fn weighted_rows_body(acc: &mut [f32], tile: &[f32], weights: &[f32]) {
 }
 
 #[inline(always)]
+fn column_sums_body(acc: &mut [f32], tile: &[f32], rows: usize) {
+    for (acc, column) in acc.iter_mut().zip(tile.chunks_exact(rows)) {
+        // Eight running sums, one per lane, then a fixed tree: a single
+        // running sum is a chain of dependent adds that does not vectorise.
+        let mut lanes = [0f32; 8];
+        let mut chunks = column.chunks_exact(8);
+        for chunk in &mut chunks {
+            lanes.iter_mut().zip(chunk).for_each(|(l, &x)| *l += x);
+        }
+        let [l0, l1, l2, l3, l4, l5, l6, l7] = lanes;
+        let tail: f32 = chunks.remainder().iter().sum();
+        *acc += (((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))) + tail;
+    }
+}
+
+#[inline(always)]
 fn add_assign_body(acc: &mut [f32], values: &[f32]) {
     acc.iter_mut().zip(values).for_each(|(a, v)| *a += v);
 }
@@ -224,6 +240,10 @@ vectorised! {
 vectorised! {
     /// `acc[r] += sum_v tile[v, r] * weights[v]`.
     pub(super) fn weighted_rows(acc: &mut [f32], tile: &[f32], weights: &[f32]) = weighted_rows_body;
+}
+vectorised! {
+    /// `acc[v] += sum_r tile[v, r]` of an item-major tile of `rows` rows.
+    pub(super) fn column_sums(acc: &mut [f32], tile: &[f32], rows: usize) = column_sums_body;
 }
 vectorised! {
     /// `acc += values`.

@@ -1,4 +1,4 @@
-//! Top-n on tiles: each row keeps a heap of its n best, and a tile's scores
+//! Top-n on tiles: each row keeps its best candidates so far, and a tile's scores
 //! are compared with the row's current n-th before anything else is done.
 
 use super::super::Mixing;
@@ -9,45 +9,39 @@ use crate::error::{Error, Result};
 use crate::ops::check_len;
 use crate::ops::host::vectorised;
 use rayon::prelude::*;
-use std::cmp::Ordering;
 
-/// A candidate of a top-n, ordered best first.
+/// A candidate of a top-n. Its key orders candidates best first as one
+/// integer compare (selection and the final sort compare candidates some
+/// thousands of times per row): numbers before NaN, larger first, then the
+/// lower id.
 #[derive(Clone, Copy)]
 struct Candidate {
+    key: u64,
     value: f32,
-    id: u32,
 }
 
 impl Candidate {
-    /// Less = better: numbers before NaN, larger first, then the lower id.
-    fn rank(&self, other: &Self) -> Ordering {
-        match (self.value.is_nan(), other.value.is_nan()) {
-            (false, true) => Ordering::Less,
-            (true, false) => Ordering::Greater,
-            (true, true) => self.id.cmp(&other.id),
-            (false, false) => other
-                .value
-                .partial_cmp(&self.value)
-                .unwrap_or(Ordering::Equal)
-                .then(self.id.cmp(&other.id)),
+    fn new(value: f32, id: u32) -> Self {
+        // `value + 0.0` maps -0 to +0 (they tie, broken by id); the rest of
+        // the f32 order is the order of these bits: negatives flipped
+        // whole, non-negatives with the sign bit set. NaN goes to 0, below
+        // -inf's 0x007f_ffff. Complemented so that the best sorts first.
+        let bits = (value + 0.0).to_bits();
+        let ordered = if value.is_nan() {
+            0
+        } else if bits >> 31 == 1 {
+            !bits
+        } else {
+            bits | 1 << 31
+        };
+        Candidate {
+            key: u64::from(!ordered) << 32 | u64::from(id),
+            value,
         }
     }
-}
 
-impl PartialEq for Candidate {
-    fn eq(&self, other: &Self) -> bool {
-        self.rank(other) == Ordering::Equal
-    }
-}
-impl Eq for Candidate {}
-impl PartialOrd for Candidate {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Candidate {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.rank(other)
+    fn id(&self) -> u32 {
+        self.key as u32
     }
 }
 
@@ -127,7 +121,7 @@ impl Best {
     /// the item is in row r's history. A vectorised pass first flags the
     /// runs of [`LANES`] rows of each column where some value beats its
     /// row's n-th as it stood before the tile; only those reach the scalar
-    /// check against the current n-th and the heap.
+    /// check against the current n-th and the candidates.
     fn offer(
         &mut self,
         tile: &[f32],
@@ -152,7 +146,7 @@ impl Best {
                         continue;
                     }
                     let kept = &mut self.kept[r];
-                    kept.push(Candidate { value, id: id as u32 });
+                    kept.push(Candidate::new(value, id as u32));
                     if kept.len() == 2 * self.n {
                         self.bars[r] = keep_best(kept, self.n).value;
                     }
@@ -165,7 +159,7 @@ impl Best {
 /// Keeps the n best of `kept` (n >= 1, at least n of them), unordered;
 /// returns the n-th.
 fn keep_best(kept: &mut Vec<Candidate>, n: usize) -> Candidate {
-    let (_, nth, _) = kept.select_nth_unstable(n - 1);
+    let (_, nth, _) = kept.select_nth_unstable_by_key(n - 1, |c| c.key);
     let nth = *nth;
     kept.truncate(n);
     nth
@@ -277,12 +271,59 @@ pub fn topk<T: FloatElement>(
             {
                 // Every row has at least n eligible items (checked above).
                 keep_best(&mut kept, n);
-                kept.sort_unstable();
+                kept.sort_unstable_by_key(|c| c.key);
                 for (j, candidate) in kept.into_iter().enumerate() {
-                    ids[j] = candidate.id;
+                    ids[j] = candidate.id();
                     values[j] = candidate.value;
                 }
             }
         });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Candidate;
+
+    /// The keys order candidates as DESIGN ranks them: numbers before NaN
+    /// (of either sign), larger first, ties (-0 and +0 among them) to the
+    /// lower id.
+    #[test]
+    fn keys_rank_numbers_first_larger_first_ties_to_the_lower_id() {
+        let values = [
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN,
+            1.0,
+            -1.0,
+            0.0,
+            -0.0,
+            f32::from_bits(1),
+            -f32::from_bits(1),
+            f32::MIN_POSITIVE,
+            2.5,
+        ];
+        let candidates: Vec<(f32, u32)> = values
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &v)| [(v, i as u32), (v, 100 - i as u32)])
+            .collect();
+        // The rank written out: NaN last, then by value (== for -0 and +0), then id.
+        let rank = |a: &(f32, u32), b: &(f32, u32)| {
+            a.0.is_nan()
+                .cmp(&b.0.is_nan())
+                .then(b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal))
+                .then(a.1.cmp(&b.1))
+        };
+        for a in &candidates {
+            for b in &candidates {
+                let (ka, kb) = (Candidate::new(a.0, a.1), Candidate::new(b.0, b.1));
+                assert_eq!(ka.key.cmp(&kb.key), rank(a, b), "{a:?} against {b:?}");
+                assert_eq!((ka.id(), ka.value.to_bits()), (a.1, a.0.to_bits()));
+            }
+        }
+    }
 }
