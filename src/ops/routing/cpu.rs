@@ -148,7 +148,12 @@ struct Forward<'a, T> {
 /// Per-thread scratch of the forward.
 struct ForwardScratch {
     block: Block,
+    /// A row's selection keys as candidates (0 for inactive experts).
+    keys: Vec<u64>,
+    /// The k best of them.
     candidates: Vec<u64>,
+    /// The bias of a row without one.
+    zeros: Vec<f32>,
 }
 
 /// Up to this k, the best k candidates are kept by insertion in one pass
@@ -159,18 +164,22 @@ const INSERTION_K: usize = 8;
 fn top_k(candidates: impl Iterator<Item = u64>, k: usize, best: &mut Vec<u64>) {
     best.clear();
     if k <= INSERTION_K {
-        // Every valid candidate is above 0 (its key is), so k of them fill it.
-        best.resize(k, 0);
+        // Every valid candidate is above 0 (its key is), so k of them fill
+        // it; the k-th best stays in a register for the common rejection.
+        let mut top = [0u64; INSERTION_K];
+        let mut kth = 0;
         for candidate in candidates {
-            if candidate > best[k - 1] {
+            if candidate > kth {
                 let mut j = k - 1;
-                while j > 0 && best[j - 1] < candidate {
-                    best[j] = best[j - 1];
+                while j > 0 && top[j - 1] < candidate {
+                    top[j] = top[j - 1];
                     j -= 1;
                 }
-                best[j] = candidate;
+                top[j] = candidate;
+                kth = top[k - 1];
             }
         }
+        best.extend_from_slice(&top[..k]);
         return;
     }
     best.extend(candidates);
@@ -200,7 +209,12 @@ impl<T: FloatElement> Forward<'_, T> {
             z: 0.0,
             non_finite: None,
         };
-        let ForwardScratch { block, candidates } = scratch;
+        let ForwardScratch {
+            block,
+            keys,
+            candidates,
+            zeros,
+        } = scratch;
         self.columns
             .load(self.logits, self.token_mask, first, &mut block.z[..rows * n]);
         block.compute(rows, n, score == Score::Sigmoid);
@@ -224,11 +238,16 @@ impl<T: FloatElement> Forward<'_, T> {
                 .iter_mut()
                 .zip(shares)
                 .for_each(|(total, q)| *total += q);
-            let keys = active.iter().map(|&c| {
-                let bias = self.selection_bias.map_or(0.0, |b| b[base + c]);
-                candidate(selection_key(row[c], bias), c)
-            });
-            top_k(keys, k, candidates);
+            // Every column's key in one loop the compiler vectorises; the
+            // inactive experts' 0 is below every active key.
+            let bias = self.selection_bias.map_or(&zeros[..], |b| &b[base..base + n]);
+            keys.iter_mut()
+                .zip(row)
+                .zip(bias)
+                .enumerate()
+                .for_each(|(c, ((key, &z), &b))| *key = candidate(selection_key(z, b), c));
+            self.columns.inactive[r % groups].iter().for_each(|&c| keys[c] = 0);
+            top_k(keys.iter().copied(), k, candidates);
             let local = || candidates.iter().map(|&winner| !(winner as u32) as usize);
             let renormaliser = self
                 .config
@@ -283,7 +302,9 @@ pub fn forward<T: FloatElement>(
         .map_init(
             || ForwardScratch {
                 block: Block::new(CHUNK_ROWS, n),
+                keys: vec![0; n],
                 candidates: Vec::with_capacity(n),
+                zeros: vec![0.0; n],
             },
             |scratch, (chunk, (indices, weights))| routing.chunk(scratch, chunk * CHUNK_ROWS, indices, weights),
         )
