@@ -6,6 +6,7 @@ use crate::dtype::{DType, FloatElement};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 /// The values as f32: borrowed when they are f32 already.
 pub(crate) fn widened<T: FloatElement>(values: &[T]) -> Cow<'_, [f32]> {
@@ -123,29 +124,53 @@ pub(crate) fn matmul_add(a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32]) {
     gemm_f32(a, b, c, true);
 }
 
+/// `c = a b` into uninitialised `c`, every element of which it writes;
+/// returns `c` as initialised.
+pub(crate) fn matmul_uninit<'c>(a: Matrix<'_>, b: Matrix<'_>, c: &'c mut [MaybeUninit<f32>]) -> &'c mut [f32] {
+    if a.cols == 0 {
+        c.fill(MaybeUninit::new(0.0));
+    } else {
+        // SAFETY: with add = false gemm only writes c (every element, k >= 1),
+        // never reads it.
+        unsafe { gemm_raw(a, b, c.as_mut_ptr().cast(), c.len(), false) };
+    }
+    // SAFETY: every element was written above.
+    unsafe { &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// `c = a b + (c if add)`.
 pub(crate) fn gemm_f32(a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32], add: bool) {
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    // Internal invariants: every caller derives the sizes from checked shapes.
-    assert!(b.rows == k && c.len() == m * n && a.in_bounds() && b.in_bounds());
-    if k == 0 {
+    if a.cols == 0 {
         if !add {
             c.fill(0.0);
         }
         return;
     }
+    // SAFETY: c is initialised (readable when add) and writable, c.len() long.
+    unsafe { gemm_raw(a, b, c.as_mut_ptr(), c.len(), add) }
+}
+
+/// `c = a b + (c if add)` for `a.cols >= 1`, `c` row-major `[a.rows, b.cols]`.
+///
+/// # Safety
+/// `c` must be valid for writes of `c_len` f32 and must not overlap `a` or
+/// `b`; with `add` its elements must also be initialised.
+unsafe fn gemm_raw(a: Matrix<'_>, b: Matrix<'_>, c: *mut f32, c_len: usize, add: bool) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    // Internal invariants: every caller derives the sizes from checked shapes.
+    assert!(k > 0 && b.rows == k && c_len == m * n && a.in_bounds() && b.in_bounds());
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: a, b and c hold every element the strides address (checked
-    // above); c does not alias a or b (it is a distinct &mut), and it is
-    // initialised, so reading it (add) is sound: c = add * c + 1 * a b.
+    // SAFETY: a and b hold every element the strides address (checked
+    // above); c holds m * n elements, does not alias a or b and is
+    // initialised when read (add), by the caller's contract: c = add * c + 1 * a b.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             n as isize,
             add,

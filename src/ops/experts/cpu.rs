@@ -11,11 +11,12 @@
 //! are compiled for the widest SIMD the CPU has (`host::vectorised`).
 
 use super::{check_plan, index_slots, Activation, CombineShape, LayerShape, PlanParts, Variant};
-use crate::dtype::FloatElement;
+use crate::dtype::{DType, FloatElement};
 use crate::error::Result;
 use crate::ops::check_len;
-use crate::ops::host::{exp, matmul, matmul_add, vectorised, widened, widened_into, Matrix};
+use crate::ops::host::{exp, matmul, matmul_add, matmul_uninit, vectorised, widened, widened_into, Matrix};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -45,8 +46,9 @@ fn swiglu_backward_rows(dy: &[f32], h: &[f32], dh: &mut [f32], dout: usize) {
         let (gate, up) = h_row.split_at(dout);
         let columns = dgate.iter_mut().zip(dup).zip(gate.iter().zip(up));
         for (((dg, du), (&g, &u)), &d) in columns.zip(dy_row) {
-            *dg = d * u * silu_grad(g);
-            *du = d * silu(g);
+            let (silu, grad) = silu_and_grad(g);
+            *dg = d * u * grad;
+            *du = d * silu;
         }
     }
 }
@@ -63,9 +65,22 @@ fn swiglu_rows(h: &[f32], act: &mut [f32], dout: usize) {
 
 /// `values` rounded to the element type into `out` (of the same length).
 fn narrow<T: FloatElement>(values: &[f32], out: &mut [MaybeUninit<T>]) {
+    narrow_map(values, out, |v| v);
+}
+
+/// `f(values)` rounded to the element type into `out` (of the same length).
+#[inline(always)]
+fn narrow_map<T: FloatElement>(values: &[f32], out: &mut [MaybeUninit<T>], f: impl Fn(f32) -> f32) {
     out.iter_mut().zip(values).for_each(|(o, &v)| {
-        o.write(T::from_f32(v));
+        o.write(T::from_f32(f(v)));
     });
+}
+
+/// `out` as f32 when T is f32 (the element types are sealed: f32 is the
+/// only one with that tag).
+fn as_f32_uninit<T: FloatElement>(out: &mut [MaybeUninit<T>]) -> Option<&mut [MaybeUninit<f32>]> {
+    // SAFETY: T is f32 here, so the two slices have the same layout.
+    (T::DTYPE == DType::F32).then(|| unsafe { &mut *(out as *mut [MaybeUninit<T>] as *mut [MaybeUninit<f32>]) })
 }
 
 /// A worker's f32 buffers for one chunk task, kept across tasks and calls:
@@ -157,11 +172,18 @@ fn silu(x: f32) -> f32 {
 /// `silu'(x) = s (1 + x (1 - s))`, s = sigmoid(x).
 #[inline(always)]
 fn silu_grad(x: f32) -> f32 {
+    silu_and_grad(x).1
+}
+
+/// `(silu(x), silu'(x))` from one sigmoid, with the same bits as the two
+/// functions.
+#[inline(always)]
+fn silu_and_grad(x: f32) -> (f32, f32) {
     if x.is_infinite() {
-        f32::from(x > 0.0)
+        (x.max(0.0), f32::from(x > 0.0))
     } else {
         let s = sigmoid(x);
-        s * (1.0 + x * (1.0 - s))
+        (x * s, s * (1.0 + x * (1.0 - s)))
     }
 }
 
@@ -179,14 +201,14 @@ fn normal_cdf(x: f32) -> f32 {
     0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// `h = act(h)` for the element-wise activations, one loop per activation
-/// so that each vectorises.
-fn activate(activation: Activation, h: &mut [f32]) {
+/// `y = act(h)` in the element type for the element-wise activations, one
+/// loop per activation so that each vectorises.
+fn activate_into<T: FloatElement>(activation: Activation, h: &[f32], y: &mut [MaybeUninit<T>]) {
     match activation {
-        Activation::Relu => h.iter_mut().for_each(|v| *v = v.max(0.0)),
-        Activation::Gelu => h.iter_mut().for_each(|v| *v = gelu(*v)),
-        Activation::Silu => h.iter_mut().for_each(|v| *v = silu(*v)),
-        Activation::None | Activation::SwiGlu => {}
+        Activation::Relu => narrow_map(h, y, |v| v.max(0.0)),
+        Activation::Gelu => narrow_map(h, y, gelu),
+        Activation::Silu => narrow_map(h, y, silu),
+        Activation::None | Activation::SwiGlu => narrow(h, y),
     }
 }
 
@@ -259,6 +281,7 @@ pub(crate) fn layer_forward_uninit<T: FloatElement>(
     let weights = widened(weights);
     let bias = bias.map(widened);
     let sources = token_of_row(plan, shape);
+    let x_rows = plan_order_rows(x, shape);
     // The chunks cover rows 0..R (check_plan), so every element is written.
     let chunks = row_chunks(plan.offsets);
     let outputs = split_rows(h, width, &chunks)
@@ -269,33 +292,52 @@ pub(crate) fn layer_forward_uninit<T: FloatElement>(
         .zip(outputs.collect::<Vec<_>>())
         .for_each(|((expert, rows), (h_chunk, y_chunk))| {
             Scratch::with(|scratch| {
-                let (a, product, act) = (&mut scratch.rows, &mut scratch.product, &mut scratch.act);
-                gather_rows(x, sources, din, rows.clone(), a);
-                let w = &weights[expert * din * width..][..din * width];
-                product.resize(rows.len() * width, 0.0);
-                matmul(
-                    Matrix::row_major(a, rows.len(), din),
-                    Matrix::row_major(w, din, width),
-                    product,
-                );
+                let (gathered, product, act) = (&mut scratch.rows, &mut scratch.product, &mut scratch.act);
+                let a = match &x_rows {
+                    Some(x_rows) => &x_rows[rows.start * din..rows.end * din],
+                    None => {
+                        gather_rows(x, sources, din, rows.clone(), gathered);
+                        gathered
+                    }
+                };
+                let a = Matrix::row_major(a, rows.len(), din);
+                let w = Matrix::row_major(&weights[expert * din * width..][..din * width], din, width);
+                // f32 h takes the product in place; other types round it
+                // into h after the bias (y comes from the unrounded h).
+                let (h_f32, rounded) = match as_f32_uninit(h_chunk) {
+                    Some(h_f32) => (matmul_uninit(a, w, h_f32), None),
+                    None => {
+                        product.resize(rows.len() * width, 0.0);
+                        matmul(a, w, product);
+                        (&mut product[..], Some(h_chunk))
+                    }
+                };
                 if let Some(bias) = &bias {
                     let bias = &bias[expert * width..][..width];
-                    for row in product.chunks_exact_mut(width) {
+                    for row in h_f32.chunks_exact_mut(width) {
                         row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
                     }
                 }
-                narrow(product, h_chunk);
+                if let Some(h_chunk) = rounded {
+                    narrow(h_f32, h_chunk);
+                }
                 if shape.activation == Activation::SwiGlu {
                     act.resize(rows.len() * dout, 0.0);
-                    swiglu(product, act, dout);
+                    swiglu(h_f32, act, dout);
                     narrow(act, y_chunk);
                 } else {
-                    activate(shape.activation, product);
-                    narrow(product, y_chunk);
+                    activate_into(shape.activation, h_f32, y_chunk);
                 }
             })
         });
     Ok(())
+}
+
+/// The rows variant's `x_rows` as f32 (borrowed when f32), read in place
+/// instead of copied chunk by chunk; None for the tokens variant, which
+/// gathers.
+fn plan_order_rows<'a, T: FloatElement>(x: &'a [T], shape: &LayerShape) -> Option<Cow<'a, [f32]>> {
+    (shape.variant == Variant::Rows).then(|| widened(x))
 }
 
 /// `dh = dy * act'(h)` for rows of `h: [rows, Dout']` f32 and
@@ -428,13 +470,14 @@ fn backward_group<T: FloatElement>(
     dy: &[f32],
     x: &[T],
     sources: Option<&[u32]>,
+    plan_rows: Option<&[f32]>,
     expert_weights: &[f32],
     h: &[T],
     shape: &LayerShape,
     scratch: &mut Scratch,
 ) {
     let (din, dout, width) = (shape.din, shape.dout, shape.width());
-    let (x_rows, h_rows, dh) = (&mut scratch.rows, &mut scratch.h, &mut scratch.dh);
+    let (gathered, h_rows, dh_buffer) = (&mut scratch.rows, &mut scratch.h, &mut scratch.dh);
     let GroupTask {
         rows: group,
         mut dx_rows,
@@ -445,18 +488,25 @@ fn backward_group<T: FloatElement>(
     let weights_t = Matrix::row_major(expert_weights, din, width).transposed();
     for (index, start) in group.clone().step_by(CHUNK_ROWS).enumerate() {
         let chunk = start..group.end.min(start + CHUNK_ROWS);
-        let h_chunk = widened_into(&h[chunk.start * width..chunk.end * width], h_rows);
-        dh.resize(chunk.len() * width, 0.0);
-        activation_backward(
-            shape.activation,
-            &dy[chunk.start * dout..chunk.end * dout],
-            h_chunk,
-            dh,
-            dout,
-        );
+        let dy_chunk = &dy[chunk.start * dout..chunk.end * dout];
+        // Without an activation dh is dy (act' = 1): read in place.
+        let dh = if shape.activation == Activation::None {
+            dy_chunk
+        } else {
+            let h_chunk = widened_into(&h[chunk.start * width..chunk.end * width], h_rows);
+            dh_buffer.resize(chunk.len() * width, 0.0);
+            activation_backward(shape.activation, dy_chunk, h_chunk, dh_buffer, dout);
+            &dh_buffer[..]
+        };
         let dh = Matrix::row_major(dh, chunk.len(), width);
         matmul(dh, weights_t, take_front(&mut dx_rows, chunk.len() * din));
-        gather_rows(x, sources, din, chunk.clone(), x_rows);
+        let x_rows = match plan_rows {
+            Some(rows) => &rows[chunk.start * din..chunk.end * din],
+            None => {
+                gather_rows(x, sources, din, chunk.clone(), gathered);
+                &gathered[..]
+            }
+        };
         let x_t = Matrix::row_major(x_rows, chunk.len(), din).transposed();
         if index == 0 {
             matmul(x_t, dh, dweights);
@@ -511,6 +561,7 @@ pub fn layer_backward<T: FloatElement>(
     }
     let weights = widened(weights);
     let sources = token_of_row(plan, shape);
+    let plan_rows = plan_order_rows(x, shape);
     let groups = row_groups(plan.offsets, din);
     let partial_count: usize = groups.iter().map(|g| g.len().saturating_sub(1)).sum();
 
@@ -564,7 +615,19 @@ pub fn layer_backward<T: FloatElement>(
     }
     tasks.into_par_iter().for_each(|task| {
         let expert_weights = &weights[task.expert * weight_len..][..weight_len];
-        Scratch::with(|scratch| backward_group(task, dy, x, sources, expert_weights, h, shape, scratch));
+        Scratch::with(|scratch| {
+            backward_group(
+                task,
+                dy,
+                x,
+                sources,
+                plan_rows.as_deref(),
+                expert_weights,
+                h,
+                shape,
+                scratch,
+            )
+        });
     });
 
     // dW[e] and db[e] += the sums of the expert's later groups, in order.
