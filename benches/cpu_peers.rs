@@ -355,9 +355,10 @@ fn bench_scoring(ctx: &mut Context, batch: usize, heads: usize, width: usize, it
     }
 }
 
-/// Routing forward and backward (with the load-balance and z losses) of
-/// `tokens` rows over `experts` experts, top-`k`, f32 logits, beside
-/// `routing_torch_peer.py` at the same shape. The bound is a copy of the logits.
+/// Routing forward, backward and forward + backward (with the load-balance
+/// and z losses) of `tokens` rows over `experts` experts, top-`k`, f32
+/// logits, beside `routing_torch_peer.py` at the same shape. The bound is a
+/// copy of the logits.
 fn bench_routing(ctx: &mut Context, tokens: usize, experts: usize, k: usize) {
     let device = Device::cpu();
     let logits = values(tokens * experts, 11).iter().map(|v| 8.0 * v).collect();
@@ -375,7 +376,11 @@ fn bench_routing(ctx: &mut Context, tokens: usize, experts: usize, k: usize) {
         let bwd = median_ms(9, || {
             drop(routing::backward(&data, &dweights, 0.01, 0.001, &saved).unwrap())
         });
-        for (pass, ms) in [("fwd", fwd), ("bwd", bwd)] {
+        let both = median_ms(9, || {
+            let (_, saved) = routing::forward(&data, &options).unwrap();
+            drop(routing::backward(&data, &dweights, 0.01, 0.001, &saved).unwrap())
+        });
+        for (pass, ms) in [("fwd", fwd), ("bwd", bwd), ("fwdbwd", both)] {
             let entry = series.entry(pass).or_default();
             entry.moerec.push(ms);
             entry.bound.push(copy_ms);

@@ -7,7 +7,10 @@ What it times, per (dtype, T, E, k):
   dispatch plan (stable argsort of the expert ids, bincount, cumsum, scatter of
   row_of_slot), plus the load-balance and z losses, which the moerec op
   computes in the same call (`--no-losses` drops them);
-- bwd: autograd from dweights and the loss coefficients to dZ (f32).
+- bwd (`includes_fwd: false`): autograd from dweights and the loss
+  coefficients to dZ (f32), replayed on a retained graph;
+- bwd with `includes_fwd: true`: the forward with autograd recording, then
+  that backward (a training step's whole routing cost).
 
 Floors (DESIGN.md 5) are bytes over the copy bandwidth measured here, read plus
 written by a large device-to-device copy. fwd reads T*E logits and writes
@@ -96,11 +99,23 @@ def bench_case(torch, dtype, T, E, k, args, bw):
         total, z32 = graphs[next_buf()]
         torch.autograd.grad(total, z32, retain_graph=True)
 
-    for pass_, fn, nbytes in (("fwd", fwd, fwd_bytes), ("bwd", bwd, bwd_bytes)):
+    def fwd_bwd(_):
+        z32 = bufs[next_buf()].float().detach().requires_grad_(True)
+        w, _, aux = route(torch, z32, k, args.losses)
+        total = (w * dweights).sum() + (aux if aux is not None else 0.0)
+        torch.autograd.grad(total, z32)
+
+    passes = (
+        ("fwd", None, fwd, fwd_bytes),
+        ("bwd", False, bwd, bwd_bytes),
+        ("bwd", True, fwd_bwd, fwd_bytes + bwd_bytes),
+    )
+    for pass_, includes_fwd, fn, nbytes in passes:
         ms = peer.median_ms(fn, args.warmup, args.iters)
+        identity = {"pass": pass_} if includes_fwd is None else {"pass": pass_, "includes_fwd": includes_fwd}
         yield {
             "op": "routing",
-            "pass": pass_,
+            **identity,
             "backend": "torch",
             "dtype": dtype,
             "T": T,
