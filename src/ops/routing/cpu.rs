@@ -215,55 +215,63 @@ impl<T: FloatElement> Forward<'_, T> {
             candidates,
             zeros,
         } = scratch;
-        self.columns
-            .load(self.logits, self.token_mask, first, &mut block.z[..rows * n]);
-        block.compute(rows, n, score == Score::Sigmoid);
-        for (i, (row_indices, row_weights)) in indices.chunks_mut(k).zip(weights.chunks_mut(k)).enumerate() {
-            let r = first + i;
-            if self.token_mask.is_some_and(|mask| mask[r / groups] != 1) {
-                continue; // indices u32::MAX and weights 0 already
-            }
-            let base = (r % groups) * n;
-            let active = &self.columns.active[r % groups];
-            let cells = i * n..(i + 1) * n;
-            let row = &block.z[cells.clone()];
-            let stats = block.rows[i];
-            if stats.bad {
-                sums.non_finite = Some(r * n + bad_column(row, active));
-                return sums;
-            }
-            sums.z += stats.lse() * stats.lse();
-            let shares = &block.shares[cells.clone()];
-            sums.share[base..base + n]
-                .iter_mut()
-                .zip(shares)
-                .for_each(|(total, q)| *total += q);
-            // Every column's key in one loop the compiler vectorises; the
-            // inactive experts' 0 is below every active key.
-            let bias = self.selection_bias.map_or(&zeros[..], |b| &b[base..base + n]);
-            keys.iter_mut()
-                .zip(row)
-                .zip(bias)
-                .enumerate()
-                .for_each(|(c, ((key, &z), &b))| *key = candidate(selection_key(z, b), c));
-            self.columns.inactive[r % groups].iter().for_each(|&c| keys[c] = 0);
-            top_k(keys.iter().copied(), k, candidates);
-            let local = || candidates.iter().map(|&winner| !(winner as u32) as usize);
-            let renormaliser = self
-                .config
-                .renormalize
-                .then(|| Renormaliser::new(score, local().map(|c| row[c])));
-            let scores = match score {
-                Score::Softmax => shares,
-                Score::Sigmoid => &block.sigmoids[cells],
-            };
-            for ((index, weight), c) in row_indices.iter_mut().zip(row_weights.iter_mut()).zip(local()) {
-                *index = (base + c) as u32;
-                *weight = match &renormaliser {
-                    Some(renormaliser) => renormaliser.weight(row[c]),
-                    None => scores[c],
+        for (start, end) in block.spans(rows) {
+            self.columns.load(
+                self.logits,
+                self.token_mask,
+                first + start,
+                &mut block.z[..(end - start) * n],
+            );
+            block.compute(end - start, n, score == Score::Sigmoid);
+            for i in start..end {
+                let r = first + i;
+                if self.token_mask.is_some_and(|mask| mask[r / groups] != 1) {
+                    continue; // indices u32::MAX and weights 0 already
+                }
+                let b = i - start;
+                let (row_indices, row_weights) = (&mut indices[i * k..(i + 1) * k], &mut weights[i * k..(i + 1) * k]);
+                let base = (r % groups) * n;
+                let active = &self.columns.active[r % groups];
+                let cells = b * n..(b + 1) * n;
+                let row = &block.z[cells.clone()];
+                let stats = block.rows[b];
+                if stats.bad {
+                    sums.non_finite = Some(r * n + bad_column(row, active));
+                    return sums;
+                }
+                sums.z += stats.lse() * stats.lse();
+                let shares = &block.shares[cells.clone()];
+                sums.share[base..base + n]
+                    .iter_mut()
+                    .zip(shares)
+                    .for_each(|(total, q)| *total += q);
+                // Every column's key in one loop the compiler vectorises; the
+                // inactive experts' 0 is below every active key.
+                let bias = self.selection_bias.map_or(&zeros[..], |b| &b[base..base + n]);
+                keys.iter_mut()
+                    .zip(row)
+                    .zip(bias)
+                    .enumerate()
+                    .for_each(|(c, ((key, &z), &b))| *key = candidate(selection_key(z, b), c));
+                self.columns.inactive[r % groups].iter().for_each(|&c| keys[c] = 0);
+                top_k(keys.iter().copied(), k, candidates);
+                let local = || candidates.iter().map(|&winner| !(winner as u32) as usize);
+                let renormaliser = self
+                    .config
+                    .renormalize
+                    .then(|| Renormaliser::new(score, local().map(|c| row[c])));
+                let scores = match score {
+                    Score::Softmax => shares,
+                    Score::Sigmoid => &block.sigmoids[cells],
                 };
-                sums.gate[base + c] += *weight;
+                for ((index, weight), c) in row_indices.iter_mut().zip(row_weights.iter_mut()).zip(local()) {
+                    *index = (base + c) as u32;
+                    *weight = match &renormaliser {
+                        Some(renormaliser) => renormaliser.weight(row[c]),
+                        None => scores[c],
+                    };
+                    sums.gate[base + c] += *weight;
+                }
             }
         }
         sums
@@ -301,7 +309,7 @@ pub fn forward<T: FloatElement>(
         .enumerate()
         .map_init(
             || ForwardScratch {
-                block: Block::new(CHUNK_ROWS, n),
+                block: Block::new(n),
                 keys: vec![0; n],
                 candidates: Vec::with_capacity(n),
                 zeros: vec![0.0; n],
@@ -441,39 +449,49 @@ pub fn backward<T: FloatElement>(
         .par_chunks_mut(CHUNK_ROWS * group_experts)
         .enumerate()
         .map_init(
-            || Block::new(CHUNK_ROWS, group_experts),
+            || Block::new(group_experts),
             |block, (chunk, out)| {
                 let first = chunk * CHUNK_ROWS;
                 let rows = out.len() / group_experts;
-                columns.load(logits, token_mask, first, &mut block.z[..out.len()]);
-                block.compute(rows, group_experts, sigmoid_scores);
-                for (i, out) in out.chunks_exact_mut(group_experts).enumerate() {
-                    let r = first + i;
-                    if token_mask.is_some_and(|mask| mask[r / groups] != 1) {
-                        continue; // zeros already
+                let cells_of = |rows: std::ops::Range<usize>| rows.start * group_experts..rows.end * group_experts;
+                for (start, end) in block.spans(rows) {
+                    columns.load(
+                        logits,
+                        token_mask,
+                        first + start,
+                        &mut block.z[cells_of(0..end - start)],
+                    );
+                    block.compute(end - start, group_experts, sigmoid_scores);
+                    for i in start..end {
+                        let r = first + i;
+                        if token_mask.is_some_and(|mask| mask[r / groups] != 1) {
+                            continue; // zeros already
+                        }
+                        let b = i - start;
+                        let base = (r % groups) * group_experts;
+                        let cells = cells_of(b..b + 1);
+                        let stats = block.rows[b];
+                        let active = &columns.active[r % groups];
+                        if stats.bad {
+                            return Some(r * group_experts + bad_column(&block.z[cells], active));
+                        }
+                        let slots = r * k..(r + 1) * k;
+                        let inputs = BackwardRow {
+                            z: &block.z[cells.clone()],
+                            exps: &block.exps[cells.clone()],
+                            sigmoids: &block.sigmoids[cells.clone()],
+                            shares: &block.shares[cells],
+                            sum_exp: stats.sum_exp,
+                            base,
+                            indices: &indices[slots.clone()],
+                            dweights: &dweights[slots],
+                            balance_scales: &balance_scales[base..base + group_experts],
+                            z_scale: coefficients.z * 2.0 * stats.lse() * grad_scales[experts],
+                        };
+                        let out = &mut out[cells_of(i..i + 1)];
+                        inputs.write(config.score, config.renormalize, out);
+                        columns.inactive[r % groups].iter().for_each(|&c| out[c] = 0.0);
                     }
-                    let base = (r % groups) * group_experts;
-                    let cells = i * group_experts..(i + 1) * group_experts;
-                    let stats = block.rows[i];
-                    let active = &columns.active[r % groups];
-                    if stats.bad {
-                        return Some(r * group_experts + bad_column(&block.z[cells], active));
-                    }
-                    let slots = r * k..(r + 1) * k;
-                    let inputs = BackwardRow {
-                        z: &block.z[cells.clone()],
-                        exps: &block.exps[cells.clone()],
-                        sigmoids: &block.sigmoids[cells.clone()],
-                        shares: &block.shares[cells],
-                        sum_exp: stats.sum_exp,
-                        base,
-                        indices: &indices[slots.clone()],
-                        dweights: &dweights[slots],
-                        balance_scales: &balance_scales[base..base + group_experts],
-                        z_scale: coefficients.z * 2.0 * stats.lse() * grad_scales[experts],
-                    };
-                    inputs.write(config.score, config.renormalize, out);
-                    columns.inactive[r % groups].iter().for_each(|&c| out[c] = 0.0);
                 }
                 None
             },

@@ -166,8 +166,15 @@ pub(super) struct Block {
     pub(super) rows: Vec<RowSums>,
 }
 
+/// Cells (rows x experts) of a block: 64 KiB per array, so a block's
+/// arrays stay in L2 whatever E.
+const BLOCK_CELLS: usize = 16 * 1024;
+
 impl Block {
-    pub(super) fn new(rows: usize, n: usize) -> Block {
+    /// Room for as many rows of width `n` as fit [`BLOCK_CELLS`] (at least
+    /// one, at most a chunk).
+    pub(super) fn new(n: usize) -> Block {
+        let rows = (BLOCK_CELLS / n).clamp(1, super::CHUNK_ROWS);
         Block {
             z: vec![0.0; rows * n],
             exps: vec![0.0; rows * n],
@@ -175,6 +182,14 @@ impl Block {
             shares: vec![0.0; rows * n],
             rows: vec![RowSums::default(); rows],
         }
+    }
+
+    /// `rows` rows cut into spans `(start, end)` of at most the block's rows.
+    pub(super) fn spans(&self, rows: usize) -> impl Iterator<Item = (usize, usize)> {
+        let step = self.rows.len();
+        (0..rows)
+            .step_by(step)
+            .map(move |start| (start, rows.min(start + step)))
     }
 
     /// Computes everything from `z` for the first `rows` rows.
