@@ -261,6 +261,53 @@ fn outputs_are_bitwise_identical_across_runs_and_thread_counts(device: &Device) 
     assert_eq!(first.adagrad_table, second.adagrad_table, "{device}: table");
 }
 
+/// Many sparse rows (several blocks of the CPU's parallel update, one table
+/// and several) against a float64 reference built here from the ids: the
+/// lookup, the backward, densify and SGD touch every row they should, once.
+fn large_sparse_updates_match_a_dense_reference(device: &Device) {
+    for (heads, num_rows, width, tokens) in [(1, 5000, 3, 4000), (3, 2000, 16, 6000)] {
+        let shape = TableShape { heads, num_rows, width };
+        let mut rng = Rng::new(7 + heads as u64);
+        let table: Vec<f32> = rng.floats(shape.table_len());
+        let ids: Vec<u32> = (0..tokens).map(|_| rng.below(num_rows as u32 + 1)).collect();
+        // num_rows itself is the padding (a sentinel >= V).
+        let padding = Some(num_rows as u32);
+        let dy: Vec<f32> = rng.floats(tokens * heads * width);
+        let mut dense = vec![0f64; shape.table_len()];
+        let mut expected_y = vec![0f64; tokens * heads * width];
+        for (t, &id) in ids.iter().enumerate() {
+            if Some(id) == padding {
+                continue;
+            }
+            for h in 0..heads {
+                for d in 0..width {
+                    let at = (h * num_rows + id as usize) * width + d;
+                    dense[at] += f64::from(dy[(t * heads + h) * width + d]);
+                    expected_y[(t * heads + h) * width + d] = f64::from(table[at]);
+                }
+            }
+        }
+        let lr = 0.5;
+        let expected_table: Vec<f64> = table.iter().zip(&dense).map(|(&w, g)| f64::from(w) - lr * g).collect();
+        let what = format!("{device} H{heads} V{num_rows} D{width} T{tokens}");
+
+        let mut table_t = tensor(table, &[heads, num_rows, width], device);
+        let (y, saved) = embedding::forward(&table_t, &tensor(ids, &[tokens], device), padding).unwrap();
+        assert_eq!(widen(&y.to_vec().unwrap()), expected_y, "{what}: forward");
+        let grad = embedding::backward(&tensor(dy, &[tokens, heads, width], device), &saved).unwrap();
+        assert!(grad.rows().len() > 1000, "{what}: {} rows", grad.rows().len());
+        let densified = widen(&grad.densify().unwrap().to_vec().unwrap());
+        assert_close(&format!("{what}: densify"), &densified, &dense, 1e-4);
+        embedding::sgd(&mut table_t, &grad, lr as f32).unwrap();
+        assert_close(
+            &format!("{what}: sgd"),
+            &widen(&table_t.to_vec().unwrap()),
+            &expected_table,
+            1e-4,
+        );
+    }
+}
+
 fn an_out_of_range_id_names_the_lowest_position(device: &Device) {
     let table = tensor(vec![0f32; 2 * 5 * 4], &[2, 5, 4], device);
     let ids = tensor(vec![0u32, 7, 12, 3, 5], &[5], device);
@@ -499,6 +546,7 @@ common::harness::test_main! {
         matches_the_numpy_golden_files,
         an_all_padding_batch_gives_zero_rows_and_an_empty_gradient,
         an_empty_batch_gives_empty_outputs,
+        large_sparse_updates_match_a_dense_reference,
         an_out_of_range_id_names_the_lowest_position,
         the_backward_checks_ids_too,
         malformed_tables_are_shape_errors,

@@ -13,11 +13,11 @@ use std::mem::MaybeUninit;
 /// enough to spread a batch over the cores.
 const ROWS_PER_TASK: usize = 256;
 
-/// Tokens per task of the forward.
+/// Tokens per task of the forward: enough for the prefetch to run ahead.
 const TOKENS_PER_TASK: usize = 512;
 
-/// How many tokens ahead the forward prefetches table rows and the backward
-/// gradient rows.
+/// How many tokens (rows) ahead the forward prefetches table rows, the
+/// backward gradient rows and the updates table rows.
 const PREFETCH_TOKENS: usize = 8;
 
 /// Hints that `row` will be read soon (every cache line of it).
@@ -186,8 +186,11 @@ fn check_sparse(rows: &[u32], values: &[f32], shape: TableShape) -> Result<()> {
     check_rows(rows, shape.num_rows)
 }
 
-/// Calls `update(h, u, table row, values[h, u, :])` for every head and sparse row,
-/// rows in parallel (they are distinct, so their table slices are disjoint).
+/// Calls `update(h, u, table row, values[h, u, :])` for every head and sparse row.
+/// Rows must have passed [`check_rows`]. The table is cut into disjoint
+/// pieces, one per head and block of `ROWS_PER_TASK` rows (from the block's
+/// first row to the next block's), updated in parallel: a single table
+/// (H = 1) spreads over the cores too.
 fn for_each_row<T: Send>(
     table: &mut [T],
     rows: &[u32],
@@ -197,22 +200,36 @@ fn for_each_row<T: Send>(
 ) {
     let TableShape { num_rows, width, .. } = shape;
     let unique = rows.len();
-    table
-        .par_chunks_mut(num_rows * width)
-        .enumerate()
-        .for_each(|(h, head_table)| {
-            let mut rest = head_table;
-            let mut consumed = 0;
-            for (u, &row) in rows.iter().enumerate() {
-                let skip = (row as usize - consumed) * width;
-                let (_, tail) = rest.split_at_mut(skip);
-                let (target, tail) = tail.split_at_mut(width);
-                let g = &values[(h * unique + u) * width..][..width];
-                update(h, u, target, g);
-                rest = tail;
-                consumed = row as usize + 1;
+    let block_start = |first: usize| rows.get(first).map_or(num_rows, |&row| row as usize);
+    let mut pieces = Vec::new();
+    for (h, head_table) in table.chunks_mut(num_rows * width).enumerate() {
+        let (mut rest, mut rest_start) = (head_table, 0);
+        for first in (0..unique).step_by(ROWS_PER_TASK) {
+            let (start, end) = (block_start(first), block_start(first + ROWS_PER_TASK));
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - rest_start) * width);
+            let (piece, tail) = tail.split_at_mut((end - start) * width);
+            (rest, rest_start) = (tail, end);
+            pieces.push((h, first, piece));
+        }
+    }
+    pieces.into_par_iter().for_each(|(h, first, piece)| {
+        let block = &rows[first..unique.min(first + ROWS_PER_TASK)];
+        let start = block[0] as usize;
+        let row_in = |row: u32| (row as usize - start) * width..(row as usize - start + 1) * width;
+        for (i, &row) in block.iter().enumerate() {
+            // Rows are scattered over the table: fetch a later one early.
+            if let Some(&ahead) = block.get(i + PREFETCH_TOKENS) {
+                prefetch(&piece[row_in(ahead)]);
             }
-        });
+            let u = first + i;
+            update(
+                h,
+                u,
+                &mut piece[row_in(row)],
+                &values[(h * unique + u) * width..][..width],
+            );
+        }
+    });
 }
 
 /// `dense[h, rows[u], :] = values[h, u, :]`, zeros elsewhere; `dense` is
