@@ -11,8 +11,10 @@ use crate::grouping::cpu::group_by_key;
 use crate::ops::check_len;
 use rayon::prelude::*;
 use rows::{lane_dot, Block, Renormaliser};
+use select::{expert, select};
 
 mod rows;
+mod select;
 
 /// Routing rows per chunk: the partition of every statistic's sum, and the
 /// block whose scores are computed in one vectorised pass.
@@ -21,28 +23,14 @@ const CHUNK_ROWS: usize = 256;
 /// The forward's outputs on the host.
 pub type HostRouting = RoutingBuffers<Vec<u32>, Vec<f32>>;
 
-/// float32(z) + bias as an unsigned integer of the same order; -0 reads as +0
-/// (as `selection_key` in kernels/routing.cu).
-fn selection_key(z: f32, bias: f32) -> u32 {
-    let bits = (z + bias).to_bits();
-    let bits = if bits << 1 == 0 { 0 } else { bits };
-    if bits & 0x8000_0000 != 0 {
-        !bits
-    } else {
-        bits | 0x8000_0000
-    }
-}
-
-/// Larger = selected first: larger key, then lower expert.
-fn candidate(key: u32, expert: usize) -> u64 {
-    (u64::from(key) << 32) | u64::from(!(expert as u32))
-}
-
 /// The active and the inactive experts of each group, as columns within the
 /// group, ascending.
 struct Columns {
     active: Vec<Vec<usize>>,
     inactive: Vec<Vec<usize>>,
+    /// Per group and column, u64::MAX when active, else 0 (the selection's
+    /// mask of candidates).
+    keep: Vec<Vec<u64>>,
 }
 
 impl Columns {
@@ -53,9 +41,19 @@ impl Columns {
                 .filter(|&c| expert_mask.map_or(true, |mask| mask[g * group_experts + c] == 1) == value)
                 .collect()
         };
+        let inactive: Vec<Vec<usize>> = (0..config.groups).map(|g| of_group(g, false)).collect();
+        let keep = inactive
+            .iter()
+            .map(|inactive| {
+                let mut keep = vec![u64::MAX; group_experts];
+                inactive.iter().for_each(|&c| keep[c] = 0);
+                keep
+            })
+            .collect();
         Columns {
             active: (0..config.groups).map(|g| of_group(g, true)).collect(),
-            inactive: (0..config.groups).map(|g| of_group(g, false)).collect(),
+            inactive,
+            keep,
         }
     }
 
@@ -148,46 +146,12 @@ struct Forward<'a, T> {
 /// Per-thread scratch of the forward.
 struct ForwardScratch {
     block: Block,
-    /// A row's selection keys as candidates (0 for inactive experts).
+    /// A row's selection keys as candidates.
     keys: Vec<u64>,
     /// The k best of them.
     candidates: Vec<u64>,
     /// The bias of a row without one.
     zeros: Vec<f32>,
-}
-
-/// Up to this k, the best k candidates are kept by insertion in one pass
-/// over the row; beyond, by a selection.
-const INSERTION_K: usize = 8;
-
-/// The k largest of `candidates` into `best`, largest first.
-fn top_k(candidates: impl Iterator<Item = u64>, k: usize, best: &mut Vec<u64>) {
-    best.clear();
-    if k <= INSERTION_K {
-        // Every valid candidate is above 0 (its key is), so k of them fill
-        // it; the k-th best stays in a register for the common rejection.
-        let mut top = [0u64; INSERTION_K];
-        let mut kth = 0;
-        for candidate in candidates {
-            if candidate > kth {
-                let mut j = k - 1;
-                while j > 0 && top[j - 1] < candidate {
-                    top[j] = top[j - 1];
-                    j -= 1;
-                }
-                top[j] = candidate;
-                kth = top[k - 1];
-            }
-        }
-        best.extend_from_slice(&top[..k]);
-        return;
-    }
-    best.extend(candidates);
-    if k < best.len() {
-        best.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-        best.truncate(k);
-    }
-    best.sort_unstable_by(|a, b| b.cmp(a));
 }
 
 impl<T: FloatElement> Forward<'_, T> {
@@ -245,17 +209,9 @@ impl<T: FloatElement> Forward<'_, T> {
                     .iter_mut()
                     .zip(shares)
                     .for_each(|(total, q)| *total += q);
-                // Every column's key in one loop the compiler vectorises; the
-                // inactive experts' 0 is below every active key.
                 let bias = self.selection_bias.map_or(&zeros[..], |b| &b[base..base + n]);
-                keys.iter_mut()
-                    .zip(row)
-                    .zip(bias)
-                    .enumerate()
-                    .for_each(|(c, ((key, &z), &b))| *key = candidate(selection_key(z, b), c));
-                self.columns.inactive[r % groups].iter().for_each(|&c| keys[c] = 0);
-                top_k(keys.iter().copied(), k, candidates);
-                let local = || candidates.iter().map(|&winner| !(winner as u32) as usize);
+                select(row, bias, &self.columns.keep[r % groups], k, keys, candidates);
+                let local = || candidates.iter().map(|&winner| expert(winner));
                 let renormaliser = self
                     .config
                     .renormalize
@@ -579,40 +535,6 @@ impl BackwardRow<'_> {
                     *g = (1.0 - s) * *g + z_scale * (u / sum_exp);
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn selection_keys_order_like_the_floats_and_merge_the_zeros() {
-        let values = [f32::NEG_INFINITY, -3.5, -1e-40, -0.0, 0.0, 1e-40, 2.0, f32::INFINITY];
-        let keys: Vec<u32> = values.iter().map(|&v| selection_key(v, 0.0)).collect();
-        assert!(keys.windows(2).all(|w| w[0] <= w[1]), "{keys:?}");
-        assert_eq!(selection_key(-0.0, 0.0), selection_key(0.0, 0.0));
-        assert!(keys[0] > 0, "-inf keeps a key above 0 (reserved for inactive experts)");
-        assert!(candidate(7, 1) > candidate(7, 2), "ties go to the lower expert");
-        assert!(candidate(8, 9) > candidate(7, 0));
-    }
-
-    #[test]
-    fn insertion_and_selection_keep_the_same_top_k() {
-        // Keys with ties (few distinct values), experts in a shuffled order.
-        let candidates: Vec<u64> = (0..37u64)
-            .map(|i| {
-                let expert = (i * 17) % 37;
-                candidate(1 + ((i * 7919) % 5) as u32, expert as usize)
-            })
-            .collect();
-        let mut sorted = candidates.clone();
-        sorted.sort_unstable_by(|a, b| b.cmp(a));
-        let mut best = Vec::new();
-        for k in 1..=candidates.len() {
-            top_k(candidates.iter().copied(), k, &mut best);
-            assert_eq!(best, sorted[..k], "k = {k}");
         }
     }
 }
