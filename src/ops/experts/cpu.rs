@@ -281,7 +281,7 @@ pub(crate) fn layer_forward_uninit<T: FloatElement>(
     let weights = widened(weights);
     let bias = bias.map(widened);
     let sources = token_of_row(plan, shape);
-    let x_rows = plan_order_rows(x, shape);
+    let x_f32 = f32_rows(x, shape);
     // The chunks cover rows 0..R (check_plan), so every element is written.
     let chunks = row_chunks(plan.offsets);
     let outputs = split_rows(h, width, &chunks)
@@ -293,13 +293,7 @@ pub(crate) fn layer_forward_uninit<T: FloatElement>(
         .for_each(|((expert, rows), (h_chunk, y_chunk))| {
             Scratch::with(|scratch| {
                 let (gathered, product, act) = (&mut scratch.rows, &mut scratch.product, &mut scratch.act);
-                let a = match &x_rows {
-                    Some(x_rows) => &x_rows[rows.start * din..rows.end * din],
-                    None => {
-                        gather_rows(x, sources, din, rows.clone(), gathered);
-                        gathered
-                    }
-                };
+                let a = rows_of(x, x_f32.as_deref(), sources, din, rows.clone(), gathered);
                 let a = Matrix::row_major(a, rows.len(), din);
                 let w = Matrix::row_major(&weights[expert * din * width..][..din * width], din, width);
                 // f32 h takes the product in place; other types round it
@@ -333,11 +327,42 @@ pub(crate) fn layer_forward_uninit<T: FloatElement>(
     Ok(())
 }
 
-/// The rows variant's `x_rows` as f32 (borrowed when f32), read in place
-/// instead of copied chunk by chunk; None for the tokens variant, which
-/// gathers.
-fn plan_order_rows<'a, T: FloatElement>(x: &'a [T], shape: &LayerShape) -> Option<Cow<'a, [f32]>> {
-    (shape.variant == Variant::Rows).then(|| widened(x))
+/// x as f32 where its rows can be read in place: borrowed when f32; for the
+/// rows variant of other types widened once rather than chunk by chunk;
+/// None otherwise (the tokens variant gathers and widens each chunk).
+fn f32_rows<'a, T: FloatElement>(x: &'a [T], shape: &LayerShape) -> Option<Cow<'a, [f32]>> {
+    (T::DTYPE == DType::F32 || shape.variant == Variant::Rows).then(|| widened(x))
+}
+
+/// x's rows for plan rows `rows` (non-empty) as f32 `[rows.len(), din]`:
+/// read in place from `x_f32` (see [`f32_rows`]) when they are consecutive
+/// rows of x (the rows variant, or consecutive tokens, as every expert's
+/// rows of a dense plan are), else gathered into `buffer`.
+fn rows_of<'a, T: FloatElement>(
+    x: &[T],
+    x_f32: Option<&'a [f32]>,
+    sources: Option<&[u32]>,
+    din: usize,
+    rows: Range<usize>,
+    buffer: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    let first = match sources {
+        None => Some(rows.start),
+        Some(tokens) => {
+            let tokens = &tokens[rows.clone()];
+            let first = tokens[0] as usize;
+            let consecutive = tokens.iter().zip(first..).all(|(&t, expected)| t as usize == expected);
+            consecutive.then_some(first)
+        }
+    };
+    match (x_f32, first) {
+        // The plan's tokens are < T (check_plan), so the run lies in x.
+        (Some(x_f32), Some(first)) => &x_f32[first * din..][..rows.len() * din],
+        _ => {
+            gather_rows(x, sources, din, rows, buffer);
+            buffer
+        }
+    }
 }
 
 /// `dh = dy * act'(h)` for rows of `h: [rows, Dout']` f32 and
@@ -470,7 +495,7 @@ fn backward_group<T: FloatElement>(
     dy: &[f32],
     x: &[T],
     sources: Option<&[u32]>,
-    plan_rows: Option<&[f32]>,
+    x_f32: Option<&[f32]>,
     expert_weights: &[f32],
     h: &[T],
     shape: &LayerShape,
@@ -500,13 +525,7 @@ fn backward_group<T: FloatElement>(
         };
         let dh = Matrix::row_major(dh, chunk.len(), width);
         matmul(dh, weights_t, take_front(&mut dx_rows, chunk.len() * din));
-        let x_rows = match plan_rows {
-            Some(rows) => &rows[chunk.start * din..chunk.end * din],
-            None => {
-                gather_rows(x, sources, din, chunk.clone(), gathered);
-                &gathered[..]
-            }
-        };
+        let x_rows = rows_of(x, x_f32, sources, din, chunk.clone(), gathered);
         let x_t = Matrix::row_major(x_rows, chunk.len(), din).transposed();
         if index == 0 {
             matmul(x_t, dh, dweights);
@@ -561,7 +580,7 @@ pub fn layer_backward<T: FloatElement>(
     }
     let weights = widened(weights);
     let sources = token_of_row(plan, shape);
-    let plan_rows = plan_order_rows(x, shape);
+    let x_f32 = f32_rows(x, shape);
     let groups = row_groups(plan.offsets, din);
     let partial_count: usize = groups.iter().map(|g| g.len().saturating_sub(1)).sum();
 
@@ -621,7 +640,7 @@ pub fn layer_backward<T: FloatElement>(
                 dy,
                 x,
                 sources,
-                plan_rows.as_deref(),
+                x_f32.as_deref(),
                 expert_weights,
                 h,
                 shape,
