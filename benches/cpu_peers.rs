@@ -20,7 +20,8 @@
 //! T = 51,200 and at Fuxi-MME's training shape (T = 256 x 50, V = 12,102,
 //! D = 16, and D = 64); `experts` (or `--full`): the
 //! expert layers of issue 13 and of the seed models (`EXPERT_LAYERS`),
-//! forward and forward+backward. The peer runs with `OMP_WAIT_POLICY=PASSIVE`. Threads: rayon's pool (`RAYON_NUM_THREADS`),
+//! forward and forward+backward. The peer runs with `OMP_WAIT_POLICY=PASSIVE` and
+//! `THP_MEM_ALLOC_ENABLE=1` (huge pages for its large tensors, as moerec's). Threads: rayon's pool (`RAYON_NUM_THREADS`),
 //! passed to torch as `--threads`. JSON lines go to stdout and are appended
 //! to `MOEREC_BENCH_OUT` (default `bench/results/cpu/cpu_peers.jsonl`), each
 //! with the processor, threads, commit (`MOEREC_BENCH_COMMIT` overrides it,
@@ -107,6 +108,10 @@ fn run_peer(python: &str, op: &str, args: &[String], threads: usize) -> BTreeMap
         // OpenMP workers that spin while waiting steal the cores from each
         // other on a shared machine; rayon's park.
         .env("OMP_WAIT_POLICY", "PASSIVE")
+        // moerec's large host buffers ask for transparent huge pages; this
+        // is PyTorch's switch for the same (off by default), without which
+        // its fresh outputs pay a page fault per 4 KiB.
+        .env("THP_MEM_ALLOC_ENABLE", "1")
         .args(args)
         .output();
     let mut medians = BTreeMap::new();
@@ -421,12 +426,20 @@ fn bench_routing(ctx: &mut Context, tokens: usize, experts: usize, k: usize) {
 /// table. The bound is a copy of `[T, H, D]` f32 (dy, or the forward's output).
 fn bench_embedding(ctx: &mut Context, heads: usize, rows: usize, width: usize, tokens: usize) {
     let device = Device::cpu();
-    let mut table = Tensor::from_vec(values(heads * rows * width, 21), &[heads, rows, width], &device).unwrap();
+    // Operands in moerec's own allocation (Tensor::zeros: huge pages from
+    // 4 MiB), as the peer's are in PyTorch's with THP_MEM_ALLOC_ENABLE: a
+    // table in 4 KiB pages costs a TLB miss per looked-up row on either side.
+    let own = |data: Vec<f32>, shape: &[usize]| {
+        let mut tensor = Tensor::zeros(shape, &device).unwrap();
+        tensor.as_mut_slice().unwrap().copy_from_slice(&data);
+        tensor
+    };
+    let mut table = own(values(heads * rows * width, 21), &[heads, rows, width]);
     let ids: Vec<u32> = (0..tokens as u64)
         .map(|t| ((t ^ 0x5bd1_e995).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 % rows as u32)
         .collect();
     let ids = Tensor::from_vec(ids, &[tokens], &device).unwrap();
-    let dy = Tensor::from_vec(values(tokens * heads * width, 22), &[tokens, heads, width], &device).unwrap();
+    let dy = own(values(tokens * heads * width, 22), &[tokens, heads, width]);
     let shape = format!("\"H\": {heads}, \"V\": {rows}, \"D\": {width}, \"T\": {tokens}");
     let iters = 9;
     // (function, pass, peer variant, peer pass) of each record.
