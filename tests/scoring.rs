@@ -620,16 +620,19 @@ fn cuda_runs_are_bitwise_reproducible<T: FloatElement>(cuda: &Device, width: usi
 }
 
 fn cuda_topk_is_the_exact_top_n_of_cuda_scores(cuda: &Device) {
-    topk_is_the_exact_top_n::<f32>(cuda, 5, 300);
-    topk_is_the_exact_top_n::<bf16>(cuda, 5, 300);
-    topk_is_the_exact_top_n::<f16>(cuda, 32, 300);
+    topk_is_the_exact_top_n::<f32>(cuda, 9, 5, 300);
+    topk_is_the_exact_top_n::<bf16>(cuda, 9, 5, 300);
+    topk_is_the_exact_top_n::<f16>(cuda, 9, 32, 300);
 }
 
 /// On the CPU across several item tiles, whose filter passes over most
 /// items with one compare against each row's current n-th.
 fn cpu_topk_is_the_exact_top_n_of_cpu_scores() {
-    topk_is_the_exact_top_n::<f32>(&Device::cpu(), 5, 1300);
-    topk_is_the_exact_top_n::<bf16>(&Device::cpu(), 16, 1300);
+    topk_is_the_exact_top_n::<f32>(&Device::cpu(), 9, 5, 1300);
+    topk_is_the_exact_top_n::<bf16>(&Device::cpu(), 9, 16, 1300);
+    // A full row block of 64 rows (four whole runs of the survivor masks)
+    // and a short one of 6 rows.
+    topk_is_the_exact_top_n::<f32>(&Device::cpu(), 70, 8, 1300);
 }
 
 /// Every output's bits, for the reproducibility checks.
@@ -665,9 +668,9 @@ fn cpu_results_are_bitwise_identical_across_thread_counts() {
     }
 }
 
-fn topk_is_the_exact_top_n<T: FloatElement>(device: &Device, width: usize, num_items: usize) {
+fn topk_is_the_exact_top_n<T: FloatElement>(device: &Device, batch: usize, width: usize, num_items: usize) {
     for mixing in [Mixing::Logits, Mixing::Probabilities] {
-        let problem = RandomProblem::new(11, 9, 2, width, num_items, false);
+        let problem = RandomProblem::new(11, batch, 2, width, num_items, false);
         let out = problem.run::<T>(mixing, device);
         for b in 0..problem.batch {
             let seen = &problem.history[problem.offsets[b] as usize..problem.offsets[b + 1] as usize];

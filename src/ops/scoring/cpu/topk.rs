@@ -118,26 +118,29 @@ impl Best {
 
     /// Offers an item-major tile of scores for items `first..`, in id order
     /// (so an equal value never beats the n-th); `seen(r, id)` says whether
-    /// the item is in row r's history. A vectorised pass first flags the
-    /// runs of [`LANES`] rows of each column where some value beats its
-    /// row's n-th as it stood before the tile; only those reach the scalar
-    /// check against the current n-th and the candidates.
+    /// the item is in row r's history. A vectorised pass first marks, per
+    /// column and run of [`LANES`] rows, the rows whose value beats their
+    /// n-th as it stood before the tile (one bit each); only those rows
+    /// reach the scalar check against the current n-th and the candidates.
     fn offer(
         &mut self,
         tile: &[f32],
         first: usize,
         eligible: &[bool],
-        flags: &mut Vec<bool>,
+        masks: &mut Vec<u16>,
         seen: impl Fn(usize, u32) -> bool,
     ) {
         let rows = self.bars.len();
         let runs = rows.div_ceil(LANES);
-        flags.resize(runs * tile.len() / rows, false);
-        survivors(tile, &self.bars, flags);
-        for (j, (column, flags)) in tile.chunks_exact(rows).zip(flags.chunks_exact(runs)).enumerate() {
-            for (run, _) in flags.iter().enumerate().filter(|(_, &any)| any) {
-                let start = run * LANES;
-                for (r, &value) in column.iter().enumerate().skip(start).take(LANES) {
+        masks.resize(runs * tile.len() / rows, 0);
+        survivors(tile, &self.bars, masks);
+        for (j, (column, masks)) in tile.chunks_exact(rows).zip(masks.chunks_exact(runs)).enumerate() {
+            for (run, &mask) in masks.iter().enumerate() {
+                let mut mask = mask;
+                while mask != 0 {
+                    let r = run * LANES + mask.trailing_zeros() as usize;
+                    mask &= mask - 1;
+                    let value = column[r];
                     if value <= self.bars[r] {
                         continue;
                     }
@@ -165,27 +168,44 @@ fn keep_best(kept: &mut Vec<Candidate>, n: usize) -> Candidate {
     nth
 }
 
-/// Rows per flag of [`survivors`].
+/// Rows per mask of [`survivors`].
 const LANES: usize = 16;
 
+/// Bit i set where `!(values[i] <= bars[i])`: also for a NaN value or bar,
+/// as in [`Best::offer`].
 // `!(v <= bar)` is meant: true where either is NaN, which `v > bar` is not.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
 #[inline(always)]
-fn survivors_body(tile: &[f32], bars: &[f32], flags: &mut [bool]) {
+fn beats(values: &[f32], bars: &[f32]) -> u16 {
+    // Each lane's bit on its own, then an OR over the lanes: both vectorise,
+    // where a running OR of shifted bits is a chain.
+    let mut bits = [0u16; LANES];
+    for (i, ((bit, &v), &b)) in bits.iter_mut().zip(values).zip(bars).enumerate() {
+        *bit = u16::from(!(v <= b)) << i;
+    }
+    bits.iter().fold(0, |mask, &bit| mask | bit)
+}
+
+#[inline(always)]
+fn survivors_body(tile: &[f32], bars: &[f32], masks: &mut [u16]) {
     let rows = bars.len();
     let runs = rows.div_ceil(LANES);
-    for (column, flags) in tile.chunks_exact(rows).zip(flags.chunks_exact_mut(runs)) {
-        for ((values, bars), flag) in column.chunks(LANES).zip(bars.chunks(LANES)).zip(flags) {
-            // `!(v <= bar)`: also true for a NaN value or bar, as in `offer`.
-            *flag = values.iter().zip(bars).fold(false, |any, (&v, &b)| any | !(v <= b));
+    for (column, masks) in tile.chunks_exact(rows).zip(masks.chunks_exact_mut(runs)) {
+        for ((values, bars), mask) in column.chunks(LANES).zip(bars.chunks(LANES)).zip(masks) {
+            // Whole runs with their length known, so that the compares
+            // vectorise; a short last run of a short row block, as it comes.
+            *mask = match (<&[f32; LANES]>::try_from(values), <&[f32; LANES]>::try_from(bars)) {
+                (Ok(values), Ok(bars)) => beats(values, bars),
+                _ => beats(values, bars),
+            };
         }
     }
 }
 
 vectorised! {
-    /// Per column of an item-major tile and run of [`LANES`] rows: whether
-    /// some value there is not at most its row's bar.
-    fn survivors(tile: &[f32], bars: &[f32], flags: &mut [bool]) = survivors_body;
+    /// Per column of an item-major tile and run of [`LANES`] rows: the bits
+    /// of the rows whose value is not at most their bar.
+    fn survivors(tile: &[f32], bars: &[f32], masks: &mut [u16]) = survivors_body;
 }
 
 /// The checks of a top-n request that need no scores, after the excluded
@@ -249,7 +269,7 @@ pub fn topk<T: FloatElement>(
             let m = rows.len();
             let mut best = Best::new(m, n);
             let mut mixed = Vec::new();
-            let mut flags = Vec::new();
+            let mut masks = Vec::new();
             tiling.sweep(rows.clone(), |items, tiles| {
                 let scores = match operands.mixing {
                     Mixing::Logits => tiles,
@@ -259,7 +279,7 @@ pub fn topk<T: FloatElement>(
                         &mixed
                     }
                 };
-                best.offer(scores, items.start, &tiling.eligible, &mut flags, |r, id| {
+                best.offer(scores, items.start, &tiling.eligible, &mut masks, |r, id| {
                     history[rows.start + r].binary_search(&id).is_ok()
                 });
             });
