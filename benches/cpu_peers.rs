@@ -8,10 +8,11 @@
 //!
 //! ```sh
 //! MOEREC_TORCH_PYTHON=/path/to/python-with-torch \
-//!     cargo bench --bench cpu_peers -- [scoring] [scoring-train] [routing] [embedding] [experts] [--rounds 3] [--full]
+//!     cargo bench --bench cpu_peers -- [scoring] [scoring-train] [routing] [embedding] [experts] [--rounds 3] [--full] [--heads 4]
 //! ```
 //!
 //! Without `MOEREC_TORCH_PYTHON` the peer is skipped (ratios null).
+//! `--heads N` runs the scoring groups at that H only (1 or 4).
 //! `scoring`: B = 256, H in {1, 4}, D = 64, V = 10^5; `scoring-train` (or
 //! `--full`): the seed models' training shapes, rows 256 x 50, H in {1, 4},
 //! D = 64, V = 12,102; `routing` (or `--full`): T = 65,536, E = 64, k = 2,
@@ -724,6 +725,19 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let full = flag("--full").is_some();
+    // The peer's scoring calls at the training shapes take minutes; one H
+    // at a time fits a session.
+    let heads_filter: Option<usize> = flag("--heads")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok());
+    let scoring_heads: Vec<usize> = [1, 4]
+        .into_iter()
+        .filter(|h| heads_filter.map_or(true, |f| f == *h))
+        .collect();
+    assert!(
+        !scoring_heads.is_empty(),
+        "--heads: expected 1 or 4, got {heads_filter:?}"
+    );
     let ops: Vec<&str> = args
         .iter()
         .map(String::as_str)
@@ -755,12 +769,12 @@ fn main() {
         common,
     };
     if ops.is_empty() || ops.contains(&"scoring") {
-        for heads in [1, 4] {
+        for &heads in &scoring_heads {
             bench_scoring(&mut ctx, 256, heads, 64, 100_000);
         }
     }
     if full || ops.contains(&"scoring-train") {
-        for heads in [1, 4] {
+        for &heads in &scoring_heads {
             bench_scoring(&mut ctx, 256 * 50, heads, 64, 12_102);
         }
     }
