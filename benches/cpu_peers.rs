@@ -101,11 +101,22 @@ struct Series {
 }
 
 /// The peer's medians for one shape: (variant, pass) -> ms.
-fn run_peer(python: &str, op: &str, args: &[String], threads: usize) -> BTreeMap<(String, String), f64> {
+/// `flag value` pairs as command-line arguments.
+fn flag_args<V: ToString>(pairs: impl IntoIterator<Item = (&'static str, V)>) -> Vec<String> {
+    pairs
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value.to_string()])
+        .collect()
+}
+
+/// Runs the op's peer on the CPU in f32, `iters` timed calls after one
+/// warm-up call, with the op's own `args`.
+fn run_peer(python: &str, op: &str, iters: usize, args: &[String], threads: usize) -> BTreeMap<(String, String), f64> {
     let script = format!("python_ref/{op}_torch_peer.py");
     let output = Command::new(python)
         .arg(&script)
         .args(["--device", "cpu", "--threads", &threads.to_string()])
+        .args(["--dtype", "f32", "--warmup", "1", "--iters", &iters.to_string()])
         // OpenMP workers that spin while waiting steal the cores from each
         // other on a shared machine; rayon's park.
         .env("OMP_WAIT_POLICY", "PASSIVE")
@@ -306,13 +317,7 @@ fn bench_scoring(ctx: &mut Context, batch: usize, heads: usize, width: usize, it
             // As many timed calls as moerec's, and only the passes compared
             // (not the backward on a retained graph): at the training shapes
             // one call of the peer takes seconds.
-            let args: Vec<String> = [
-                "--dtype",
-                "f32",
-                "--iters",
-                &iters.to_string(),
-                "--warmup",
-                "1",
+            let mut args: Vec<String> = [
                 "--max-materialised",
                 "3e9",
                 "--passes",
@@ -323,16 +328,15 @@ fn bench_scoring(ctx: &mut Context, batch: usize, heads: usize, width: usize, it
                 "probabilities_ce",
                 "scores_topk",
             ]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(
-                ["--B", "--H", "--D", "--V"]
-                    .iter()
-                    .zip([batch, heads, width, items])
-                    .flat_map(|(flag, v)| [flag.to_string(), v.to_string()]),
-            )
-            .collect();
-            let peer = run_peer(&python, "scoring", &args, ctx.threads);
+            .map(String::from)
+            .to_vec();
+            args.extend(flag_args([
+                ("--B", batch),
+                ("--H", heads),
+                ("--D", width),
+                ("--V", items),
+            ]));
+            let peer = run_peer(&python, "scoring", iters, &args, ctx.threads);
             for ((name, pass), entry) in series.iter_mut() {
                 if let Some(&ms) = peer.get(&(name.to_string(), pass.to_string())) {
                     entry.peer.push(ms);
@@ -392,17 +396,8 @@ fn bench_routing(ctx: &mut Context, tokens: usize, experts: usize, k: usize) {
             entry.bound.push(copy_ms);
         }
         if let Some(python) = ctx.python.clone() {
-            let args: Vec<String> = ["--dtype", "f32", "--iters", "9", "--warmup", "1"]
-                .iter()
-                .map(|s| s.to_string())
-                .chain(
-                    ["--T", "--E", "--k"]
-                        .iter()
-                        .zip([tokens, experts, k])
-                        .flat_map(|(flag, v)| [flag.to_string(), v.to_string()]),
-                )
-                .collect();
-            let peer = run_peer(&python, "routing", &args, ctx.threads);
+            let args = flag_args([("--T", tokens), ("--E", experts), ("--k", k)]);
+            let peer = run_peer(&python, "routing", 9, &args, ctx.threads);
             for (pass, entry) in series.iter_mut() {
                 if let Some(&ms) = peer.get(&("routing".to_string(), pass.to_string())) {
                     entry.peer.push(ms);
@@ -472,26 +467,15 @@ fn bench_embedding(ctx: &mut Context, heads: usize, rows: usize, width: usize, t
             entry.bound.push(copy_ms);
         }
         if let Some(python) = ctx.python.clone() {
-            let args: Vec<String> = [
-                "--dtype",
-                "f32",
-                "--iters",
-                &iters.to_string(),
-                "--warmup",
-                "1",
-                "--variant",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(records.iter().map(|r| r.2.to_string()))
-            .chain(
-                ["--H", "--V", "--D", "--T"]
-                    .iter()
-                    .zip([heads, rows, width, tokens])
-                    .flat_map(|(flag, v)| [flag.to_string(), v.to_string()]),
-            )
-            .collect();
-            let peer = run_peer(&python, "embedding", &args, ctx.threads);
+            let mut args = vec!["--variant".to_string()];
+            args.extend(records.iter().map(|r| r.2.to_string()));
+            args.extend(flag_args([
+                ("--H", heads),
+                ("--V", rows),
+                ("--D", width),
+                ("--T", tokens),
+            ]));
+            let peer = run_peer(&python, "embedding", iters, &args, ctx.threads);
             for (function, _, variant, peer_pass) in records {
                 if let Some(&ms) = peer.get(&(variant.to_string(), peer_pass.to_string())) {
                     series.get_mut(&(function, variant)).unwrap().peer.push(ms);
@@ -652,39 +636,31 @@ fn bench_experts(ctx: &mut Context, layer: &ExpertLayer) {
             let mut args: Vec<String> = [
                 "--shapes",
                 "recsys",
-                "--dtype",
-                "f32",
                 "--variants",
                 "loop",
                 "grouped_mm",
                 "--passes",
                 "fwd",
                 "fwdbwd",
-                "--warmup",
-                "1",
             ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            .map(String::from)
+            .to_vec();
             let k_arg = layer.k.map_or("all".to_string(), |k| k.to_string());
-            for (flag, value) in [
-                ("--iters", iters.to_string()),
+            args.extend(flag_args([
                 ("--T", tokens.to_string()),
                 ("--E", count.to_string()),
                 ("--k", k_arg),
                 ("--din", din.to_string()),
                 ("--dout", dout.to_string()),
                 ("--activation", activation_name.clone()),
-            ] {
-                args.extend([flag.to_string(), value]);
-            }
+            ]));
             args.extend(
                 [("--bias", layer.bias), ("--rows", layer.rows)]
                     .into_iter()
                     .filter(|&(_, on)| on)
                     .map(|(flag, _)| flag.to_string()),
             );
-            let peer = run_peer(&python, "experts", &args, ctx.threads);
+            let peer = run_peer(&python, "experts", iters, &args, ctx.threads);
             for (pass, entry) in series.iter_mut() {
                 let best = ["loop", "grouped_mm"]
                     .iter()
